@@ -1,0 +1,41 @@
+# Two commands set everything up: `make experiment NAME=vae_mnist` and `make test`.
+# Each creates .venv from pyproject.toml when it is missing or older than pyproject.toml.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NAME ?= vae_mnist
+PRESET ?= quick
+ARGS ?=
+
+.PHONY: setup test test-slow lint format experiment bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check amortjax experiments tests bench
+	$(VENV)/bin/ruff format --check amortjax experiments tests bench
+
+format: setup
+	$(VENV)/bin/ruff check --fix amortjax experiments tests bench
+	$(VENV)/bin/ruff format amortjax experiments tests bench
+
+test: lint
+	$(PY) -m pytest -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+experiment: setup
+	$(PY) -m experiments $(NAME) --preset $(PRESET) $(ARGS)
+
+bench: setup
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,248 @@
+"""Jit-compiled SVI training: one epoch is one `lax.scan` over minibatches of `svi.update`.
+
+`Trainer` holds a NumPyro `SVI` and compiles its epoch once (the last partial batch is dropped,
+so every step has one shape). `fit` runs epochs with a progress bar, a NaN guard, optional
+evaluation callbacks and checkpoints of the whole `TrainState`, and resumes from the last
+checkpoint: epoch e draws its minibatch order and preprocessing noise from
+`fold_in(state.key, e)`, so a resumed run ends with exactly the parameters of an uninterrupted
+one.
+
+Losses are reported per datapoint: the SVI loss (which the data plate scales to the whole
+dataset) divided by the number of datapoints, i.e. an estimate of -ELBO (or -IWAE-k) in nats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from numpyro.infer import SVI
+from numpyro.infer.svi import SVIState
+from numpyro.optim import optax_to_numpyro
+from tqdm.auto import tqdm
+
+from amortjax.inference.checkpoint import has_checkpoint, restore_checkpoint, save_checkpoint
+from amortjax.inference.objectives import kl_warmup_weight, kl_weighted, make_objective
+
+History = dict[str, tuple[list[int], list[float]]]
+"""Metric name -> (epochs at which it was recorded, values)."""
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss or the parameters became NaN or infinite."""
+
+
+class TrainState(NamedTuple):
+    """Everything a run needs to continue.
+
+    Attributes:
+        svi_state: NumPyro's state: parameters, optimizer state, the sampling key.
+        epoch: number of completed epochs (int32 scalar).
+        key: the run's base key; epoch e uses `fold_in(key, e)` for data order and noise.
+    """
+
+    svi_state: SVIState
+    epoch: jax.Array
+    key: jax.Array
+
+
+class FitResult(NamedTuple):
+    """What `fit` returns: the final state, its parameters and the recorded history."""
+
+    state: TrainState
+    params: dict
+    history: History
+
+
+class Trainer:
+    """SVI on a dataset held on the device, one compiled epoch at a time.
+
+    Args:
+        model: NumPyro model `model(x, *, n_data)` with local latents in the data plate.
+        guide: NumPyro guide with the same signature.
+        optimizer: an optax transformation (see `make_optimizer`).
+        n_data: number of training datapoints (the plate size).
+        batch_size: minibatch size; an epoch is `n_data // batch_size` steps.
+        objective: "elbo", "meanfield_elbo" or "iwae" (see `make_objective`).
+        num_particles: samples per datapoint per step (k for "iwae").
+        kl_warmup_epochs: epochs over which the KL weight rises linearly from 0 to 1.
+        preprocess: `preprocess(key, x_batch) -> x_batch`, applied to each minibatch inside the
+            compiled epoch (e.g. `amortjax.data.dynamic_binarize`).
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable,
+        optimizer: optax.GradientTransformation,
+        *,
+        n_data: int,
+        batch_size: int,
+        objective: str = "elbo",
+        num_particles: int = 1,
+        kl_warmup_epochs: float = 0,
+        preprocess: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    ):
+        if not 0 < batch_size <= n_data:
+            raise ValueError(f"batch_size must be in [1, n_data={n_data}], got {batch_size}")
+        self.n_data = n_data
+        self.batch_size = batch_size
+        self.steps_per_epoch = n_data // batch_size
+        self.warmup_steps = round(kl_warmup_epochs * self.steps_per_epoch)
+        self.preprocess = preprocess
+        if self.warmup_steps > 0:
+            model, guide = kl_weighted(model), kl_weighted(guide)
+        self.svi = SVI(
+            model, guide, optax_to_numpyro(optimizer), make_objective(objective, num_particles)
+        )
+        self._run_epoch = jax.jit(self._epoch)
+
+    def _kwargs(self, step: jax.Array) -> dict:
+        kwargs: dict[str, Any] = {"n_data": self.n_data}
+        if self.warmup_steps > 0:
+            kwargs["kl_weight"] = kl_warmup_weight(step, self.warmup_steps)
+        return kwargs
+
+    def init(self, key: jax.Array, x_train: jax.Array) -> TrainState:
+        """Initial state: parameters initialized from `key`, epoch 0."""
+        svi_key, run_key = jax.random.split(key)
+        x0 = jnp.asarray(x_train[: self.batch_size])
+        if self.preprocess is not None:
+            x0 = self.preprocess(svi_key, x0)
+        svi_state = self.svi.init(svi_key, x0, **self._kwargs(jnp.zeros((), jnp.int32)))
+        return TrainState(svi_state, jnp.zeros((), jnp.int32), run_key)
+
+    def _epoch(self, state: TrainState, x_train: jax.Array) -> tuple[TrainState, jax.Array]:
+        perm_key, noise_key = jax.random.split(jax.random.fold_in(state.key, state.epoch))
+        order = jax.random.permutation(perm_key, x_train.shape[0])
+        batches = order[: self.steps_per_epoch * self.batch_size].reshape(
+            self.steps_per_epoch, self.batch_size
+        )
+
+        def step(svi_state, inputs):
+            i, idx = inputs
+            xb = x_train[idx]
+            if self.preprocess is not None:
+                xb = self.preprocess(jax.random.fold_in(noise_key, i), xb)
+            global_step = state.epoch * self.steps_per_epoch + i
+            svi_state, loss = self.svi.update(svi_state, xb, **self._kwargs(global_step))
+            return svi_state, loss / self.n_data
+
+        steps = jnp.arange(self.steps_per_epoch)
+        svi_state, losses = jax.lax.scan(step, state.svi_state, (steps, batches))
+        return TrainState(svi_state, state.epoch + 1, state.key), losses
+
+    def run_epoch(self, state: TrainState, x_train: jax.Array) -> tuple[TrainState, jax.Array]:
+        """One compiled epoch. Returns the new state and the per-step losses `[steps]`."""
+        return self._run_epoch(state, x_train)
+
+    def params(self, state: TrainState) -> dict:
+        """The model's and guide's parameters in a state."""
+        return self.svi.get_params(state.svi_state)
+
+
+def _all_finite(tree: Any) -> bool:
+    return bool(
+        jax.tree.reduce(lambda a, b: a & b, jax.tree.map(lambda v: jnp.isfinite(v).all(), tree))
+    )
+
+
+def _record(history: History, name: str, epoch: int, value: float) -> None:
+    epochs, values = history.setdefault(name, ([], []))
+    epochs.append(epoch)
+    values.append(float(value))
+
+
+def fit(
+    trainer: Trainer,
+    x_train: np.ndarray | jax.Array,
+    *,
+    key: jax.Array,
+    epochs: int,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1,
+    evaluate: Callable[[TrainState], dict[str, float]] | None = None,
+    eval_every: int = 1,
+    on_epoch_end: Callable[[TrainState, History], None] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Trains for `epochs` epochs in all, resuming from `checkpoint_dir` when it holds a state.
+
+    Args:
+        trainer: the compiled trainer.
+        x_train: training data `[n_data, ...]`, moved to the device once.
+        key: PRNG key of the run (ignored when resuming: the checkpoint has the state's keys).
+        epochs: total number of epochs, counting those of a resumed run.
+        checkpoint_dir: where the state is saved every `checkpoint_every` epochs and at the end.
+        checkpoint_every: epochs between checkpoints.
+        evaluate: `evaluate(state) -> {metric: value}`, called every `eval_every` epochs and at
+            the end; values are added to the history.
+        eval_every: epochs between evaluations.
+        on_epoch_end: called with the state and history after each epoch (after checkpointing).
+        progress: show a progress bar with the running loss.
+
+    Returns:
+        `FitResult(state, params, history)`; history["train_loss"] is the mean per-datapoint
+        loss of each epoch.
+
+    Raises:
+        TrainingDivergedError: when an epoch's loss or parameters are not finite; the last
+            checkpoint (from before that epoch) is kept.
+    """
+    x_train = jnp.asarray(x_train)
+    if x_train.shape[0] != trainer.n_data:
+        raise ValueError(
+            f"x_train has {x_train.shape[0]} datapoints, the trainer was built for "
+            f"n_data={trainer.n_data}"
+        )
+    state = trainer.init(key, x_train)
+    history: History = {}
+    if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
+        state, meta = restore_checkpoint(checkpoint_dir, state)
+        history = {k: (list(v[0]), list(v[1])) for k, v in meta.get("history", {}).items()}
+    start = int(state.epoch)
+    bar = tqdm(
+        range(start, epochs),
+        initial=start,
+        total=epochs,
+        desc="train",
+        unit="epoch",
+        disable=not progress,
+    )
+    for _ in bar:
+        new_state, losses = trainer.run_epoch(state, x_train)
+        losses = np.asarray(losses)
+        epoch = int(new_state.epoch)
+        if not np.isfinite(losses).all() or not _all_finite(new_state.svi_state.optim_state):
+            bad = np.flatnonzero(~np.isfinite(losses))
+            where = (
+                f"the loss of step {bad[0]} of {len(losses)} is {losses[bad[0]]}"
+                if len(bad)
+                else "the parameters became non-finite"
+            )
+            kept = (
+                f"the checkpoint in {checkpoint_dir} (epoch {start}) is kept"
+                if checkpoint_dir is not None and has_checkpoint(checkpoint_dir)
+                else "no checkpoint was written"
+            )
+            raise TrainingDivergedError(
+                f"training diverged in epoch {epoch}: {where}; {kept}. Lower the learning rate, "
+                "clip gradients or check the data."
+            )
+        state = new_state
+        _record(history, "train_loss", epoch, losses.mean())
+        if evaluate is not None and (epoch % eval_every == 0 or epoch == epochs):
+            for name, value in evaluate(state).items():
+                _record(history, name, epoch, value)
+        bar.set_postfix(loss=f"{losses.mean():.3f}")
+        if checkpoint_dir is not None and (epoch % checkpoint_every == 0 or epoch == epochs):
+            save_checkpoint(checkpoint_dir, state, {"epoch": epoch, "history": history})
+            start = epoch
+        if on_epoch_end is not None:
+            on_epoch_end(state, history)
+    return FitResult(state, trainer.params(state), history)

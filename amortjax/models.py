@@ -1,0 +1,159 @@
+"""NumPyro models with local latents: the VAE and its likelihoods, and input checks.
+
+Every model here is a plain NumPyro model `model(x, *, n_data=None)` for a batch `x` of
+`[batch, x_dim]` observations, with its local latents and observations inside one plate named
+`DATA_PLATE`. When `n_data` is given, the batch is a minibatch of a dataset of that size and the
+plate scales the log-likelihood by n_data / batch, so that the SVI loss estimates the full-data
+ELBO. Per-datapoint quantities (log p(x_i, z_i)) come from `amortjax.traces`, never from a
+second hand-written likelihood.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.contrib.module import flax_module
+
+DATA_PLATE = "data"
+
+
+def data_plate(x: jax.Array, n_data: int | None = None) -> numpyro.plate:
+    """The plate over datapoints for a batch x `[batch, ...]` drawn from n_data datapoints."""
+    batch = x.shape[0]
+    if n_data is None or n_data == batch:
+        return numpyro.plate(DATA_PLATE, batch)
+    return numpyro.plate(DATA_PLATE, n_data, subsample_size=batch)
+
+
+class Bernoulli:
+    """p(x | z) = prod_j Bernoulli(x_j; sigmoid(f(z)_j)) for binary x; the decoder gives logits."""
+
+    name = "bernoulli"
+
+    def distribution(self, out: jax.Array) -> dist.Distribution:
+        return dist.Bernoulli(logits=out).to_event(1)
+
+    def mean(self, out: jax.Array, params: dict | None = None) -> jax.Array:
+        return jax.nn.sigmoid(out)
+
+    def check_support(self, x: np.ndarray, grey_ok: bool) -> None:
+        if grey_ok:
+            bad = (x < 0) | (x > 1)
+            need = "values in [0, 1] (grey levels to be binarized each epoch)"
+        else:
+            bad = (x != 0) & (x != 1)
+            need = "binary values in {0, 1}"
+        if bad.any():
+            row, col = np.argwhere(bad)[0]
+            hint = (
+                "; grey levels need binarization first ('static' or 'dynamic') or a"
+                " Gaussian likelihood"
+                if not grey_ok and ((x >= 0) & (x <= 1)).all()
+                else ""
+            )
+            raise ValueError(
+                f"a Bernoulli likelihood needs {need}, but x has {int(bad.sum())} values outside "
+                f"(first x[{row}, {col}] = {x[row, col]!r}){hint}"
+            )
+
+
+class Gaussian:
+    """p(x | z) = N(x; f(z), diag(sigma^2)), sigma a learned global parameter `[x_dim]`."""
+
+    name = "gaussian"
+
+    def distribution(self, out: jax.Array) -> dist.Distribution:
+        log_scale = numpyro.param("log_noise_scale", jnp.zeros(out.shape[-1]))
+        return dist.Normal(out, jnp.exp(log_scale)).to_event(1)
+
+    def mean(self, out: jax.Array, params: dict | None = None) -> jax.Array:
+        return out
+
+    def check_support(self, x: np.ndarray, grey_ok: bool) -> None:
+        return None
+
+
+LIKELIHOODS = {"bernoulli": Bernoulli(), "gaussian": Gaussian()}
+
+
+def get_likelihood(name: str) -> Bernoulli | Gaussian:
+    """Looks up a likelihood by name, with an error listing the known ones."""
+    try:
+        return LIKELIHOODS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown likelihood {name!r}; choose one of {sorted(LIKELIHOODS)}"
+        ) from None
+
+
+def check_observations(
+    x: np.ndarray | jax.Array, *, x_dim: int, likelihood: str, grey_ok: bool = False
+) -> None:
+    """Rejects data a model cannot score, before any training or evaluation.
+
+    Args:
+        x: observations, expected `[num_datapoints, x_dim]`.
+        x_dim: the model's observation size.
+        likelihood: name of the model's likelihood; its support is checked.
+        grey_ok: for a Bernoulli likelihood, accept grey levels in [0, 1] (data that the trainer
+            binarizes afresh each epoch).
+
+    Raises:
+        ValueError: naming the problem (shape, NaN or infinity, values outside the support).
+    """
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] != x_dim or x.shape[0] == 0:
+        raise ValueError(
+            f"x must have shape [num_datapoints, x_dim={x_dim}] with num_datapoints > 0; "
+            f"got shape {x.shape}"
+        )
+    finite = np.isfinite(x)
+    if not finite.all():
+        row, col = np.argwhere(~finite)[0]
+        raise ValueError(
+            f"x has {int((~finite).sum())} NaN or infinite values (first x[{row}, {col}] = "
+            f"{x[row, col]!r})"
+        )
+    get_likelihood(likelihood).check_support(x, grey_ok)
+
+
+def vae_model(
+    decoder: nn.Module, *, z_dim: int, likelihood: str = "bernoulli"
+) -> Callable[..., None]:
+    """The VAE's generative model p_theta(x_i, z_i) = N(z_i; 0, I) p_theta(x_i | z_i).
+
+    Args:
+        decoder: a Flax module mapping z `[..., z_dim]` to the likelihood's parameters
+            `[..., x_dim]` (logits for Bernoulli, means for Gaussian).
+        z_dim: latent size.
+        likelihood: "bernoulli" or "gaussian".
+
+    Returns:
+        A NumPyro model `model(x, *, n_data=None)`, x `[batch, x_dim]`, with latent site "z"
+        `[batch, z_dim]` and observed site "x" in the plate `DATA_PLATE`. Its decoder
+        parameters are the param site "decoder$params".
+    """
+    lik = get_likelihood(likelihood)
+
+    def model(x: jax.Array, *, n_data: int | None = None) -> None:
+        net = flax_module("decoder", decoder, input_shape=(1, z_dim))
+        with data_plate(x, n_data):
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([z_dim]).to_event(1))
+            numpyro.sample("x", lik.distribution(net(z)), obs=x)
+
+    return model
+
+
+def decode_mean(
+    decoder: nn.Module, params: dict, z: jax.Array, *, likelihood: str = "bernoulli"
+) -> jax.Array:
+    """E[x | z] under a trained decoder: z `[..., z_dim]` -> `[..., x_dim]` (pixel probabilities
+    for a Bernoulli likelihood)."""
+    out = decoder.apply({"params": params["decoder$params"]}, z)
+    return get_likelihood(likelihood).mean(out)

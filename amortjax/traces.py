@@ -1,0 +1,125 @@
+"""The one adapter from NumPyro models and guides to per-datapoint densities.
+
+For a model with local latents in the plate `DATA_PLATE`, `log_joint` runs the model on a batch
+`x [batch, ...]` with its parameters and latents substituted, and returns log p_theta(x_i, z_i)
+for each datapoint `[batch]`: every sample site's log-density, summed over everything but the
+plate dimension, without the subsampling scale. `sample_guide` does the same for a guide and
+returns z_i ~ q(z_i | x_i) with log q(z_i | x_i). Every evaluator (ELBO, IWAE, AIS, local
+optimization) goes through these two functions: there is no second copy of any likelihood.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from numpyro import handlers
+
+from amortjax.models import DATA_PLATE
+
+
+def _per_datapoint(site: dict, batch: int) -> jax.Array:
+    """A site's unscaled log-density summed over all dimensions except the data plate's."""
+    log_prob = site["fn"].log_prob(site["value"])
+    if site.get("mask") is not None:
+        log_prob = jnp.where(site["mask"], log_prob, 0.0)
+    frames = [f for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
+    if not frames:
+        raise ValueError(
+            f"sample site {site['name']!r} is outside the plate {DATA_PLATE!r}: only local "
+            "latents and observations have a per-datapoint density"
+        )
+    dim = frames[0].dim
+    log_prob = jnp.moveaxis(jnp.atleast_1d(log_prob), dim, 0)
+    log_prob = log_prob.reshape(log_prob.shape[0], -1).sum(-1)
+    return jnp.broadcast_to(log_prob, (batch,))
+
+
+def _sum_sites(trace: dict, batch: int, observed: bool | None) -> jax.Array:
+    total = jnp.zeros(batch)
+    for site in trace.values():
+        if site["type"] != "sample":
+            continue
+        if observed is not None and site["is_observed"] != observed:
+            continue
+        total = total + _per_datapoint(site, batch)
+    return total
+
+
+def log_joint(
+    model: Callable, params: dict, x: jax.Array, latents: dict[str, jax.Array], **model_kwargs
+) -> jax.Array:
+    """log p_theta(x_i, z_i) for each datapoint of a batch.
+
+    Args:
+        model: a NumPyro model `model(x, **model_kwargs)` with its local sites in `DATA_PLATE`.
+        params: the model's parameters (e.g. from `SVI.get_params`); extra entries are ignored.
+        x: observations, `[batch, ...]`.
+        latents: a value for every latent site of the model, e.g. `{"z": [batch, z_dim]}`.
+        **model_kwargs: passed to the model (not `n_data`: densities here are unscaled).
+
+    Returns:
+        `[batch]` log-densities.
+    """
+    batch = x.shape[0]
+    conditioned = handlers.substitute(model, data={**params, **latents})
+    # The seed only serves sites the caller forgot, which are then reported by name.
+    trace = handlers.trace(handlers.seed(conditioned, jax.random.key(0))).get_trace(
+        x, **model_kwargs
+    )
+    missing = [
+        name
+        for name, site in trace.items()
+        if site["type"] == "sample" and not site["is_observed"] and name not in latents
+    ]
+    if missing:
+        raise ValueError(f"no value given for the model's latent sites {missing}")
+    return _sum_sites(trace, batch, observed=None)
+
+
+def sample_guide(
+    guide: Callable, params: dict, x: jax.Array, key: jax.Array, **guide_kwargs
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Draws z_i ~ q(z_i | x_i) for each datapoint and returns it with log q(z_i | x_i).
+
+    Args:
+        guide: a NumPyro guide `guide(x, **guide_kwargs)` with its sites in `DATA_PLATE`.
+        params: the guide's parameters.
+        x: observations, `[batch, ...]`.
+        key: PRNG key.
+        **guide_kwargs: passed to the guide.
+
+    Returns:
+        `(latents, log_q)`: a dict of site values `[batch, ...]` and `[batch]` log-densities.
+    """
+    batch = x.shape[0]
+    seeded = handlers.seed(handlers.substitute(guide, data=params), key)
+    trace = handlers.trace(seeded).get_trace(x, **guide_kwargs)
+    latents = {
+        name: site["value"]
+        for name, site in trace.items()
+        if site["type"] == "sample" and not site["is_observed"]
+    }
+    return latents, _sum_sites(trace, batch, observed=False)
+
+
+def log_weights(
+    model: Callable, guide: Callable, params: dict, x: jax.Array, key: jax.Array
+) -> jax.Array:
+    """One importance log-weight per datapoint: log p(x_i, z_i) - log q(z_i | x_i), z_i ~ q.
+
+    Its mean over draws is the ELBO; the log-mean-exp over k draws is the IWAE-k bound.
+
+    Args:
+        model: NumPyro model.
+        guide: NumPyro guide for the same latent sites.
+        params: parameters of both.
+        x: observations, `[batch, ...]`.
+        key: PRNG key.
+
+    Returns:
+        `[batch]`.
+    """
+    latents, log_q = sample_guide(guide, params, x, key)
+    return log_joint(model, params, x, latents) - log_q
