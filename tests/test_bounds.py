@@ -1,0 +1,93 @@
+"""ELBO and IWAE-k against the exact log p(x) of linear-Gaussian models."""
+
+import jax
+import numpy as np
+import pytest
+
+from amortjax.data.synthetic import linear_gaussian_vae
+from amortjax.evaluation.bounds import evaluate_bounds, mean_and_stderr
+
+
+@pytest.fixture(scope="module")
+def correlated_case(lg_correlated):
+    lg = lg_correlated
+    model, guide, params = linear_gaussian_vae(lg)  # best diagonal q, posterior correlated
+    x, _ = lg.sample(jax.random.key(7), 40)
+    return lg, model, guide, params, x
+
+
+def test_elbo_below_iwae_below_log_marginal(correlated_case):
+    lg, model, guide, params, x = correlated_case
+    log_px = np.asarray(lg.log_marginal(x))
+    b = evaluate_bounds(model, guide, params, x, jax.random.key(0), num_samples=5000)
+    gap = log_px - np.asarray(lg.elbo(x, *lg.best_diagonal(x)))
+    assert gap.min() > 0.05  # the family cannot express the posterior: a real gap to close
+    assert np.all(b.elbo < b.iwae)
+    # IWAE is a stochastic lower bound: allow its Monte Carlo error, far below the gap.
+    assert np.all(b.iwae <= log_px + 0.03)
+    assert b.iwae.mean() <= log_px.mean() + 0.005
+    assert np.all(b.elbo <= log_px)
+
+
+def test_mc_elbo_matches_the_analytic_elbo(correlated_case):
+    lg, model, guide, params, x = correlated_case
+    exact = np.asarray(lg.elbo(x, *lg.best_diagonal(x)))
+    b = evaluate_bounds(model, guide, params, x, jax.random.key(1), num_samples=5000)
+    # ELBO estimates from 5000 draws: per-datapoint MC error ~ 0.01 nats.
+    np.testing.assert_allclose(b.elbo, exact, atol=0.05)
+    assert abs((b.elbo - exact).mean()) < 0.01
+
+
+def test_iwae_rises_toward_log_marginal_with_k(correlated_case):
+    lg, model, guide, params, x = correlated_case
+    # Narrow q's scales to 0.8x the best diagonal ones: a proposal with lighter tails than the
+    # posterior, so that IWAE-k still has ground to cover between k = 1000 and 5000.
+    enc = params["encoder$params"]["Dense_0"]
+    narrow = {
+        **params,
+        "encoder$params": {"Dense_0": {**enc, "bias": enc["bias"].at[3:].add(np.log(0.8))}},
+    }
+    log_px = np.asarray(lg.log_marginal(x))
+    means = []
+    for k in (1, 10, 100, 1000, 5000):
+        b = evaluate_bounds(model, guide, narrow, x, jax.random.key(2), num_samples=k)
+        means.append(b.iwae.mean())
+    gaps = log_px.mean() - np.array(means)
+    assert gaps[0] > 0.15
+    assert np.all(np.diff(means[:4]) > 0), gaps
+    assert means[4] > means[2], gaps
+    assert abs(gaps[-1]) < 0.05, gaps
+
+
+def test_exact_posterior_gives_elbo_equal_to_log_marginal(lg_diagonal):
+    lg = lg_diagonal
+    model, guide, params = linear_gaussian_vae(lg)
+    x, _ = lg.sample(jax.random.key(3), 23)
+    b = evaluate_bounds(model, guide, params, x, jax.random.key(4), num_samples=64, batch_size=10)
+    log_px = np.asarray(lg.log_marginal(x))
+    np.testing.assert_allclose(b.elbo, log_px, atol=1e-4)  # padded last batch included
+    np.testing.assert_allclose(b.iwae, log_px, atol=1e-4)
+
+
+def test_chunking_does_not_change_the_result(correlated_case):
+    _, model, guide, params, x = correlated_case
+    a = evaluate_bounds(
+        model, guide, params, x, jax.random.key(5), num_samples=600, sample_chunk=600
+    )
+    b = evaluate_bounds(
+        model, guide, params, x, jax.random.key(5), num_samples=600, sample_chunk=200
+    )
+    np.testing.assert_allclose(a.iwae, b.iwae, rtol=1e-5)
+    np.testing.assert_allclose(a.elbo, b.elbo, rtol=1e-5)
+
+
+def test_mean_and_stderr():
+    m, se = mean_and_stderr(np.array([1.0, 2.0, 3.0, 4.0]))
+    assert m == 2.5
+    assert se == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2)
+
+
+def test_bad_num_samples(correlated_case):
+    _, model, guide, params, x = correlated_case
+    with pytest.raises(ValueError, match="num_samples"):
+        evaluate_bounds(model, guide, params, x, jax.random.key(0), num_samples=0)

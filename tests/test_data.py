@@ -1,0 +1,274 @@
+"""Tests of the data layer: splits, values, conventions, errors, and offline failure modes.
+
+The real-data tests read the offline raw files (see `raw_data_dir`) and prepare the TFDS data
+once in the default data directory; the failure-mode tests point both directories at temporary
+folders and never touch the network.
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+import shutil
+import socket
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from amortjax.data import (
+    BUILDERS,
+    DataNotFoundError,
+    dynamic_binarize,
+    load_data,
+    load_images,
+    raw_data_dir,
+)
+from amortjax.data import builders as builders_module
+from amortjax.data.builders import _read_idx, host_reachable
+from amortjax.data.loading import _official
+
+MNIST_LIKE = ("mnist", "fashion_mnist")
+
+# Where the real raw files are, resolved before any test changes the environment.
+_REAL_RAW = {name: raw_data_dir(name) for name in BUILDERS}
+
+
+def _raw_available() -> bool:
+    return all(
+        _REAL_RAW[name] is not None and all((_REAL_RAW[name] / f).is_file() for f in cls.FILES)
+        for name, cls in BUILDERS.items()
+    )
+
+
+needs_raw = pytest.mark.skipif(not _raw_available(), reason="offline raw dataset files not found")
+
+
+def _row_keys(images: np.ndarray, labels: np.ndarray) -> collections.Counter:
+    grey = np.rint(images * 255).astype(np.uint8)
+    return collections.Counter(
+        (row.tobytes(), int(label)) for row, label in zip(grey, labels, strict=True)
+    )
+
+
+@needs_raw
+def test_binarized_mnist_is_the_static_larochelle_split():
+    data = load_data("binarized_mnist")
+    assert data.binarization == "static" and not data.dynamic_binarization
+    assert data.train.shape == (50_000, 784)
+    assert data.valid.shape == (10_000, 784)
+    assert data.test.shape == (10_000, 784)
+    for split in (data.train, data.valid, data.test):
+        assert split.dtype == np.float32
+        assert set(np.unique(split).tolist()) == {0.0, 1.0}
+    assert data.train_labels is None and data.valid_labels is None and data.test_labels is None
+    # Digits cover roughly 13% of the pixels; a reading or parsing error would not.
+    assert 0.10 < data.test.mean() < 0.16
+
+
+@needs_raw
+@pytest.mark.parametrize("name", MNIST_LIKE)
+def test_grey_level_splits_shapes_values_and_labels(name):
+    data = load_data(name, binarization="none")
+    assert data.binarization == "none" and not data.dynamic_binarization
+    assert data.train.shape == (50_000, 784)
+    assert data.valid.shape == (10_000, 784)
+    assert data.test.shape == (10_000, 784)
+    for images, labels in (
+        (data.train, data.train_labels),
+        (data.valid, data.valid_labels),
+        (data.test, data.test_labels),
+    ):
+        assert images.dtype == np.float32
+        assert images.min() == 0.0 and images.max() == 1.0
+        assert np.any((images > 0) & (images < 1))
+        assert labels.dtype == np.int32 and labels.shape == (images.shape[0],)
+        counts = np.bincount(labels, minlength=10)
+        assert counts.size == 10
+        assert np.all(counts > 0.07 * labels.size) and np.all(counts < 0.13 * labels.size)
+
+
+@needs_raw
+@pytest.mark.parametrize("name", MNIST_LIKE)
+def test_validation_split_partitions_the_official_training_set(name):
+    train, train_labels = load_images(name, "train")
+    valid, valid_labels = load_images(name, "valid")
+    raw = raw_data_dir(name)
+    official = _read_idx(raw / "train-images-idx3-ubyte.gz", 2051).reshape(60_000, -1) / 255.0
+    official_labels = _read_idx(raw / "train-labels-idx1-ubyte.gz", 2049)
+    train_keys = _row_keys(train, train_labels)
+    valid_keys = _row_keys(valid, valid_labels)
+    # The official sets have no duplicate images, so disjointness is exact.
+    assert not set(train_keys) & set(valid_keys)
+    assert train_keys + valid_keys == _row_keys(official, official_labels)
+
+
+@needs_raw
+def test_validation_split_is_seeded_and_sized():
+    first, _ = load_images("mnist", "valid", seed=0)
+    again, _ = load_images("mnist", "valid", seed=0)
+    other, _ = load_images("mnist", "valid", seed=1)
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    data = load_data("mnist", validation_size=5_000, binarization="none")
+    assert data.train.shape == (55_000, 784) and data.valid.shape == (5_000, 784)
+
+
+@needs_raw
+@pytest.mark.parametrize(
+    ("name", "first_train_labels", "first_test_labels"),
+    [
+        ("mnist", [5, 0, 4, 1, 9], [7, 2, 1, 0, 4]),
+        ("fashion_mnist", [9, 0, 0, 3, 0], [9, 2, 1, 1, 6]),
+    ],
+)
+def test_prepared_data_keeps_the_official_order_and_values(
+    name, first_train_labels, first_test_labels
+):
+    _, train_labels = _official(name, "train")
+    assert train_labels[:5].tolist() == first_train_labels
+    test, test_labels = load_images(name, "test")
+    assert test_labels[:5].tolist() == first_test_labels
+    raw = _read_idx(raw_data_dir(name) / "t10k-images-idx3-ubyte.gz", 2051)
+    np.testing.assert_array_equal(np.rint(test * 255).astype(np.uint8), raw.reshape(10_000, -1))
+
+
+@needs_raw
+def test_dynamic_convention_binarizes_evaluation_once_and_keeps_train_grey():
+    data = load_data("mnist")
+    assert data.binarization == "dynamic" and data.dynamic_binarization
+    assert np.any((data.train > 0) & (data.train < 1))
+    for split in (data.valid, data.test):
+        assert set(np.unique(split).tolist()) == {0.0, 1.0}
+    again = load_data("mnist")
+    np.testing.assert_array_equal(data.valid, again.valid)
+    np.testing.assert_array_equal(data.test, again.test)
+    grey = load_data("mnist", binarization="none")
+    assert abs(data.test.mean() - grey.test.mean()) < 0.002
+    # Pixels that are 0 or 1 in grey level must stay so after the Bernoulli draw.
+    assert np.all(data.test[grey.test == 0.0] == 0.0)
+    assert np.all(data.test[grey.test == 1.0] == 1.0)
+
+
+def test_dynamic_binarize_is_seeded_jittable_and_unbiased():
+    x = jnp.concatenate([jnp.full((50_000,), 0.3), jnp.zeros((100,)), jnp.ones((100,))])
+    key = jax.random.key(0)
+    a = dynamic_binarize(key, x)
+    assert a.dtype == jnp.float32 and a.shape == x.shape
+    np.testing.assert_array_equal(a, dynamic_binarize(key, x))
+    np.testing.assert_array_equal(a, jax.jit(dynamic_binarize)(key, x))
+    assert not np.array_equal(a, dynamic_binarize(jax.random.key(1), x))
+    assert set(np.unique(np.asarray(a)).tolist()) == {0.0, 1.0}
+    assert abs(float(a[:50_000].mean()) - 0.3) < 0.01
+    assert float(a[50_000:50_100].max()) == 0.0 and float(a[50_100:].min()) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("call", "offending"),
+    [
+        (lambda: load_data("cifar10"), "cifar10"),
+        (lambda: load_images("omniglot", "train"), "omniglot"),
+        (lambda: load_images("mnist", "validation"), "validation"),
+        (lambda: load_data("mnist", binarization="stochastic"), "stochastic"),
+        (lambda: load_data("binarized_mnist", binarization="dynamic"), "dynamic"),
+        (lambda: load_data("binarized_mnist", binarization="none"), "none"),
+        (lambda: load_data("mnist", binarization="static"), "static"),
+        (lambda: load_data("binarized_mnist", validation_size=5_000), "5000"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(call, offending):
+    with pytest.raises(ValueError, match=offending):
+        call()
+
+
+def test_error_messages_list_the_valid_choices():
+    with pytest.raises(ValueError, match="binarized_mnist") as unknown:
+        load_data("cifar10")
+    assert "fashion_mnist" in str(unknown.value)
+    with pytest.raises(ValueError, match="dynamic") as bad_option:
+        load_data("mnist", binarization="stochastic")
+    assert "static" in str(bad_option.value) and "none" in str(bad_option.value)
+
+
+@needs_raw
+@pytest.mark.parametrize("size", [0, -1, 60_000, 70_000])
+def test_validation_size_out_of_range(size):
+    with pytest.raises(ValueError, match=f"validation_size={size}"):
+        load_data("mnist", validation_size=size)
+
+
+@pytest.fixture
+def empty_dirs(tmp_path, monkeypatch):
+    raw, prepared = tmp_path / "raw", tmp_path / "prepared"
+    raw.mkdir()
+    monkeypatch.setenv("AMORTJAX_RAW_DATA", str(raw))
+    monkeypatch.setenv("AMORTJAX_DATA_DIR", str(prepared))
+    # Behave as an offline machine even where there is internet: tests never download.
+    monkeypatch.setattr(builders_module, "host_reachable", lambda url, timeout=3.0: False)
+    return raw
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_missing_raw_files_fail_fast_naming_files_folder_and_variable(empty_dirs, name):
+    start = time.monotonic()
+    with pytest.raises(DataNotFoundError) as err:
+        load_images(name, "test")
+    assert time.monotonic() - start < 5.0
+    message = str(err.value)
+    for filename in BUILDERS[name].FILES:
+        assert filename in message
+    assert str(empty_dirs / name) in message
+    assert "AMORTJAX_RAW_DATA" in message
+
+
+@needs_raw
+def test_partially_present_raw_files_report_only_the_missing_ones(empty_dirs):
+    (empty_dirs / "mnist").mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        shutil.copy(_REAL_RAW["mnist"] / name, empty_dirs / "mnist" / name)
+    with pytest.raises(DataNotFoundError) as err:
+        load_images("mnist", "test")
+    missing_line = next(line for line in str(err.value).splitlines() if line.startswith("Missing"))
+    assert "t10k-images-idx3-ubyte.gz" in missing_line
+    assert "t10k-labels-idx1-ubyte.gz" in missing_line
+    assert "train-images-idx3-ubyte.gz" not in missing_line
+
+
+@needs_raw
+def test_corrupted_raw_file_fails_checksum(empty_dirs):
+    folder = empty_dirs / "mnist"
+    folder.mkdir()
+    for name in BUILDERS["mnist"].FILES:
+        shutil.copy(_REAL_RAW["mnist"] / name, folder / name)
+    target = folder / "t10k-labels-idx1-ubyte.gz"
+    target.chmod(0o644)
+    content = bytearray(target.read_bytes())
+    content[100] ^= 0xFF
+    target.write_bytes(bytes(content))
+    expected = BUILDERS["mnist"].FILES["t10k-labels-idx1-ubyte.gz"]
+    with pytest.raises(ValueError, match=re.escape("t10k-labels-idx1-ubyte.gz")) as err:
+        load_images("mnist", "test")
+    assert expected in str(err.value)
+    assert builders_module.sha256_of(target) in str(err.value)
+
+
+def test_host_reachable_is_bounded_and_offline():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert host_reachable(f"http://127.0.0.1:{port}/")
+    # The port is closed now: refused at once.
+    assert not host_reachable(f"http://127.0.0.1:{port}/")
+
+
+def test_host_reachable_gives_up_after_its_timeout(monkeypatch):
+    def hang(*args, **kwargs):
+        time.sleep(10)
+
+    monkeypatch.setattr(socket, "create_connection", hang)
+    start = time.monotonic()
+    assert not host_reachable("http://example.org/", timeout=0.5)
+    assert time.monotonic() - start < 2.0

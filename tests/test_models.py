@@ -1,0 +1,80 @@
+"""The VAE model: input checks, subsampling scale, likelihoods."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from numpyro.infer import Trace_ELBO
+
+from amortjax.data.synthetic import linear_gaussian_vae
+from amortjax.families import DiagonalGaussian, get_family
+from amortjax.guides import amortized_guide, encode
+from amortjax.models import check_observations, decode_mean, get_likelihood, vae_model
+from amortjax.nets import MLP, activation_fn
+
+
+def test_minibatch_loss_is_scaled_to_the_whole_dataset(lg_diagonal):
+    # With the exact posterior as q every draw gives loss = -sum_i log p(x_i): no MC noise.
+    model, guide, params = linear_gaussian_vae(lg_diagonal)
+    x, _ = lg_diagonal.sample(jax.random.key(0), 10)
+    elbo = Trace_ELBO()
+    full = elbo.loss(jax.random.key(1), params, model, guide, x)
+    np.testing.assert_allclose(full, -lg_diagonal.log_marginal(x).sum(), rtol=1e-5)
+    scaled = elbo.loss(jax.random.key(1), params, model, guide, x, n_data=1000)
+    np.testing.assert_allclose(scaled, 100.0 * full, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("x", "match"),
+    [
+        (np.zeros((4, 5)), r"shape \[num_datapoints, x_dim=6\].*\(4, 5\)"),
+        (np.zeros(6), r"got shape \(6,\)"),
+        (np.zeros((0, 6)), "num_datapoints > 0"),
+        (np.array([[0.0] * 5 + [np.nan]] * 2), r"NaN.*x\[0, 5\]"),
+        (np.full((2, 6), 0.5), r"Bernoulli.*binary.*x\[0, 0\] = .*0\.5.*binarization"),
+        (np.full((2, 6), 2.0), r"Bernoulli.*\{0, 1\}"),
+    ],
+)
+def test_bad_observations_are_named(x, match):
+    with pytest.raises(ValueError, match=match):
+        check_observations(x, x_dim=6, likelihood="bernoulli")
+
+
+def test_grey_levels_accepted_only_when_binarized_by_the_trainer():
+    grey = np.full((2, 6), 0.5)
+    check_observations(grey, x_dim=6, likelihood="bernoulli", grey_ok=True)
+    check_observations(grey * 7.0, x_dim=6, likelihood="gaussian")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        check_observations(grey * 3.0, x_dim=6, likelihood="bernoulli", grey_ok=True)
+
+
+def test_unknown_names_list_the_choices():
+    with pytest.raises(ValueError, match="'poisson'.*bernoulli"):
+        get_likelihood("poisson")
+    with pytest.raises(ValueError, match="'flow'.*diagonal"):
+        get_family("flow")
+    with pytest.raises(ValueError, match="'swish'.*relu"):
+        activation_fn("swish")
+
+
+def test_bernoulli_vae_scores_binary_data_with_its_decoder():
+    decoder, encoder = MLP((16,), 6), MLP((16,), 4)
+    model = vae_model(decoder, z_dim=2)
+    guide = amortized_guide(encoder, x_dim=6)
+    x = jnp.array([[0, 1, 1, 0, 1, 0]] * 3, dtype=jnp.float32)
+    from numpyro.infer import SVI
+    from numpyro.optim import Adam
+
+    svi = SVI(model, guide, Adam(1e-3), Trace_ELBO())
+    params = svi.get_params(svi.init(jax.random.key(0), x))
+    z = jnp.zeros((3, 2))
+    probs = decode_mean(decoder, params, z)
+    from amortjax.traces import log_joint
+
+    expected = (x * jnp.log(probs) + (1 - x) * jnp.log1p(-probs)).sum(-1) - jnp.log(
+        2 * jnp.pi
+    )  # log N(0; 0, I_2) = -log(2 pi)
+    np.testing.assert_allclose(log_joint(model, params, x, {"z": z}), expected, rtol=1e-5)
+    lam = encode(encoder, params, x)
+    assert lam.shape == (3, 4)
+    np.testing.assert_allclose(DiagonalGaussian().mean(lam), lam[:, :2])

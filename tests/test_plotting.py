@@ -1,0 +1,260 @@
+"""Tests for amortjax.plotting: drawn content, layout, error messages and PNG output."""
+
+from __future__ import annotations
+
+import re
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+from scipy.stats import norm
+
+from amortjax import plotting
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def drawn(fig: Figure, i: int = 0) -> np.ndarray:
+    """The array of the single image drawn in axes i of fig."""
+    ax = fig.axes[i]
+    assert len(ax.images) == 1
+    return np.asarray(ax.images[0].get_array())
+
+
+def block(big: np.ndarray, r: int, c: int, h: int, w: int, pad: int) -> np.ndarray:
+    return big[r * (h + pad) : r * (h + pad) + h, c * (w + pad) : c * (w + pad) + w]
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+# --- image_grid ---------------------------------------------------------------------------
+
+
+def test_image_grid_constant_tiles_and_padding() -> None:
+    n, h, w, ncols = 7, 4, 3, 3
+    images = np.stack([np.full((h * w,), i / n) for i in range(n)])
+    fig = plotting.image_grid(images, ncols=ncols, image_shape=(h, w))
+    assert isinstance(fig, Figure)
+    big = drawn(fig)
+    assert big.shape == (3 * h + 2, 3 * w + 2)
+    for i in range(n):
+        np.testing.assert_allclose(block(big, i // ncols, i % ncols, h, w, 1), i / n)
+    # Separators and the two unused cells of the last row are white (1.0).
+    assert np.all(big[h, :] == 1.0) and np.all(big[:, w] == 1.0)
+    np.testing.assert_array_equal(block(big, 2, 1, h, w, 1), 1.0)
+    np.testing.assert_array_equal(block(big, 2, 2, h, w, 1), 1.0)
+
+
+def test_image_grid_keeps_pixel_layout_and_style(rng: np.random.Generator) -> None:
+    h, w = 5, 4
+    images = rng.uniform(size=(6, h * w))
+    fig = plotting.image_grid(images, ncols=4, image_shape=(h, w), title="hello")
+    big = drawn(fig)
+    for i in range(6):
+        np.testing.assert_array_equal(block(big, i // 4, i % 4, h, w, 1), images[i].reshape(h, w))
+    # [n, h, w] input draws the same thing.
+    big3 = drawn(plotting.image_grid(images.reshape(6, h, w), ncols=4, image_shape=(h, w)))
+    np.testing.assert_array_equal(big, big3)
+    ax = fig.axes[0]
+    im = ax.images[0]
+    assert im.get_cmap().name == "gray"
+    assert im.get_clim() == (0.0, 1.0)
+    assert list(ax.get_xticks()) == [] and list(ax.get_yticks()) == []
+    assert ax.get_title() == "hello"
+
+
+def test_image_grid_caps_ncols_at_n() -> None:
+    big = drawn(plotting.image_grid(np.zeros((3, 784)), ncols=10))
+    assert big.shape == (28, 3 * 28 + 2)
+
+
+def test_image_grid_draws_into_given_axes() -> None:
+    fig = Figure()
+    ax_left, ax_right = fig.subplots(1, 2)
+    out = plotting.image_grid(np.full((2, 784), 0.5), ax=ax_right)
+    assert out is fig
+    assert len(ax_left.images) == 0 and len(ax_right.images) == 1
+
+
+@pytest.mark.parametrize("shape", [(5, 783), (5, 28, 27), (784,), (0, 784)])
+def test_image_grid_wrong_shape_names_it(shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=re.escape(str(shape))):
+        plotting.image_grid(np.zeros(shape))
+
+
+def test_figures_do_not_touch_pyplot() -> None:
+    import matplotlib.pyplot as plt
+
+    before = plt.get_fignums()
+    plotting.image_grid(np.zeros((2, 784)))
+    plotting.training_curves_figure({"a": ([1], [1.0])})
+    assert plt.get_fignums() == before
+
+
+# --- reconstructions / prior samples --------------------------------------------------------
+
+
+def test_reconstructions_rows(rng: np.random.Generator) -> None:
+    h, w = 4, 4
+    x = rng.uniform(size=(12, h * w))
+    x_recon = rng.uniform(size=(12, h * w))
+    fig = plotting.reconstructions_figure(x, x_recon, n=5, image_shape=(h, w))
+    assert len(fig.axes) == 2
+    top, bottom = drawn(fig, 0), drawn(fig, 1)
+    assert top.shape == bottom.shape == (h, 5 * w + 4)
+    for j in range(5):
+        np.testing.assert_array_equal(block(top, 0, j, h, w, 1), x[j].reshape(h, w))
+        np.testing.assert_array_equal(block(bottom, 0, j, h, w, 1), x_recon[j].reshape(h, w))
+    assert fig.axes[0].get_ylabel() == "data"
+    assert fig.axes[1].get_ylabel() == "reconstruction"
+
+
+def test_reconstructions_caps_n_and_checks_shapes() -> None:
+    fig = plotting.reconstructions_figure(np.zeros((3, 784)), np.ones((3, 28, 28)), n=10)
+    assert drawn(fig, 1).shape == (28, 3 * 28 + 2)
+    with pytest.raises(ValueError, match="same shape"):
+        plotting.reconstructions_figure(np.zeros((3, 784)), np.zeros((4, 784)))
+    with pytest.raises(ValueError, match=r"\(3, 100\)"):
+        plotting.reconstructions_figure(np.zeros((3, 784)), np.zeros((3, 100)))
+
+
+def test_prior_samples_figure(rng: np.random.Generator) -> None:
+    images = rng.uniform(size=(4, 784))
+    fig = plotting.prior_samples_figure(images, ncols=2, title="p(x|z)")
+    big = drawn(fig)
+    assert big.shape == (2 * 28 + 1, 2 * 28 + 1)
+    np.testing.assert_array_equal(block(big, 1, 1, 28, 28, 1), images[3].reshape(28, 28))
+    assert fig.axes[0].get_title() == "p(x|z)"
+
+
+# --- training curves ------------------------------------------------------------------------
+
+
+def test_training_curves_one_line_per_metric() -> None:
+    history = {
+        "train_loss": ([1, 2, 3, 4], [190.0, 120.0, 110.0, 105.0]),
+        "valid_elbo": ([2, 4], [-118.0, -107.0]),
+    }
+    fig = plotting.training_curves_figure(history)
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.lines] == ["train_loss", "valid_elbo"]
+    for line, (epochs, values) in zip(ax.lines, history.values(), strict=True):
+        np.testing.assert_array_equal(line.get_xdata(), epochs)
+        np.testing.assert_array_equal(line.get_ydata(), values)
+    assert ax.get_xlabel() == "epoch"
+    assert ax.get_ylabel() == "nats per datapoint"
+    legend = ax.get_legend()
+    assert legend is not None
+    assert [t.get_text() for t in legend.get_texts()] == ["train_loss", "valid_elbo"]
+
+
+def test_training_curves_nan_inf_and_empty(tmp_path) -> None:
+    history = {
+        "loss": ([1, 2, 3], [np.nan, 5.0, np.inf]),
+        "empty": ([], []),
+        "all_nan": ([1], [float("nan")]),
+    }
+    fig = plotting.training_curves_figure(history)
+    ax = fig.axes[0]
+    assert len(ax.lines) == 3
+    y = np.asarray(ax.lines[0].get_ydata(), dtype=float)
+    assert np.isnan(y[0]) and y[1] == 5.0 and np.isnan(y[2])
+    assert ax.lines[1].get_label() == "empty (no data)"
+    assert ax.lines[2].get_label() == "all_nan (no data)"
+    # Drawing must not fail either.
+    assert plotting.save_figure(fig, tmp_path / "c.png").stat().st_size > 0
+    empty_ax = plotting.training_curves_figure({}).axes[0]
+    assert len(empty_ax.lines) == 0 and empty_ax.get_legend() is None
+
+
+def test_training_curves_rejects_bad_entries() -> None:
+    with pytest.raises(ValueError, match=r"history\['loss'\].*\(3,\) and \(2,\)"):
+        plotting.training_curves_figure({"loss": ([1, 2, 3], [1.0, 2.0])})
+    with pytest.raises(ValueError, match="pair"):
+        plotting.training_curves_figure({"loss": [1.0, 2.0, 3.0]})
+
+
+# --- manifold -------------------------------------------------------------------------------
+
+
+def test_latent_grid_quantiles() -> None:
+    g = 4
+    z = plotting.latent_grid(g)
+    q = norm.ppf(np.linspace(0.05, 0.95, g))
+    assert z.shape == (g * g, 2)
+    np.testing.assert_allclose(z[0], [q[0], q[-1]])  # top-left: smallest z1, largest z2
+    np.testing.assert_allclose(z[g - 1], [q[-1], q[-1]])  # top-right
+    np.testing.assert_allclose(z[-1], [q[-1], q[0]])  # bottom-right
+    np.testing.assert_allclose(q[-1], 1.6448536269514722)
+
+
+def test_manifold_decodes_grid_once_and_places_tiles() -> None:
+    g, h, w = 5, 2, 4
+    p = np.linspace(0.05, 0.95, g)
+    q = norm.ppf(p)
+    calls = []
+
+    def decode(z):
+        calls.append(np.array(z))
+        # Left half of each image holds Phi(z1), right half Phi(z2).
+        left = np.repeat(norm.cdf(z[:, :1]), h * w // 2, axis=1).reshape(-1, h, w // 2)
+        right = np.repeat(norm.cdf(z[:, 1:]), h * w // 2, axis=1).reshape(-1, h, w // 2)
+        return np.concatenate([left, right], axis=2).reshape(-1, h * w)
+
+    fig = plotting.manifold_figure(decode, grid_size=g, image_shape=(h, w))
+    assert len(calls) == 1
+    z = calls[0]
+    assert z.shape == (g * g, 2) and z.dtype == np.float32
+    expected = np.array([[q[c], q[g - 1 - r]] for r in range(g) for c in range(g)])
+    np.testing.assert_allclose(z, expected, rtol=1e-6)
+    big = drawn(fig)
+    assert big.shape == (g * h, g * w)
+    for r in range(g):
+        for c in range(g):
+            cell = block(big, r, c, h, w, 0)
+            np.testing.assert_allclose(cell[:, : w // 2], p[c], atol=1e-6)
+            np.testing.assert_allclose(cell[:, w // 2 :], p[g - 1 - r], atol=1e-6)
+
+
+def test_manifold_accepts_jax_decode() -> None:
+    import jax.numpy as jnp
+
+    fig = plotting.manifold_figure(
+        lambda z: jnp.tile(jnp.asarray(z)[:, :1] * 0 + 0.25, (1, 9)),
+        grid_size=3,
+        image_shape=(3, 3),
+    )
+    np.testing.assert_allclose(drawn(fig), 0.25)
+
+
+def test_manifold_wrong_decode_shape_raises() -> None:
+    with pytest.raises(ValueError, match=r"\[9, 784\].*returned shape \(9, 10\)"):
+        plotting.manifold_figure(lambda z: np.zeros((z.shape[0], 10)), grid_size=3)
+    with pytest.raises(ValueError, match=r"returned shape \(8, 784\)"):
+        plotting.manifold_figure(lambda z: np.zeros((z.shape[0] - 1, 784)), grid_size=3)
+    with pytest.raises(ValueError, match="extent"):
+        plotting.manifold_figure(lambda z: np.zeros((4, 784)), grid_size=2, extent=(0.0, 1.0))
+
+
+# --- save_figure ----------------------------------------------------------------------------
+
+
+def test_save_figure_writes_png_in_new_folders(tmp_path) -> None:
+    fig = plotting.image_grid(np.full((4, 784), 0.3), ncols=2)
+    target = tmp_path / "a" / "b" / "grid.png"
+    out = plotting.save_figure(fig, str(target))
+    assert out == target and target.is_file()
+    data = target.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 100
+    pixels = mpimg.imread(target)
+    assert pixels.ndim == 3 and pixels.shape[0] > 10 and pixels.shape[1] > 10
+
+
+def test_save_figure_rejects_non_png(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"\.png"):
+        plotting.save_figure(Figure(), tmp_path / "fig.pdf")
+    assert not (tmp_path / "fig.pdf").exists()

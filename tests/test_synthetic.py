@@ -1,0 +1,56 @@
+"""The closed forms of the linear-Gaussian model, checked against independent computations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.stats import multivariate_normal, norm
+
+
+def _log_joint(lg, x, z):
+    prior = norm.logpdf(z).sum(-1)
+    lik = norm.logpdf(x, z @ lg.weight.T + lg.bias, lg.noise_scale).sum(-1)
+    return prior + lik
+
+
+def test_bayes_rule_holds_for_every_z(lg_correlated):
+    # log p(x) = log p(x, z) - log p(z | x) for any z: ties marginal, posterior and joint.
+    lg = lg_correlated
+    x, _ = lg.sample(jax.random.key(2), 6)
+    mean, cov = lg.posterior(x)
+    for i in range(3):
+        z = jax.random.normal(jax.random.key(10 + i), (6, lg.z_dim)) * 2.0
+        log_post = multivariate_normal.logpdf(z, mean, cov)
+        np.testing.assert_allclose(
+            _log_joint(lg, x, z) - log_post, lg.log_marginal(x), rtol=0, atol=2e-4
+        )
+
+
+def test_sample_moments_match_the_marginal(lg_correlated):
+    lg = lg_correlated
+    x, _ = lg.sample(jax.random.key(3), 200_000)
+    cov = lg.weight @ lg.weight.T + jnp.diag(lg.noise_scale**2)
+    np.testing.assert_allclose(x.mean(0), lg.bias, atol=0.03)
+    np.testing.assert_allclose(jnp.cov(x.T), cov, atol=0.08)
+
+
+def test_best_diagonal_is_a_kl_minimum(lg_correlated):
+    lg = lg_correlated
+    x, _ = lg.sample(jax.random.key(4), 5)
+    loc, scale = lg.best_diagonal(x)
+    kl_best = lg.kl_to_posterior(x, loc, scale)
+    assert np.all(kl_best > 1e-3)  # the posterior is correlated, so the family misses it
+    for i in range(20):
+        k1, k2 = jax.random.split(jax.random.key(100 + i))
+        loc2 = loc + 0.05 * jax.random.normal(k1, loc.shape)
+        scale2 = scale * jnp.exp(0.05 * jax.random.normal(k2, scale.shape))
+        assert np.all(lg.kl_to_posterior(x, loc2, scale2) > kl_best)
+
+
+def test_diagonal_posterior_option_gives_zero_kl(lg_diagonal):
+    lg = lg_diagonal
+    x, _ = lg.sample(jax.random.key(5), 5)
+    _, cov = lg.posterior(x)
+    np.testing.assert_allclose(cov - jnp.diag(jnp.diag(cov)), 0.0, atol=1e-6)
+    loc, scale = lg.best_diagonal(x)
+    np.testing.assert_allclose(lg.kl_to_posterior(x, loc, scale), 0.0, atol=1e-4)
+    np.testing.assert_allclose(lg.elbo(x, loc, scale), lg.log_marginal(x), atol=1e-4)

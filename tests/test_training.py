@@ -1,0 +1,152 @@
+"""The jitted-epoch trainer: it learns, it resumes exactly, it stops on NaN."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from amortjax.data.synthetic import make_linear_gaussian
+from amortjax.evaluation.bounds import evaluate_bounds
+from amortjax.guides import amortized_guide
+from amortjax.inference.checkpoint import restore_checkpoint
+from amortjax.inference.objectives import make_optimizer
+from amortjax.inference.training import Trainer, TrainingDivergedError, fit
+from amortjax.models import vae_model
+from amortjax.nets import MLP
+
+
+def _binarize(key, x):
+    return (jax.random.uniform(key, x.shape) < x).astype(x.dtype)
+
+
+def _tiny_bernoulli_trainer(n=240, lr=3e-3):
+    grey = np.random.default_rng(0).uniform(size=(n, 12)).astype(np.float32)
+    model = vae_model(MLP((16,), 12), z_dim=3)
+    guide = amortized_guide(MLP((16,), 6), x_dim=12)
+    trainer = Trainer(
+        model,
+        guide,
+        make_optimizer(lr),
+        n_data=n,
+        batch_size=32,
+        kl_warmup_epochs=1.5,
+        preprocess=_binarize,
+    )
+    return trainer, grey
+
+
+def _leaves(tree):
+    def as_numpy(v):
+        if jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key):
+            return np.asarray(jax.random.key_data(v))
+        return np.asarray(v)
+
+    return [as_numpy(v) for v in jax.tree.leaves(tree)]
+
+
+def test_linear_vae_learns_the_generating_model():
+    # PPCA data with a diagonal posterior: a linear VAE can reach ELBO = log p(x) of the MLE,
+    # which is at least the log-likelihood of the true parameters up to sampling noise.
+    lg = make_linear_gaussian(jax.random.key(0), x_dim=6, z_dim=2, diagonal_posterior=True)
+    x, _ = lg.sample(jax.random.key(1), 2000)
+    model = vae_model(MLP((), 6), z_dim=2, likelihood="gaussian")
+    guide = amortized_guide(MLP((), 4), x_dim=6)
+    trainer = Trainer(model, guide, make_optimizer(1e-2), n_data=2000, batch_size=100)
+    result = fit(trainer, x, key=jax.random.key(2), epochs=60, progress=False)
+    losses = result.history["train_loss"][1]
+    assert losses[-1] < losses[0] - 1.0
+    bounds = evaluate_bounds(model, guide, result.params, x, jax.random.key(3), num_samples=10)
+    true_log_px = float(lg.log_marginal(x).mean())
+    assert bounds.elbo.mean() > true_log_px - 0.05, (bounds.elbo.mean(), true_log_px)
+    assert bounds.elbo.mean() < true_log_px + 0.1
+
+
+def test_interrupted_run_resumes_to_identical_parameters(tmp_path):
+    trainer, x = _tiny_bernoulli_trainer()
+    full = fit(trainer, x, key=jax.random.key(0), epochs=5, progress=False)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_3(state, history):
+        if int(state.epoch) == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(
+            trainer,
+            x,
+            key=jax.random.key(0),
+            epochs=5,
+            checkpoint_dir=tmp_path,
+            on_epoch_end=stop_at_3,
+            progress=False,
+        )
+    _, meta = restore_checkpoint(tmp_path, trainer.init(jax.random.key(0), x))
+    assert meta["epoch"] == 3
+    trainer2, _ = _tiny_bernoulli_trainer()  # a fresh process would build a fresh trainer
+    resumed = fit(
+        trainer2, x, key=jax.random.key(99), epochs=5, checkpoint_dir=tmp_path, progress=False
+    )
+    for a, b in zip(_leaves(full.params), _leaves(resumed.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert resumed.history["train_loss"] == full.history["train_loss"]
+
+
+def test_killed_process_resumes_to_identical_parameters(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import jax, numpy as np
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_training import _tiny_bernoulli_trainer, fit
+        trainer, x = _tiny_bernoulli_trainer()
+        def die(state, history):
+            if int(state.epoch) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        fit(trainer, x, key=jax.random.key(0), epochs=4, checkpoint_dir={str(tmp_path)!r},
+            on_epoch_end=die, progress=False)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    trainer, x = _tiny_bernoulli_trainer()
+    resumed = fit(
+        trainer, x, key=jax.random.key(0), epochs=4, checkpoint_dir=tmp_path, progress=False
+    )
+    assert resumed.history["train_loss"][0] == [1, 2, 3, 4]
+    full = fit(trainer, x, key=jax.random.key(0), epochs=4, progress=False)
+    for a, b in zip(_leaves(full.params), _leaves(resumed.params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_seed_determines_the_run():
+    trainer, x = _tiny_bernoulli_trainer()
+    a = fit(trainer, x, key=jax.random.key(0), epochs=2, progress=False)
+    b = fit(trainer, x, key=jax.random.key(0), epochs=2, progress=False)
+    c = fit(trainer, x, key=jax.random.key(1), epochs=2, progress=False)
+    assert a.history == b.history
+    assert a.history != c.history
+
+
+def test_divergence_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):
+    trainer, x = _tiny_bernoulli_trainer()
+    fit(trainer, x, key=jax.random.key(0), epochs=2, checkpoint_dir=tmp_path, progress=False)
+    saved, _ = restore_checkpoint(tmp_path, trainer.init(jax.random.key(0), x))
+    wild, _ = _tiny_bernoulli_trainer(lr=1e9)
+    with pytest.raises(TrainingDivergedError, match=r"epoch 3.*checkpoint .* \(epoch 2\) is kept"):
+        fit(wild, x, key=jax.random.key(0), epochs=6, checkpoint_dir=tmp_path, progress=False)
+    after, meta = restore_checkpoint(tmp_path, trainer.init(jax.random.key(0), x))
+    assert meta["epoch"] == 2
+    for a, b in zip(_leaves(saved), _leaves(after), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_wrong_sizes_are_rejected():
+    trainer, x = _tiny_bernoulli_trainer()
+    with pytest.raises(ValueError, match="n_data=240"):
+        fit(trainer, x[:100], key=jax.random.key(0), epochs=1, progress=False)
+    with pytest.raises(ValueError, match="batch_size"):
+        Trainer(None, None, make_optimizer(1e-3), n_data=10, batch_size=11)
