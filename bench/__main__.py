@@ -1,0 +1,35 @@
+"""Runs the benchmarks: `python -m bench [--quick] [--out-dir DIR] [NAME ...]`.
+
+`BENCHMARKS` is the registry: each name is a module `bench.<name>` exposing
+`run(quick: bool) -> dict`. Add a benchmark by writing its module and listing it here.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bench.common import RESULTS_DIR, run_and_save
+
+BENCHMARKS: dict[str, str] = {
+    "train_step": "training steps/s of Trainer.run_epoch vs a hand-written JAX/Flax/Optax floor",
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parses the command line and runs the chosen benchmarks (all by default)."""
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("names", nargs="*", help=f"benchmarks to run, of {list(BENCHMARKS)}")
+    parser.add_argument("--quick", action="store_true", help="few repeats, small problems")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="where results are written")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmarks {unknown}; choose from {list(BENCHMARKS)}")
+    for name in args.names or list(BENCHMARKS):
+        print(f"== {name}: {BENCHMARKS[name]}", flush=True)
+        _, report = run_and_save(name, quick=args.quick, out_dir=args.out_dir)
+        print(report, flush=True)
+
+
+if __name__ == "__main__":
+    main()

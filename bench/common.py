@@ -1,0 +1,122 @@
+"""Shared helpers of the benchmarks: machine description, timing, result files and tables.
+
+A benchmark's `run` returns a dict with at least a `"table"` entry, `{"columns": [...],
+"rows": [{column: value}, ...]}`, and optionally `"notes"` (a list of lines); everything else
+in the dict is written to the JSON file as it is.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the benchmark ran: processor, core count, Python and JAX versions, backend, date."""
+    devices = jax.devices()
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "machine": platform.machine(),
+        "system": f"{platform.system()} {platform.release()}",
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax_version": jax.__version__,
+        "jax_backend": jax.default_backend(),
+        "jax_devices": [str(d) for d in devices],
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def time_call(fn: Callable[[], Any]) -> float:
+    """Seconds taken by `fn()`, waiting for every array it returns to be computed."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+def median(values: list[float]) -> float:
+    """The median of a non-empty list of floats."""
+    return float(statistics.median(values))
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value == 0 or abs(value) >= 100:
+            return f"{value:.1f}"
+        if abs(value) >= 1:
+            return f"{value:.2f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def markdown_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of `rows` (dicts keyed by column name; missing entries left blank)."""
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_format(row.get(c, "")) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def to_markdown(name: str, result: dict[str, Any]) -> str:
+    """The Markdown report of one benchmark result: a title, the machine, the table, notes."""
+    machine = result.get("machine", {})
+    parts = [
+        f"# Benchmark `{name}`" + (" (quick mode)" if result.get("quick") else ""),
+        "",
+        f"{machine.get('processor', '?')}, {machine.get('cpu_count', '?')} cores, "
+        f"jax {machine.get('jax_version', '?')} ({machine.get('jax_backend', '?')}), "
+        f"{machine.get('date', '?')}",
+        "",
+        markdown_table(result["table"]["columns"], result["table"]["rows"]),
+    ]
+    notes = result.get("notes", [])
+    if notes:
+        parts += ["", *(f"- {line}" for line in notes)]
+    return "\n".join(parts) + "\n"
+
+
+def run_and_save(
+    name: str,
+    *,
+    quick: bool = False,
+    out_dir: str | Path = RESULTS_DIR,
+    **sizes: Any,
+) -> tuple[dict[str, Any], str]:
+    """Runs benchmark module `bench.<name>` and writes `<name>.json` and `<name>.md`.
+
+    Args:
+        name: the benchmark's module name inside the `bench` package.
+        quick: few repeats and small problems (for tests and smoke runs).
+        out_dir: folder for the result files (created if missing).
+        **sizes: passed on to the module's `run`.
+
+    Returns:
+        The result dict (with `"name"`, `"quick"` and `"machine"` added) and its Markdown report.
+    """
+    module = importlib.import_module(f"bench.{name}")
+    result = {"name": name, "quick": quick, "machine": machine_info()}
+    result.update(module.run(quick=quick, **sizes))
+    report = to_markdown(name, result)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    (out / f"{name}.md").write_text(report)
+    return result, report
