@@ -28,6 +28,10 @@ class Family(Protocol):
         """q(z; lambda) for params `[..., num_params]`, event shape `[z_dim]`."""
         ...
 
+    def standard_params(self, z_dim: int) -> jax.Array:
+        """lambda of the standard normal N(0, I) (the prior of a VAE), `[num_params]`."""
+        ...
+
 
 class DiagonalGaussian:
     """The fully factorized Gaussian (FFG): q(z) = N(z; mu, diag(sigma^2)).
@@ -56,6 +60,9 @@ class DiagonalGaussian:
 
     def mean(self, params: jax.Array) -> jax.Array:
         return self.split(params)[0]
+
+    def standard_params(self, z_dim: int) -> jax.Array:
+        return jnp.zeros(2 * z_dim)
 
 
 FAMILIES: dict[str, Family] = {"diagonal": DiagonalGaussian()}

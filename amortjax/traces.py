@@ -79,15 +79,18 @@ def log_joint(
 
 
 def sample_guide(
-    guide: Callable, params: dict, x: jax.Array, key: jax.Array, **guide_kwargs
+    guide: Callable, params: dict, x: jax.Array, key: jax.Array, *guide_args, **guide_kwargs
 ) -> tuple[dict[str, jax.Array], jax.Array]:
     """Draws z_i ~ q(z_i | x_i) for each datapoint and returns it with log q(z_i | x_i).
 
     Args:
-        guide: a NumPyro guide `guide(x, **guide_kwargs)` with its sites in `DATA_PLATE`.
+        guide: a NumPyro guide `guide(x, *guide_args, **guide_kwargs)` with its sites in
+            `DATA_PLATE`.
         params: the guide's parameters.
         x: observations, `[batch, ...]`.
         key: PRNG key.
+        *guide_args: further per-datapoint inputs of the guide, each `[batch, ...]` (e.g. given
+            variational parameters).
         **guide_kwargs: passed to the guide.
 
     Returns:
@@ -95,7 +98,7 @@ def sample_guide(
     """
     batch = x.shape[0]
     seeded = handlers.seed(handlers.substitute(guide, data=params), key)
-    trace = handlers.trace(seeded).get_trace(x, **guide_kwargs)
+    trace = handlers.trace(seeded).get_trace(x, *guide_args, **guide_kwargs)
     latents = {
         name: site["value"]
         for name, site in trace.items()
@@ -105,7 +108,7 @@ def sample_guide(
 
 
 def log_weights(
-    model: Callable, guide: Callable, params: dict, x: jax.Array, key: jax.Array
+    model: Callable, guide: Callable, params: dict, x: jax.Array, key: jax.Array, *guide_args
 ) -> jax.Array:
     """One importance log-weight per datapoint: log p(x_i, z_i) - log q(z_i | x_i), z_i ~ q.
 
@@ -117,9 +120,10 @@ def log_weights(
         params: parameters of both.
         x: observations, `[batch, ...]`.
         key: PRNG key.
+        *guide_args: further per-datapoint inputs of the guide, each `[batch, ...]`.
 
     Returns:
         `[batch]`.
     """
-    latents, log_q = sample_guide(guide, params, x, key)
+    latents, log_q = sample_guide(guide, params, x, key, *guide_args)
     return log_joint(model, params, x, latents) - log_q

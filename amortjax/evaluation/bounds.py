@@ -44,6 +44,7 @@ def _bounds_batch(
     guide: Callable,
     params: dict,
     x: jax.Array,
+    guide_args: tuple,
     key: jax.Array,
     num_samples: int,
     sample_chunk: int,
@@ -55,7 +56,7 @@ def _bounds_batch(
 
     def chunk(carry, inputs):
         chunk_keys, chunk_valid = inputs
-        lw = jax.vmap(lambda k: log_weights(model, guide, params, x, k))(chunk_keys)
+        lw = jax.vmap(lambda k: log_weights(model, guide, params, x, k, *guide_args))(chunk_keys)
         lw_sum = jnp.sum(jnp.where(chunk_valid[:, None], lw, 0.0), axis=0)
         lse = jax.nn.logsumexp(jnp.where(chunk_valid[:, None], lw, -jnp.inf), axis=0)
         return carry + lw_sum, lse
@@ -64,7 +65,7 @@ def _bounds_batch(
     return lw_sum / num_samples, jax.nn.logsumexp(lses, axis=0) - jnp.log(num_samples)
 
 
-_bounds_batch_jit = jax.jit(_bounds_batch, static_argnums=(0, 1, 5, 6))
+_bounds_batch_jit = jax.jit(_bounds_batch, static_argnums=(0, 1, 6, 7))
 
 
 def evaluate_bounds(
@@ -77,6 +78,7 @@ def evaluate_bounds(
     num_samples: int = 5000,
     batch_size: int = 100,
     sample_chunk: int = 500,
+    guide_args: tuple = (),
     progress: bool | str = False,
 ) -> Bounds:
     """ELBO and IWAE-k of every datapoint of x under the guide's q.
@@ -91,6 +93,8 @@ def evaluate_bounds(
         num_samples: k, the draws per datapoint.
         batch_size: datapoints per compiled call.
         sample_chunk: draws evaluated at once (bounds memory).
+        guide_args: per-datapoint inputs of the guide besides x, each `[num_datapoints, ...]`,
+            batched with x (e.g. the lambdas of `given_params_guide`).
         progress: show a progress bar (a string gives its description).
 
     Returns:
@@ -100,6 +104,12 @@ def evaluate_bounds(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     x = jnp.asarray(x)
     n = x.shape[0]
+    guide_args = tuple(jnp.asarray(a) for a in guide_args)
+    if any(a.shape[0] != n for a in guide_args):
+        raise ValueError(
+            f"guide_args must have one row per datapoint ({n}); got shapes "
+            f"{[a.shape for a in guide_args]}"
+        )
     batch_size = min(batch_size, n)
     sample_chunk = min(sample_chunk, num_samples)
     elbos, iwaes = [], []
@@ -108,12 +118,22 @@ def evaluate_bounds(
         desc = progress if isinstance(progress, str) else f"IWAE-{num_samples}"
         starts = tqdm(starts, desc=desc, unit="batch")
     for i, start in enumerate(starts):
-        xb = x[start : start + batch_size]
-        size = xb.shape[0]
+        rows = [a[start : start + batch_size] for a in (x, *guide_args)]
+        size = rows[0].shape[0]
         if size < batch_size:  # pad with copies so the batch shape stays compiled once
-            xb = jnp.concatenate([xb, jnp.repeat(xb[:1], batch_size - size, axis=0)])
+            rows = [
+                jnp.concatenate([r, jnp.repeat(r[:1], batch_size - size, axis=0)]) for r in rows
+            ]
+        xb, *args_b = rows
         elbo, iwae = _bounds_batch_jit(
-            model, guide, params, xb, jax.random.fold_in(key, i), num_samples, sample_chunk
+            model,
+            guide,
+            params,
+            xb,
+            tuple(args_b),
+            jax.random.fold_in(key, i),
+            num_samples,
+            sample_chunk,
         )
         elbos.append(np.asarray(elbo[:size]))
         iwaes.append(np.asarray(iwae[:size]))
