@@ -1,0 +1,134 @@
+"""The semi-amortized guide: the encoder's output refined by K gradient steps (Kim et al. 2018).
+
+lambda_0 = f_phi(x_i); lambda_K = refine(lambda_0) by K steps on the local ELBO under the
+model's current parameters (`amortjax.inference.refine`); z_i ~ q(z; lambda_K). Three modes:
+
+- "sa" (SA-VAE): the loss is -ELBO(lambda_K) and its gradient flows through all K steps into
+  the encoder and the decoder.
+- "svi" (VAE+SVI): lambda_K is a constant for the gradient; the decoder learns from
+  -ELBO(lambda_K), the encoder from its own -ELBO(lambda_0) (with the decoder held fixed there).
+- "svi_kl" (VAE+SVI+KL): as "svi", but the encoder learns to minimize KL(q(lambda_K) ||
+  q(lambda_0)), pulling it toward the refined posterior.
+
+The encoder's extra loss enters as a `numpyro.factor` in the guide: a guide factor f adds f to
+log q, so the SVI loss -E[log p - log q] gains +f. Use it with `Trace_ELBO`. The model's
+parameters are read by running the model with everything but its param sites hidden, so the
+guide sees the values SVI is optimizing and adds no sample sites of the model to its trace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import numpyro
+import numpyro.distributions as dist
+from numpyro import handlers
+from numpyro.contrib.module import flax_module
+
+from amortjax.families import DiagonalGaussian, Family
+from amortjax.inference.local import local_elbo
+from amortjax.inference.refine import refine
+from amortjax.models import data_plate
+
+MODES = ("sa", "svi", "svi_kl")
+
+
+def model_params(model: Callable, x: jax.Array) -> dict:
+    """The model's parameters as the enclosing inference sees them (inside a guide: SVI's
+    current values), from a run of the model whose other sites are hidden from outer handlers."""
+    with handlers.block(expose_types=["param"]):
+        trace = handlers.trace(handlers.seed(model, jax.random.key(0))).get_trace(x)
+    return {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
+
+
+def semi_amortized_guide(
+    encoder: nn.Module,
+    model: Callable,
+    *,
+    x_dim: int,
+    num_steps: int,
+    mode: str = "sa",
+    family: Family | None = None,
+    step_size: float | jax.Array = 1.0,
+    momentum: float = 0.5,
+    max_grad_norm: float | None = 5.0,
+    num_samples: int = 1,
+    site: str = "z",
+    checkpoint: bool = True,
+) -> Callable[..., None]:
+    """q(z_i | x_i) = q(z_i; refine_K(f_phi(x_i))).
+
+    Args:
+        encoder: Flax module x `[..., x_dim]` -> lambda_0 `[..., num_params]`.
+        model: the NumPyro model whose local ELBO is refined (the one trained with this guide).
+        x_dim: observation size.
+        num_steps: K.
+        mode: "sa", "svi" or "svi_kl" (see the module docstring).
+        family: variational family (diagonal Gaussian by default).
+        step_size, momentum, max_grad_norm, num_samples, checkpoint: see `refine`.
+        site: the model's latent site.
+
+    Returns:
+        A guide `guide(x, *, n_data=None)` with param site "encoder$params".
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
+    family = family or DiagonalGaussian()
+    settings = dict(
+        family=family,
+        num_steps=num_steps,
+        step_size=step_size,
+        momentum=momentum,
+        max_grad_norm=max_grad_norm,
+        num_samples=num_samples,
+        site=site,
+        checkpoint=checkpoint,
+    )
+
+    def guide(x: jax.Array, *, n_data: int | None = None) -> None:
+        net = flax_module("encoder", encoder, input_shape=(1, x_dim))
+        lam0 = net(x)
+        theta = model_params(model, x)
+        key = numpyro.prng_key()
+        refine_key, encoder_key = jax.random.split(key if key is not None else jax.random.key(0))
+        with handlers.block():
+            if mode == "sa":
+                lam = refine(model, theta, x, lam0, refine_key, **settings)
+            else:
+                lam = jax.lax.stop_gradient(
+                    refine(
+                        model,
+                        jax.lax.stop_gradient(theta),
+                        x,
+                        jax.lax.stop_gradient(lam0),
+                        refine_key,
+                        **settings,
+                    )
+                )
+            if mode == "svi":
+                fixed = jax.lax.stop_gradient(theta)
+                keys = jax.random.split(encoder_key, x.shape[0])
+                encoder_loss = -jax.vmap(
+                    lambda xi, li, ki: local_elbo(
+                        model,
+                        fixed,
+                        xi,
+                        li,
+                        ki,
+                        family=family,
+                        num_samples=num_samples,
+                        site=site,
+                    )
+                )(x, lam0, keys)
+            elif mode == "svi_kl":
+                encoder_loss = dist.kl_divergence(
+                    family.distribution(lam), family.distribution(lam0)
+                )
+        with data_plate(x, n_data):
+            numpyro.sample(site, family.distribution(lam))
+            if mode != "sa":
+                numpyro.factor("encoder_loss", encoder_loss)
+
+    return guide
