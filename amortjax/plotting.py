@@ -32,6 +32,7 @@ __all__ = [
     "prior_samples_figure",
     "reconstructions_figure",
     "save_figure",
+    "series_figure",
     "tile_images",
     "training_curves_figure",
 ]
@@ -229,6 +230,67 @@ def prior_samples_figure(
     return image_grid(images, ncols=ncols, image_shape=image_shape, title=title)
 
 
+def series_figure(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str = "nats per datapoint",
+    title: str | None = None,
+    logx: bool = False,
+    argname: str = "series",
+) -> Figure:
+    """Plot named series `(x, y)` on one axes, with a legend.
+
+    Each series is one `Line2D` in `fig.axes[0].lines`, in the mapping's order, labelled with its
+    name. Non-finite values (NaN, +-inf) are drawn as gaps; a series with no finite point still
+    gets an (empty) legend entry marked "(no data)".
+
+    Args:
+        series: name -> (x values, y values), equal-length 1-D sequences.
+        xlabel: x-axis label.
+        ylabel: y-axis label.
+        title: optional axes title.
+        logx: logarithmic x axis (e.g. for costs spanning orders of magnitude).
+        argname: what the caller calls `series`, for error messages.
+
+    Returns:
+        A new Figure with one axes.
+
+    Raises:
+        ValueError: if an entry is not a pair of equal-length 1-D sequences.
+    """
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = fig.subplots()
+    for name, entry in series.items():
+        try:
+            xs, ys = entry
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{argname}[{name!r}] must be a pair (x, y), got {type(entry).__name__}"
+            ) from None
+        x = np.asarray(xs, dtype=np.float64).reshape(-1)
+        y = np.asarray(ys, dtype=np.float64).reshape(-1)
+        if x.shape != y.shape or np.ndim(xs) > 1 or np.ndim(ys) > 1:
+            raise ValueError(
+                f"{argname}[{name!r}]: x and y must be 1-D and of equal length, got "
+                f"shapes {np.shape(xs)} and {np.shape(ys)}"
+            )
+        y = np.where(np.isfinite(y), y, np.nan)
+        label = name if np.isfinite(y).any() else f"{name} (no data)"
+        # Markers keep series recorded at a single point (or between gaps) visible.
+        ax.plot(x, y, marker="o", markersize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logx:
+        ax.set_xscale("log")
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    if title is not None:
+        ax.set_title(title)
+    return fig
+
+
 def training_curves_figure(
     history: Mapping[str, tuple[Sequence[int], Sequence[float]]],
     *,
@@ -244,10 +306,8 @@ def training_curves_figure(
          "valid_elbo": ([2, 4], [-118.7, -107.9])}
 
     Metrics may be recorded at different epochs (e.g. validation only every k epochs). All
-    metrics share one y axis, so they should all be in nats per datapoint. Non-finite values
-    (NaN, +-inf) are drawn as gaps; a metric with no points still gets a (empty) legend entry
-    marked "(no data)". Each metric is one `Line2D` in `fig.axes[0].lines`, in the mapping's
-    order, labelled with its name.
+    metrics share one y axis, so they should all be in nats per datapoint. Drawn by
+    `series_figure` with x label "epoch".
 
     Args:
         history: metric name -> (epochs, values) as described above.
@@ -260,34 +320,7 @@ def training_curves_figure(
     Raises:
         ValueError: if a metric's entry is not a pair of equal-length 1-D sequences.
     """
-    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
-    ax = fig.subplots()
-    for name, entry in history.items():
-        try:
-            epochs, values = entry
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"history[{name!r}] must be a pair (epochs, values), got {type(entry).__name__}"
-            ) from None
-        ep = np.asarray(epochs, dtype=np.float64).reshape(-1)
-        val = np.asarray(values, dtype=np.float64).reshape(-1)
-        if ep.shape != val.shape or np.ndim(epochs) > 1 or np.ndim(values) > 1:
-            raise ValueError(
-                f"history[{name!r}]: epochs and values must be 1-D and of equal length, got "
-                f"shapes {np.shape(epochs)} and {np.shape(values)}"
-            )
-        val = np.where(np.isfinite(val), val, np.nan)
-        label = name if np.isfinite(val).any() else f"{name} (no data)"
-        # Markers keep metrics recorded at a single epoch (or between gaps) visible.
-        ax.plot(ep, val, marker="o", markersize=3, label=label)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    if ax.lines:
-        ax.legend()
-    if title is not None:
-        ax.set_title(title)
-    return fig
+    return series_figure(history, xlabel="epoch", ylabel=ylabel, title=title, argname="history")
 
 
 def latent_grid(grid_size: int, extent: tuple[float, float] = (0.05, 0.95)) -> np.ndarray:

@@ -125,3 +125,37 @@ def test_vae_mnist_runs_end_to_end_and_resumes(tmp_path):
     resumed = json.loads((workdir / "metrics.json").read_text())
     assert resumed["history"]["train_loss"][0] == [1, 2]
     assert resumed["history"]["train_loss"][1][0] == metrics["history"]["train_loss"][1][0]
+
+
+def test_semi_amortized_runs_end_to_end(tmp_path):
+    tiny = [
+        "epochs=1",
+        "methods=vae,svi,sa_vae",
+        "encoder_hidden=32",
+        "decoder_hidden=32",
+        "z_dim=4",
+        "refine_steps=2",
+        "eval_points=60",
+        "eval_samples=4",
+        "iwae_samples=16",
+        "test_steps=0,3",
+        "frontier_steps=1,4",
+        "frontier_points=20",
+        "qstar_max_steps=200",
+    ]
+    proc = _cli("semi_amortized", "--results", str(tmp_path), *tiny, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (workdir,) = (tmp_path / "semi_amortized").iterdir()
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"vae", "svi", "sa_vae"}
+    assert metrics["methods"]["svi"]["encoder_elbo"] is None  # no encoder
+    for r in metrics["methods"].values():
+        assert -400 < r["refined_elbo"][0] < -80
+        assert r["iwae"][0] > r["refined_elbo"][0]
+        assert r["kl"][0] > 0
+    series = metrics["frontier"]["series"]
+    assert series["per-example q* (Adam to convergence)"]["steps"] == [200.0]
+    assert metrics["elbo_vs_test_steps"]["vae"][0] == [0, 3]
+    for name in ("elbo_vs_refinement_steps", "frontier"):
+        assert (workdir / "figures" / f"{name}.png").stat().st_size > 1000
+    assert "| sa_vae |" in (workdir / "report.md").read_text()

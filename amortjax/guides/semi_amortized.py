@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
@@ -44,11 +45,12 @@ def model_params(model: Callable, x: jax.Array) -> dict:
 
 
 def semi_amortized_guide(
-    encoder: nn.Module,
+    encoder: nn.Module | None,
     model: Callable,
     *,
     x_dim: int,
     num_steps: int,
+    z_dim: int | None = None,
     mode: str = "sa",
     family: Family | None = None,
     step_size: float | jax.Array = 1.0,
@@ -61,20 +63,26 @@ def semi_amortized_guide(
     """q(z_i | x_i) = q(z_i; refine_K(f_phi(x_i))).
 
     Args:
-        encoder: Flax module x `[..., x_dim]` -> lambda_0 `[..., num_params]`.
+        encoder: Flax module x `[..., x_dim]` -> lambda_0 `[..., num_params]`, or None to start
+            every datapoint from the standard normal (per-example SVI as in Kim et al.'s
+            baseline: K steps from the prior each time, the decoder trained on the result).
         model: the NumPyro model whose local ELBO is refined (the one trained with this guide).
         x_dim: observation size.
         num_steps: K.
+        z_dim: latent size; needed when encoder is None.
         mode: "sa", "svi" or "svi_kl" (see the module docstring).
         family: variational family (diagonal Gaussian by default).
         step_size, momentum, max_grad_norm, num_samples, checkpoint: see `refine`.
         site: the model's latent site.
 
     Returns:
-        A guide `guide(x, *, n_data=None)` with param site "encoder$params".
+        A guide `guide(x, *, n_data=None)` with param site "encoder$params" (if it has an
+        encoder).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
+    if encoder is None and z_dim is None:
+        raise ValueError("semi_amortized_guide needs z_dim when there is no encoder")
     family = family or DiagonalGaussian()
     settings = dict(
         family=family,
@@ -88,8 +96,11 @@ def semi_amortized_guide(
     )
 
     def guide(x: jax.Array, *, n_data: int | None = None) -> None:
-        net = flax_module("encoder", encoder, input_shape=(1, x_dim))
-        lam0 = net(x)
+        if encoder is None:
+            standard = family.standard_params(z_dim)
+            lam0 = jnp.broadcast_to(standard, (x.shape[0], *standard.shape))
+        else:
+            lam0 = flax_module("encoder", encoder, input_shape=(1, x_dim))(x)
         theta = model_params(model, x)
         key = numpyro.prng_key()
         refine_key, encoder_key = jax.random.split(key if key is not None else jax.random.key(0))
@@ -107,7 +118,9 @@ def semi_amortized_guide(
                         **settings,
                     )
                 )
-            if mode == "svi":
+            if encoder is None:
+                encoder_loss = None
+            elif mode == "svi":
                 fixed = jax.lax.stop_gradient(theta)
                 keys = jax.random.split(encoder_key, x.shape[0])
                 encoder_loss = -jax.vmap(
@@ -128,7 +141,7 @@ def semi_amortized_guide(
                 )
         with data_plate(x, n_data):
             numpyro.sample(site, family.distribution(lam))
-            if mode != "sa":
+            if mode != "sa" and encoder_loss is not None:
                 numpyro.factor("encoder_loss", encoder_loss)
 
     return guide
