@@ -8,10 +8,12 @@ event shape `[z_dim]`.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 
 
@@ -30,6 +32,10 @@ class Family(Protocol):
 
     def standard_params(self, z_dim: int) -> jax.Array:
         """lambda of the standard normal N(0, I) (the prior of a VAE), `[num_params]`."""
+        ...
+
+    def mean(self, params: jax.Array) -> jax.Array:
+        """E_q[z] for params `[..., num_params]`, `[..., z_dim]`."""
         ...
 
 
@@ -65,7 +71,74 @@ class DiagonalGaussian:
         return jnp.zeros(2 * z_dim)
 
 
-FAMILIES: dict[str, Family] = {"diagonal": DiagonalGaussian()}
+class FullRankGaussian:
+    """The full-rank Gaussian: q(z) = N(z; mu, L L^T), L lower triangular with positive diagonal.
+
+    Layout: lambda = [mu (z_dim), the z_dim (z_dim + 1) / 2 entries of L's lower triangle in
+    row-major order (`jnp.tril_indices`), with each diagonal entry L_jj stored as log L_jj].
+    The log keeps L a valid Cholesky factor for any real lambda, and lambda = 0 is N(0, I).
+    log q(z) = -z_dim/2 log(2 pi) - sum_j log L_jj - ||L^-1 (z - mu)||^2 / 2, and z = mu + L eps,
+    eps ~ N(0, I), is reparameterized.
+    """
+
+    name = "full_rank"
+
+    def num_params(self, z_dim: int) -> int:
+        return z_dim + z_dim * (z_dim + 1) // 2
+
+    def z_dim(self, num_params: int) -> int:
+        """The z_dim with `num_params(z_dim) == num_params` (the root of z^2 + 3z - 2P = 0)."""
+        z_dim = (math.isqrt(9 + 8 * num_params) - 3) // 2
+        if z_dim < 1 or self.num_params(z_dim) != num_params:
+            raise ValueError(
+                f"{num_params} parameters is not z_dim + z_dim (z_dim + 1) / 2 for any z_dim >= 1"
+            )
+        return z_dim
+
+    def split(self, params: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Returns `(loc [..., z_dim], scale_tril [..., z_dim, z_dim])` from params `[..., P]`."""
+        z_dim = self.z_dim(params.shape[-1])
+        rows, cols = np.tril_indices(z_dim)
+        diag = np.flatnonzero(rows == cols)
+        loc, tril = params[..., :z_dim], params[..., z_dim:]
+        # Only the diagonal goes through exp: an exp of every entry masked by a `where` would
+        # give NaN gradients where an off-diagonal entry overflows.
+        tril = tril.at[..., diag].set(jnp.exp(tril[..., diag]))
+        scale_tril = jnp.zeros((*params.shape[:-1], z_dim, z_dim), params.dtype)
+        return loc, scale_tril.at[..., rows, cols].set(tril)
+
+    def pack(self, loc: jax.Array, scale_tril: jax.Array) -> jax.Array:
+        """Inverse of `split`: loc `[..., z_dim]` and a lower-triangular L with positive diagonal
+        `[..., z_dim, z_dim]` (e.g. `jnp.linalg.cholesky(cov)`) to params `[..., P]`.
+
+        Entries of `scale_tril` above the diagonal are ignored.
+        """
+        z_dim = loc.shape[-1]
+        if scale_tril.shape[-2:] != (z_dim, z_dim):
+            raise ValueError(
+                f"scale_tril must be [..., {z_dim}, {z_dim}] for loc [..., {z_dim}], "
+                f"got {scale_tril.shape}"
+            )
+        rows, cols = np.tril_indices(z_dim)
+        tril = scale_tril[..., rows, cols]
+        tril = jnp.where(rows == cols, jnp.log(jnp.where(rows == cols, tril, 1.0)), tril)
+        batch = jnp.broadcast_shapes(loc.shape[:-1], tril.shape[:-1])
+        loc = jnp.broadcast_to(loc, (*batch, z_dim))
+        tril = jnp.broadcast_to(tril, (*batch, tril.shape[-1]))
+        return jnp.concatenate([loc, tril], axis=-1)
+
+    def distribution(self, params: jax.Array) -> dist.Distribution:
+        loc, scale_tril = self.split(params)
+        return dist.MultivariateNormal(loc, scale_tril=scale_tril)
+
+    def mean(self, params: jax.Array) -> jax.Array:
+        return params[..., : self.z_dim(params.shape[-1])]
+
+    def standard_params(self, z_dim: int) -> jax.Array:
+        return jnp.zeros(self.num_params(z_dim))
+
+
+FAMILIES: dict[str, Family] = {"diagonal": DiagonalGaussian(), "full_rank": FullRankGaussian()}
 
 
 def get_family(name: str) -> Family:

@@ -3,6 +3,13 @@
 `given_params_guide` is q(z_i; lambda_i) for lambdas passed in by the caller (e.g. the output of
 the local optimizer, `amortjax.inference.local.fit_local`), so the evaluators that take a guide
 (ELBO, IWAE-k) score q* exactly as they score an encoder's q.
+
+`local_guide` holds the lambdas itself, as one NumPyro param `[n_data, num_params]`, for training
+them by SVI (with or without the model's parameters) on minibatches: row i is read at the data
+plate's index i, so the plate must carry the minibatch's true indices (the `Trainer` does this;
+see `amortjax.inference.training.with_data_indices`), and the optimizer must leave the rows of
+datapoints outside a minibatch alone (see `amortjax.inference.sparse.make_local_optimizer`).
+Neither guide is an encoder: a new datapoint has no lambda until one is fitted.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import numpyro
 
 from amortjax.families import DiagonalGaussian, Family
@@ -31,5 +39,71 @@ def given_params_guide(family: Family | None = None, *, site: str = "z") -> Call
     def guide(x: jax.Array, lam: jax.Array, *, n_data: int | None = None) -> None:
         with data_plate(x, n_data):
             numpyro.sample(site, family.distribution(lam))
+
+    return guide
+
+
+LOCAL_PARAMS = "local$params"
+"""Name of `local_guide`'s param site; `make_local_optimizer` keys on the "local$" prefix."""
+
+
+def local_guide(
+    n_data: int,
+    z_dim: int,
+    family: Family | None = None,
+    *,
+    site: str = "z",
+    init_scale: float = 0.0,
+) -> Callable[..., None]:
+    """q(z_i; lambda_i) with lambda_i a free parameter of each of the n_data datapoints.
+
+    Args:
+        n_data: number of datapoints (rows of the parameter).
+        z_dim: latent size.
+        family: the variational family; the diagonal Gaussian by default.
+        site: the model's latent site.
+        init_scale: every row starts at the family's standard parameters (q = N(0, I), the
+            prior of a VAE) plus N(0, init_scale^2) noise per entry, drawn from the param's PRNG
+            key. The default 0 starts all rows exactly at N(0, I): each row's gradient depends
+            on its own x_i, so no noise is needed to break symmetry.
+
+    Returns:
+        A guide `guide(x, *, n_data=None)`, x `[batch, ...]`, with the param site
+        `"local$params"` `[n_data, num_params]`. Inside the guide's data plate row `ind` of the
+        parameter is q's lambda for the batch's datapoints: with `n_data` given, `ind` are the
+        plate's indices (the minibatch's, under `Trainer` or `with_data_indices`); without it,
+        the batch is the dataset's first rows and `ind = arange(batch)`. In plain
+        `numpyro.infer.SVI` on minibatches, wrap model and guide with
+        `amortjax.inference.training.with_data_indices` and pass `data_indices`: NumPyro's own
+        subsample indices are random and unrelated to the rows of x. Train it with
+        `amortjax.inference.sparse.make_local_optimizer`, so that rows outside a minibatch stay
+        put.
+
+    Raises:
+        ValueError: (when the guide runs) if the batch or the plate does not fit `n_data` rows.
+    """
+    family = family or DiagonalGaussian()
+    num_rows = n_data
+    standard = family.standard_params(z_dim)
+
+    def init(key: jax.Array) -> jax.Array:
+        rows = jnp.broadcast_to(standard, (num_rows, standard.shape[0]))
+        if init_scale == 0.0:
+            return rows
+        return rows + init_scale * jax.random.normal(key, rows.shape, rows.dtype)
+
+    def guide(x: jax.Array, *, n_data: int | None = None) -> None:
+        if n_data is not None and n_data != num_rows:
+            raise ValueError(
+                f"the guide holds parameters for {num_rows} datapoints, the plate has "
+                f"n_data={n_data}"
+            )
+        if x.shape[0] > num_rows:
+            raise ValueError(
+                f"a batch of {x.shape[0]} datapoints, but the guide holds parameters for {num_rows}"
+            )
+        lam = numpyro.param(LOCAL_PARAMS, init if init_scale else init(None))
+        with data_plate(x, n_data) as ind:
+            numpyro.sample(site, family.distribution(lam[ind]))
 
     return guide

@@ -9,6 +9,12 @@ one.
 
 Losses are reported per datapoint: the SVI loss (which the data plate scales to the whole
 dataset) divided by the number of datapoints, i.e. an estimate of -ELBO (or -IWAE-k) in nats.
+
+The data plate of each step holds the minibatch's true indices into the training set (see
+`with_data_indices`), so that a model or guide with per-datapoint parameters (e.g.
+`amortjax.guides.local_guide`) reads the rows of the datapoints it is given. This module is not
+an evaluator (see `amortjax.evaluation`) nor the per-example optimizer of a frozen model (see
+`amortjax.inference.local`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from numpyro import handlers
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIState
 from numpyro.optim import optax_to_numpyro
@@ -28,6 +35,7 @@ from tqdm.auto import tqdm
 
 from amortjax.inference.checkpoint import has_checkpoint, restore_checkpoint, save_checkpoint
 from amortjax.inference.objectives import kl_warmup_weight, kl_weighted, make_objective
+from amortjax.models import DATA_PLATE
 
 History = dict[str, tuple[list[int], list[float]]]
 """Metric name -> (epochs at which it was recorded, values)."""
@@ -35,6 +43,31 @@ History = dict[str, tuple[list[int], list[float]]]
 
 class TrainingDivergedError(FloatingPointError):
     """The loss or the parameters became NaN or infinite."""
+
+
+def with_data_indices(fn: Callable) -> Callable:
+    """Wraps a model or guide to take the data plate's indices as a `data_indices` keyword.
+
+    NumPyro's `plate(DATA_PLATE, n_data, subsample_size=B)` draws B random indices of its own,
+    unrelated to the minibatch the caller passes. Substituting the plate's value by name (a
+    "plate" message is substituted like a sample site) makes `with data_plate(x, n_data) as ind`
+    give the minibatch's true indices into the dataset, in model and guide alike.
+
+    Args:
+        fn: a NumPyro model or guide with its local sites in `DATA_PLATE`.
+
+    Returns:
+        `wrapped(*args, data_indices=None, **kwargs)`, data_indices `[batch]` int: the position
+        in the dataset of each row of the batch; when None, `fn` runs unchanged (NumPyro's own
+        indices), so that callers of `Trainer.svi` that evaluate a loss need not pass it.
+    """
+
+    def wrapped(*args, data_indices: jax.Array | None = None, **kwargs):
+        if data_indices is None:
+            return fn(*args, **kwargs)
+        return handlers.substitute(fn, data={DATA_PLATE: data_indices})(*args, **kwargs)
+
+    return wrapped
 
 
 class TrainState(NamedTuple):
@@ -73,6 +106,9 @@ class Trainer:
         kl_warmup_epochs: epochs over which the KL weight rises linearly from 0 to 1.
         preprocess: `preprocess(key, x_batch) -> x_batch`, applied to each minibatch inside the
             compiled epoch (e.g. `amortjax.data.dynamic_binarize`).
+
+    In each step the data plate's indices are the minibatch's indices into `x_train` (see
+    `with_data_indices`); `self.svi`'s model and guide therefore take a `data_indices` keyword.
     """
 
     def __init__(
@@ -97,13 +133,14 @@ class Trainer:
         self.preprocess = preprocess
         if self.warmup_steps > 0:
             model, guide = kl_weighted(model), kl_weighted(guide)
+        model, guide = with_data_indices(model), with_data_indices(guide)
         self.svi = SVI(
             model, guide, optax_to_numpyro(optimizer), make_objective(objective, num_particles)
         )
         self._run_epoch = jax.jit(self._epoch)
 
-    def _kwargs(self, step: jax.Array) -> dict:
-        kwargs: dict[str, Any] = {"n_data": self.n_data}
+    def _kwargs(self, step: jax.Array, idx: jax.Array) -> dict:
+        kwargs: dict[str, Any] = {"n_data": self.n_data, "data_indices": idx}
         if self.warmup_steps > 0:
             kwargs["kl_weight"] = kl_warmup_weight(step, self.warmup_steps)
         return kwargs
@@ -114,7 +151,8 @@ class Trainer:
         x0 = jnp.asarray(x_train[: self.batch_size])
         if self.preprocess is not None:
             x0 = self.preprocess(svi_key, x0)
-        svi_state = self.svi.init(svi_key, x0, **self._kwargs(jnp.zeros((), jnp.int32)))
+        kwargs = self._kwargs(jnp.zeros((), jnp.int32), jnp.arange(self.batch_size))
+        svi_state = self.svi.init(svi_key, x0, **kwargs)
         return TrainState(svi_state, jnp.zeros((), jnp.int32), run_key)
 
     def _epoch(self, state: TrainState, x_train: jax.Array) -> tuple[TrainState, jax.Array]:
@@ -130,7 +168,7 @@ class Trainer:
             if self.preprocess is not None:
                 xb = self.preprocess(jax.random.fold_in(noise_key, i), xb)
             global_step = state.epoch * self.steps_per_epoch + i
-            svi_state, loss = self.svi.update(svi_state, xb, **self._kwargs(global_step))
+            svi_state, loss = self.svi.update(svi_state, xb, **self._kwargs(global_step, idx))
             return svi_state, loss / self.n_data
 
         steps = jnp.arange(self.steps_per_epoch)
