@@ -1,7 +1,7 @@
 """Runs the benchmarks: `python -m bench [--quick] [--out-dir DIR] [NAME ...]`.
 
 `BENCHMARKS` is the registry: each name is a module `bench.<name>` exposing
-`run(quick: bool) -> dict`. Add a benchmark by writing its module and listing it here.
+`run(quick: bool, **sizes) -> dict`. Add a benchmark by writing its module and listing it here.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from bench.common import RESULTS_DIR, run_and_save
 
 BENCHMARKS: dict[str, str] = {
     "train_step": "training steps/s of Trainer.run_epoch vs a hand-written JAX/Flax/Optax floor",
+    "local_optimizer": "datapoint-steps/s of fit_local's vectorized Adam vs a one-at-a-time loop",
+    "sa_step": "ms per SA-VAE / VAE+SVI training step vs a VAE step, beside their FLOP ratios",
 }
 
 

@@ -1,14 +1,17 @@
-"""The training-speed benchmark runs end to end on tiny sizes and writes sane results.
+"""The benchmarks run end to end on tiny sizes and write sane results.
 
 Timings are never asserted (they depend on the machine); the values are only checked to be
-positive and finite. The real check is that the hand-written floor computes the library's
-objective: the same per-datapoint -ELBO at initialization.
+positive and finite. The real checks are that each comparison compares like with like: the
+hand-written training floor computes the library's objective (the same per-datapoint -ELBO at
+initialization), and the one-at-a-time local optimizer and `fit_local` climb the same local ELBO
+to the same height.
 """
 
 import importlib
 import json
 import math
 
+import numpy as np
 import pytest
 
 from bench.__main__ import BENCHMARKS
@@ -80,3 +83,138 @@ def test_hand_written_loss_matches_library_at_init(result):
     assert init["hand_same_params"] == pytest.approx(init["library"], rel=0.02)
     # Independent initializations: both the -ELBO of a random network of this shape.
     assert init["hand_own_init"] == pytest.approx(init["library"], rel=0.05)
+
+
+# --- local_optimizer: fit_local's vectorized Adam against a one-at-a-time loop ---------------
+
+LOCAL_TINY = dict(
+    configs=((6, 2, 20),),
+    loop_datapoints=3,
+    loop_steps=60,
+    hidden=32,
+    z_dim=4,
+    x_dim=784,
+    learning_rate=0.05,
+    repeats=1,
+    matmul_sizes=(32, 64),
+    matmul_repeats=1,
+    agreement_samples=400,
+    end_to_end=False,
+    data="random",
+    seed=0,
+)
+
+
+@pytest.fixture(scope="module")
+def local_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    result, report = run_and_save("local_optimizer", quick=True, out_dir=out, **LOCAL_TINY)
+    assert json.loads((out / "local_optimizer.json").read_text()) == json.loads(json.dumps(result))
+    assert (out / "local_optimizer.md").read_text() == report
+    return result
+
+
+def test_local_optimizer_fields(local_result):
+    assert local_result["flops_per_datapoint_sample_step"] == 4 * (4 * 32 + 32 * 784)
+    assert "flops_formula" in local_result
+    assert _positive_finite(local_result["matmul"]["peak_gflops"])
+    assert _positive_finite(local_result["matmul"]["round_gflops"])
+    assert _positive_finite(local_result["loop_dispatch_us_per_call"])
+    rows = local_result["results"]
+    # library and floor for each (B, S), the loop for each S
+    assert sorted((r["variant"], r["num_samples"]) for r in rows) == [
+        ("floor", 2),
+        ("library", 2),
+        ("loop", 2),
+    ]
+    for row in rows:
+        for key in ("seconds_median", "datapoint_steps_per_s", "gflops", "fraction_of_peak"):
+            assert _positive_finite(row[key]), key
+        if row["variant"] == "library":
+            assert _positive_finite(row["over_loop"]) and _positive_finite(row["over_floor"])
+    assert len(local_result["table"]["rows"]) == len(rows) + 2
+
+
+def test_loop_and_fit_local_optimize_the_same_objective(local_result):
+    agree = local_result["agreement"]
+    assert agree["fit_local_steps"] == [60, 60, 60]
+    init = np.array(agree["init_elbo"])
+    loop = np.array(agree["loop_elbo"])
+    vec = np.array(agree["fit_local_elbo"])
+    assert np.isfinite([init, loop, vec]).all()
+    gain_loop, gain_vec = loop - init, vec - init
+    # Both climb the same local ELBO by a clear margin ...
+    assert (gain_loop > 5.0).all() and (gain_vec > 5.0).all()
+    # ... and reach the same height: independent noise paths, the same objective.
+    np.testing.assert_allclose(vec, loop, rtol=0, atol=0.1 * gain_loop.mean())
+
+
+# --- sa_step: SA-VAE and VAE+SVI training steps against a VAE step --------------------------
+
+SA_TINY = dict(
+    num_steps=(2,),
+    modes=("sa", "svi"),
+    steps_per_epoch=2,
+    batch_size=8,
+    hidden=16,
+    z_dim=3,
+    x_dim=784,
+    repeats=1,
+    xla_flops=False,  # checked on its own below: each count compiles the step once more
+    data="random",
+    seed=0,
+)
+
+
+@pytest.fixture(scope="module")
+def sa_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    result, report = run_and_save("sa_step", quick=True, out_dir=out, **SA_TINY)
+    assert json.loads((out / "sa_step.json").read_text()) == json.loads(json.dumps(result))
+    assert (out / "sa_step.md").read_text() == report
+    return result
+
+
+def test_sa_step_fields(sa_result):
+    from bench.sa_step import analytic_flops
+
+    rows = sa_result["results"]
+    assert [(r["mode"], r["num_steps"]) for r in rows] == [("vae", 0), ("sa", 2), ("svi", 2)]
+    sizes = dict(batch=8, x_dim=784, hidden=16, z_dim=3)
+    for row in rows:
+        for key in ("ms_per_step", "time_ratio", "analytic_flops", "analytic_flop_ratio"):
+            assert _positive_finite(row[key]), key
+        assert row["analytic_flops"] == analytic_flops(row["mode"], row["num_steps"], **sizes)
+        assert math.isfinite(row["mean_loss_last_epoch"])
+        if row["xla_flops"] is not None:  # XLA's count, where the backend gives one
+            assert _positive_finite(row["xla_flops"]) and _positive_finite(row["xla_flop_ratio"])
+    vae, sa, svi = rows
+    assert vae["time_ratio"] == 1.0 and vae["analytic_flop_ratio"] == 1.0
+    # Refinement adds work, and differentiating through it adds more.
+    assert sa["analytic_flop_ratio"] > svi["analytic_flop_ratio"] > 1.0
+    if sa["xla_flops"] is not None:
+        assert sa["xla_flops"] > svi["xla_flops"] > vae["xla_flops"]
+    assert len(sa_result["table"]["rows"]) == 3
+
+
+def test_sa_step_xla_flops_of_a_vae_step():
+    import jax
+    import jax.numpy as jnp
+
+    from amortjax.guides import amortized_guide
+    from amortjax.inference.objectives import make_optimizer
+    from amortjax.inference.training import Trainer
+    from amortjax.models import vae_model
+    from amortjax.nets import MLP
+    from bench.sa_step import analytic_flops, xla_step_flops
+
+    model = vae_model(MLP((16,), 784), z_dim=3)
+    guide = amortized_guide(MLP((16,), 6), x_dim=784)
+    trainer = Trainer(model, guide, make_optimizer(1e-3), n_data=8, batch_size=8)
+    x = jnp.asarray(np.random.default_rng(0).random((8, 784)) < 0.13, jnp.float32)
+    flops = xla_step_flops(trainer, trainer.init(jax.random.key(0), x), x)
+    if flops is None:
+        pytest.skip("this backend gives no cost analysis")
+    # XLA counts the matmuls (less the encoder's unneeded input gradient) and elementwise work.
+    analytic = analytic_flops("vae", 0, batch=8, x_dim=784, hidden=16, z_dim=3)
+    assert 0.6 * analytic < flops < 1.5 * analytic

@@ -1,0 +1,553 @@
+"""Speed of the vectorized per-example optimizer (`fit_local`) against a one-at-a-time loop.
+
+Per-example inference fits each datapoint's diagonal-Gaussian lambda_i (2 * z_dim numbers) by
+Adam on its local ELBO with S reparameterized samples per step, under a fixed decoder
+(z_dim-hidden-x_dim relu MLP, Bernoulli likelihood). Measured in one run, on the same data:
+
+1. the machine's float32 matmul peak (`bench.train_step.matmul_peak`), and a square matmul
+   timed again in every round, so that each variant is compared with what the (shared) machine
+   gave in the same minutes;
+2. the library: the compiled chunk of `fit_local` (`vmap` over datapoints, `lax.scan` over a
+   block of steps, `lax.while_loop` over blocks), B datapoints for a fixed number of steps
+   (patience so large that no datapoint stops early), timed directly so that the final
+   evaluation and compilation are left out; `fit_local` end to end is timed once as well;
+3. a hand-written vectorized floor: the same objective and Adam written directly in JAX (one
+   `[B, S, z_dim]` noise draw, the decoder as two matmuls, the Bernoulli log-density written
+   out), to tell the library's overhead from the machine's limits;
+4. the baseline of the papers' released code: one datapoint at a time, a jitted single-datapoint
+   Adam step (`local_elbo` of one datapoint, its gradient, an optax Adam update) called from a
+   Python loop for each step of each datapoint in turn.
+
+Throughput is datapoint-steps per second (datapoints * steps / seconds), the median over rounds
+after a compile warm-up; in each round the variants take turns. As a check that both optimize
+the same objective, `fit_local` and the loop start from N(0, I) on the same datapoints for the
+same number of steps, and their fitted q are scored by the same ELBO estimator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from numpyro.infer import SVI, Trace_ELBO
+
+from amortjax.evaluation.bounds import evaluate_bounds
+from amortjax.families import DiagonalGaussian
+from amortjax.guides import amortized_guide
+from amortjax.guides.local import given_params_guide
+from amortjax.inference.local import _fit_chunk_jit, fit_local, local_elbo
+from amortjax.models import vae_model
+from amortjax.nets import MLP
+from bench.common import median, time_call
+from bench.train_step import matmul_peak
+
+FLOP_FORMULA = (
+    "flops_per_datapoint_step = S * 2 * 2 * (z_dim*hidden + hidden*x_dim): per sample the"
+    " decoder's forward matmuls (2 FLOPs per MAC) and, in the backward pass, only the gradient"
+    " with respect to the decoder's input (another forward's worth: the decoder's parameters are"
+    " fixed, so no weight gradients are computed); elementwise work and Adam ignored"
+)
+
+
+def load_test(n: int, x_dim: int, data: str, seed: int) -> tuple[np.ndarray, str]:
+    """The first n binarized-MNIST test images, or random binary vectors.
+
+    Args:
+        n: number of datapoints.
+        x_dim: observation size (real data only when it is 784).
+        data: "binarized_mnist" or "random".
+        seed: seed of the random data.
+
+    Returns:
+        `x [n, x_dim]` float32 in {0, 1} and a note saying which data it is.
+    """
+    if data == "binarized_mnist" and x_dim == 784:
+        try:
+            from amortjax.data import load_data
+
+            test = load_data("binarized_mnist").test
+            if test.shape[0] >= n:
+                return np.ascontiguousarray(test[:n], np.float32), (
+                    f"data: first {n} binarized-MNIST test images"
+                )
+            reason = f"only {test.shape[0]} test images"
+        except Exception as err:  # any failure to load falls back to random data
+            reason = f"{type(err).__name__}: {err}"
+        note = f"data: random Bernoulli(0.13) vectors (binarized MNIST unavailable: {reason})"
+    elif data in ("binarized_mnist", "random"):
+        note = "data: random Bernoulli(0.13) vectors"
+    else:
+        raise ValueError(f"unknown data {data!r}; choose 'binarized_mnist' or 'random'")
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, x_dim)) < 0.13).astype(np.float32), note
+
+
+def decoder_params(
+    model: Callable, *, x: jax.Array, x_dim: int, hidden: int, z_dim: int, seed: int
+) -> dict:
+    """Randomly initialized model parameters, as NumPyro's SVI initializes them."""
+    guide = amortized_guide(MLP((hidden,), 2 * z_dim, "relu"), x_dim=x_dim)
+    svi = SVI(model, guide, optax.adam(1e-3), Trace_ELBO())
+    params = svi.get_params(svi.init(jax.random.key(seed), x))
+    return {name: value for name, value in params.items() if not name.startswith("encoder")}
+
+
+class HandLocal:
+    """The hand-written vectorized floor: Adam on B local ELBOs, written directly in JAX.
+
+    L(lambda_i; x_i) = mean_s [log p(x_i | z_is) + log N(z_is; 0, I) - log q(z_is; lambda_i)],
+    z_is = mu_i + sigma_i * eps_is; the Gaussians' normalizing constants cancel and are left
+    out (they do not change the gradient).
+    """
+
+    def __init__(self, params: dict, *, num_samples: int, learning_rate: float, steps: int):
+        dec = params["decoder$params"]
+        self.w1, self.b1 = dec["Dense_0"]["kernel"], dec["Dense_0"]["bias"]
+        self.w2, self.b2 = dec["Dense_1"]["kernel"], dec["Dense_1"]["bias"]
+        self.num_samples, self.steps = num_samples, steps
+        self.tx = optax.adam(learning_rate)
+        self.fit = jax.jit(self._fit)
+
+    def elbo_sum(self, lam: jax.Array, x: jax.Array, eps: jax.Array) -> jax.Array:
+        """The sum over datapoints of their S-sample local ELBOs (up to a constant)."""
+        loc, log_scale = jnp.split(lam, 2, axis=-1)
+        z = loc[:, None] + jnp.exp(log_scale)[:, None] * eps
+        logits = jax.nn.relu(z @ self.w1 + self.b1) @ self.w2 + self.b2
+        softplus = jnp.maximum(logits, 0) + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+        log_px = jnp.sum(x[:, None] * logits - softplus, axis=-1)
+        log_pz_minus_log_qz = jnp.sum(0.5 * (eps**2 - z**2) + log_scale[:, None], axis=-1)
+        return jnp.sum(log_px + log_pz_minus_log_qz) / self.num_samples
+
+    def _fit(self, x: jax.Array, lam: jax.Array, key: jax.Array) -> jax.Array:
+        def step(carry, k):
+            lam, opt_state = carry
+            eps = jax.random.normal(k, (lam.shape[0], self.num_samples, lam.shape[1] // 2))
+            grad = jax.grad(self.elbo_sum)(lam, x, eps)
+            updates, opt_state = self.tx.update(-grad, opt_state, lam)
+            return (lam + updates, opt_state), None
+
+        init = (lam, self.tx.init(lam))
+        (lam, _), _ = jax.lax.scan(step, init, jax.random.split(key, self.steps))
+        return lam
+
+
+class LoopLocal:
+    """The papers' baseline: one datapoint at a time, one jitted Adam step per Python call."""
+
+    def __init__(self, model: Callable, *, num_samples: int, learning_rate: float):
+        self.model, self.num_samples = model, num_samples
+        self.family = DiagonalGaussian()
+        self.tx = optax.adam(learning_rate)
+        self.step = jax.jit(self._step)
+        # The same call with no work: what the Python loop and JAX's dispatch cost alone.
+        self.noop = jax.jit(lambda params, x, lam, opt_state, key, t: (lam, opt_state))
+
+    def _step(
+        self, params: dict, x: jax.Array, lam: jax.Array, opt_state: Any, key: jax.Array, t: int
+    ) -> tuple[jax.Array, Any]:
+        grad = jax.grad(
+            lambda lam: local_elbo(
+                self.model,
+                params,
+                x,
+                lam,
+                jax.random.fold_in(key, t),
+                family=self.family,
+                num_samples=self.num_samples,
+            )
+        )(lam)
+        updates, opt_state = self.tx.update(-grad, opt_state, lam)
+        return lam + updates, opt_state
+
+    def fit(
+        self,
+        params: dict,
+        xs: list[jax.Array],
+        lam0: jax.Array,
+        keys: list[jax.Array],
+        steps: int,
+        *,
+        dispatch_only: bool = False,
+    ) -> jax.Array:
+        """Fits each datapoint in turn for `steps` steps; returns the lambdas `[n, P]`.
+
+        With `dispatch_only`, calls a jitted function of the same arguments that does nothing.
+        """
+        step = self.noop if dispatch_only else self.step
+        lams = []
+        for x, key in zip(xs, keys, strict=True):
+            lam, opt_state = lam0, self.tx.init(lam0)
+            for t in range(steps):
+                lam, opt_state = step(params, x, lam, opt_state, key, t)
+            lams.append(lam)
+        return jnp.stack(lams)
+
+
+def step_cost_analysis(
+    model: Callable, params: dict, x: jax.Array, num_samples: int
+) -> dict[str, float]:
+    """XLA's cost analysis of one vectorized step: the gradients of B local ELBOs in lambda."""
+    family = DiagonalGaussian()
+    batch = x.shape[0]
+
+    def grads(lam: jax.Array, key: jax.Array) -> jax.Array:
+        keys = jax.random.split(key, batch)
+
+        def elbos(lam):
+            return jax.vmap(
+                lambda xi, li, ki: local_elbo(
+                    model, params, xi, li, ki, family=family, num_samples=num_samples
+                )
+            )(x, lam, keys)
+
+        per_point, vjp = jax.vjp(elbos, lam)
+        return vjp(jnp.ones_like(per_point))[0]
+
+    lam = jnp.zeros((batch, family.num_params(_z_dim(params))))
+    try:
+        cost = jax.jit(grads).lower(lam, jax.random.key(0)).compile().cost_analysis()
+        if isinstance(cost, list):
+            cost = cost[0]
+        return {k: float(cost[k]) for k in ("flops", "transcendentals") if k in cost}
+    except Exception:  # cost analysis is best effort
+        return {}
+
+
+def _z_dim(params: dict) -> int:
+    return int(params["decoder$params"]["Dense_0"]["kernel"].shape[0])
+
+
+def run(
+    quick: bool = False,
+    *,
+    configs: tuple[tuple[int, int, int], ...] | None = None,
+    loop_datapoints: int | None = None,
+    loop_steps: int | None = None,
+    x_dim: int = 784,
+    hidden: int = 400,
+    z_dim: int = 20,
+    learning_rate: float = 1e-3,
+    repeats: int | None = None,
+    matmul_sizes: tuple[int, ...] | None = None,
+    matmul_repeats: int | None = None,
+    agreement_samples: int | None = None,
+    end_to_end: bool = True,
+    data: str = "binarized_mnist",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Runs the benchmark and returns its result (see the module docstring).
+
+    Args:
+        quick: small problems and few repeats, for tests and smoke runs.
+        configs: (B datapoints, S samples, steps) for the vectorized optimizers; steps is a
+            multiple of the block size min(100, steps). Default (100, 1, 1000), (500, 1, 200),
+            (100, 10, 100), (500, 10, 20), equal work per row; quick (20, 1, 50), (20, 4, 50).
+        loop_datapoints: datapoints of the one-at-a-time loop (default 10, quick 3).
+        loop_steps: steps per datapoint of the loop (default 200, quick 50).
+        x_dim, hidden, z_dim: the decoder z_dim-hidden-x_dim.
+        learning_rate: Adam's step size for every optimizer.
+        repeats: timed rounds after a warm-up round (default 3, quick 1).
+        matmul_sizes: square sizes of the up-front peak (default 1024, 2048; quick 128, 256);
+            the largest is also timed in every round.
+        matmul_repeats: timed matmuls per size up front (default 5, quick 2).
+        agreement_samples: draws of the ELBO estimate behind the agreement check (default
+            2000, quick 500).
+        end_to_end: also time `fit_local` end to end (with its final evaluation).
+        data: "binarized_mnist" (random data if it cannot be loaded) or "random".
+        seed: seed of the parameters, noise and data.
+
+    Returns:
+        A dict with sizes, FLOP formula, matmul peak, per-config timings of the library, the
+        hand-written floor and the loop, their ratios, the agreement check and a `table`.
+    """
+    configs = configs or (
+        ((20, 1, 50), (20, 4, 50))
+        if quick
+        else ((100, 1, 1000), (500, 1, 200), (100, 10, 100), (500, 10, 20))
+    )
+    loop_datapoints = loop_datapoints or (3 if quick else 10)
+    loop_steps = loop_steps or (50 if quick else 200)
+    repeats = repeats or (1 if quick else 3)
+    matmul_sizes = matmul_sizes or ((128, 256) if quick else (1024, 2048))
+    matmul_repeats = matmul_repeats or (2 if quick else 5)
+    agreement_samples = agreement_samples or (500 if quick else 2000)
+    for _, _, steps in configs:
+        if steps % min(100, steps):
+            raise ValueError(f"steps {steps} is not a multiple of the block size 100")
+
+    peak = matmul_peak(tuple(matmul_sizes), matmul_repeats)
+    round_n = int(max(peak["gflops_by_size"], key=peak["gflops_by_size"].get))
+    x_all_np, data_note = load_test(max(b for b, _, _ in configs), x_dim, data, seed)
+    x_all = jnp.asarray(x_all_np)
+    family = DiagonalGaussian()
+    model = vae_model(MLP((hidden,), x_dim, "relu"), z_dim=z_dim, likelihood="bernoulli")
+    params = decoder_params(model, x=x_all[:2], x_dim=x_dim, hidden=hidden, z_dim=z_dim, seed=seed)
+    flops_per_dp_sample = 4 * (z_dim * hidden + hidden * x_dim)
+    num_params = family.num_params(z_dim)
+
+    # The variants: name -> (config -> (thunk, datapoint-steps per call)).
+    def library(batch: int, samples: int, steps: int) -> Callable[[], Any]:
+        block = min(100, steps)
+        x = x_all[:batch]
+        lam0 = jnp.zeros((batch, num_params))
+        key = jax.random.key(seed + 1)
+        return lambda: _fit_chunk_jit(
+            model, family, "z", samples, learning_rate, block, 2**30, steps, 0.0,
+            params, x, lam0, key,
+        )  # fmt: skip
+
+    def floor(batch: int, samples: int, steps: int) -> Callable[[], Any]:
+        hand = HandLocal(params, num_samples=samples, learning_rate=learning_rate, steps=steps)
+        x = x_all[:batch]
+        lam0 = jnp.zeros((batch, num_params))
+        return lambda: hand.fit(x, lam0, jax.random.key(seed + 2))
+
+    loop_xs = [x_all[i] for i in range(loop_datapoints)]
+    loop_keys = [jax.random.fold_in(jax.random.key(seed + 3), i) for i in range(loop_datapoints)]
+    loopers: dict[int, LoopLocal] = {}
+
+    def loop(samples: int, dispatch_only: bool = False) -> Callable[[], Any]:
+        looper = loopers.setdefault(
+            samples, LoopLocal(model, num_samples=samples, learning_rate=learning_rate)
+        )
+        lam0 = jnp.zeros(num_params)
+        return lambda: looper.fit(
+            params, loop_xs, lam0, loop_keys, loop_steps, dispatch_only=dispatch_only
+        )
+
+    dot = jax.jit(jnp.dot)
+    ka, kb = jax.random.split(jax.random.key(seed + 4))
+    mat_a = jax.random.normal(ka, (round_n, round_n))
+    mat_b = jax.random.normal(kb, (round_n, round_n))
+
+    jobs: dict[tuple[str, tuple[int, int, int]], Callable[[], Any]] = {}
+    for cfg in configs:
+        jobs[("library", cfg)] = library(*cfg)
+        jobs[("floor", cfg)] = floor(*cfg)
+    for samples in sorted({s for _, s, _ in configs}):
+        jobs[("loop", (loop_datapoints, samples, loop_steps))] = loop(samples)
+    jobs[("dispatch", (loop_datapoints, 0, loop_steps))] = loop(configs[0][1], True)
+    jobs[("matmul", (round_n, 0, 0))] = lambda: dot(mat_a, mat_b)
+    times: dict[tuple[str, tuple[int, int, int]], list[float]] = {job: [] for job in jobs}
+    compile_s: dict[tuple[str, tuple[int, int, int]], float] = {}
+    for r in range(repeats + 1):  # round 0 compiles; the variants take turns
+        for job, thunk in jobs.items():
+            seconds = time_call(thunk)
+            if r == 0:
+                compile_s[job] = seconds
+            else:
+                times[job].append(seconds)
+    round_peak = 2.0 * round_n**3 / median(times[("matmul", (round_n, 0, 0))]) / 1e9
+    dispatch_us = (
+        1e6
+        * median(times[("dispatch", (loop_datapoints, 0, loop_steps))])
+        / (loop_datapoints * loop_steps)
+    )
+
+    configs_out: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    loop_rate: dict[int, float] = {}
+    for (variant, (batch, samples, steps)), ts in times.items():
+        if variant in ("matmul", "dispatch"):
+            continue
+        sec = median(ts)
+        rate = batch * steps / sec
+        gflops = rate * samples * flops_per_dp_sample / 1e9
+        entry = {
+            "variant": variant,
+            "datapoints": batch,
+            "num_samples": samples,
+            "steps": steps,
+            "seconds_median": sec,
+            "seconds_all": ts,
+            "first_call_seconds_incl_compile": compile_s[(variant, (batch, samples, steps))],
+            "datapoint_steps_per_s": rate,
+            "gflops": gflops,
+            "fraction_of_peak": gflops / peak["peak_gflops"],
+            "fraction_of_round_matmul": gflops / round_peak,
+        }
+        configs_out.append(entry)
+        if variant == "loop":
+            loop_rate[samples] = rate
+    by_key = {(e["variant"], e["datapoints"], e["num_samples"]): e for e in configs_out}
+    for e in configs_out:
+        if e["variant"] == "library":
+            e["over_loop"] = e["datapoint_steps_per_s"] / loop_rate[e["num_samples"]]
+            floor_e = by_key[("floor", e["datapoints"], e["num_samples"])]
+            e["over_floor"] = e["datapoint_steps_per_s"] / floor_e["datapoint_steps_per_s"]
+        elif e["variant"] == "floor":
+            e["over_loop"] = e["datapoint_steps_per_s"] / loop_rate[e["num_samples"]]
+    order = {"library": 0, "floor": 1, "loop": 2}
+    configs_out.sort(key=lambda e: (e["num_samples"], order[e["variant"]], e["datapoints"]))
+    names = {
+        "library": "library (fit_local chunk, vectorized)",
+        "floor": "hand-written vectorized floor",
+        "loop": "one-at-a-time loop (jitted step)",
+    }
+    for e in configs_out:
+        rows.append(
+            {
+                "variant": names[e["variant"]],
+                "B": e["datapoints"],
+                "S": e["num_samples"],
+                "steps": e["steps"],
+                "datapoint-steps/s": e["datapoint_steps_per_s"],
+                "GFLOP/s": e["gflops"],
+                "% of peak": 100 * e["fraction_of_peak"],
+                "% of round matmul": 100 * e["fraction_of_round_matmul"],
+                "x loop": e.get("over_loop", 1.0),
+                "x floor": e.get("over_floor", ""),
+            }
+        )
+    rows.append({"variant": "matmul peak (jnp.dot f32, up front)", "GFLOP/s": peak["peak_gflops"]})
+    rows.append({"variant": f"matmul {round_n}^3 timed in each round", "GFLOP/s": round_peak})
+
+    # Same objective: fit_local and the loop from N(0, I), same datapoints, steps and S.
+    agree_s = configs[0][1]
+    block = min(100, loop_steps)
+    loop_lam = np.asarray(loopers[agree_s].fit(params, loop_xs, jnp.zeros(num_params),
+                                               loop_keys, loop_steps))  # fmt: skip
+    x_loop = x_all[:loop_datapoints]
+    fit = fit_local(
+        model, params, x_loop, jax.random.key(seed + 5), family=family, z_dim=z_dim,
+        num_samples=agree_s, learning_rate=learning_rate, block_size=block, patience=2**30,
+        max_steps=loop_steps, final_samples=1,
+    )  # fmt: skip
+
+    score_guide = given_params_guide(family)  # one guide: the estimator compiles once
+
+    def score(lam: np.ndarray) -> np.ndarray:
+        return evaluate_bounds(
+            model,
+            score_guide,
+            params,
+            x_loop,
+            jax.random.key(seed + 6),
+            num_samples=agreement_samples,
+            batch_size=loop_datapoints,
+            guide_args=(lam,),
+        ).elbo
+
+    init_elbo = score(np.zeros((loop_datapoints, num_params), np.float32))
+    loop_elbo, vec_elbo = score(loop_lam), score(fit.params)
+    agreement = {
+        "num_datapoints": loop_datapoints,
+        "steps": loop_steps,
+        "num_samples": agree_s,
+        "elbo_samples": agreement_samples,
+        "init_elbo": init_elbo.tolist(),
+        "loop_elbo": loop_elbo.tolist(),
+        "fit_local_elbo": vec_elbo.tolist(),
+        "mean_init_elbo": float(init_elbo.mean()),
+        "mean_loop_elbo": float(loop_elbo.mean()),
+        "mean_fit_local_elbo": float(vec_elbo.mean()),
+        "max_abs_diff": float(np.abs(loop_elbo - vec_elbo).max()),
+        "max_rel_gain_diff": float(
+            np.abs(loop_elbo - vec_elbo).max() / np.abs(loop_elbo - init_elbo).mean()
+        ),
+        "fit_local_steps": fit.steps.tolist(),
+    }
+
+    end_to_end_out: dict[str, Any] = {}
+    if end_to_end:
+        batch, samples, steps = configs[0]
+        block = min(100, steps)
+
+        def call(fam: DiagonalGaussian | None) -> Callable[[], Any]:
+            return lambda: fit_local(
+                model, params, x_all[:batch], jax.random.key(seed + 7), family=fam, z_dim=z_dim,
+                num_samples=samples, learning_rate=learning_rate, block_size=block,
+                patience=2**30, max_steps=steps, final_samples=1, batch_size=batch,
+            ).elbo  # fmt: skip
+
+        call(family)()  # compiles the chunk for this family instance
+        end_to_end_out = {
+            "datapoints": batch,
+            "num_samples": samples,
+            "steps": steps,
+            "chunk_seconds": time_call(jobs[("library", configs[0])]),
+            "fit_local_seconds_family_given": time_call(call(family)),
+            "fit_local_seconds_default_family": time_call(call(None)),
+        }
+
+    analysis = step_cost_analysis(model, params, x_all[: configs[0][0]], configs[0][1])
+    analytic = configs[0][0] * configs[0][1] * flops_per_dp_sample
+    lib_rows = [e for e in configs_out if e["variant"] == "library"]
+    best = max(lib_rows, key=lambda e: e["fraction_of_peak"])
+    notes = [
+        data_note,
+        f"decoder {z_dim}-{hidden}-{x_dim} relu, Bernoulli, random init (NumPyro SVI init); Adam "
+        f"lr {learning_rate}; lambda_0 = N(0, I); median of {repeats} rounds after a warm-up "
+        "round, variants taking turns",
+        f"FLOPs per datapoint-step = S x {flops_per_dp_sample / 1e6:.3f} M: {FLOP_FORMULA}",
+        "XLA cost analysis of one vectorized gradient step "
+        f"(B={configs[0][0]}, S={configs[0][1]}): "
+        + (
+            f"{analysis['flops'] / 1e6:.1f} MFLOP vs {analytic / 1e6:.1f} M analytic"
+            if "flops" in analysis
+            else "unavailable"
+        ),
+        "matmul peak by size (GFLOP/s): "
+        + ", ".join(f"{n}: {g:.1f}" for n, g in peak["gflops_by_size"].items())
+        + f"; {round_n}^3 in each round: {round_peak:.1f}",
+        f"loop: {loop_datapoints} datapoints x {loop_steps} steps, one jitted call per step; "
+        + ", ".join(
+            f"S={s}: {1e6 / loop_rate[s]:.0f} us per step, of which the matmuls would take "
+            f"{1e6 * s * flops_per_dp_sample / (round_peak * 1e9):.0f} us at the round's "
+            "matmul rate"
+            for s in sorted(loop_rate)
+        )
+        + f"; the same loop calling a jitted no-op: {dispatch_us:.0f} us per call",
+        f"best library row: {100 * best['fraction_of_peak']:.0f}% of the up-front peak "
+        f"(B={best['datapoints']}, S={best['num_samples']}; target >= 70%); library / loop "
+        + ", ".join(
+            f"{e['over_loop']:.1f}x (B={e['datapoints']}, S={e['num_samples']})" for e in lib_rows
+        )
+        + " (target >= 50x)",
+        f"same objective: after {loop_steps} steps (S={agree_s}) from N(0, I) on "
+        f"{loop_datapoints} datapoints, mean local ELBO ({agreement_samples} draws) loop "
+        f"{agreement['mean_loop_elbo']:.2f}, fit_local {agreement['mean_fit_local_elbo']:.2f}, "
+        f"at init {agreement['mean_init_elbo']:.2f}; largest per-datapoint difference "
+        f"{agreement['max_abs_diff']:.2f} nats",
+    ]
+    if end_to_end_out:
+        notes.append(
+            f"fit_local end to end (B={end_to_end_out['datapoints']}, "
+            f"S={end_to_end_out['num_samples']}, {end_to_end_out['steps']} steps, final_samples"
+            f"=1): {end_to_end_out['fit_local_seconds_family_given']:.2f} s with a family "
+            f"instance passed, {end_to_end_out['fit_local_seconds_default_family']:.2f} s with "
+            f"the default family, vs {end_to_end_out['chunk_seconds']:.2f} s for the "
+            "compiled chunk alone, timed just before"
+        )
+    return {
+        "sizes": {
+            "configs": [list(c) for c in configs],
+            "loop_datapoints": loop_datapoints,
+            "loop_steps": loop_steps,
+            "x_dim": x_dim,
+            "hidden": hidden,
+            "z_dim": z_dim,
+            "learning_rate": learning_rate,
+            "repeats": repeats,
+        },
+        "data": data_note,
+        "flops_per_datapoint_sample_step": flops_per_dp_sample,
+        "flops_formula": FLOP_FORMULA,
+        "xla_cost_analysis_one_step": {
+            **analysis,
+            "datapoints": configs[0][0],
+            "num_samples": configs[0][1],
+            "analytic_flops": analytic,
+        },
+        "matmul": {**peak, "round_size": round_n, "round_gflops": round_peak},
+        "loop_dispatch_us_per_call": dispatch_us,
+        "results": configs_out,
+        "agreement": agreement,
+        "end_to_end": end_to_end_out,
+        "table": {"columns": list(rows[0]), "rows": rows},
+        "notes": notes,
+    }
