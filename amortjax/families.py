@@ -8,6 +8,7 @@ event shape `[z_dim]`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Protocol
 
@@ -16,9 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
+from amortjax.flows import AffineCouplingFlow
+
 
 class Family(Protocol):
-    """The interface every family implements."""
+    """The interface every family implements.
+
+    Families are immutable values (frozen dataclasses): two instances with the same settings
+    are equal and hash alike, so the compiled functions that take a family as a static
+    argument (the local optimizer, the refinement) compile once per family, not once per
+    instance.
+    """
 
     name: str
 
@@ -39,6 +48,7 @@ class Family(Protocol):
         ...
 
 
+@dataclasses.dataclass(frozen=True)
 class DiagonalGaussian:
     """The fully factorized Gaussian (FFG): q(z) = N(z; mu, diag(sigma^2)).
 
@@ -71,6 +81,7 @@ class DiagonalGaussian:
         return jnp.zeros(2 * z_dim)
 
 
+@dataclasses.dataclass(frozen=True)
 class FullRankGaussian:
     """The full-rank Gaussian: q(z) = N(z; mu, L L^T), L lower triangular with positive diagonal.
 
@@ -138,7 +149,11 @@ class FullRankGaussian:
         return jnp.zeros(self.num_params(z_dim))
 
 
-FAMILIES: dict[str, Family] = {"diagonal": DiagonalGaussian(), "full_rank": FullRankGaussian()}
+FAMILIES: dict[str, Family] = {
+    "diagonal": DiagonalGaussian(),
+    "full_rank": FullRankGaussian(),
+    "flow": AffineCouplingFlow(),
+}
 
 
 def get_family(name: str) -> Family:

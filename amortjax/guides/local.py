@@ -14,6 +14,7 @@ Neither guide is an encoder: a new datapoint has no lambda until one is fitted.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -27,6 +28,9 @@ from amortjax.models import data_plate
 def given_params_guide(family: Family | None = None, *, site: str = "z") -> Callable[..., None]:
     """q(z_i; lambda_i) with lambda given for each datapoint of the batch.
 
+    The guide for a (family, site) is built once and reused, so that the evaluators that take
+    the guide as a static argument of a compiled function (`evaluate_bounds`) compile once.
+
     Args:
         family: the variational family; the diagonal Gaussian by default.
         site: the model's latent site.
@@ -34,8 +38,11 @@ def given_params_guide(family: Family | None = None, *, site: str = "z") -> Call
     Returns:
         A guide `guide(x, lam, *, n_data=None)`, x `[batch, ...]`, lam `[batch, num_params]`.
     """
-    family = family or DiagonalGaussian()
+    return _given_params_guide(family or DiagonalGaussian(), site)
 
+
+@functools.cache
+def _given_params_guide(family: Family, site: str) -> Callable[..., None]:
     def guide(x: jax.Array, lam: jax.Array, *, n_data: int | None = None) -> None:
         with data_plate(x, n_data):
             numpyro.sample(site, family.distribution(lam))
