@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from numpyro import handlers
 from numpyro.contrib.module import flax_module
 
 DATA_PLATE = "data"
@@ -157,3 +158,23 @@ def decode_mean(
     for a Bernoulli likelihood)."""
     out = decoder.apply({"params": params["decoder$params"]}, z)
     return get_likelihood(likelihood).mean(out)
+
+
+def with_fixed_params(fn: Callable, params: dict) -> Callable:
+    """A model (or guide) whose param sites named in `params` are fixed to those values and
+    hidden from any inference around it, so SVI neither sees nor trains them.
+
+    Used to train a new encoder on a frozen, already trained decoder (Cremer et al. 2018's
+    frozen-decoder experiment): `with_fixed_params(model, {"decoder$params": ...})`. The
+    substitution happens inside the blocking handler, so an outer `substitute` (SVI's) cannot
+    replace the fixed values.
+
+    Args:
+        fn: a NumPyro model or guide.
+        params: param site name -> value.
+
+    Returns:
+        A callable with fn's signature.
+    """
+    names = set(params)
+    return handlers.block(handlers.substitute(fn, data=params), hide=list(names))

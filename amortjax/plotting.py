@@ -1,5 +1,6 @@
 """Matplotlib figures for inspecting trained VAEs: image grids, reconstructions, prior samples,
-training curves and 2-D latent manifolds, plus a helper to save them as PNG.
+training curves, 2-D latent manifolds, the inference gaps (bands over training, stacked bars)
+and 2-D posterior densities, plus a helper to save them as PNG.
 
 What this module is for: turning arrays that the rest of amortjax already computed (pixel means,
 metric histories) into `matplotlib.figure.Figure` objects that a notebook displays and an
@@ -26,6 +27,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 __all__ = [
+    "density_panels_figure",
+    "gap_bands_figure",
+    "gap_bars_figure",
     "image_grid",
     "latent_grid",
     "manifold_figure",
@@ -390,6 +394,174 @@ def manifold_figure(
     ax.set_ylabel(r"$z_2 \rightarrow$")
     if title is not None:
         ax.set_title(title)
+    return fig
+
+
+def gap_bands_figure(
+    curves: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]],
+    *,
+    xlabel: str = "epoch",
+    ylabel: str = "nats per datapoint",
+    title: str | None = None,
+    ncols: int = 2,
+) -> Figure:
+    """The gaps over training as stacked bands (Cremer et al. 2018, fig. 3), one panel per split.
+
+    In each panel three curves are drawn, from the top: log p̂(x), L[q*] and L[q]. The band
+    between log p̂(x) and L[q*] is the approximation gap, the band between L[q*] and L[q] the
+    amortization gap; their sum is the inference gap.
+
+    Args:
+        curves: split name (e.g. "train", "valid") -> {"log_px", "elbo_qstar", "elbo_q"} ->
+            (epochs, values), the three series on the same epochs.
+        xlabel: x-axis label.
+        ylabel: y-axis label.
+        title: figure title.
+        ncols: panels per row.
+
+    Returns:
+        A Figure with one axes per split (in `fig.axes`, row-major; unused cells hidden);
+        each has the three lines in `ax.lines` (log p̂, L[q*], L[q]) and two filled bands in
+        `ax.collections`.
+
+    Raises:
+        ValueError: if a split lacks one of the three series or their epochs differ.
+    """
+    names = ("log_px", "elbo_qstar", "elbo_q")
+    labels = (r"$\log \hat p(x)$", r"$\mathcal{L}[q^*]$", r"$\mathcal{L}[q]$")
+    if not curves:
+        raise ValueError("curves is empty: give at least one split")
+    ncols = min(ncols, len(curves))
+    nrows = -(-len(curves) // ncols)
+    fig = Figure(figsize=(5.0 * ncols, 3.6 * nrows), layout="constrained")
+    grid = np.asarray(fig.subplots(nrows, ncols, squeeze=False))
+    for ax in grid.flat[len(curves) :]:
+        ax.set_axis_off()
+    axes = grid.flat[: len(curves)]
+    for ax, (split, series) in zip(axes, curves.items(), strict=True):
+        missing = [n for n in names if n not in series]
+        if missing:
+            raise ValueError(f"curves[{split!r}] lacks the series {missing}")
+        epochs = np.asarray(series["log_px"][0], dtype=np.float64)
+        ys = []
+        for n in names:
+            e, y = (np.asarray(a, dtype=np.float64) for a in series[n])
+            if e.shape != epochs.shape or not np.array_equal(e, epochs) or y.shape != e.shape:
+                raise ValueError(f"curves[{split!r}][{n!r}] is not on the epochs of log_px")
+            ys.append(y)
+        for y, label in zip(ys, labels, strict=True):
+            ax.plot(epochs, y, marker="o", markersize=3, label=label)
+        ax.fill_between(epochs, ys[1], ys[0], alpha=0.3, label="approximation gap")
+        ax.fill_between(epochs, ys[2], ys[1], alpha=0.3, label="amortization gap")
+        ax.set_title(split)
+        ax.set_xlabel(xlabel)
+        ax.grid(True, alpha=0.3)
+        ax.set_ylabel(ylabel)
+    axes[0].legend(loc="lower right")
+    if title is not None:
+        fig.suptitle(title)
+    return fig
+
+
+def gap_bars_figure(
+    gaps: Mapping[str, tuple[float, float]],
+    *,
+    errors: Mapping[str, tuple[float, float]] | None = None,
+    ylabel: str = "nats per datapoint",
+    title: str | None = None,
+) -> Figure:
+    """The inference gap of each model as a stacked bar: approximation below, amortization on top.
+
+    Args:
+        gaps: bar label (e.g. "mnist / FFG / test") -> (approximation gap, amortization gap).
+        errors: optional standard errors, label -> (approximation se, amortization se).
+        ylabel: y-axis label.
+        title: axes title.
+
+    Returns:
+        A Figure with one axes holding two `BarContainer`s (approximation, amortization),
+        plus error-bar containers when `errors` is given.
+    """
+    if not gaps:
+        raise ValueError("gaps is empty: give at least one bar")
+    labels = list(gaps)
+    approx = np.array([gaps[k][0] for k in labels], dtype=np.float64)
+    amort = np.array([gaps[k][1] for k in labels], dtype=np.float64)
+    err_a = err_m = None
+    if errors is not None:
+        err_a = np.array([errors[k][0] for k in labels], dtype=np.float64)
+        err_m = np.array([errors[k][1] for k in labels], dtype=np.float64)
+    fig = Figure(figsize=(max(4.0, 1.0 + 0.9 * len(labels)), 4.0), layout="constrained")
+    ax = fig.subplots()
+    pos = np.arange(len(labels))
+    ax.bar(pos, approx, yerr=err_a, label="approximation gap", capsize=3)
+    ax.bar(pos, amort, bottom=approx, yerr=err_m, label="amortization gap", capsize=3)
+    ax.set_xticks(pos, labels, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend()
+    if title is not None:
+        ax.set_title(title)
+    return fig
+
+
+def density_panels_figure(
+    grid: np.ndarray,
+    densities: Mapping[str, np.ndarray],
+    *,
+    points: Sequence[str] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """Densities over a 2-D latent grid as contour panels: one row per datapoint, one column
+    per distribution (Cremer et al. 2018, fig. 2: true posterior beside each q).
+
+    Args:
+        grid: the latent points at which the densities were evaluated: `[m, m, 2]` shared by
+            all rows, or `[num_points, m, m, 2]`, one grid per datapoint (e.g. centred on its
+            posterior); grid[..., i, j, :] = (z1_j, z2_i) as from `np.meshgrid`.
+        densities: column name -> `[num_points, m, m]` normalized densities (not logs) on grid.
+        points: row names (one per datapoint); default "x1", "x2", ...
+        title: figure title.
+
+    Returns:
+        A Figure with `num_points x len(densities)` axes, row-major.
+
+    Raises:
+        ValueError: on shapes that do not match the grid or each other.
+    """
+    grid = np.asarray(grid, dtype=np.float64)
+    if grid.ndim not in (3, 4) or grid.shape[-1] != 2 or grid.shape[-3] != grid.shape[-2]:
+        raise ValueError(f"grid must be [m, m, 2] or [num_points, m, m, 2]; got {grid.shape}")
+    m = grid.shape[-2]
+    if not densities:
+        raise ValueError("densities is empty: give at least one column")
+    cols = list(densities)
+    arrays = [np.asarray(densities[c], dtype=np.float64) for c in cols]
+    n = arrays[0].shape[0] if arrays[0].ndim == 3 else -1
+    for c, a in zip(cols, arrays, strict=True):
+        if a.shape != (n, m, m):
+            raise ValueError(f"densities[{c!r}] must be [num_points, {m}, {m}]; got {a.shape}")
+    if grid.ndim == 3:
+        grid = np.broadcast_to(grid, (n, m, m, 2))
+    elif grid.shape[0] != n:
+        raise ValueError(f"grid has {grid.shape[0]} per-datapoint grids for {n} datapoints")
+    points = list(points) if points is not None else [f"x{i + 1}" for i in range(n)]
+    if len(points) != n:
+        raise ValueError(f"{len(points)} row names for {n} datapoints")
+    fig = Figure(figsize=(2.2 * len(cols), 2.2 * n), layout="constrained")
+    axes = np.asarray(fig.subplots(n, len(cols), squeeze=False))
+    for i in range(n):
+        for j, (c, a) in enumerate(zip(cols, arrays, strict=True)):
+            ax = axes[i, j]
+            ax.contourf(grid[i, ..., 0], grid[i, ..., 1], a[i], levels=12, cmap="Blues")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(c, fontsize=9)
+            if j == 0:
+                ax.set_ylabel(points[i])
+    if title is not None:
+        fig.suptitle(title)
     return fig
 
 

@@ -7,6 +7,7 @@ import re
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
+from matplotlib.container import BarContainer
 from matplotlib.figure import Figure
 from scipy.stats import norm
 
@@ -258,3 +259,61 @@ def test_save_figure_rejects_non_png(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"\.png"):
         plotting.save_figure(Figure(), tmp_path / "fig.pdf")
     assert not (tmp_path / "fig.pdf").exists()
+
+
+# --- gap figures ------------------------------------------------------------------------------
+
+
+def test_gap_bands_figure_draws_three_curves_and_two_bands() -> None:
+    epochs = [1, 5, 10]
+    series = {
+        "log_px": (epochs, [-100.0, -95.0, -93.0]),
+        "elbo_qstar": (epochs, [-102.0, -97.0, -94.5]),
+        "elbo_q": (epochs, [-105.0, -99.0, -96.0]),
+    }
+    fig = plotting.gap_bands_figure({"train": series, "valid": series}, title="t")
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        np.testing.assert_allclose(ax.lines[0].get_ydata(), series["log_px"][1])
+        np.testing.assert_allclose(ax.lines[2].get_ydata(), series["elbo_q"][1])
+        assert len(ax.collections) == 2  # approximation band, amortization band
+        # The amortization band spans L[q] .. L[q*] at every epoch.
+        verts = ax.collections[1].get_paths()[0].vertices
+        assert verts[:, 1].min() == pytest.approx(-105.0)
+        assert verts[:, 1].max() == pytest.approx(-94.5)
+    with pytest.raises(ValueError, match=r"lacks the series \['elbo_q'\]"):
+        plotting.gap_bands_figure({"train": {k: series[k] for k in ("log_px", "elbo_qstar")}})
+    bad = {**series, "elbo_q": ([1, 5, 11], [-1.0, -1.0, -1.0])}
+    with pytest.raises(ValueError, match="not on the epochs"):
+        plotting.gap_bands_figure({"train": bad})
+
+
+def test_gap_bars_figure_stacks_amortization_on_approximation() -> None:
+    fig = plotting.gap_bars_figure(
+        {"a": (1.0, 2.0), "b": (3.0, 0.5)}, errors={"a": (0.1, 0.2), "b": (0.3, 0.1)}
+    )
+    ax = fig.axes[0]
+    approx, amort = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [p.get_height() for p in approx] == [1.0, 3.0]
+    assert [p.get_height() for p in amort] == [2.0, 0.5]
+    assert [p.get_y() for p in amort] == [1.0, 3.0]  # stacked on the approximation gap
+    with pytest.raises(ValueError, match="empty"):
+        plotting.gap_bars_figure({})
+
+
+def test_density_panels_figure_per_datapoint_grids() -> None:
+    m = 5
+    ticks = np.linspace(-1, 1, m)
+    g = np.stack(np.meshgrid(ticks, ticks), -1)
+    grids = np.stack([g, 10 + g])  # two datapoints, two grids
+    dens = {"true": np.ones((2, m, m)), "q": np.ones((2, m, m))}
+    fig = plotting.density_panels_figure(grids, dens, points=["a", "b"])
+    assert len(fig.axes) == 4
+    assert fig.axes[0].get_title() == "true" and fig.axes[2].get_ylabel() == "b"
+    assert fig.axes[2].get_xlim()[0] >= 9.0  # row 2 drawn on its own grid
+    fig = plotting.density_panels_figure(g, dens)  # one grid shared by the rows
+    assert len(fig.axes) == 4
+    with pytest.raises(ValueError, match=r"densities\['q'\] must be \[num_points, 5, 5\]"):
+        plotting.density_panels_figure(g, {"true": np.ones((2, m, m)), "q": np.ones((2, 4, 4))})
+    with pytest.raises(ValueError, match=r"grid must be"):
+        plotting.density_panels_figure(np.zeros((5, 4, 2)), dens)
