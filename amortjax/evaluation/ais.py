@@ -86,6 +86,7 @@ from numpyro import handlers
 from tqdm.auto import tqdm
 
 from amortjax.families import DiagonalGaussian, Family
+from amortjax.sharding import active_mesh, check_divisible, replicate, shard_rows
 from amortjax.traces import log_joint
 
 SCHEDULES = ("linear", "sigmoid")
@@ -516,6 +517,10 @@ def _run(
     `(log_w [N, C], acceptance [N], step_size [N, C], z [N, C, D])`."""
     n = x.shape[0]
     batch_size = min(batch_size, n)
+    mesh = active_mesh()
+    if mesh is not None:
+        check_divisible(batch_size, mesh)
+        params = replicate(mesh, params)
     betas = jnp.asarray(betas, jnp.float32)
     outputs = []
     starts = range(0, n, batch_size)
@@ -531,7 +536,7 @@ def _run(
             rows = [
                 jnp.concatenate([r, jnp.repeat(r[:1], batch_size - size, axis=0)]) for r in rows
             ]
-        xb, lam_b, eps_b, *z0_b = rows
+        xb, lam_b, eps_b, *z0_b = shard_rows(mesh, *rows)
         out = _anneal_batch_jit(
             model,
             family,

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from amortjax.sharding import active_mesh, check_divisible, replicate, shard_rows
 from amortjax.traces import log_weights
 
 
@@ -97,6 +98,9 @@ def evaluate_bounds(
             batched with x (e.g. the lambdas of `given_params_guide`).
         progress: show a progress bar (a string gives its description).
 
+    Inside `amortjax.sharding.data_parallel()` each batch of datapoints is split over the
+    mesh's devices (batch_size must divide evenly); the numbers do not depend on it.
+
     Returns:
         `Bounds` with `[num_datapoints]` arrays.
     """
@@ -111,6 +115,10 @@ def evaluate_bounds(
             f"{[a.shape for a in guide_args]}"
         )
     batch_size = min(batch_size, n)
+    mesh = active_mesh()
+    if mesh is not None:
+        check_divisible(batch_size, mesh)
+        params = replicate(mesh, params)
     sample_chunk = min(sample_chunk, num_samples)
     elbos, iwaes = [], []
     starts = range(0, n, batch_size)
@@ -124,7 +132,7 @@ def evaluate_bounds(
             rows = [
                 jnp.concatenate([r, jnp.repeat(r[:1], batch_size - size, axis=0)]) for r in rows
             ]
-        xb, *args_b = rows
+        xb, *args_b = shard_rows(mesh, *rows)
         elbo, iwae = _bounds_batch_jit(
             model,
             guide,

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from amortjax.evaluation.bounds import evaluate_bounds
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.guides.local import given_params_guide
+from amortjax.sharding import active_mesh, check_divisible, replicate, shard_rows
 from amortjax.traces import log_weights
 
 
@@ -228,6 +229,10 @@ def fit_local(
         )
     fit_key, eval_key = jax.random.split(key)
     batch_size = min(batch_size, n)
+    mesh = active_mesh()
+    if mesh is not None:
+        check_divisible(batch_size, mesh)
+        params = replicate(mesh, params)
     lams, steps = [], []
     starts = range(0, n, batch_size)
     if progress:
@@ -239,6 +244,7 @@ def fit_local(
             pad = batch_size - size
             xb = jnp.concatenate([xb, jnp.repeat(xb[:1], pad, axis=0)])
             lb = jnp.concatenate([lb, jnp.repeat(lb[:1], pad, axis=0)])
+        xb, lb = shard_rows(mesh, xb, lb)
         lam, st = _fit_chunk_jit(
             model,
             family,

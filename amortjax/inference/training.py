@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from numpyro import handlers
 from numpyro.infer import SVI
 from numpyro.infer.svi import SVIState
@@ -36,6 +37,7 @@ from tqdm.auto import tqdm
 from amortjax.inference.checkpoint import has_checkpoint, restore_checkpoint, save_checkpoint
 from amortjax.inference.objectives import kl_warmup_weight, kl_weighted, make_objective
 from amortjax.models import DATA_PLATE
+from amortjax.sharding import active_mesh, check_divisible, constrain_rows, replicate
 
 History = dict[str, tuple[list[int], list[float]]]
 """Metric name -> (epochs at which it was recorded, values)."""
@@ -106,6 +108,10 @@ class Trainer:
         kl_warmup_epochs: epochs over which the KL weight rises linearly from 0 to 1.
         preprocess: `preprocess(key, x_batch) -> x_batch`, applied to each minibatch inside the
             compiled epoch (e.g. `amortjax.data.dynamic_binarize`).
+        mesh: a device mesh with a data axis (`amortjax.sharding.data_mesh()`) for
+            data-parallel training: each minibatch is split over the devices, parameters and
+            optimizer state are replicated, and XLA sums the gradients. None: the mesh of an
+            enclosing `amortjax.sharding.data_parallel()` block, else one device.
 
     In each step the data plate's indices are the minibatch's indices into `x_train` (see
     `with_data_indices`); `self.svi`'s model and guide therefore take a `data_indices` keyword.
@@ -123,9 +129,14 @@ class Trainer:
         num_particles: int = 1,
         kl_warmup_epochs: float = 0,
         preprocess: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+        mesh: Mesh | None = None,
     ):
         if not 0 < batch_size <= n_data:
             raise ValueError(f"batch_size must be in [1, n_data={n_data}], got {batch_size}")
+        mesh = active_mesh() if mesh is None else mesh
+        if mesh is not None:
+            check_divisible(batch_size, mesh)
+        self.mesh = mesh
         self.n_data = n_data
         self.batch_size = batch_size
         self.steps_per_epoch = n_data // batch_size
@@ -153,7 +164,14 @@ class Trainer:
             x0 = self.preprocess(svi_key, x0)
         kwargs = self._kwargs(jnp.zeros((), jnp.int32), jnp.arange(self.batch_size))
         svi_state = self.svi.init(svi_key, x0, **kwargs)
-        return TrainState(svi_state, jnp.zeros((), jnp.int32), run_key)
+        return self.place(TrainState(svi_state, jnp.zeros((), jnp.int32), run_key))
+
+    def place(self, tree: Any) -> Any:
+        """Puts a state or the training data where the compiled epoch expects it: replicated
+        on every device of the mesh (as a device array when there is no mesh)."""
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, tree)
+        return replicate(self.mesh, tree)
 
     def _epoch(self, state: TrainState, x_train: jax.Array) -> tuple[TrainState, jax.Array]:
         perm_key, noise_key = jax.random.split(jax.random.fold_in(state.key, state.epoch))
@@ -164,7 +182,8 @@ class Trainer:
 
         def step(svi_state, inputs):
             i, idx = inputs
-            xb = x_train[idx]
+            idx = constrain_rows(self.mesh, idx)
+            xb = constrain_rows(self.mesh, x_train[idx])
             if self.preprocess is not None:
                 xb = self.preprocess(jax.random.fold_in(noise_key, i), xb)
             global_step = state.epoch * self.steps_per_epoch + i
@@ -232,7 +251,7 @@ def fit(
         TrainingDivergedError: when an epoch's loss or parameters are not finite; the last
             checkpoint (from before that epoch) is kept.
     """
-    x_train = jnp.asarray(x_train)
+    x_train = trainer.place(jnp.asarray(x_train))
     if x_train.shape[0] != trainer.n_data:
         raise ValueError(
             f"x_train has {x_train.shape[0]} datapoints, the trainer was built for "
@@ -242,6 +261,7 @@ def fit(
     history: History = {}
     if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
         state, meta = restore_checkpoint(checkpoint_dir, state)
+        state = trainer.place(state)
         history = {k: (list(v[0]), list(v[1])) for k, v in meta.get("history", {}).items()}
     start = int(state.epoch)
     bar = tqdm(
