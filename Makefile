@@ -1,9 +1,9 @@
-# Two commands set everything up: `make experiment NAME=vae_mnist` and `make test`.
+# Two commands set everything up: `make experiment NAME=amortization_gap` and `make test`.
 # Each creates .venv from pyproject.toml when it is missing or older than pyproject.toml.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
-NAME ?= vae_mnist
+NAME ?= amortization_gap
 PRESET ?= quick
 ARGS ?=
 

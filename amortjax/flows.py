@@ -183,15 +183,19 @@ class AffineCouplingFlow:
             raise ValueError(f"params must be [..., num_params]; got a scalar {params!r}")
         z_dim = self.z_dim(params.shape[-1])
         batch, h = params.shape[:-1], self.hidden
-        layers = []
+        shapes: list[tuple[int, ...]] = [(z_dim,), (z_dim,)]
         for s in self._specs(z_dim):
-            pieces, start = [], s.offset
-            for size, shape in [(s.a * h, (s.a, h)), (h, (h,)), (h * 2 * s.b, (h, 2 * s.b))]:
-                pieces.append(params[..., start : start + size].reshape(*batch, *shape))
-                start += size
-            pieces.append(params[..., start : start + 2 * s.b])
-            layers.append(CouplingLayer(*pieces))
-        return params[..., :z_dim], params[..., z_dim : 2 * z_dim], tuple(layers)
+            shapes += [(s.a, h), (h,), (h, 2 * s.b), (2 * s.b,)]
+        cuts = np.cumsum([math.prod(shape) for shape in shapes])[:-1].tolist()
+        # One split, not a slice per piece: its gradient is one concatenation rather than a
+        # padded [..., P] array per piece, which made the backward pass memory-bound.
+        split = jnp.split if isinstance(params, jax.Array) else np.split
+        pieces = [
+            piece.reshape(*batch, *shape)
+            for piece, shape in zip(split(params, cuts, axis=-1), shapes, strict=True)
+        ]
+        layers = tuple(CouplingLayer(*pieces[i : i + 4]) for i in range(2, len(pieces), 4))
+        return pieces[0], pieces[1], layers
 
     def pack(
         self, loc: jax.Array, log_scale: jax.Array, layers: Sequence[CouplingLayer]

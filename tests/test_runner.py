@@ -159,3 +159,73 @@ def test_semi_amortized_runs_end_to_end(tmp_path):
     for name in ("elbo_vs_refinement_steps", "frontier"):
         assert (workdir / "figures" / f"{name}.png").stat().st_size > 1000
     assert "| sa_vae |" in (workdir / "report.md").read_text()
+
+
+def test_amortization_gap_runs_end_to_end_and_resume_reuses_results(tmp_path):
+    tiny = [
+        "datasets=fashion_mnist",
+        "epochs=1",
+        "encoder_hidden=32",
+        "decoder_hidden=32",
+        "z_dim=4",
+        "flow_hidden=8",
+        "flow_context=4",
+        "train_points=12",
+        "test_points=12",
+        "elbo_samples=8",
+        "iwae_samples=32",
+        "ais_chains=2",
+        "ais_temperatures=4",
+        "ais_leapfrog=2",
+        "qstar_block=10",
+        "qstar_patience=2",
+        "qstar_max_steps=40",
+        "curve_every=1",
+        "curve_points=6",
+        "curve_iwae_samples=8",
+        "frozen_decoder=true",
+        "frozen_epochs=1",
+        "latent_epochs=1",
+    ]
+    proc = _cli("amortization_gap", "--results", str(tmp_path), *tiny, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (workdir,) = (tmp_path / "amortization_gap").iterdir()
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"fashion_mnist_diagonal", "fashion_mnist_flow"}
+    assert set(metrics["frozen_decoder"]) == {
+        "fashion_mnist_frozen_diagonal",
+        "fashion_mnist_frozen_flow",
+    }
+    for r in metrics["models"].values():
+        for split in ("train", "test"):
+            s = r[split]
+            assert s["num_datapoints"] == 12
+            approx, amort = s["approximation_gap"]["mean"], s["amortization_gap"]["mean"]
+            assert s["inference_gap"]["mean"] == pytest.approx(approx + amort, abs=1e-3)
+            # q* starts at the encoder and climbs; log p̂ is a bound at least as high as both.
+            assert s["elbo_q"]["mean"] <= s["elbo_qstar"]["mean"] + 0.5
+            assert s["log_px"]["mean"] >= s["elbo_qstar"]["mean"] - 0.5
+            assert -600 < s["elbo_q"]["mean"] < -100
+            assert s["log_px_estimator"] in ("iwae_q", "iwae_qstar", "ais")
+    history = metrics["curves"]["fashion_mnist_flow"]
+    assert history["valid_log_px"][0] == [1]
+    for name in ("gaps", "gaps_over_training_fashion_mnist", "latent_posteriors"):
+        assert (workdir / "figures" / f"{name}.png").stat().st_size > 1000
+    report = (workdir / "report.md").read_text()
+    assert "## Gaps on held-out test points" in report and "fashion_mnist Flow" in report
+
+    # A resumed run reuses each finished model's saved results instead of recomputing them.
+    saved = workdir / "models" / "fashion_mnist_flow.json"
+    entry = json.loads(saved.read_text())
+    entry["test"]["amortization_gap"]["mean"] = 123.0
+    saved.write_text(json.dumps(entry))
+    proc = _cli("amortization_gap", "--resume", str(workdir), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads((workdir / "metrics.json").read_text())
+    assert resumed["models"]["fashion_mnist_flow"]["test"]["amortization_gap"]["mean"] == 123.0
+
+
+def test_amortization_gap_rejects_unknown_families(tmp_path):
+    proc = _cli("amortization_gap", "--results", str(tmp_path), "families=diagonal,iaf", cwd=ROOT)
+    assert proc.returncode != 0
+    assert "unknown families ['iaf']" in proc.stderr

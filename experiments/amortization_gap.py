@@ -1,0 +1,638 @@
+"""amortization_gap: the inference gap and its parts (Cremer, Li & Duvenaud 2018, Table 2).
+
+For each dataset and variational family (FFG: the diagonal Gaussian; Flow: affine coupling
+layers conditioned on the encoder's context), trains a VAE and decomposes, on seeded random
+training and held-out test points, its inference gap log p̂(x) - L[q] into the approximation gap
+log p̂(x) - L[q*] (the family's fault) and the amortization gap L[q*] - L[q] (the encoder's
+fault). q* is the best member of the family fitted to each datapoint alone (Adam with Cremer et
+al.'s stopping rule, started at the encoder's output); log p̂(x) is the best of IWAE-k with q,
+IWAE-k with q* and AIS (the report names which).
+
+Options beyond the main table:
+    encoder_hidden / decoder_hidden: Cremer et al.'s larger-encoder (500-500) and decoder-size
+        variants, e.g. `ARGS="encoder_hidden=500,500"`.
+    frozen_decoder: retrain only a linear encoder, FFG and Flow, on each trained FFG model's
+        frozen decoder, and decompose its gaps (Cremer et al., section 5.2).
+    latent_figure: a z=2 FFG VAE and a Flow encoder trained on its frozen decoder; for four test
+        points, the true posterior (exact on a grid) beside amortized FFG, optimal FFG,
+        amortized Flow and optimal Flow (Cremer et al., figure 2).
+    Figures also show the gaps over training on training and validation points (figure 3),
+        every `curve_every` epochs on `curve_points` points, log p̂(x) from IWAE and q* capped
+        at `curve_qstar_steps` Adam steps (so the quick preset's curves understate the
+        amortization gap a little; the tables do not).
+
+Presets:
+    quick: MNIST and Fashion-MNIST (dynamically binarized), Cremer's 784-200-200 ELU encoder and
+        decoder with z=50, 20 epochs of batch 100, gaps on 100 training and 100 test points with
+        IWAE-5000, AIS (8 chains, 200 temperatures, 5 leapfrog steps) and q* by Adam (S=4 draws,
+        rate 3e-3, blocks of 50 steps, patience 5). About 15 minutes on 2 CPU cores.
+    paper: Cremer et al.'s settings: the same architecture, 3280 epochs with Burda et al.'s 3^i
+        learning-rate schedule (Adam, eps 1e-4), batch 100, gaps on 1,000 training points and
+        the whole test set with IWAE-5000, AIS (16 chains, 1000 temperatures, 10 leapfrog steps)
+        and q* by Adam (rate 1e-3, S=10, blocks of 100 steps, patience 10). Differences: the
+        Flow's coupling networks get the encoder's context through their first-layer biases
+        (Cremer et al. used an auxiliary variable), and AIS adapts its HMC step sizes during
+        the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amortjax import plotting
+from amortjax.data import load_data
+from amortjax.data.loading import dynamic_binarize
+from amortjax.evaluation.gaps import Gaps, gap_decomposition
+from amortjax.evaluation.subsets import random_subset
+from amortjax.families import DiagonalGaussian, Family
+from amortjax.flows import AffineCouplingFlow, FlowEncoder
+from amortjax.guides import amortized_guide, encode
+from amortjax.inference.local import fit_local
+from amortjax.inference.objectives import make_optimizer
+from amortjax.inference.training import Trainer, fit
+from amortjax.models import check_observations, vae_model, with_fixed_params
+from amortjax.nets import MLP
+from amortjax.runner import write_json
+from amortjax.traces import log_joint
+
+FAMILY_NAMES = ("diagonal", "flow")
+_LABEL = {"diagonal": "FFG", "flow": "Flow"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Options of the experiment; the defaults are the quick preset."""
+
+    datasets: tuple[str, ...] = ("mnist", "fashion_mnist")
+    families: tuple[str, ...] = FAMILY_NAMES
+    encoder_hidden: tuple[int, ...] = (200, 200)
+    decoder_hidden: tuple[int, ...] = (200, 200)
+    activation: str = "elu"
+    z_dim: int = 50
+    flow_layers: int = 2
+    flow_hidden: int = 50
+    flow_context: int = 50
+    epochs: int = 20
+    batch_size: int = 100
+    learning_rate: float = 1e-3
+    lr_schedule: str = "constant"
+    adam_eps: float = 1e-8
+    train_points: int | None = 100
+    test_points: int | None = 100
+    elbo_samples: int = 100
+    iwae_samples: int = 5000
+    ais: bool = True
+    ais_chains: int = 8
+    ais_temperatures: int = 200
+    ais_leapfrog: int = 5
+    qstar_learning_rate: float = 3e-3
+    qstar_samples: int = 4
+    qstar_block: int = 50
+    qstar_patience: int = 5
+    qstar_max_steps: int = 5000
+    curve_every: int = 5
+    curve_points: int = 50
+    curve_iwae_samples: int = 500
+    curve_qstar_steps: int = 300
+    frozen_decoder: bool = False
+    frozen_epochs: int = 10
+    latent_figure: bool = True
+    latent_epochs: int = 10
+    eval_batch_size: int = 100
+    checkpoint_every: int = 1
+    seed: int = 0
+
+
+PRESETS: dict[str, dict] = {
+    "quick": {},
+    "paper": {
+        "epochs": 3280,
+        "lr_schedule": "iwae",
+        "adam_eps": 1e-4,
+        "train_points": 1000,
+        "test_points": None,
+        "elbo_samples": 1000,
+        "ais_chains": 16,
+        "ais_temperatures": 1000,
+        "ais_leapfrog": 10,
+        "qstar_learning_rate": 1e-3,
+        "qstar_samples": 10,
+        "qstar_block": 100,
+        "qstar_patience": 10,
+        "qstar_max_steps": 100_000,
+        "curve_every": 100,
+        "curve_points": 1000,
+        "curve_iwae_samples": 5000,
+        "curve_qstar_steps": 100_000,
+        "frozen_decoder": True,
+        "frozen_epochs": 1000,
+        "latent_epochs": 1000,
+        "checkpoint_every": 10,
+    },
+}
+
+
+def _check(config: Config) -> None:
+    unknown = [f for f in config.families if f not in FAMILY_NAMES]
+    if unknown:
+        raise ValueError(f"unknown families {unknown}; choose from {list(FAMILY_NAMES)}")
+    if not config.datasets or not config.families:
+        raise ValueError("datasets and families must each name at least one")
+    if config.z_dim < 2 and "flow" in config.families:
+        raise ValueError(f"the flow family needs z_dim >= 2; got z_dim={config.z_dim}")
+
+
+def _flow(config: Config) -> AffineCouplingFlow:
+    return AffineCouplingFlow(num_layers=config.flow_layers, hidden=config.flow_hidden)
+
+
+def make_family_and_encoder(
+    config: Config, name: str, hidden: tuple[int, ...], z_dim: int
+) -> tuple[Family, Any]:
+    """The family and an encoder producing its parameters, for family `name`."""
+    if name == "diagonal":
+        family = DiagonalGaussian()
+        return family, MLP(hidden, family.num_params(z_dim), config.activation)
+    family = _flow(config)
+    encoder = FlowEncoder(
+        z_dim=z_dim,
+        family=family,
+        hidden_sizes=hidden,
+        activation=config.activation,
+        context_dim=config.flow_context,
+    )
+    return family, encoder
+
+
+def _qstar_settings(config: Config) -> dict:
+    return dict(
+        learning_rate=config.qstar_learning_rate,
+        num_samples=config.qstar_samples,
+        block_size=config.qstar_block,
+        patience=config.qstar_patience,
+        max_steps=config.qstar_max_steps,
+    )
+
+
+def _ais_settings(config: Config) -> dict | None:
+    if not config.ais:
+        return None
+    return dict(
+        num_chains=config.ais_chains,
+        num_temperatures=config.ais_temperatures,
+        leapfrog_steps=config.ais_leapfrog,
+    )
+
+
+class _Setup:
+    """One model to train: its family, encoder, model, guide and trainer."""
+
+    def __init__(self, config: Config, family_name: str, x_dim: int, n_train: int, binarize: bool):
+        self.family, self.encoder = make_family_and_encoder(
+            config, family_name, config.encoder_hidden, config.z_dim
+        )
+        self.decoder = MLP(config.decoder_hidden, x_dim, config.activation)
+        self.model = vae_model(self.decoder, z_dim=config.z_dim)
+        self.guide = amortized_guide(self.encoder, x_dim=x_dim, family=self.family)
+        self.trainer = Trainer(
+            self.model,
+            self.guide,
+            make_optimizer(
+                config.learning_rate,
+                schedule=config.lr_schedule,
+                steps_per_epoch=n_train // config.batch_size,
+                eps=config.adam_eps,
+            ),
+            n_data=n_train,
+            batch_size=config.batch_size,
+            preprocess=dynamic_binarize if binarize else None,
+        )
+
+
+def _decompose(config, model, encoder, family, params, x, key, *, curve=False, progress=False):
+    lam = np.asarray(encode(encoder, params, jnp.asarray(x)))
+    qstar = _qstar_settings(config)
+    if curve:  # a cheaper q* for the curves over training
+        qstar["max_steps"] = min(qstar["max_steps"], config.curve_qstar_steps)
+    return gap_decomposition(
+        model,
+        params,
+        x,
+        lam,
+        key,
+        family=family,
+        elbo_samples=config.elbo_samples,
+        iwae_samples=config.curve_iwae_samples if curve else config.iwae_samples,
+        qstar=qstar,
+        ais_settings=None if curve else _ais_settings(config),
+        batch_size=config.eval_batch_size,
+        progress=progress,
+    )
+
+
+def _summary(gaps: Gaps, split: str, note: str) -> dict:
+    return {**gaps.summary(), "split": split, "points": note}
+
+
+def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
+    """Trains every (dataset, family) model, decomposes its gaps, writes metrics, report and
+    figures. A finished model's results are saved at once (`models/*.json`) and reused when
+    the run is resumed, so a killed run loses at most the model it was working on, and that
+    one continues from its last training checkpoint."""
+    _check(config)
+    workdir = Path(workdir)
+    figures = workdir / "figures"
+    key = jax.random.key(config.seed)
+    start_all = time.perf_counter()
+    results: dict[str, dict] = {}
+    saved_figures: list[Path] = []
+    curves_by_model: dict[str, dict] = {}
+    trained: dict[str, tuple[_Setup, dict, Any]] = {}
+    for d_i, dataset in enumerate(config.datasets):
+        data = load_data(dataset, seed=config.seed)
+        x_dim = data.train.shape[1]
+        check_observations(
+            data.train, x_dim=x_dim, likelihood="bernoulli", grey_ok=data.dynamic_binarization
+        )
+        for split in (data.valid, data.test):
+            check_observations(split, x_dim=x_dim, likelihood="bernoulli")
+        # Evaluation points: seeded random subsets, binarized with a fixed seed (train).
+        train_idx = random_subset(len(data.train), config.train_points, config.seed + 11)
+        x_train_eval = data.train[train_idx]
+        if data.dynamic_binarization:
+            x_train_eval = np.asarray(
+                dynamic_binarize(jax.random.key(config.seed + 12), x_train_eval)
+            )
+        x_test = data.test[random_subset(len(data.test), config.test_points, config.seed + 13)]
+        curve_x = {
+            "train": x_train_eval[: config.curve_points],
+            "valid": data.valid[random_subset(len(data.valid), config.curve_points, config.seed)],
+        }
+        for f_i, family_name in enumerate(config.families):
+            name = f"{dataset}_{family_name}"
+            model_key = jax.random.fold_in(key, 100 * d_i + f_i)
+            setup = _Setup(
+                config, family_name, x_dim, data.train.shape[0], data.dynamic_binarization
+            )
+            saved = workdir / "models" / f"{name}.json"
+            if progress:
+                print(f"[{name}] training {config.epochs} epochs")
+
+            def evaluate(state, setup=setup, model_key=model_key, curve_x=curve_x):
+                params = setup.trainer.params(state)
+                out = {}
+                for split, xs in curve_x.items():
+                    g = _decompose(
+                        config,
+                        setup.model,
+                        setup.encoder,
+                        setup.family,
+                        params,
+                        xs,
+                        jax.random.fold_in(model_key, int(state.epoch)),
+                        curve=True,
+                    )
+                    out[f"{split}_log_px"] = float(g.log_px.mean())
+                    out[f"{split}_elbo_qstar"] = float(g.elbo_qstar.mean())
+                    out[f"{split}_elbo_q"] = float(g.elbo_q.mean())
+                return out
+
+            start = time.perf_counter()
+            result = fit(
+                setup.trainer,
+                data.train,
+                key=model_key,
+                epochs=config.epochs,
+                checkpoint_dir=workdir / "checkpoints" / name,
+                checkpoint_every=config.checkpoint_every,
+                evaluate=evaluate if config.curve_every > 0 else None,
+                eval_every=max(config.curve_every, 1),
+                progress=progress,
+            )
+            train_seconds = time.perf_counter() - start
+            params = result.params
+            trained[name] = (setup, params, data)
+            curves_by_model[name] = result.history
+            if saved.exists():
+                results[name] = json.loads(saved.read_text())
+                continue
+            start = time.perf_counter()
+            entry: dict[str, Any] = {
+                "dataset": dataset,
+                "family": family_name,
+                "train_seconds": train_seconds,
+                "final_train_loss": result.history["train_loss"][1][-1],
+            }
+            for split, xs in (("train", x_train_eval), ("test", x_test)):
+                g = _decompose(
+                    config,
+                    setup.model,
+                    setup.encoder,
+                    setup.family,
+                    params,
+                    xs,
+                    jax.random.fold_in(model_key, 10_000 + (split == "test")),
+                    progress=f"{name} {split}" if progress else False,
+                )
+                entry[split] = _summary(g, split, f"{len(xs)} seeded random {split} points")
+            entry["eval_seconds"] = time.perf_counter() - start
+            write_json(saved, entry)
+            results[name] = entry
+        saved_figures.append(
+            plotting.save_figure(
+                _curves_figure(dataset, config, curves_by_model),
+                figures / f"gaps_over_training_{dataset}.png",
+            )
+        )
+
+    frozen = (
+        _frozen_decoder(config, trained, key, workdir, progress) if config.frozen_decoder else {}
+    )
+    if config.latent_figure:
+        saved_figures.append(_latent_figure(config, key, workdir, figures, progress))
+    bars = {
+        f"{r['dataset']} {_LABEL[r['family']]} {split}": (
+            r[split]["approximation_gap"]["mean"],
+            r[split]["amortization_gap"]["mean"],
+        )
+        for r in results.values()
+        for split in ("train", "test")
+    }
+    errors = {
+        f"{r['dataset']} {_LABEL[r['family']]} {split}": (
+            r[split]["approximation_gap"]["se"],
+            r[split]["amortization_gap"]["se"],
+        )
+        for r in results.values()
+        for split in ("train", "test")
+    }
+    saved_figures.insert(
+        0,
+        plotting.save_figure(
+            plotting.gap_bars_figure(bars, errors=errors, title="Inference gap = approx. + amort."),
+            figures / "gaps.png",
+        ),
+    )
+    metrics = {
+        "models": results,
+        "frozen_decoder": frozen,
+        "curves": curves_by_model,
+        "wall_seconds": time.perf_counter() - start_all,
+        "device": str(jax.devices()[0].device_kind),
+    }
+    write_json(workdir / "metrics.json", metrics)
+    report = _report(config, metrics, [str(p.relative_to(workdir)) for p in saved_figures])
+    (workdir / "report.md").write_text(report)
+    if progress:
+        print(report)
+    return metrics
+
+
+def _curves_figure(dataset: str, config: Config, curves_by_model: dict):
+    """Gap bands over training for the models of one dataset (one figure, a row per family)."""
+    curves = {}
+    for family_name in config.families:
+        history = curves_by_model.get(f"{dataset}_{family_name}", {})
+        for split in ("train", "valid"):
+            if f"{split}_log_px" not in history:
+                continue
+            curves[f"{_LABEL[family_name]}, {split}"] = {
+                series: history[f"{split}_{series}"]
+                for series in ("log_px", "elbo_qstar", "elbo_q")
+            }
+    if not curves:  # curve_every=0: nothing recorded; draw the final points instead
+        raise ValueError("no gap curves were recorded (curve_every=0)")
+    return plotting.gap_bands_figure(
+        curves, title=f"{dataset}: gaps over training (log p̂ from IWAE-{config.curve_iwae_samples})"
+    )
+
+
+def _train_encoder(config, setup: _Setup, params: dict, family_name, hidden, data, key, workdir,
+                   name, epochs, progress):  # fmt: skip
+    """A new encoder (family `family_name`, trunk `hidden`) trained on setup's frozen decoder;
+    the latent size is `config.z_dim`, the one setup's model was built with."""
+    x_dim = data.train.shape[1]
+    z_dim = config.z_dim
+    family, encoder = make_family_and_encoder(config, family_name, hidden, z_dim)
+    fixed = {k: v for k, v in params.items() if not k.startswith("encoder")}
+    model = with_fixed_params(setup.model, fixed)
+    guide = amortized_guide(encoder, x_dim=x_dim, family=family)
+    n_train = data.train.shape[0]
+    trainer = Trainer(
+        model,
+        guide,
+        make_optimizer(config.learning_rate, eps=config.adam_eps),
+        n_data=n_train,
+        batch_size=config.batch_size,
+        preprocess=dynamic_binarize if data.dynamic_binarization else None,
+    )
+    if progress:
+        print(f"[{name}] training the encoder on the frozen decoder, {epochs} epochs")
+    result = fit(
+        trainer,
+        data.train,
+        key=key,
+        epochs=epochs,
+        checkpoint_dir=workdir / "checkpoints" / name,
+        checkpoint_every=config.checkpoint_every,
+        progress=progress,
+    )
+    return family, encoder, {**fixed, **result.params}
+
+
+def _frozen_decoder(config, trained, key, workdir, progress) -> dict:
+    """Linear FFG and Flow encoders retrained on each dataset's trained FFG decoder."""
+    out = {}
+    for dataset in config.datasets:
+        source = f"{dataset}_diagonal" if "diagonal" in config.families else None
+        source = source or f"{dataset}_{config.families[0]}"
+        setup, params, data = trained[source]
+        x_test = data.test[random_subset(len(data.test), config.test_points, config.seed + 13)]
+        for f_i, family_name in enumerate(FAMILY_NAMES):
+            name = f"{dataset}_frozen_{family_name}"
+            saved = workdir / "models" / f"{name}.json"
+            k = jax.random.fold_in(key, 5000 + 10 * len(out) + f_i)
+            family, encoder, all_params = _train_encoder(
+                config, setup, params, family_name, (), data, k, workdir, name,
+                config.frozen_epochs, progress,
+            )  # fmt: skip
+            if saved.exists():
+                out[name] = json.loads(saved.read_text())
+                continue
+            g = _decompose(
+                config, setup.model, encoder, family, all_params, x_test,
+                jax.random.fold_in(k, 1), progress=f"{name} test" if progress else False,
+            )  # fmt: skip
+            entry = {
+                "dataset": dataset,
+                "family": family_name,
+                "decoder_of": source,
+                "encoder": "linear",
+                "test": _summary(g, "test", f"{len(x_test)} seeded random test points"),
+            }
+            write_json(saved, entry)
+            out[name] = entry
+    return out
+
+
+def _latent_figure(config, key, workdir, figures, progress) -> Path:
+    """Cremer et al.'s figure 2 for a z=2 model on the first dataset."""
+    dataset = config.datasets[0]
+    data = load_data(dataset, seed=config.seed)
+    x_dim = data.train.shape[1]
+    small = dataclasses.replace(config, z_dim=2, epochs=config.latent_epochs)
+    setup = _Setup(small, "diagonal", x_dim, data.train.shape[0], data.dynamic_binarization)
+    name = f"{dataset}_z2_diagonal"
+    if progress:
+        print(f"[{name}] training a z=2 VAE for the latent figure")
+    result = fit(
+        setup.trainer,
+        data.train,
+        key=jax.random.fold_in(key, 7000),
+        epochs=config.latent_epochs,
+        checkpoint_dir=workdir / "checkpoints" / name,
+        checkpoint_every=config.checkpoint_every,
+        progress=progress,
+    )
+    params = result.params
+    flow_family, flow_encoder, flow_params = _train_encoder(
+        small, setup, params, "flow", config.encoder_hidden, data, jax.random.fold_in(key, 7001),
+        workdir, f"{dataset}_z2_flow_on_frozen", config.latent_epochs, progress,
+    )  # fmt: skip
+    x = data.test[random_subset(len(data.test), 4, config.seed + 14)]
+    xj = jnp.asarray(x)
+    qs = {}
+    for label, family, encoder, p in (
+        ("FFG", setup.family, setup.encoder, params),
+        ("Flow", flow_family, flow_encoder, flow_params),
+    ):
+        lam = encode(encoder, p, xj)
+        fitted = fit_local(
+            setup.model, params, x, jax.random.fold_in(key, 7002), family=family, init=lam,
+            final_samples=10, **_qstar_settings(small),
+        )  # fmt: skip
+        qs[f"amortized {label}"] = (family, lam)
+        qs[f"optimal {label}"] = (family, jnp.asarray(fitted.params))
+    # One grid per datapoint, centred on the optimal FFG's mean and wide enough for 4 of its
+    # standard deviations or of the amortized FFG's, whichever is wider.
+    loc_star, log_scale_star = jnp.split(qs["optimal FFG"][1], 2, axis=-1)
+    _, log_scale_q = jnp.split(qs["amortized FFG"][1], 2, axis=-1)
+    half = 4.0 * jnp.maximum(jnp.exp(log_scale_star), jnp.exp(log_scale_q)).max(-1)
+    m = 60
+    ticks = jnp.linspace(-1.0, 1.0, m)
+    g1, g2 = jnp.meshgrid(ticks, ticks)
+    unit = jnp.stack([g1, g2], -1)  # [m, m, 2]
+    grids = loc_star[:, None, None, :] + half[:, None, None, None] * unit  # [4, m, m, 2]
+    flat = grids.reshape(4, m * m, 2)
+    cell = (2.0 * half / (m - 1)) ** 2  # [4]
+
+    def normalize(logd):  # [4, m*m] -> densities summing to 1 / cell area
+        logd = logd - jax.nn.logsumexp(logd, axis=1, keepdims=True)
+        return np.asarray(jnp.exp(logd) / cell[:, None]).reshape(4, m, m)
+
+    true_log = jax.vmap(
+        lambda xi, zs: log_joint(
+            setup.model, params, jnp.broadcast_to(xi, (m * m, x_dim)), {"z": zs}
+        )
+    )(xj, flat)
+    densities = {"true posterior": normalize(true_log)}
+    for label, (family, lam) in qs.items():
+        logq = jax.vmap(lambda li, zs, family=family: family.distribution(li).log_prob(zs))(
+            lam, flat
+        )
+        densities[label] = normalize(logq)
+    fig = plotting.density_panels_figure(
+        np.asarray(grids),
+        densities,
+        title=f"{dataset}, z=2: true posterior and approximations of four test points",
+    )
+    return plotting.save_figure(fig, figures / "latent_posteriors.png")
+
+
+def _fmt(stat: dict) -> str:
+    return f"{stat['mean']:.2f} ± {stat['se']:.2f}"
+
+
+def _table(entries: dict[str, dict], split: str) -> list[str]:
+    names = list(entries)
+    head = "| quantity | " + " | ".join(
+        f"{entries[n]['dataset']} {_LABEL[entries[n]['family']]}" for n in names
+    )
+    rows = [head + " |", "| --- |" + " --- |" * len(names)]
+    quantities = (
+        ("log p̂(x)", "log_px"),
+        ("L[q*]", "elbo_qstar"),
+        ("L[q]", "elbo_q"),
+        ("approximation gap", "approximation_gap"),
+        ("amortization gap", "amortization_gap"),
+        ("inference gap", "inference_gap"),
+    )
+    for label, key in quantities:
+        rows.append(
+            f"| {label} | " + " | ".join(_fmt(entries[n][split][key]) for n in names) + " |"
+        )
+    rows.append(
+        "| log p̂(x) from | "
+        + " | ".join(entries[n][split]["log_px_estimator"] for n in names)
+        + " |"
+    )
+    rows.append(
+        "| datapoints | "
+        + " | ".join(str(entries[n][split]["num_datapoints"]) for n in names)
+        + " |"
+    )
+    return rows
+
+
+def _report(config: Config, metrics: dict, figures: list[str]) -> str:
+    models = metrics["models"]
+    ais = (
+        f"AIS ({config.ais_chains} chains, {config.ais_temperatures} temperatures, "
+        f"{config.ais_leapfrog} leapfrog steps, from the prior)"
+        if config.ais
+        else "no AIS"
+    )
+    lines = [
+        "# amortization_gap: inference suboptimality (Cremer et al. 2018)",
+        "",
+        f"Encoder {list(config.encoder_hidden)} / decoder {list(config.decoder_hidden)} "
+        f"{config.activation}, z={config.z_dim}, {config.epochs} epochs of batch "
+        f"{config.batch_size} (schedule `{config.lr_schedule}`). Flow: {config.flow_layers} "
+        f"affine coupling layers of {config.flow_hidden} hidden units, context "
+        f"{config.flow_context}.",
+        "",
+        f"Nats per datapoint, mean ± standard error over datapoints. L[q] and L[q*] are ELBOs "
+        f"with {config.elbo_samples} samples; q is the encoder's, q* the same family fitted to "
+        f"each datapoint by Adam (rate {config.qstar_learning_rate}, S={config.qstar_samples}, "
+        f"stopped after {config.qstar_patience} blocks of {config.qstar_block} steps without "
+        f"improvement), started at the encoder's output. log p̂(x) is the best (highest mean) of "
+        f"IWAE-{config.iwae_samples} with q, IWAE-{config.iwae_samples} with q* and {ais}.",
+        "",
+    ]
+    for split, what in (("train", "training"), ("test", "held-out test")):
+        lines += [f"## Gaps on {what} points", "", *_table(models, split), ""]
+    if metrics["frozen_decoder"]:
+        lines += [
+            "## Frozen decoder: a linear encoder retrained on a trained FFG decoder (test)",
+            "",
+            *_table(metrics["frozen_decoder"], "test"),
+            "",
+        ]
+    timing = ", ".join(
+        f"{n}: train {r['train_seconds']:.0f} s, gaps {r['eval_seconds']:.0f} s"
+        for n, r in models.items()
+    )
+    lines += [
+        f"Wall time {metrics['wall_seconds'] / 60:.1f} min on {metrics['device']} ({timing}).",
+        "",
+    ]
+    lines += [f"![{Path(f).stem}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
