@@ -14,6 +14,8 @@ BENCHMARKS: dict[str, str] = {
     "train_step": "training steps/s of Trainer.run_epoch vs a hand-written JAX/Flax/Optax floor",
     "local_optimizer": "datapoint-steps/s of fit_local's vectorized Adam vs a one-at-a-time loop",
     "sa_step": "ms per SA-VAE / VAE+SVI training step vs a VAE step, beside their FLOP ratios",
+    "evaluators": "decoder evaluations/s and GFLOP/s of IWAE-k and AIS vs the matmul peak",
+    "gap_preset": "wall time of `make experiment NAME=amortization_gap` (quick preset)",
 }
 
 

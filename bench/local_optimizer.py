@@ -187,6 +187,62 @@ class LoopLocal:
         return jnp.stack(lams)
 
 
+class TorchLoopLocal:
+    """The papers' released code, in kind: PyTorch, eager, one datapoint at a time.
+
+    For each datapoint in turn, a `torch.optim.Adam` over its own lambda (2 z_dim numbers)
+    takes `steps` steps on the S-sample local ELBO under the same decoder weights (copied from
+    the JAX parameters), as Cremer et al.'s `optimize_local_gaussian` does. The objective is the
+    one `HandLocal` writes out. Only available when PyTorch is installed.
+    """
+
+    def __init__(self, params: dict, *, num_samples: int, learning_rate: float, seed: int):
+        import torch
+
+        self.torch = torch
+        dec = params["decoder$params"]
+
+        def t(a):
+            return torch.from_numpy(np.asarray(a, np.float32).copy())
+
+        self.w1, self.b1 = t(dec["Dense_0"]["kernel"]), t(dec["Dense_0"]["bias"])
+        self.w2, self.b2 = t(dec["Dense_1"]["kernel"]), t(dec["Dense_1"]["bias"])
+        self.num_samples, self.learning_rate = num_samples, learning_rate
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def fit(self, xs: list[np.ndarray], num_params: int, steps: int) -> np.ndarray:
+        """Fits each datapoint in turn from N(0, I); returns the lambdas `[n, P]`."""
+        torch = self.torch
+        f = torch.nn.functional
+        z_dim = num_params // 2
+        lams = []
+        for x_np in xs:
+            x = torch.from_numpy(np.asarray(x_np, np.float32))
+            lam = torch.zeros(num_params, requires_grad=True)
+            opt = torch.optim.Adam([lam], lr=self.learning_rate)
+            for _ in range(steps):
+                opt.zero_grad()
+                loc, log_scale = lam[:z_dim], lam[z_dim:]
+                eps = torch.randn(self.num_samples, z_dim, generator=self.generator)
+                z = loc + log_scale.exp() * eps
+                logits = f.relu(z @ self.w1 + self.b1) @ self.w2 + self.b2
+                log_px = (x * logits - f.softplus(logits)).sum(-1)
+                log_pz_minus_log_qz = (0.5 * (eps**2 - z**2) + log_scale).sum(-1)
+                loss = -(log_px + log_pz_minus_log_qz).mean()
+                loss.backward()
+                opt.step()
+            lams.append(lam.detach().numpy().copy())
+        return np.stack(lams)
+
+
+def _torch_available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def step_cost_analysis(
     model: Callable, params: dict, x: jax.Array, num_samples: int
 ) -> dict[str, float]:
@@ -236,6 +292,7 @@ def run(
     matmul_repeats: int | None = None,
     agreement_samples: int | None = None,
     end_to_end: bool = True,
+    torch_loop_baseline: bool = True,
     data: str = "binarized_mnist",
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -257,6 +314,8 @@ def run(
         agreement_samples: draws of the ELBO estimate behind the agreement check (default
             2000, quick 500).
         end_to_end: also time `fit_local` end to end (with its final evaluation).
+        torch_loop_baseline: also time the PyTorch one-at-a-time loop (`TorchLoopLocal`) when
+            PyTorch is installed.
         data: "binarized_mnist" (random data if it cannot be loaded) or "random".
         seed: seed of the parameters, noise and data.
 
@@ -319,6 +378,15 @@ def run(
             params, loop_xs, lam0, loop_keys, loop_steps, dispatch_only=dispatch_only
         )
 
+    use_torch = torch_loop_baseline and _torch_available()
+    loop_xs_np = [np.asarray(x) for x in loop_xs]
+
+    def torch_loop(samples: int) -> Callable[[], Any]:
+        looper = TorchLoopLocal(
+            params, num_samples=samples, learning_rate=learning_rate, seed=seed + 8
+        )
+        return lambda: looper.fit(loop_xs_np, num_params, loop_steps)
+
     dot = jax.jit(jnp.dot)
     ka, kb = jax.random.split(jax.random.key(seed + 4))
     mat_a = jax.random.normal(ka, (round_n, round_n))
@@ -330,6 +398,8 @@ def run(
         jobs[("floor", cfg)] = floor(*cfg)
     for samples in sorted({s for _, s, _ in configs}):
         jobs[("loop", (loop_datapoints, samples, loop_steps))] = loop(samples)
+        if use_torch:
+            jobs[("torch_loop", (loop_datapoints, samples, loop_steps))] = torch_loop(samples)
     jobs[("dispatch", (loop_datapoints, 0, loop_steps))] = loop(configs[0][1], True)
     jobs[("matmul", (round_n, 0, 0))] = lambda: dot(mat_a, mat_b)
     times: dict[tuple[str, tuple[int, int, int]], list[float]] = {job: [] for job in jobs}
@@ -351,6 +421,7 @@ def run(
     configs_out: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     loop_rate: dict[int, float] = {}
+    torch_rate: dict[int, float] = {}
     for (variant, (batch, samples, steps)), ts in times.items():
         if variant in ("matmul", "dispatch"):
             continue
@@ -373,20 +444,25 @@ def run(
         configs_out.append(entry)
         if variant == "loop":
             loop_rate[samples] = rate
+        if variant == "torch_loop":
+            torch_rate[samples] = rate
     by_key = {(e["variant"], e["datapoints"], e["num_samples"]): e for e in configs_out}
     for e in configs_out:
         if e["variant"] == "library":
             e["over_loop"] = e["datapoint_steps_per_s"] / loop_rate[e["num_samples"]]
+            if e["num_samples"] in torch_rate:
+                e["over_torch_loop"] = e["datapoint_steps_per_s"] / torch_rate[e["num_samples"]]
             floor_e = by_key[("floor", e["datapoints"], e["num_samples"])]
             e["over_floor"] = e["datapoint_steps_per_s"] / floor_e["datapoint_steps_per_s"]
         elif e["variant"] == "floor":
             e["over_loop"] = e["datapoint_steps_per_s"] / loop_rate[e["num_samples"]]
-    order = {"library": 0, "floor": 1, "loop": 2}
+    order = {"library": 0, "floor": 1, "loop": 2, "torch_loop": 3}
     configs_out.sort(key=lambda e: (e["num_samples"], order[e["variant"]], e["datapoints"]))
     names = {
         "library": "library (fit_local chunk, vectorized)",
         "floor": "hand-written vectorized floor",
         "loop": "one-at-a-time loop (jitted step)",
+        "torch_loop": "one-at-a-time loop (PyTorch eager, as the papers' code)",
     }
     for e in configs_out:
         rows.append(
@@ -399,7 +475,10 @@ def run(
                 "GFLOP/s": e["gflops"],
                 "% of peak": 100 * e["fraction_of_peak"],
                 "% of round matmul": 100 * e["fraction_of_round_matmul"],
-                "x loop": e.get("over_loop", 1.0),
+                "x loop": e.get("over_loop", 1.0 if e["variant"] == "loop" else ""),
+                "x torch loop": e.get(
+                    "over_torch_loop", 1.0 if e["variant"] == "torch_loop" else ""
+                ),
                 "x floor": e.get("over_floor", ""),
             }
         )
@@ -434,6 +513,12 @@ def run(
 
     init_elbo = score(np.zeros((loop_datapoints, num_params), np.float32))
     loop_elbo, vec_elbo = score(loop_lam), score(fit.params)
+    torch_elbo = None
+    if use_torch:
+        torch_lam = TorchLoopLocal(
+            params, num_samples=agree_s, learning_rate=learning_rate, seed=seed + 9
+        ).fit(loop_xs_np, num_params, loop_steps)
+        torch_elbo = score(torch_lam).tolist()
     agreement = {
         "num_datapoints": loop_datapoints,
         "steps": loop_steps,
@@ -450,6 +535,7 @@ def run(
             np.abs(loop_elbo - vec_elbo).max() / np.abs(loop_elbo - init_elbo).mean()
         ),
         "fit_local_steps": fit.steps.tolist(),
+        "torch_loop_elbo": torch_elbo,
     }
 
     end_to_end_out: dict[str, Any] = {}
@@ -507,7 +593,17 @@ def run(
         + ", ".join(
             f"{e['over_loop']:.1f}x (B={e['datapoints']}, S={e['num_samples']})" for e in lib_rows
         )
-        + " (target >= 50x)",
+        + " (target >= 50x)"
+        + (
+            "; library / PyTorch loop "
+            + ", ".join(
+                f"{e['over_torch_loop']:.1f}x (B={e['datapoints']}, S={e['num_samples']})"
+                for e in lib_rows
+                if "over_torch_loop" in e
+            )
+            if torch_rate
+            else "; PyTorch not installed: no PyTorch loop"
+        ),
         f"same objective: after {loop_steps} steps (S={agree_s}) from N(0, I) on "
         f"{loop_datapoints} datapoints, mean local ELBO ({agreement_samples} draws) loop "
         f"{agreement['mean_loop_elbo']:.2f}, fit_local {agreement['mean_fit_local_elbo']:.2f}, "

@@ -100,6 +100,7 @@ LOCAL_TINY = dict(
     matmul_repeats=1,
     agreement_samples=400,
     end_to_end=False,
+    torch_loop_baseline=False,
     data="random",
     seed=0,
 )
@@ -218,3 +219,53 @@ def test_sa_step_xla_flops_of_a_vae_step():
     # XLA counts the matmuls (less the encoder's unneeded input gradient) and elementwise work.
     analytic = analytic_flops("vae", 0, batch=8, x_dim=784, hidden=16, z_dim=3)
     assert 0.6 * analytic < flops < 1.5 * analytic
+
+
+# --- evaluators: IWAE and AIS throughput ------------------------------------------------------
+
+
+def test_evaluators_benchmark_counts_work_and_reports_rates(tmp_path):
+    result, report = run_and_save(
+        "evaluators",
+        quick=True,
+        out_dir=tmp_path,
+        datapoints=3,
+        iwae_samples=8,
+        ais_chains=2,
+        ais_temperatures=3,
+        ais_leapfrog=2,
+        hidden=(16, 16),
+        z_dim=4,
+        data="random",
+    )
+    assert (tmp_path / "evaluators.md").read_text() == report
+    iwae, ais = result["results"]["IWAE"], result["results"]["AIS"]
+    assert iwae["decoder_evaluations"] == 3 * 8
+    assert ais["decoder_evaluations"] == 3 * 2 * 3 * 2
+    forward = 2 * (4 * 16 + 16 * 16 + 16 * 784)
+    assert iwae["flops_per_evaluation"] == forward
+    assert ais["flops_per_evaluation"] == 2 * forward
+    for r in (iwae, ais):
+        assert r["finite"]
+        for key in ("seconds_median", "decoder_evaluations_per_s", "gflops", "fraction_of_peak"):
+            assert _positive_finite(r[key]), key
+
+
+def test_torch_loop_climbs_the_same_local_elbo(tmp_path):
+    pytest.importorskip("torch")
+    result, _ = run_and_save(
+        "local_optimizer",
+        quick=True,
+        out_dir=tmp_path,
+        **{**LOCAL_TINY, "torch_loop_baseline": True},
+    )
+    agree = result["agreement"]
+    init, loop = np.array(agree["init_elbo"]), np.array(agree["loop_elbo"])
+    torch_elbo = np.array(agree["torch_loop_elbo"])
+    gain = loop - init
+    assert (torch_elbo - init > 5.0).all()
+    np.testing.assert_allclose(torch_elbo, loop, rtol=0, atol=0.1 * gain.mean())
+    variants = {r["variant"] for r in result["results"]}
+    assert "torch_loop" in variants
+    lib = [r for r in result["results"] if r["variant"] == "library"]
+    assert all(_positive_finite(r["over_torch_loop"]) for r in lib)

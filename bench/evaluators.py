@@ -1,0 +1,167 @@
+"""Throughput of the log p(x) estimators: IWAE-k and AIS, in decoder evaluations per second.
+
+On Cremer et al.'s decoder (z_dim-200-200-784 ELU MLP, Bernoulli likelihood; random init, as
+NumPyro's SVI initializes it), measured in one run after a compile warm-up, the median of
+`repeats` calls:
+
+- IWAE-k (`evaluate_bounds`): N datapoints x k draws from a diagonal-Gaussian q, one decoder
+  forward pass per draw: N k decoder evaluations;
+- AIS (`ais`): N datapoints x C chains x T temperatures x L leapfrog steps, each leapfrog step
+  one decoder forward pass and the gradient with respect to its input (no weight gradients):
+  N C T L evaluations, each costing two forward passes' FLOPs;
+
+and the machine's float32 matmul peak (`bench.train_step.matmul_peak`). FLOPs are counted from
+the decoder's matmuls (`FLOP_FORMULA`); the rest (log-densities, leapfrog arithmetic, sampling)
+is overhead that the ratio to the peak charges to the estimator.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from amortjax.evaluation.ais import ais
+from amortjax.evaluation.bounds import evaluate_bounds
+from amortjax.families import DiagonalGaussian
+from amortjax.guides.local import given_params_guide
+from amortjax.models import vae_model
+from amortjax.nets import MLP
+from bench.common import median, time_call
+from bench.local_optimizer import decoder_params, load_test
+from bench.train_step import matmul_peak
+
+FLOP_FORMULA = (
+    "forward = 2 * sum of the decoder's weight-matrix sizes (z_dim*200 + 200*200 + 200*784 MACs);"
+    " IWAE: one forward per draw; AIS: one forward + one input-gradient backward (another"
+    " forward's worth of matmul FLOPs) per leapfrog step"
+)
+
+
+def run(
+    quick: bool = False,
+    *,
+    datapoints: int | None = None,
+    iwae_samples: int | None = None,
+    sample_chunk: int = 500,
+    ais_chains: int | None = None,
+    ais_temperatures: int | None = None,
+    ais_leapfrog: int = 10,
+    hidden: tuple[int, ...] = (200, 200),
+    z_dim: int = 50,
+    x_dim: int = 784,
+    repeats: int | None = None,
+    matmul_sizes: tuple[int, ...] | None = None,
+    data: str = "binarized_mnist",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Runs the benchmark and returns its result (see the module docstring).
+
+    Args:
+        quick: small problems and one repeat, for tests and smoke runs.
+        datapoints: N (default 100, quick 10).
+        iwae_samples: k (default 5000, quick 50).
+        sample_chunk: draws per compiled IWAE chunk.
+        ais_chains, ais_temperatures, ais_leapfrog: C, T, L (default 16, 100, 10; quick 2, 5).
+        hidden, z_dim, x_dim: the decoder z_dim-hidden-x_dim.
+        repeats: timed calls after the warm-up (default 3, quick 1).
+        matmul_sizes: square sizes of the peak (default 1024, 2048; quick 128).
+        data: "binarized_mnist" (random data if it cannot be loaded) or "random".
+        seed: seed of parameters, data and draws.
+
+    Returns:
+        A dict with sizes, FLOP counts, timings, throughput, GFLOP/s and a `table`.
+    """
+    n = datapoints or (10 if quick else 100)
+    k = iwae_samples or (50 if quick else 5000)
+    chains = ais_chains or (2 if quick else 16)
+    temps = ais_temperatures or (5 if quick else 100)
+    repeats = repeats or (1 if quick else 3)
+    peak = matmul_peak(
+        tuple(matmul_sizes or ((128,) if quick else (1024, 2048))), 2 if quick else 5
+    )
+    x_np, data_note = load_test(n, x_dim, data, seed)
+    x = jnp.asarray(x_np)
+    model = vae_model(MLP(hidden, x_dim, "elu"), z_dim=z_dim)
+    params = decoder_params(model, x=x[:2], x_dim=x_dim, hidden=hidden[0], z_dim=z_dim, seed=seed)
+    family = DiagonalGaussian()
+    lam = family.pack(jnp.zeros((n, z_dim)), jnp.full((n, z_dim), 0.5))
+    guide = given_params_guide(family)
+    sizes = [z_dim, *hidden, x_dim]
+    forward = 2.0 * sum(a * b for a, b in itertools.pairwise(sizes))
+
+    def iwae():
+        return evaluate_bounds(
+            model, guide, params, x, jax.random.key(seed + 1), num_samples=k,
+            batch_size=n, sample_chunk=min(sample_chunk, k), guide_args=(lam,),
+        ).iwae  # fmt: skip
+
+    def annealed():
+        return ais(
+            model, params, x, jax.random.key(seed + 2), z_dim=z_dim, num_chains=chains,
+            num_temperatures=temps, leapfrog_steps=ais_leapfrog, batch_size=n,
+        ).log_px  # fmt: skip
+
+    rows, results = [], {}
+    for name, fn, evals, flops_per_eval in (
+        ("IWAE", iwae, n * k, forward),
+        ("AIS", annealed, n * chains * temps * ais_leapfrog, 2.0 * forward),
+    ):
+        compile_s = time_call(fn)
+        times = [time_call(fn) for _ in range(repeats)]
+        sec = median(times)
+        rate = evals / sec
+        gflops = rate * flops_per_eval / 1e9
+        results[name] = {
+            "decoder_evaluations": evals,
+            "flops_per_evaluation": flops_per_eval,
+            "seconds_median": sec,
+            "seconds_all": times,
+            "first_call_seconds_incl_compile": compile_s,
+            "decoder_evaluations_per_s": rate,
+            "gflops": gflops,
+            "fraction_of_peak": gflops / peak["peak_gflops"],
+            "finite": bool(np.isfinite(np.asarray(fn())).all()),
+        }
+        rows.append(
+            {
+                "estimator": name,
+                "work": (
+                    f"N={n}, k={k}"
+                    if name == "IWAE"
+                    else f"N={n}, C={chains}, T={temps}, L={ais_leapfrog}"
+                ),
+                "decoder evals": evals,
+                "seconds": sec,
+                "decoder evals/s": rate,
+                "GFLOP/s": gflops,
+                "% of matmul peak": 100 * gflops / peak["peak_gflops"],
+            }
+        )
+    rows.append({"estimator": "matmul peak (jnp.dot f32)", "GFLOP/s": peak["peak_gflops"]})
+    return {
+        "sizes": {
+            "datapoints": n,
+            "iwae_samples": k,
+            "sample_chunk": sample_chunk,
+            "ais_chains": chains,
+            "ais_temperatures": temps,
+            "ais_leapfrog": ais_leapfrog,
+            "decoder": sizes,
+            "repeats": repeats,
+        },
+        "data": data_note,
+        "flop_formula": FLOP_FORMULA,
+        "matmul": peak,
+        "results": results,
+        "table": {"columns": list(rows[0]), "rows": rows},
+        "notes": [
+            data_note,
+            f"decoder {'-'.join(map(str, sizes))} ELU, Bernoulli, random init; "
+            f"{forward / 1e6:.3f} MFLOP per forward pass; {FLOP_FORMULA}",
+            f"median of {repeats} calls after a compile warm-up; targets: >= 60% of the peak",
+        ],
+    }
