@@ -46,7 +46,7 @@ def run(
     *,
     datapoints: int | None = None,
     iwae_samples: int | None = None,
-    sample_chunk: int = 500,
+    sample_chunk: int = 100,
     ais_chains: int | None = None,
     ais_temperatures: int | None = None,
     ais_leapfrog: int = 10,

@@ -78,7 +78,7 @@ def evaluate_bounds(
     *,
     num_samples: int = 5000,
     batch_size: int = 100,
-    sample_chunk: int = 500,
+    sample_chunk: int = 100,
     guide_args: tuple = (),
     progress: bool | str = False,
 ) -> Bounds:
@@ -93,7 +93,8 @@ def evaluate_bounds(
             what else runs.
         num_samples: k, the draws per datapoint.
         batch_size: datapoints per compiled call.
-        sample_chunk: draws evaluated at once (bounds memory).
+        sample_chunk: draws evaluated at once (bounds memory; 100 keeps a batch of 100
+            datapoints' decoder outputs in cache: 1.35x the throughput of 500 on this CPU).
         guide_args: per-datapoint inputs of the guide besides x, each `[num_datapoints, ...]`,
             batched with x (e.g. the lambdas of `given_params_guide`).
         progress: show a progress bar (a string gives its description).

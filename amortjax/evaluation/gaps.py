@@ -219,7 +219,6 @@ def gap_decomposition(
             params,
             x,
             k_ais,
-            z_dim=_z_dim(model, params, x[:1], site),
             site=site,
             batch_size=batch_size,
             progress=f"{prefix}AIS" if show else False,
@@ -247,15 +246,3 @@ def gap_decomposition(
         qstar_steps=fit.steps,
         info=info,
     )
-
-
-def _z_dim(model: Callable, params: dict, x: np.ndarray, site: str) -> int:
-    """The size of one datapoint's latent vector at `site`, from a run of the model."""
-    from numpyro import handlers
-
-    trace = handlers.trace(
-        handlers.seed(handlers.substitute(model, data=params), jax.random.key(0))
-    ).get_trace(x)
-    if site not in trace:
-        raise ValueError(f"the model has no sample site {site!r}")
-    return int(np.prod(trace[site]["value"].shape[1:]))
