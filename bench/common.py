@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -120,3 +121,37 @@ def run_and_save(
     (out / f"{name}.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     (out / f"{name}.md").write_text(report)
     return result, report
+
+
+def load_binarized(split: str, n: int, x_dim: int, data: str, seed: int) -> tuple[np.ndarray, str]:
+    """The first n binarized-MNIST images of a split, or random binary vectors.
+
+    Args:
+        split: "train" or "test".
+        n: number of datapoints.
+        x_dim: observation size (real data only when it is 784).
+        data: "binarized_mnist" (random vectors if it cannot be loaded) or "random".
+        seed: seed of the random data.
+
+    Returns:
+        `x [n, x_dim]` float32 in {0, 1} and a note saying which data it is.
+    """
+    what = {"train": "training", "test": "test"}[split]
+    if data == "binarized_mnist" and x_dim == 784:
+        try:
+            from amortjax.data import load_data
+
+            images = getattr(load_data("binarized_mnist"), split)
+            if images.shape[0] >= n:
+                note = f"data: first {n} binarized-MNIST {what} images"
+                return np.ascontiguousarray(images[:n], np.float32), note
+            reason = f"only {images.shape[0]} {what} images"
+        except Exception as err:  # any failure to load falls back to random data
+            reason = f"{type(err).__name__}: {err}"
+        note = f"data: random Bernoulli(0.13) vectors (binarized MNIST unavailable: {reason})"
+    elif data in ("binarized_mnist", "random"):
+        note = "data: random Bernoulli(0.13) vectors"
+    else:
+        raise ValueError(f"unknown data {data!r}; choose 'binarized_mnist' or 'random'")
+    rng = np.random.default_rng(seed)
+    return (rng.random((n, x_dim)) < 0.13).astype(np.float32), note

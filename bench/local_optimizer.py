@@ -42,7 +42,7 @@ from amortjax.guides.local import given_params_guide
 from amortjax.inference.local import _fit_chunk_jit, fit_local, local_elbo
 from amortjax.models import vae_model
 from amortjax.nets import MLP
-from bench.common import median, time_call
+from bench.common import load_binarized, median, time_call
 from bench.train_step import matmul_peak
 
 FLOP_FORMULA = (
@@ -54,36 +54,9 @@ FLOP_FORMULA = (
 
 
 def load_test(n: int, x_dim: int, data: str, seed: int) -> tuple[np.ndarray, str]:
-    """The first n binarized-MNIST test images, or random binary vectors.
-
-    Args:
-        n: number of datapoints.
-        x_dim: observation size (real data only when it is 784).
-        data: "binarized_mnist" or "random".
-        seed: seed of the random data.
-
-    Returns:
-        `x [n, x_dim]` float32 in {0, 1} and a note saying which data it is.
-    """
-    if data == "binarized_mnist" and x_dim == 784:
-        try:
-            from amortjax.data import load_data
-
-            test = load_data("binarized_mnist").test
-            if test.shape[0] >= n:
-                return np.ascontiguousarray(test[:n], np.float32), (
-                    f"data: first {n} binarized-MNIST test images"
-                )
-            reason = f"only {test.shape[0]} test images"
-        except Exception as err:  # any failure to load falls back to random data
-            reason = f"{type(err).__name__}: {err}"
-        note = f"data: random Bernoulli(0.13) vectors (binarized MNIST unavailable: {reason})"
-    elif data in ("binarized_mnist", "random"):
-        note = "data: random Bernoulli(0.13) vectors"
-    else:
-        raise ValueError(f"unknown data {data!r}; choose 'binarized_mnist' or 'random'")
-    rng = np.random.default_rng(seed)
-    return (rng.random((n, x_dim)) < 0.13).astype(np.float32), note
+    """The first n binarized-MNIST test images, or random binary vectors (see
+    `bench.common.load_binarized`)."""
+    return load_binarized("test", n, x_dim, data, seed)
 
 
 def decoder_params(

@@ -33,7 +33,7 @@ from amortjax.inference.objectives import make_optimizer
 from amortjax.inference.training import Trainer
 from amortjax.models import vae_model
 from amortjax.nets import MLP
-from bench.common import median, time_call
+from bench.common import load_binarized, median, time_call
 
 FLOP_FORMULA = (
     "flops_per_step = 3 * 2 * B * (x_dim*hidden + hidden*2*z_dim + z_dim*hidden + hidden*x_dim)"
@@ -65,36 +65,9 @@ def matmul_peak(sizes: tuple[int, ...], repeats: int) -> dict[str, Any]:
 
 
 def load_train(n_data: int, x_dim: int, data: str, seed: int) -> tuple[np.ndarray, str]:
-    """The first `n_data` binarized-MNIST training images, or random binary vectors.
-
-    Args:
-        n_data: number of datapoints.
-        x_dim: observation size (real data only when it is 784).
-        data: "binarized_mnist" or "random".
-        seed: seed of the random data.
-
-    Returns:
-        `x [n_data, x_dim]` float32 in {0, 1} and a note saying which data it is.
-    """
-    if data == "binarized_mnist" and x_dim == 784:
-        try:
-            from amortjax.data import load_data
-
-            train = load_data("binarized_mnist").train
-            if train.shape[0] >= n_data:
-                return np.ascontiguousarray(train[:n_data], np.float32), (
-                    f"data: first {n_data} binarized-MNIST training images"
-                )
-            reason = f"only {train.shape[0]} training images"
-        except Exception as err:  # any failure to load falls back to random data
-            reason = f"{type(err).__name__}: {err}"
-        note = f"data: random Bernoulli(0.13) vectors (binarized MNIST unavailable: {reason})"
-    elif data in ("binarized_mnist", "random"):
-        note = "data: random Bernoulli(0.13) vectors"
-    else:
-        raise ValueError(f"unknown data {data!r}; choose 'binarized_mnist' or 'random'")
-    rng = np.random.default_rng(seed)
-    return (rng.random((n_data, x_dim)) < 0.13).astype(np.float32), note
+    """The first `n_data` binarized-MNIST training images, or random binary vectors (see
+    `bench.common.load_binarized`)."""
+    return load_binarized("train", n_data, x_dim, data, seed)
 
 
 class HandMLP(nn.Module):
