@@ -60,8 +60,8 @@ def test_grey_levels_accepted_only_when_binarized_by_the_trainer():
 def test_unknown_names_list_the_choices():
     with pytest.raises(ValueError, match="'poisson'.*bernoulli"):
         get_likelihood("poisson")
-    with pytest.raises(ValueError, match="'flow'.*diagonal"):
-        get_family("flow")
+    with pytest.raises(ValueError, match="'iaf'.*diagonal.*flow"):
+        get_family("iaf")
     with pytest.raises(ValueError, match="'swish'.*relu"):
         activation_fn("swish")
 
