@@ -28,10 +28,12 @@ TINY = dict(
     matmul_sizes=(32, 64),
     matmul_repeats=1,
     init_draws=8,
+    pyro_baseline=False,
     seed=0,
 )
 VARIANTS = (
     "library (Trainer.run_epoch)",
+    "NumPyro style: jit(svi.update) in a Python loop",
     "hand-written lax.scan epoch",
     "hand-written Python loop",
 )
@@ -269,3 +271,17 @@ def test_torch_loop_climbs_the_same_local_elbo(tmp_path):
     assert "torch_loop" in variants
     lib = [r for r in result["results"] if r["variant"] == "library"]
     assert all(_positive_finite(r["over_torch_loop"]) for r in lib)
+
+
+def test_pyro_vae_baseline_trains_the_same_model(tmp_path):
+    pytest.importorskip("pyro")
+    result, _ = run_and_save(
+        "train_step", quick=True, out_dir=tmp_path, **{**TINY, "pyro_baseline": True}
+    )
+    pyro_run = result["variants"]["Pyro SVI (PyTorch)"]
+    lib_run = result["variants"]["library (Trainer.run_epoch)"]
+    assert _positive_finite(pyro_run["steps_per_s"])
+    # Same model, data and objective: after two short epochs both -ELBOs are in the same range.
+    assert abs(pyro_run["mean_loss_last_epoch"] - lib_run["mean_loss_last_epoch"]) < 0.2 * abs(
+        lib_run["mean_loss_last_epoch"]
+    )
