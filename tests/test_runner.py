@@ -74,6 +74,27 @@ def test_presets_resolve():
         resolve_config(module, "huge")
 
 
+@pytest.mark.parametrize("name", available_experiments())
+def test_every_experiment_has_quick_and_paper_presets_that_resolve(name):
+    module = load_experiment(name)
+    assert {"quick", "paper"} <= set(module.PRESETS)
+    quick, paper = resolve_config(module, "quick"), resolve_config(module, "paper")
+    assert quick == module.Config()
+    assert paper != quick  # the paper preset changes something
+    # the resolved config survives the trip through config.json that resume takes
+    saved = json.loads(json.dumps(config_to_dict(paper)))
+    assert config_from_dict(module.Config, saved) == paper
+
+
+def test_amortization_gap_paper_preset_follows_cremer():
+    paper = resolve_config(load_experiment("amortization_gap"), "paper")
+    assert paper.epochs == 3280 and paper.lr_schedule == "iwae"
+    assert paper.encoder_hidden == paper.decoder_hidden == (200, 200)
+    assert paper.z_dim == 50 and paper.activation == "elu"
+    assert paper.test_points is None  # the whole test set
+    assert paper.qstar_block == 100 and paper.qstar_patience == 10  # Cremer's stopping rule
+
+
 def _cli(*args, cwd):
     return subprocess.run(
         [sys.executable, "-m", "experiments", *args],
