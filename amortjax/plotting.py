@@ -1,6 +1,7 @@
 """Matplotlib figures for inspecting trained VAEs: image grids, reconstructions, prior samples,
-training curves, 2-D latent manifolds, the inference gaps (bands over training, stacked bars)
-and 2-D posterior densities, plus a helper to save them as PNG.
+training curves, 2-D latent manifolds, latent traversals, the activity of latent units, 2-D
+embeddings of the latent means, the inference gaps (bands over training, stacked bars) and 2-D
+posterior densities, plus a helper to save them as PNG.
 
 What this module is for: turning arrays that the rest of amortjax already computed (pixel means,
 metric histories) into `matplotlib.figure.Figure` objects that a notebook displays and an
@@ -10,9 +11,10 @@ backend, works headless, registers nothing in pyplot's global figure list and le
 between figures.
 
 What it is not for: it computes no model quantities (no sampling, no ELBOs, no decoding except
-through the `decode` callable given to `manifold_figure`), and it does not do publication-style
-layout or styling beyond sensible defaults. Images are greyscale with pixel values in [0, 1]
-(shown with a fixed colour scale, black = 0, white = 1); inputs may be NumPy or JAX arrays.
+through the `decode` callable given to `manifold_figure` and `traversals_figure`), and it does
+not do publication-style layout or styling beyond sensible defaults. Images are greyscale with
+pixel values in [0, 1] (shown with a fixed colour scale, black = 0, white = 1); inputs may be
+NumPy or JAX arrays.
 """
 
 from __future__ import annotations
@@ -22,12 +24,16 @@ import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from statistics import NormalDist
 
+import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 __all__ = [
+    "activity_figure",
     "density_panels_figure",
+    "embedding_figure",
     "gap_bands_figure",
     "gap_bars_figure",
     "image_grid",
@@ -39,6 +45,8 @@ __all__ = [
     "series_figure",
     "tile_images",
     "training_curves_figure",
+    "traversal_latents",
+    "traversals_figure",
 ]
 
 # Inches per image cell in grid figures.
@@ -392,6 +400,298 @@ def manifold_figure(
     _show(ax, big)
     ax.set_xlabel(r"$z_1 \rightarrow$")
     ax.set_ylabel(r"$z_2 \rightarrow$")
+    if title is not None:
+        ax.set_title(title)
+    return fig
+
+
+def traversal_latents(base_z, dims: Sequence[int], values: Sequence[float]) -> np.ndarray:
+    """The `[len(dims) * len(values), z_dim]` latent points that `traversals_figure` decodes.
+
+    Row `k = r * len(values) + c` is base_z with coordinate `dims[r]` set to `values[c]`: tile
+    row r of the figure traverses latent dimension dims[r], left to right through values.
+
+    Raises:
+        ValueError: if base_z is not a finite 1-D vector, dims is empty or out of range, or
+            values is empty or not finite.
+    """
+    base = np.asarray(base_z, dtype=np.float64)
+    if base.ndim != 1 or base.shape[0] < 1 or not np.isfinite(base).all():
+        raise ValueError(f"base_z must be a finite [z_dim] vector, got shape {base.shape}")
+    z_dim = base.shape[0]
+    dims = [int(d) for d in dims]
+    if not dims or any(not 0 <= d < z_dim for d in dims):
+        raise ValueError(f"dims must be a non-empty list of indices in [0, {z_dim}), got {dims}")
+    vals = np.asarray(values, dtype=np.float64).reshape(-1)
+    if vals.size == 0 or not np.isfinite(vals).all():
+        raise ValueError(f"values must be a non-empty list of finite numbers, got {vals}")
+    z = np.tile(base, (len(dims), len(vals), 1))
+    for r, d in enumerate(dims):
+        z[r, :, d] = vals
+    return z.reshape(len(dims) * len(vals), z_dim)
+
+
+def traversals_figure(
+    decode: Callable[[np.ndarray], object],
+    base_z,
+    dims: Sequence[int],
+    *,
+    values: Sequence[float] = tuple(np.linspace(-3.0, 3.0, 9)),
+    image_shape: tuple[int, int] = (28, 28),
+    title: str | None = "Latent traversals",
+    ax: Axes | None = None,
+) -> Figure:
+    """Decode latent traversals: one row per chosen dimension, the others held at base_z.
+
+    Row r shows the decoded images of base_z with z[dims[r]] set to each of `values` in turn
+    (left to right), so a row that changes shows what that dimension encodes and a row of
+    identical images a dimension the decoder ignores. `decode` is called once, with the
+    `[len(dims) * len(values), z_dim]` float32 array `traversal_latents(base_z, dims, values)`.
+    The grid is one `AxesImage` (tiles separated by 1-pixel white lines, see `tile_images`);
+    rows are labelled "z[u]" (0-based) and columns with the values.
+
+    Args:
+        decode: maps latent points `[m, z_dim]` to pixel means `[m, h * w]` (or `[m, h, w]`)
+            in [0, 1]; may return a NumPy or JAX array.
+        base_z: `[z_dim]` the point traversed around, e.g. the encoder's mean for one
+            datapoint, or zeros (the prior's mean).
+        dims: the latent dimensions (0-based) to traverse, one row each.
+        values: the values each traversed coordinate takes; by default 9 points from -3 to 3
+            (+-3 prior standard deviations).
+        image_shape: `(h, w)` of one image.
+        title: axes title, or None for none.
+        ax: axes to draw into; by default a new Figure with one axes is created.
+
+    Returns:
+        The Figure holding the grid (ax's top-level figure when ax is given).
+
+    Raises:
+        ValueError: if base_z, dims or values are invalid (see `traversal_latents`) or decode
+            returns a shape other than `[m, h * w]` or `[m, h, w]`.
+    """
+    z = traversal_latents(base_z, dims, values).astype(np.float32)
+    nrows, ncols = len(dims), z.shape[0] // len(dims)
+    out = np.asarray(decode(z))
+    h, w = image_shape
+    m = z.shape[0]
+    if out.shape not in ((m, h * w), (m, h, w)):
+        raise ValueError(
+            f"decode must map latent points [{m}, {z.shape[1]}] to [{m}, {h * w}] or "
+            f"[{m}, {h}, {w}] pixel means (image_shape={tuple(image_shape)}), but returned "
+            f"shape {out.shape}"
+        )
+    if ax is None:
+        fig = Figure(
+            figsize=(
+                max(3.0, ncols * _CELL_INCHES + 0.8),
+                max(1.5, nrows * _CELL_INCHES + 0.5) + (0.3 if title else 0.0),
+            ),
+            layout="constrained",
+        )
+        ax = fig.subplots()
+    else:
+        fig = _root_figure(ax)
+    _show(ax, tile_images(out.reshape(m, h, w).astype(np.float64), ncols))
+    ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(nrows)], [f"z[{int(d)}]" for d in dims])
+    vals = np.asarray(values, dtype=np.float64).reshape(-1)
+    ax.set_xticks(
+        [c * (w + 1) + (w - 1) / 2 for c in range(ncols)], [f"{v:.3g}" for v in vals], fontsize=7
+    )
+    ax.tick_params(length=0)
+    if title is not None:
+        ax.set_title(title)
+    return fig
+
+
+def activity_figure(
+    variance,
+    kl=None,
+    *,
+    threshold: float = 0.01,
+    sort: bool = True,
+    title: str | None = "Latent activity",
+) -> Figure:
+    """Which latent dimensions are used: the KL per dimension and the activity statistic.
+
+    Bottom panel: Burda et al. (2016)'s A_u = Var_x(E_q[z_u | x]) as bars on a log axis, with a
+    dashed line at the threshold; top panel (when kl is given): the average over the data of
+    KL(q(z_u | x) || p(z_u)) in nats. Active units (A_u > threshold) are drawn in colour,
+    inactive ones in grey. Both come from `amortjax.evaluation.activity`.
+
+    Args:
+        variance: `[z_dim]` A_u, finite and >= 0.
+        kl: `[z_dim]` KL per dimension in nats, or None for the activity panel alone.
+        threshold: the activity threshold (> 0; Burda et al.: 0.01).
+        sort: order the dimensions by decreasing A_u (in both panels), else in index order.
+        title: figure title, or None for none.
+
+    Returns:
+        A new Figure with `[kl axes,] variance axes`; each holds one `BarContainer` with a bar
+        per dimension in the plotted order, labelled by 0-based dimension index.
+
+    Raises:
+        ValueError: if variance is not a finite non-negative vector, kl does not match it or
+            is not finite, or threshold <= 0.
+    """
+    var = np.asarray(variance, dtype=np.float64)
+    if var.ndim != 1 or var.size == 0 or not np.isfinite(var).all() or (var < 0).any():
+        raise ValueError(
+            f"variance must be a non-empty [z_dim] vector of finite values >= 0, got shape "
+            f"{var.shape}"
+        )
+    if kl is not None:
+        kl = np.asarray(kl, dtype=np.float64)
+        if kl.shape != var.shape or not np.isfinite(kl).all():
+            raise ValueError(
+                f"kl must be a finite vector of the shape of variance {var.shape}, got {kl.shape}"
+            )
+    if not (np.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"threshold must be finite and > 0 (a log axis), got {threshold}")
+    order = np.argsort(-var, kind="stable") if sort else np.arange(var.size)
+    active = var[order] > threshold
+    colors = np.where(active, "C0", "0.7")
+    pos = np.arange(var.size)
+    fig = Figure(
+        figsize=(max(5.0, 1.2 + 0.18 * var.size), 5.5 if kl is not None else 3.0),
+        layout="constrained",
+    )
+    axes = list(np.atleast_1d(fig.subplots(2 if kl is not None else 1, 1, sharex=True)))
+    if kl is not None:
+        ax_kl = axes[0]
+        ax_kl.bar(pos, kl[order], color=colors)
+        ax_kl.set_ylabel("KL(q(z_u|x) || p(z_u))\nnats, mean over data")
+        ax_kl.grid(True, axis="y", alpha=0.3)
+    ax_var = axes[-1]
+    ax_var.bar(pos, var[order], color=colors)
+    positive = var[var > 0]
+    floor = 10.0 ** np.floor(np.log10(min(threshold, *positive) if positive.size else threshold))
+    ax_var.set_yscale("log")
+    ax_var.set_ylim(bottom=floor / 10)
+    ax_var.axhline(threshold, color="C3", linestyle="--", label=f"threshold {threshold:g}")
+    ax_var.set_ylabel("Var_x E_q[z_u|x]")
+    ax_var.grid(True, axis="y", alpha=0.3)
+    ax_var.set_xticks(pos, [str(int(u)) for u in order], fontsize=7 if var.size > 20 else None)
+    ax_var.set_xlabel("latent dimension u" + (" (by decreasing activity)" if sort else ""))
+    n_active = int(active.sum())
+    ax_var.legend(
+        handles=[
+            Patch(color="C0", label=f"active ({n_active})"),
+            Patch(color="0.7", label=f"inactive ({var.size - n_active})"),
+            *ax_var.get_lines(),
+        ],
+        fontsize=8,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+    )
+    if title is not None:
+        fig.suptitle(f"{title}: {n_active} of {var.size} units active")
+    return fig
+
+
+def _pca_2d(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Project `[n, d]` points on their first two principal axes (SVD of the centred points).
+
+    Each axis's sign is fixed so that its largest-magnitude loading is positive, so the picture
+    does not flip between runs. Returns the `[n, 2]` coordinates and the fraction of the total
+    variance along each axis `[2]`.
+    """
+    centred = points - points.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    axes = vt[:2]
+    signs = np.sign(axes[np.arange(2), np.abs(axes).argmax(axis=1)])
+    axes = axes * signs[:, None]
+    total = float((s**2).sum())
+    explained = s[:2] ** 2 / total if total > 0 else np.zeros(2)
+    return centred @ axes.T, explained
+
+
+def embedding_figure(
+    means,
+    labels=None,
+    *,
+    title: str | None = "Latent means",
+    point_size: float = 4.0,
+    ax: Axes | None = None,
+) -> Figure:
+    """A 2-D scatter of the encoder's latent means, coloured by label.
+
+    With z_dim = 2 the points are drawn as they are (axes "z[0]", "z[1]"); with z_dim > 2 they
+    are projected on their first two principal components (PCA by a NumPy SVD of the centred
+    means; the axis labels say so and give each component's share of the variance).
+
+    Integer labels with at most 20 distinct values (classes, e.g. digits) give one scatter per
+    class, in increasing label order, and a legend; other labels a single scatter coloured
+    on a continuous scale with a colorbar; no labels a single one-colour scatter.
+
+    Args:
+        means: `[N, z_dim]` E_q[z | x_i], z_dim >= 2, finite.
+        labels: `[N]` labels of the datapoints, or None.
+        title: axes title, or None for none.
+        point_size: marker area in points^2.
+        ax: axes to draw into; by default a new Figure with one axes is created.
+
+    Returns:
+        The Figure (ax's top-level figure when ax is given); its scatters are the axes'
+        `collections`, their offsets the plotted 2-D coordinates.
+
+    Raises:
+        ValueError: if means is not a finite `[N, z_dim]` array with z_dim >= 2 and N >= 1, or
+            labels is not `[N]`.
+    """
+    pts = np.asarray(means, dtype=np.float64)
+    if pts.ndim != 2 or pts.shape[0] < 1 or pts.shape[1] < 2 or not np.isfinite(pts).all():
+        raise ValueError(
+            f"means must be a finite [N, z_dim] array with N >= 1 and z_dim >= 2, got shape "
+            f"{pts.shape}"
+        )
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (pts.shape[0],):
+            raise ValueError(f"labels must have shape [{pts.shape[0]}], got {labels.shape}")
+    z_dim = pts.shape[1]
+    if z_dim == 2:
+        xy, xlabel, ylabel = pts, "z[0]", "z[1]"
+    else:
+        xy, explained = _pca_2d(pts)
+        xlabel, ylabel = (
+            f"PC {i + 1} of the {z_dim}-D means ({explained[i]:.0%} of variance)" for i in range(2)
+        )
+    if ax is None:
+        fig = Figure(figsize=(5.5, 4.5), layout="constrained")
+        ax = fig.subplots()
+    else:
+        fig = _root_figure(ax)
+    classes = None
+    if labels is not None and np.issubdtype(labels.dtype, np.number):
+        finite = np.isfinite(labels.astype(np.float64))
+        if finite.all() and np.array_equal(labels, np.round(labels)):
+            uniq = np.unique(labels)
+            classes = uniq if len(uniq) <= 20 else None
+    if labels is None:
+        ax.scatter(xy[:, 0], xy[:, 1], s=point_size, alpha=0.6, linewidths=0)
+    elif classes is not None:
+        cmap = "tab10" if len(classes) <= 10 else "tab20"
+        for i, c in enumerate(classes):
+            sel = labels == c
+            label = str(int(c)) if np.issubdtype(labels.dtype, np.integer) else f"{c:g}"
+            ax.scatter(
+                xy[sel, 0],
+                xy[sel, 1],
+                s=point_size,
+                alpha=0.6,
+                linewidths=0,
+                color=matplotlib.colormaps[cmap](i),
+                label=label,
+            )
+        ax.legend(title="label", markerscale=3, fontsize=8, loc="best")
+    else:
+        sc = ax.scatter(
+            xy[:, 0], xy[:, 1], s=point_size, alpha=0.6, linewidths=0, c=labels, cmap="viridis"
+        )
+        fig.colorbar(sc, ax=ax, label="label")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
     if title is not None:
         ax.set_title(title)
     return fig

@@ -3,7 +3,15 @@
 Trains q_phi(z|x) and p_theta(x|z) by SVI on the training split, then reports on the test split
 the ELBO of the encoder's q (every test point) and the IWAE-k lower bound of log p(x) (k = 5000;
 every test point in the paper preset, a seeded random subset in the quick one), with figures:
-reconstructions, prior samples, training curves and, for a 2-D latent space, the manifold.
+reconstructions, prior samples, training curves and, for a 2-D latent space, the manifold. On the
+test set it also measures which latent units the encoder uses: Burda et al. (2016)'s active
+units (Var_x E_q[z_u|x] > 0.01) and the KL of each dimension, with figures of both, of latent
+traversals along the most active units and of the test set's latent means coloured by digit.
+
+The KL term can be weighted (`beta`, the beta-VAE of Higgins et al. 2017) and scheduled
+(`kl_schedule`): a linear warm-up over `kl_warmup_epochs`, or Fu et al. (2019)'s cyclical
+annealing with `kl_cycles` cycles over the run's epochs. With beta != 1 or a schedule the training
+loss is the weighted objective, not -ELBO; the test numbers are always the plain ELBO and IWAE.
 
 Presets:
     quick: 784-400-20-400-784 ReLU MLPs, 100 epochs of batch 100 with Adam 1e-3; IWAE-5000 on
@@ -18,19 +26,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from amortjax import plotting
-from amortjax.data import load_data
+from amortjax.data import Data, DataNotFoundError, load_data, load_images
 from amortjax.data.loading import dynamic_binarize
+from amortjax.evaluation.activity import BURDA_THRESHOLD, latent_activity
 from amortjax.evaluation.bounds import evaluate_bounds, mean_and_stderr
 from amortjax.evaluation.subsets import random_subset
 from amortjax.families import DiagonalGaussian
 from amortjax.guides import amortized_guide, encode
-from amortjax.inference.objectives import make_optimizer
+from amortjax.inference.objectives import KL_SCHEDULES, kl_schedule, make_optimizer
 from amortjax.inference.training import Trainer, fit
 from amortjax.models import check_observations, decode_mean, vae_model
 from amortjax.nets import MLP
@@ -39,7 +49,13 @@ from amortjax.runner import write_json
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Options of the experiment; the defaults are the quick preset."""
+    """Options of the experiment; the defaults are the quick preset.
+
+    KL weight: `beta` is the weight the schedule reaches; `kl_schedule` is "linear" (0 -> beta
+    over `kl_warmup_epochs`, beta throughout when that is 0), "constant" (beta) or "cyclical"
+    (`kl_cycles` cycles over `epochs`, Fu et al. 2019). Latent activity: `activity_threshold`
+    on Var_x E_q[z_u|x] (Burda et al.: 0.01); `traversal_dims` most active units are traversed.
+    """
 
     dataset: str = "binarized_mnist"
     binarization: str = "auto"
@@ -55,13 +71,18 @@ class Config:
     learning_rate: float = 1e-3
     lr_schedule: str = "constant"
     adam_eps: float = 1e-8
+    beta: float = 1.0
+    kl_schedule: str = "linear"
     kl_warmup_epochs: float = 0.0
+    kl_cycles: int = 4
     eval_every: int = 5
     valid_points: int = 2000
     valid_samples: int = 10
     test_elbo_samples: int = 100
     iwae_samples: int = 5000
     iwae_points: int | None = 2000
+    activity_threshold: float = BURDA_THRESHOLD
+    traversal_dims: int = 8
     checkpoint_every: int = 1
     seed: int = 0
 
@@ -84,16 +105,93 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _curves(history: dict) -> dict:
+def _curves(history: dict, weighted: bool = False) -> dict:
     """The history with the training loss turned into a training ELBO, so all curves are bounds
-    of log p(x) on one axis."""
+    of log p(x) on one axis (with a KL weight, the weighted objective instead)."""
     curves = {k: v for k, v in history.items() if k != "train_loss"}
     epochs, losses = history["train_loss"]
-    return {"train_elbo (-loss)": (epochs, [-v for v in losses]), **curves}
+    name = "train objective (-loss, KL-weighted)" if weighted else "train_elbo (-loss)"
+    return {name: (epochs, [-v for v in losses]), **curves}
+
+
+def _kl_schedule(config: Config, steps_per_epoch: int) -> Callable[[jax.Array], jax.Array] | None:
+    """The Trainer's `kl_schedule` for the config, or None for the plain ELBO."""
+    if config.kl_schedule not in KL_SCHEDULES:
+        raise ValueError(
+            f"unknown kl_schedule {config.kl_schedule!r}; choose one of {list(KL_SCHEDULES)}"
+        )
+    if config.kl_warmup_epochs and config.kl_schedule != "linear":
+        raise ValueError(
+            f"kl_warmup_epochs={config.kl_warmup_epochs} is the length of the 'linear' "
+            f"schedule; with kl_schedule={config.kl_schedule!r} leave it at 0"
+        )
+    if config.kl_schedule == "cyclical":
+        return kl_schedule(
+            "cyclical",
+            beta=config.beta,
+            cycles=config.kl_cycles,
+            total_steps=config.epochs * steps_per_epoch,
+        )
+    warmup_steps = round(config.kl_warmup_epochs * steps_per_epoch)
+    if warmup_steps == 0 and config.beta == 1.0:
+        return None
+    return kl_schedule("linear", beta=config.beta, warmup_steps=warmup_steps)
+
+
+def _test_labels(data: Data) -> np.ndarray | None:
+    """Digit labels of the test split (to colour the embedding), or None if there are none."""
+    if data.test_labels is not None:
+        return data.test_labels
+    if data.name != "binarized_mnist":
+        return None
+    # Larochelle's binarized test split is MNIST's test split sorted by digit: matching each of
+    # its 10,000 images to the most likely MNIST test image (Bernoulli likelihood of the grey
+    # levels) gave labels equal to the sorted MNIST labels at all 10,000 positions.
+    try:
+        _, labels = load_images("mnist", "test")
+    except DataNotFoundError:
+        return None
+    labels = np.sort(labels)
+    return labels if len(labels) == len(data.test) else None
+
+
+def _kl_description(config: Config) -> str:
+    if config.kl_schedule == "cyclical":
+        how = f"in {config.kl_cycles} cycles (0 -> beta over the first half of each, then flat)"
+    elif config.kl_warmup_epochs:
+        how = f"rising linearly from 0 over {config.kl_warmup_epochs:g} epochs"
+    else:
+        how = "throughout"
+    return (
+        f"KL weight beta = {config.beta:g}, `{config.kl_schedule}` schedule, {how}: the training "
+        "loss is the KL-weighted objective; the test numbers below are the plain ELBO and IWAE."
+    )
+
+
+def _activity_lines(a: dict) -> list[str]:
+    lines = [
+        "## Latent activity (test set)",
+        "",
+        f"**{a['num_active']} of {a['z_dim']} latent units are active** (Burda et al. 2016: "
+        f"Var_x E_q[z_u|x] > {a['threshold']:g} over the {a['points']} test points). The KL "
+        f"term of the ELBO, E_x KL(q(z|x) || p(z)), is {a['kl_total']:.2f} nats, "
+        f"{a['kl_active']:.2f} of them in the active units.",
+        "",
+        r"| unit | Var_x E_q[z_u\|x] | KL(q(z_u\|x) \|\| p(z_u)), nats | active |",
+        "| --- | --- | --- | --- |",
+    ]
+    for u in np.argsort(-np.asarray(a["variance"]), kind="stable"):
+        lines.append(
+            f"| {u} | {a['variance'][u]:.3g} | {a['kl'][u]:.3f} | "
+            f"{'yes' if a['active'][u] else 'no'} |"
+        )
+    return [*lines, ""]
 
 
 def _report(config: Config, metrics: dict, figures: list[str]) -> str:
     t = metrics["test"]
+    kl_line = [] if metrics["kl_weight"] is None else [_kl_description(config), ""]
+    weighted = "" if metrics["kl_weight"] is None else " (KL-weighted)"
     lines = [
         "# vae_mnist: amortized VAE",
         "",
@@ -102,6 +200,7 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
         f"{list(config.decoder_hidden)} {config.activation}, objective `{config.objective}` "
         f"(k={config.num_particles}), {config.epochs} epochs of batch {config.batch_size}.",
         "",
+        *kl_line,
         "All numbers in nats per datapoint, mean ± standard error over datapoints; q is the "
         "encoder's (amortized) diagonal Gaussian.",
         "",
@@ -113,12 +212,13 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
         f"{t['iwae_points']} | {t['iwae']:.2f} ± {t['iwae_se']:.2f} |",
         f"| ELBO (same points as IWAE) | encoder | ELBO | {t['iwae_samples']} | test | "
         f"{t['iwae_points']} | {t['elbo_on_iwae_points']:.2f} |",
-        f"| train loss, last epoch | encoder | -{config.objective} | {config.num_particles} | "
-        f"train | all | {metrics['final_train_loss']:.2f} |",
+        f"| train loss, last epoch | encoder | -{config.objective}{weighted} | "
+        f"{config.num_particles} | train | all | {metrics['final_train_loss']:.2f} |",
         "",
         f"Training time {metrics['train_seconds']:.0f} s, evaluation {metrics['eval_seconds']:.0f}"
         f" s, on {metrics['device']}.",
         "",
+        *_activity_lines(metrics["activity"]),
     ]
     lines += [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
@@ -127,6 +227,7 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
 def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     """Trains and evaluates the VAE; writes metrics.json, report.md and figures/ in workdir."""
     workdir = Path(workdir)
+    _kl_schedule(config, 1)  # refuse bad KL options before loading anything
     data = load_data(config.dataset, binarization=config.binarization, seed=config.seed)
     x_dim = data.train.shape[1]
     check_observations(
@@ -141,12 +242,14 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     model = vae_model(decoder, z_dim=config.z_dim, likelihood=config.likelihood)
     guide = amortized_guide(encoder, x_dim=x_dim, family=family)
     n_train = data.train.shape[0]
+    steps_per_epoch = n_train // config.batch_size
     optimizer = make_optimizer(
         config.learning_rate,
         schedule=config.lr_schedule,
-        steps_per_epoch=n_train // config.batch_size,
+        steps_per_epoch=steps_per_epoch,
         eps=config.adam_eps,
     )
+    schedule = _kl_schedule(config, steps_per_epoch)
     trainer = Trainer(
         model,
         guide,
@@ -155,7 +258,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         batch_size=config.batch_size,
         objective=config.objective,
         num_particles=config.num_particles,
-        kl_warmup_epochs=config.kl_warmup_epochs,
+        kl_schedule=schedule,
         preprocess=dynamic_binarize if data.dynamic_binarization else None,
     )
     key = jax.random.key(config.seed)
@@ -212,6 +315,9 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         num_samples=config.iwae_samples,
         progress=f"test IWAE-{config.iwae_samples}" if progress else False,
     )
+    activity = latent_activity(
+        encoder, params, data.test, threshold=config.activity_threshold, family=family
+    )
     eval_seconds = time.perf_counter() - start
     elbo, elbo_se = mean_and_stderr(test_elbo.elbo)
     iwae, iwae_se = mean_and_stderr(test_iwae.iwae)
@@ -229,6 +335,26 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             "iwae_points": len(iwae_idx),
             "elbo_on_iwae_points": float(test_iwae.elbo.mean()),
         },
+        "activity": {
+            "split": "test",
+            "points": len(data.test),
+            "z_dim": config.z_dim,
+            "threshold": activity.threshold,
+            "num_active": activity.num_active,
+            "variance": activity.variance.tolist(),
+            "kl": activity.kl.tolist(),
+            "active": activity.active.tolist(),
+            "kl_total": float(activity.kl.sum()),
+            "kl_active": float(activity.kl[activity.active].sum()),
+        },
+        "kl_weight": None
+        if schedule is None
+        else {
+            "schedule": config.kl_schedule,
+            "beta": config.beta,
+            "warmup_epochs": config.kl_warmup_epochs if config.kl_schedule == "linear" else None,
+            "cycles": config.kl_cycles if config.kl_schedule == "cyclical" else None,
+        },
         "final_train_loss": result.history["train_loss"][1][-1],
         "history": result.history,
         "train_seconds": train_seconds,
@@ -238,9 +364,16 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     write_json(workdir / "metrics.json", metrics)
 
     figures = workdir / "figures"
-    shown = data.test[random_subset(len(data.test), 10, config.seed + 2)]
+    shown_idx = random_subset(len(data.test), 10, config.seed + 2)
+    shown = data.test[shown_idx]
     lam = encode(encoder, params, shown)
     recon = decode_mean(decoder, params, family.mean(lam), likelihood=config.likelihood)
+
+    def decode(z):
+        return np.asarray(decode_mean(decoder, params, z, likelihood=config.likelihood))
+
+    by_activity = np.argsort(-activity.variance, kind="stable")
+    labels = _test_labels(data)
     saved = [
         plotting.save_figure(
             plotting.reconstructions_figure(shown, np.asarray(recon)),
@@ -260,18 +393,37 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             figures / "prior_samples.png",
         ),
         plotting.save_figure(
-            plotting.training_curves_figure(_curves(result.history)),
+            plotting.training_curves_figure(_curves(result.history, schedule is not None)),
             figures / "training_curves.png",
+        ),
+        plotting.save_figure(
+            plotting.activity_figure(activity.variance, activity.kl, threshold=activity.threshold),
+            figures / "activity.png",
+        ),
+        plotting.save_figure(
+            plotting.traversals_figure(
+                decode,
+                activity.means[shown_idx[0]],
+                by_activity[: config.traversal_dims],
+                title="Traversals of the most active units around a test digit's mean",
+            ),
+            figures / "traversals.png",
+        ),
+        plotting.save_figure(
+            plotting.embedding_figure(
+                activity.means,
+                labels,
+                title="Encoder means of the test set"
+                + (" by digit" if labels is not None else " (no labels)"),
+                point_size=2.0,
+            ),
+            figures / "embedding.png",
         ),
     ]
     if config.z_dim == 2:
         saved.append(
             plotting.save_figure(
-                plotting.manifold_figure(
-                    lambda z: np.asarray(
-                        decode_mean(decoder, params, z, likelihood=config.likelihood)
-                    )
-                ),
+                plotting.manifold_figure(decode),
                 figures / "manifold.png",
             )
         )

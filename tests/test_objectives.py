@@ -1,18 +1,24 @@
-"""Objectives by name, KL warm-up as a handler, learning-rate schedules."""
+"""Objectives by name, KL weights as a handler and their schedules, learning-rate schedules."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from numpyro.infer import Trace_ELBO
 
 from amortjax.data.synthetic import linear_gaussian_vae
+from amortjax.guides import amortized_guide
 from amortjax.inference.objectives import (
     iwae_schedule,
+    kl_schedule,
     kl_warmup_weight,
     kl_weighted,
     make_objective,
     make_optimizer,
 )
+from amortjax.inference.training import Trainer
+from amortjax.models import vae_model
+from amortjax.nets import MLP
 
 
 def test_kl_weight_interpolates_reconstruction_and_elbo(lg_correlated):
@@ -77,3 +83,86 @@ def test_meanfield_elbo_is_exact_in_expectation(lg_diagonal):
     exact = -float(lg_diagonal.log_marginal(x).sum())
     assert abs(float(one) - exact) > 0.05  # one draw is noisy...
     assert float(many) == pytest.approx(exact, abs=0.1)  # ...their mean is not
+
+
+def test_kl_schedules_at_known_steps():
+    steps = np.arange(12)
+    assert float(kl_schedule("constant", beta=4.0)(7)) == 4.0
+    # The linear warm-up is kl_warmup_weight scaled by beta.
+    linear = kl_schedule("linear", beta=2.0, warmup_steps=4)
+    np.testing.assert_allclose([float(linear(s)) for s in range(6)], [0.5, 1, 1.5, 2, 2, 2])
+    np.testing.assert_allclose(
+        [float(kl_warmup_weight(s, 4)) for s in steps],
+        [float(kl_schedule("linear", warmup_steps=4)(s)) for s in steps],
+    )
+    assert float(kl_schedule("linear", beta=3.0)(0)) == 3.0  # no warm-up
+    # Fu et al.: 2 cycles of 4 steps, each ramping 0 -> beta over its first half; beta from
+    # total_steps on.
+    cyc = kl_schedule("cyclical", beta=2.0, cycles=2, total_steps=8)
+    expected = [0, 1, 2, 2, 0, 1, 2, 2, 2, 2, 2, 2]
+    np.testing.assert_allclose([float(cyc(s)) for s in steps], expected)
+    # Traceable: jit and vmap over int32 steps give the same values.
+    np.testing.assert_allclose(jax.jit(jax.vmap(cyc))(jnp.asarray(steps, jnp.int32)), expected)
+    # Periods need not be whole steps: 3 cycles over 10 steps, P = 10/3.
+    thirds = kl_schedule("cyclical", cycles=3, total_steps=10)
+    np.testing.assert_allclose(
+        [float(thirds(s)) for s in range(10)], [0, 0.6, 1, 1, 0.4, 1, 1, 0.2, 0.8, 1], rtol=1e-6
+    )
+    # Exact far past float32's consecutive integers (2^24): a step just after a cycle starts.
+    long = kl_schedule("cyclical", cycles=4, total_steps=4 * 2**23)
+    assert float(long(3 * 2**23 + 1)) == pytest.approx(2 / 2**23, rel=1e-6)
+
+
+def test_kl_schedule_rejects_bad_options():
+    with pytest.raises(ValueError, match="'cosine'.*constant"):
+        kl_schedule("cosine")
+    with pytest.raises(ValueError, match="total_steps"):
+        kl_schedule("cyclical", cycles=4)
+    with pytest.raises(ValueError, match="cycles must be"):
+        kl_schedule("cyclical", cycles=0, total_steps=10)
+    with pytest.raises(ValueError, match="beta"):
+        kl_schedule("constant", beta=-1.0)
+    with pytest.raises(ValueError, match="'linear' schedule, not 'constant'"):
+        kl_schedule("constant", warmup_steps=10)
+    with pytest.raises(ValueError, match="'cyclical' schedule, not 'linear'"):
+        kl_schedule("linear", total_steps=10)
+
+
+def _linear_vae_trainer(n, **kwargs):
+    model = vae_model(MLP((), 8), z_dim=3, likelihood="gaussian")
+    guide = amortized_guide(MLP((), 6), x_dim=8)
+    return Trainer(model, guide, make_optimizer(0.0), n_data=n, batch_size=16, **kwargs)
+
+
+def test_trainer_applies_the_schedule_at_each_global_step(lg_correlated):
+    # A zero learning rate keeps the parameters and the draws of every step the same across
+    # trainers, so each step's loss is affine in its KL weight w:
+    # loss(w) = loss(0) + w (loss(1) - loss(0)). Two epochs of 4 steps check the global step.
+    n = 64
+    x, _ = lg_correlated.sample(jax.random.key(0), n)
+
+    def losses(**kwargs):
+        trainer = _linear_vae_trainer(n, **kwargs)
+        state = trainer.init(jax.random.key(1), x)
+        out = []
+        for _ in range(2):
+            state, step_losses = trainer.run_epoch(state, jnp.asarray(x))
+            out.append(np.asarray(step_losses))
+        return np.concatenate(out)
+
+    plain = losses()
+    zero = losses(kl_schedule=kl_schedule("constant", beta=0.0))
+    assert np.all(zero < plain)  # without its KL term the loss drops at every step
+    schedule = kl_schedule("cyclical", cycles=2, total_steps=6)
+    weights = np.array([float(schedule(s)) for s in range(8)])
+    np.testing.assert_allclose(weights, [0, 2 / 3, 1, 0, 2 / 3, 1, 1, 1], rtol=1e-6)
+    cyclical = losses(kl_schedule=schedule)
+    np.testing.assert_allclose(cyclical, zero + weights * (plain - zero), rtol=1e-5)
+    # Where the weight is 1 the loss is the plain ELBO's, where it is 0 the beta = 0 one.
+    np.testing.assert_allclose(cyclical[weights == 1], plain[weights == 1], rtol=1e-6)
+    np.testing.assert_allclose(cyclical[weights == 0], zero[weights == 0], rtol=1e-6)
+
+
+def test_trainer_takes_a_warm_up_or_a_schedule_not_both():
+    with pytest.raises(ValueError, match="not both"):
+        _linear_vae_trainer(64, kl_warmup_epochs=1, kl_schedule=kl_schedule("constant"))

@@ -317,3 +317,141 @@ def test_density_panels_figure_per_datapoint_grids() -> None:
         plotting.density_panels_figure(g, {"true": np.ones((2, m, m)), "q": np.ones((2, 4, 4))})
     with pytest.raises(ValueError, match=r"grid must be"):
         plotting.density_panels_figure(np.zeros((5, 4, 2)), dens)
+
+
+# --- latent traversals, activity, embeddings --------------------------------------------------
+
+
+def test_traversal_latents_vary_one_dimension_per_row() -> None:
+    base = np.array([0.5, -1.0, 2.0])
+    z = plotting.traversal_latents(base, [2, 0], [-1.0, 0.0, 1.0])
+    assert z.shape == (6, 3)
+    np.testing.assert_array_equal(z[0], [0.5, -1.0, -1.0])  # row 0 moves z[2]
+    np.testing.assert_array_equal(z[2], [0.5, -1.0, 1.0])
+    np.testing.assert_array_equal(z[4], [0.0, -1.0, 2.0])  # row 1 moves z[0]
+    with pytest.raises(ValueError, match=r"indices in \[0, 3\)"):
+        plotting.traversal_latents(base, [3], [0.0])
+    with pytest.raises(ValueError, match="base_z"):
+        plotting.traversal_latents(np.zeros((2, 3)), [0], [0.0])
+
+
+def test_traversals_figure_decodes_once_and_tiles_rows_by_dimension() -> None:
+    h, w, z_dim = 2, 3, 4
+    values = [-2.0, 0.0, 2.0, 4.0]
+    calls = []
+
+    def decode(z):
+        calls.append(np.array(z))
+        # Every pixel of an image shows sigmoid(sum of z): rows differ only by the moved z.
+        return np.repeat(1 / (1 + np.exp(-z.sum(axis=1, keepdims=True))), h * w, axis=1)
+
+    base = np.array([0.1, 0.2, 0.3, 0.4])
+    fig = plotting.traversals_figure(decode, base, [1, 3], values=values, image_shape=(h, w))
+    assert len(calls) == 1 and calls[0].shape == (8, z_dim) and calls[0].dtype == np.float32
+    big = drawn(fig)
+    assert big.shape == (2 * h + 1, 4 * w + 3)
+    for r, d in enumerate([1, 3]):
+        for c, v in enumerate(values):
+            expected = 1 / (1 + np.exp(-(base.sum() - base[d] + v)))
+            np.testing.assert_allclose(block(big, r, c, h, w, 1), expected, rtol=1e-6)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["z[1]", "z[3]"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["-2", "0", "2", "4"]
+    with pytest.raises(ValueError, match=r"returned shape \(8, 5\)"):
+        plotting.traversals_figure(
+            lambda z: np.zeros((z.shape[0], 5)), base, [1, 3], values=values, image_shape=(h, w)
+        )
+
+
+def test_traversals_figure_draws_into_given_axes() -> None:
+    fig = Figure()
+    ax = fig.subplots()
+    out = plotting.traversals_figure(lambda z: np.zeros((z.shape[0], 784)), np.zeros(2), [0], ax=ax)
+    assert out is fig and len(ax.images) == 1
+
+
+def test_activity_figure_sorts_highlights_and_draws_the_threshold() -> None:
+    variance = np.array([1e-4, 2.0, 0.0, 0.05])
+    kl = np.array([0.01, 3.0, 0.0, 0.5])
+    fig = plotting.activity_figure(variance, kl, threshold=0.01)
+    assert len(fig.axes) == 2
+    ax_kl, ax_var = fig.axes
+    order = [1, 3, 0, 2]  # by decreasing variance
+    (kl_bars,) = [c for c in ax_kl.containers if isinstance(c, BarContainer)]
+    (var_bars,) = [c for c in ax_var.containers if isinstance(c, BarContainer)]
+    assert [p.get_height() for p in kl_bars] == list(kl[order])
+    assert [p.get_height() for p in var_bars] == list(variance[order])
+    assert [t.get_text() for t in ax_var.get_xticklabels()] == ["1", "3", "0", "2"]
+    assert ax_var.get_yscale() == "log"
+    (line,) = ax_var.get_lines()
+    np.testing.assert_array_equal(line.get_ydata(), [0.01, 0.01])
+    # The two active units share one colour, the inactive ones another.
+    colours = [tuple(p.get_facecolor()) for p in var_bars]
+    assert colours[0] == colours[1] != colours[2] == colours[3]
+    assert "2 of 4 units active" in fig.get_suptitle()
+    # In index order, and without the KL panel.
+    fig = plotting.activity_figure(variance, sort=False)
+    assert len(fig.axes) == 1
+    (bars,) = fig.axes[0].containers
+    assert [p.get_height() for p in bars] == list(variance)
+
+
+def test_activity_figure_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match=r"variance must be.*\(2, 2\)"):
+        plotting.activity_figure(np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"variance must be"):
+        plotting.activity_figure(np.array([1.0, -0.1]))
+    with pytest.raises(ValueError, match=r"kl must be.*\(3,\)"):
+        plotting.activity_figure(np.ones(2), np.ones(3))
+    with pytest.raises(ValueError, match="threshold"):
+        plotting.activity_figure(np.ones(2), threshold=0.0)
+
+
+def test_embedding_figure_two_dims_one_scatter_per_class(rng: np.random.Generator) -> None:
+    means = rng.normal(size=(30, 2))
+    labels = np.repeat([2, 0, 1], 10)
+    fig = plotting.embedding_figure(means, labels)
+    ax = fig.axes[0]
+    assert len(ax.collections) == 3  # classes 0, 1, 2 in increasing order
+    for k, c in enumerate([0, 1, 2]):
+        np.testing.assert_allclose(ax.collections[k].get_offsets(), means[labels == c])
+    legend = ax.get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["0", "1", "2"]
+    assert ax.get_xlabel() == "z[0]" and ax.get_ylabel() == "z[1]"
+
+
+def test_embedding_figure_projects_on_principal_components(rng: np.random.Generator) -> None:
+    # Points spread mostly along two known orthogonal directions of a 5-D space.
+    basis = np.linalg.qr(rng.normal(size=(5, 5)))[0]
+    coords = rng.normal(size=(200, 5)) * np.array([5.0, 2.0, 0.1, 0.1, 0.1])
+    means = coords @ basis.T + 3.0
+    fig = plotting.embedding_figure(means)  # no labels: one scatter
+    ax = fig.axes[0]
+    (scatter,) = ax.collections
+    xy = np.asarray(scatter.get_offsets())
+    # Reference: eigenvectors of the covariance, compared up to each axis's sign.
+    evals, evecs = np.linalg.eigh(np.cov(means.T, bias=True))
+    ref = (means - means.mean(axis=0)) @ evecs[:, ::-1][:, :2]
+    for i in range(2):
+        sign = np.sign(xy[:, i] @ ref[:, i])
+        np.testing.assert_allclose(xy[:, i], sign * ref[:, i], rtol=1e-6, atol=1e-8)
+    share = evals[::-1][0] / evals.sum()
+    assert ax.get_xlabel() == f"PC 1 of the 5-D means ({share:.0%} of variance)"
+    assert ax.get_ylabel().startswith("PC 2 of the 5-D means")
+    assert ax.get_legend() is None
+
+
+def test_embedding_figure_continuous_labels_colorbar_and_errors(rng) -> None:
+    means = rng.normal(size=(20, 3))
+    fig = plotting.embedding_figure(means, rng.uniform(size=20))
+    assert len(fig.axes) == 2  # the scatter's axes and its colorbar
+    fig = Figure()
+    ax = fig.subplots()
+    assert plotting.embedding_figure(means, np.arange(20) % 4, ax=ax) is fig
+    assert len(ax.collections) == 4
+    with pytest.raises(ValueError, match=r"z_dim >= 2.*\(20, 1\)"):
+        plotting.embedding_figure(means[:, :1])
+    with pytest.raises(ValueError, match=r"labels must have shape \[20\]"):
+        plotting.embedding_figure(means, np.zeros(19))
+    with pytest.raises(ValueError, match="finite"):
+        plotting.embedding_figure(np.full((3, 2), np.nan))

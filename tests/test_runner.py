@@ -136,16 +136,42 @@ def test_vae_mnist_runs_end_to_end_and_resumes(tmp_path):
     # one epoch of a small VAE: far better than chance (784 log 2 = 543 nats), below IWAE
     assert -250 < t["elbo"] < -100
     assert t["elbo_on_iwae_points"] < t["iwae"] < -100
-    for name in ("reconstructions", "prior_samples", "training_curves", "manifold"):
+    names = ("reconstructions", "prior_samples", "training_curves", "manifold", "activity")
+    for name in (*names, "traversals", "embedding"):
         assert (workdir / "figures" / f"{name}.png").stat().st_size > 1000
     report = (workdir / "report.md").read_text()
     assert "IWAE-20" in report and "| test | 50 |" in report
+    # Active units and the KL per dimension on the whole test set: the per-dimension KLs add
+    # up to the KL term, which is what separates the ELBO from the reconstruction term.
+    a = metrics["activity"]
+    assert a["points"] == 10_000 and len(a["variance"]) == len(a["kl"]) == 2
+    assert a["num_active"] == sum(a["active"]) == sum(v > 0.01 for v in a["variance"])
+    assert a["kl_total"] == pytest.approx(sum(a["kl"])) and a["kl_total"] > 0
+    assert metrics["kl_weight"] is None  # the plain ELBO by default
+    assert f"{a['num_active']} of 2 latent units are active" in report
 
     proc = _cli("vae_mnist", "--resume", str(workdir), "epochs=2", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = json.loads((workdir / "metrics.json").read_text())
     assert resumed["history"]["train_loss"][0] == [1, 2]
     assert resumed["history"]["train_loss"][1][0] == metrics["history"]["train_loss"][1][0]
+
+
+def test_vae_mnist_kl_options_map_to_schedules():
+    module = load_experiment("vae_mnist")
+    config = module.Config()
+    assert module._kl_schedule(config, 500) is None  # the plain ELBO: the default is unchanged
+    beta = module._kl_schedule(dataclasses.replace(config, beta=4.0), 500)
+    assert float(beta(0)) == float(beta(10**6)) == 4.0
+    warm = module._kl_schedule(dataclasses.replace(config, kl_warmup_epochs=2.0), 500)
+    assert float(warm(499)) == pytest.approx(0.5) and float(warm(999)) == 1.0
+    cyc = dataclasses.replace(config, kl_schedule="cyclical", kl_cycles=4, epochs=8, beta=0.5)
+    cyclical = module._kl_schedule(cyc, 500)  # 4 cycles of 1000 steps over 8 epochs
+    assert [float(cyclical(s)) for s in (0, 250, 500, 999, 1000)] == [0, 0.25, 0.5, 0.5, 0]
+    with pytest.raises(ValueError, match="'cosine'"):
+        module._kl_schedule(dataclasses.replace(config, kl_schedule="cosine"), 500)
+    with pytest.raises(ValueError, match="kl_warmup_epochs"):
+        module._kl_schedule(dataclasses.replace(cyc, kl_warmup_epochs=1.0), 500)
 
 
 def test_semi_amortized_runs_end_to_end(tmp_path):

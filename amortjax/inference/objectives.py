@@ -1,9 +1,13 @@
-"""Training objectives and optimizers: NumPyro ELBOs by name, KL warm-up, Adam with schedules.
+"""Training objectives and optimizers: NumPyro ELBOs by name, KL weights and their schedules
+(beta-VAE, KL warm-up, cyclical annealing), Adam with learning-rate schedules.
 
-KL warm-up multiplies the log-density of every *unobserved* sample site, in model and guide
+A KL weight multiplies the log-density of every *unobserved* sample site, in model and guide
 alike, by a weight beta: Trace_ELBO then estimates E_q[log p(x|z)] + beta (E_q[log p(z)] -
 E_q[log q(z|x)]), i.e. the reconstruction term minus beta KL, for any NumPyro model. It is a
-handler, not a second ELBO.
+handler (`kl_weighted`), not a second ELBO. `kl_schedule` makes beta a function of the
+optimizer step: constant (the beta-VAE of Higgins et al. 2017), a linear warm-up (Bowman et al.
+2016, Sonderby et al. 2016) or cyclical annealing (Fu et al. 2019); `Trainer(kl_schedule=...)`
+applies one.
 """
 
 from __future__ import annotations
@@ -70,10 +74,89 @@ def kl_weighted(fn: Callable) -> Callable:
 
 
 def kl_warmup_weight(step: jax.Array, warmup_steps: int) -> jax.Array:
-    """beta rising linearly from 0 to 1 over warmup_steps optimizer steps (1 if no warm-up)."""
-    if warmup_steps <= 0:
-        return jnp.ones(())
-    return jnp.minimum(1.0, (step + 1) / warmup_steps)
+    """beta rising linearly from 0 to 1 over warmup_steps optimizer steps (1 if no warm-up).
+
+    The "linear" `kl_schedule` with beta = 1: step s (from 0) has weight min(1, (s + 1) / W).
+    """
+    return kl_schedule("linear", warmup_steps=max(warmup_steps, 0))(step)
+
+
+KL_SCHEDULES = ("constant", "linear", "cyclical")
+
+
+def kl_schedule(
+    kind: str,
+    *,
+    beta: float = 1.0,
+    warmup_steps: int = 0,
+    cycles: int = 1,
+    total_steps: int | None = None,
+    ratio: float = 0.5,
+) -> Callable[[jax.Array], jax.Array]:
+    """A KL weight as a function of the optimizer step, for `kl_weighted` / `Trainer`.
+
+    With s = 0, 1, ... the global optimizer step:
+
+    - "constant": w(s) = beta. beta > 1 is the beta-VAE (Higgins et al. 2017), beta < 1 weakens
+      the KL; beta = 1 is the plain ELBO.
+    - "linear": w(s) = beta min(1, (s + 1) / warmup_steps), the KL warm-up (Bowman et al. 2016,
+      Sonderby et al. 2016); beta from the first step when warmup_steps = 0.
+    - "cyclical": Fu et al. (2019)'s cyclical annealing: total_steps split into `cycles` periods
+      of P = total_steps / cycles steps; with tau = (s mod P) / P the position in the current
+      period, w(s) = beta min(1, tau / ratio): a ramp from 0 to beta over the first `ratio` of
+      each period (their R = 0.5), then flat. Steps from total_steps on have weight beta.
+
+    Args:
+        kind: one of "constant", "linear", "cyclical".
+        beta: the weight reached (and kept) by every schedule, >= 0.
+        warmup_steps: steps of the linear ramp ("linear" only).
+        cycles: number of periods ("cyclical" only), >= 1.
+        total_steps: length of the cyclical schedule in steps ("cyclical" only, required).
+        ratio: fraction of each period spent ramping up ("cyclical" only), in (0, 1].
+
+    Returns:
+        `weight(step) -> float32 scalar`, traceable by jax (step may be a traced int array).
+
+    Raises:
+        ValueError: on an unknown kind, or an option out of range or given to a kind that
+            does not use it.
+    """
+    if kind not in KL_SCHEDULES:
+        raise ValueError(f"unknown KL schedule {kind!r}; choose one of {list(KL_SCHEDULES)}")
+    if not (np.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta must be finite and >= 0, got {beta}")
+    if warmup_steps and kind != "linear":
+        raise ValueError(f"warmup_steps={warmup_steps} is for the 'linear' schedule, not {kind!r}")
+    if (cycles != 1 or total_steps is not None) and kind != "cyclical":
+        raise ValueError(f"cycles and total_steps are for the 'cyclical' schedule, not {kind!r}")
+    beta_ = jnp.float32(beta)
+
+    if kind == "constant":
+        return lambda step: jnp.full((), beta_)
+
+    if kind == "linear":
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if warmup_steps == 0:
+            return lambda step: jnp.full((), beta_)
+        return lambda step: beta_ * jnp.minimum(1.0, (jnp.asarray(step) + 1) / warmup_steps)
+
+    if total_steps is None or total_steps < 1:
+        raise ValueError(f"the 'cyclical' schedule needs total_steps >= 1, got {total_steps}")
+    if cycles < 1:
+        raise ValueError(f"cycles must be >= 1, got {cycles}")
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+
+    def cyclical(step: jax.Array) -> jax.Array:
+        step = jnp.asarray(step, jnp.int32)
+        # tau = (s mod P) / P = ((s * cycles) mod total_steps) / total_steps, in integers so
+        # that it stays exact past float32's 2^24 consecutive integers.
+        tau = jnp.mod(step * cycles, total_steps) / jnp.float32(total_steps)
+        ramp = beta_ * jnp.minimum(1.0, tau / jnp.float32(ratio))
+        return jnp.where(step >= total_steps, beta_, ramp).astype(jnp.float32)
+
+    return cyclical
 
 
 SCHEDULES = ("constant", "iwae")

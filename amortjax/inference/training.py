@@ -19,6 +19,7 @@ an evaluator (see `amortjax.evaluation`) nor the per-example optimizer of a froz
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -106,6 +107,10 @@ class Trainer:
         objective: "elbo", "meanfield_elbo" or "iwae" (see `make_objective`).
         num_particles: samples per datapoint per step (k for "iwae").
         kl_warmup_epochs: epochs over which the KL weight rises linearly from 0 to 1.
+        kl_schedule: `weight(step) -> scalar`, the KL weight of each global optimizer step
+            (counted from 0 over the whole run), e.g. from
+            `amortjax.inference.objectives.kl_schedule` (beta-VAE, warm-up, cyclical);
+            traced inside the compiled epoch. Not together with kl_warmup_epochs.
         preprocess: `preprocess(key, x_batch) -> x_batch`, applied to each minibatch inside the
             compiled epoch (e.g. `amortjax.data.dynamic_binarize`).
         mesh: a device mesh with a data axis (`amortjax.sharding.data_mesh()`) for
@@ -128,6 +133,7 @@ class Trainer:
         objective: str = "elbo",
         num_particles: int = 1,
         kl_warmup_epochs: float = 0,
+        kl_schedule: Callable[[jax.Array], jax.Array] | None = None,
         preprocess: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
         mesh: Mesh | None = None,
     ):
@@ -140,9 +146,17 @@ class Trainer:
         self.n_data = n_data
         self.batch_size = batch_size
         self.steps_per_epoch = n_data // batch_size
+        if kl_schedule is not None and kl_warmup_epochs:
+            raise ValueError(
+                f"give kl_warmup_epochs={kl_warmup_epochs} or kl_schedule, not both (a linear "
+                "warm-up is kl_schedule('linear', warmup_steps=...))"
+            )
         self.warmup_steps = round(kl_warmup_epochs * self.steps_per_epoch)
-        self.preprocess = preprocess
         if self.warmup_steps > 0:
+            kl_schedule = functools.partial(kl_warmup_weight, warmup_steps=self.warmup_steps)
+        self.kl_schedule = kl_schedule
+        self.preprocess = preprocess
+        if self.kl_schedule is not None:
             model, guide = kl_weighted(model), kl_weighted(guide)
         model, guide = with_data_indices(model), with_data_indices(guide)
         self.svi = SVI(
@@ -152,8 +166,8 @@ class Trainer:
 
     def _kwargs(self, step: jax.Array, idx: jax.Array) -> dict:
         kwargs: dict[str, Any] = {"n_data": self.n_data, "data_indices": idx}
-        if self.warmup_steps > 0:
-            kwargs["kl_weight"] = kl_warmup_weight(step, self.warmup_steps)
+        if self.kl_schedule is not None:
+            kwargs["kl_weight"] = self.kl_schedule(step)
         return kwargs
 
     def init(self, key: jax.Array, x_train: jax.Array) -> TrainState:

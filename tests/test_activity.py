@@ -1,0 +1,122 @@
+"""Active units (Burda et al. 2016) and the KL per latent dimension."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+
+from amortjax.evaluation.activity import active_units, kl_per_dimension, latent_activity
+from amortjax.families import DiagonalGaussian, FullRankGaussian
+from amortjax.guides import encode
+from amortjax.nets import MLP
+
+
+def _alternating(n, amplitude, centre=0.0):
+    """n values centre +- amplitude, alternating: population variance exactly amplitude^2."""
+    return centre + amplitude * (-1.0) ** np.arange(n)
+
+
+def test_active_units_finds_exactly_the_varying_dimensions():
+    n = 100
+    means = np.stack(
+        [
+            _alternating(n, 1.0),  # variance 1: active
+            np.full(n, 0.3),  # constant: collapsed, variance 0
+            _alternating(n, 0.05, 2.0),  # variance 0.0025 < 0.01: inactive although it moves
+            _alternating(n, 0.2),  # variance 0.04: active
+            np.full(n, -1.0),  # constant
+        ],
+        axis=1,
+    )
+    units = active_units(means)
+    np.testing.assert_allclose(units.variance, [1.0, 0.0, 0.0025, 0.04, 0.0], atol=1e-12)
+    np.testing.assert_array_equal(units.active, [True, False, False, True, False])
+    assert units.num_active == 2 and units.threshold == 0.01
+    # A lower threshold lets the small mover in; JAX input gives the same answer.
+    low = active_units(jnp.asarray(means, jnp.float32), threshold=0.001)
+    np.testing.assert_array_equal(low.active, [True, False, True, True, False])
+    assert low.num_active == 3
+
+
+def test_active_units_is_the_variance_over_data_of_random_means():
+    means = np.random.default_rng(0).normal(size=(500, 4)) * np.array([2.0, 0.5, 0.05, 0.0])
+    units = active_units(means)
+    np.testing.assert_allclose(units.variance, means.var(axis=0), rtol=1e-12)
+    np.testing.assert_array_equal(units.active, [True, True, False, False])
+
+
+def test_active_units_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\[N, dim\].*\(10,\)"):
+        active_units(np.zeros(10))
+    with pytest.raises(ValueError, match="at least 2 datapoints"):
+        active_units(np.zeros((1, 3)))
+    bad = np.zeros((5, 3))
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="1 non-finite entries.*row 3"):
+        active_units(bad)
+    with pytest.raises(ValueError, match="threshold"):
+        active_units(np.zeros((5, 3)), threshold=-1.0)
+
+
+def test_kl_per_dimension_matches_numpyro_kl_divergence():
+    z_dim, n = 6, 40
+    lam = np.random.default_rng(1).normal(size=(n, 2 * z_dim)).astype(np.float32)
+    mu, log_sigma = np.split(lam, 2, axis=1)
+    reference = dist.kl_divergence(dist.Normal(mu, np.exp(log_sigma)), dist.Normal(0.0, 1.0))
+    per_point = kl_per_dimension(lam, per_datapoint=True)
+    assert per_point.shape == (n, z_dim)
+    np.testing.assert_allclose(per_point, reference, rtol=1e-5)
+    kl = kl_per_dimension(lam)
+    np.testing.assert_allclose(kl, np.asarray(reference).mean(axis=0), rtol=1e-5)
+    # Summed over dimensions it is the KL of the whole diagonal Gaussian q(z|x) to N(0, I).
+    family = DiagonalGaussian()
+    prior = dist.Normal(jnp.zeros(z_dim), 1.0).to_event(1)
+    total = dist.kl_divergence(family.distribution(jnp.asarray(lam)), prior)
+    np.testing.assert_allclose(kl.sum(), np.asarray(total).mean(), rtol=1e-5)
+    # q = p costs nothing.
+    np.testing.assert_allclose(kl_per_dimension(np.zeros((3, 2 * z_dim))), 0.0, atol=1e-15)
+
+
+def test_kl_per_dimension_rejects_bad_input():
+    with pytest.raises(ValueError, match="odd number"):
+        kl_per_dimension(np.zeros((4, 5)))
+    with pytest.raises(ValueError, match=r"\[N, dim\]"):
+        kl_per_dimension(np.zeros((2, 3, 4)))
+    with pytest.raises(ValueError, match="non-finite"):
+        kl_per_dimension(np.array([[0.0, np.inf]]))
+
+
+def _linear_encoder(x_dim, z_dim, dead):
+    """A linear encoder whose mean of each unit in `dead` ignores x (a collapsed unit)."""
+    encoder = MLP((), 2 * z_dim)
+    variables = encoder.init(jax.random.key(0), jnp.zeros((1, x_dim)))
+    kernel = variables["params"]["Dense_0"]["kernel"]
+    kernel = kernel.at[:, np.asarray(dead)].set(0.0)
+    params = {"encoder$params": {"Dense_0": {**variables["params"]["Dense_0"], "kernel": kernel}}}
+    return encoder, params
+
+
+def test_latent_activity_encodes_in_batches_and_finds_collapsed_units():
+    x_dim, z_dim, n = 7, 5, 37
+    encoder, params = _linear_encoder(x_dim, z_dim, dead=[1, 3])
+    x = np.random.default_rng(2).normal(size=(n, x_dim)).astype(np.float32)
+    act = latent_activity(encoder, params, x, batch_size=10)  # 4 batches, the last padded
+    lam = np.asarray(encode(encoder, params, jnp.asarray(x)))
+    np.testing.assert_allclose(act.means, lam[:, :z_dim], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(act.kl, kl_per_dimension(lam), rtol=1e-5)
+    np.testing.assert_array_equal(act.active, [True, False, True, False, True])
+    assert act.num_active == 3
+    np.testing.assert_allclose(act.variance[[1, 3]], 0.0, atol=1e-12)
+    # A family whose KL does not split over dimensions: means and activity, no KL.
+    full = FullRankGaussian()
+    encoder_fr = MLP((), full.num_params(3))
+    params_fr = {
+        "encoder$params": encoder_fr.init(jax.random.key(1), jnp.zeros((1, x_dim)))["params"]
+    }
+    act_fr = latent_activity(encoder_fr, params_fr, x, family=full)
+    assert act_fr.means.shape == (n, 3) and act_fr.kl is None
+    with pytest.raises(ValueError, match=r"\[N, x_dim\]"):
+        latent_activity(encoder, params, x[0])
+    with pytest.raises(ValueError, match="batch_size"):
+        latent_activity(encoder, params, x, batch_size=0)
