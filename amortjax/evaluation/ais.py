@@ -9,7 +9,10 @@ distribution q0(z) to the posterior p(z | x) through the intermediate targets
 family's distribution with per-datapoint parameters lambda_i: by default the family's standard
 parameters, N(0, I), which is the prior of a VAE (then f_b(z) = p(z) p(x | z)^b), or e.g. an
 encoder's q(z | x_i). log p(x, z) comes only from `amortjax.traces.log_joint`, the library's one
-adapter from a NumPyro model to per-datapoint densities.
+adapter from a NumPyro model to per-datapoint densities. For a model whose local latents are
+constrained or spread over several sites (a `LocalLatents`), z is their flat unconstrained
+vector u and log p(x, z) is `log_joint_unconstrained`, which adds the bijection's log-Jacobian:
+the chains run in R^D whatever the supports, and p(x) is unchanged.
 
 One chain: z_0 ~ q0, and for t = 1..T
 
@@ -86,8 +89,8 @@ from numpyro import handlers
 from tqdm.auto import tqdm
 
 from amortjax.families import DiagonalGaussian, Family
+from amortjax.latents import LocalLatents, Site, log_joint_unconstrained
 from amortjax.sharding import active_mesh, check_divisible, replicate, shard_rows
-from amortjax.traces import log_joint
 
 SCHEDULES = ("linear", "sigmoid")
 ADAPT_PER = ("datapoint", "chain")
@@ -203,7 +206,7 @@ class _Chain(NamedTuple):
 def _densities(
     model: Callable,
     family: Family,
-    site: str,
+    site: Site,
     params: dict,
     x: jax.Array,
     lam: jax.Array,
@@ -214,7 +217,7 @@ def _densities(
     Args:
         model: NumPyro model (latent `site` is `[M, D]`).
         family: the family of q0.
-        site: the model's latent site.
+        site: the model's local latents (a site name or a `LocalLatents`).
         params: model parameters.
         x: observations, one row per chain, `[M, ...]`.
         lam: q0's parameters, one row per chain, `[M, P]`.
@@ -225,7 +228,7 @@ def _densities(
     """
 
     def log_p(z):
-        values = log_joint(model, params, x, {site: z})
+        values = log_joint_unconstrained(model, params, x, z, site)
         return values.sum(), values  # rows are independent: d(sum)/dz_m = d(row m)/dz_m
 
     def log_q(z):
@@ -297,7 +300,7 @@ def _hmc_transition(
 def _anneal_batch(
     model: Callable,
     family: Family,
-    site: str,
+    site: Site,
     num_chains: int,
     leapfrog_steps: int,
     target_accept: float,
@@ -398,11 +401,15 @@ _anneal_batch_jit = jax.jit(_anneal_batch, static_argnums=tuple(range(7)))
 # Input checks and the batched driver.
 
 
-def _latent_dim(model: Callable, params: dict, x: jax.Array, site: str, z_dim: int | None) -> int:
+def _latent_dim(model: Callable, params: dict, x: jax.Array, site: Site, z_dim: int | None) -> int:
     """The size of the model's latent vector per datapoint, checked against z_dim if given.
 
     The model is traced abstractly (`jax.eval_shape`) on one datapoint: no computation runs.
     """
+    if isinstance(site, LocalLatents):
+        if z_dim is not None and z_dim != site.size:
+            raise ValueError(f"z_dim={z_dim} but the local latents have size {site.size}")
+        return site.size
     found = {}
 
     def inspect(params, x):
@@ -500,7 +507,7 @@ def _run(
     key: jax.Array,
     *,
     family: Family,
-    site: str,
+    site: Site,
     lam: jax.Array,
     z0: jax.Array | None,
     betas: np.ndarray,
@@ -608,7 +615,7 @@ def ais(
     z_dim: int | None = None,
     family: Family | None = None,
     init_params: np.ndarray | jax.Array | None = None,
-    site: str = "z",
+    site: Site = "z",
     num_chains: int = 16,
     num_temperatures: int = 500,
     schedule: str = "sigmoid",
@@ -634,7 +641,7 @@ def ais(
         init_params: q0's parameters: None for `family.standard_params(z_dim)` (N(0, I), the
             VAE prior), `[P]` shared by all datapoints, or `[N, P]` per datapoint (e.g. an
             encoder's output, `amortjax.guides.encode`).
-        site: the model's latent site.
+        site: the model's local latents (a site name or a `LocalLatents`).
         num_chains: C, independent chains per datapoint.
         num_temperatures: T >= 1, the weight increments (and HMC transitions) per chain.
         schedule: "sigmoid" or "linear" (see `annealing_schedule`).
@@ -716,7 +723,7 @@ def reverse_ais(
     z_dim: int | None = None,
     family: Family | None = None,
     init_params: np.ndarray | jax.Array | None = None,
-    site: str = "z",
+    site: Site = "z",
     num_chains: int = 16,
     num_temperatures: int = 500,
     schedule: str = "sigmoid",
@@ -851,7 +858,7 @@ def run_hmc(
     z_dim: int | None = None,
     family: Family | None = None,
     init_params: np.ndarray | jax.Array | None = None,
-    site: str = "z",
+    site: Site = "z",
     leapfrog_steps: int = 10,
     step_size: float | np.ndarray | jax.Array = 0.1,
     target_accept: float = 0.65,

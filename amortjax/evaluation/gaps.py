@@ -32,6 +32,7 @@ from amortjax.evaluation.bounds import evaluate_bounds, mean_and_stderr
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.guides.local import given_params_guide
 from amortjax.inference.local import fit_local
+from amortjax.latents import Site
 
 LOWER_BOUNDS = ("iwae_q", "iwae_qstar", "ais")
 """The estimators of log p(x) that log p̂(x) is chosen from (those that were computed)."""
@@ -131,7 +132,7 @@ def gap_decomposition(
     key: jax.Array,
     *,
     family: Family | None = None,
-    site: str = "z",
+    site: Site = "z",
     elbo_samples: int = 1000,
     iwae_samples: int = 5000,
     qstar: dict[str, Any] | None = None,
@@ -149,7 +150,7 @@ def gap_decomposition(
             `[N, num_params]` (e.g. `amortjax.guides.encode(encoder, params, x)`).
         key: PRNG key.
         family: the variational family of q and q* (diagonal Gaussian by default).
-        site: the model's latent site.
+        site: the model's local latents (a site name or a `LocalLatents`).
         elbo_samples: draws behind L[q] and L[q*].
         iwae_samples: k of the IWAE bounds with q and with q*.
         qstar: keyword arguments of `amortjax.inference.local.fit_local` (learning_rate,

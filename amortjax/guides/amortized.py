@@ -11,10 +11,11 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
-import numpyro
 from numpyro.contrib.module import flax_module
 
 from amortjax.families import DiagonalGaussian, Family
+from amortjax.guides.global_latents import draw_globals
+from amortjax.latents import Site, sample_local
 from amortjax.models import data_plate
 
 
@@ -23,7 +24,8 @@ def amortized_guide(
     *,
     x_dim: int,
     family: Family | None = None,
-    site: str = "z",
+    site: Site = "z",
+    global_guide: Callable | None = None,
 ) -> Callable[..., None]:
     """q_phi(z_i | x_i) = q(z_i; lambda_i), lambda_i = encoder(x_i).
 
@@ -31,7 +33,11 @@ def amortized_guide(
         encoder: a Flax module mapping x `[..., x_dim]` to lambda `[..., family.num_params]`.
         x_dim: observation size (for the encoder's initialization).
         family: the variational family; the diagonal Gaussian by default.
-        site: name of the model's latent site that the guide covers.
+        site: the model's local latents: a site name (one real vector per datapoint) or the
+            `LocalLatents` of `find_local_latents(model, x)` (any sites, shapes and supports;
+            lambda then parameterizes q over their flat unconstrained vector).
+        global_guide: a guide for the model's global latents (`global_guide(model)`), run
+            first, or None for a model without global latents.
 
     Returns:
         A NumPyro guide `guide(x, *, n_data=None)` with the param site "encoder$params".
@@ -39,9 +45,10 @@ def amortized_guide(
     family = family or DiagonalGaussian()
 
     def guide(x: jax.Array, *, n_data: int | None = None) -> None:
+        draw_globals(global_guide, x, n_data)
         net = flax_module("encoder", encoder, input_shape=(1, x_dim))
         with data_plate(x, n_data):
-            numpyro.sample(site, family.distribution(net(x)))
+            sample_local(site, family.distribution(net(x)))
 
     return guide
 

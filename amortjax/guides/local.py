@@ -22,10 +22,12 @@ import jax.numpy as jnp
 import numpyro
 
 from amortjax.families import DiagonalGaussian, Family
+from amortjax.guides.global_latents import draw_globals
+from amortjax.latents import Site, latent_size, sample_local
 from amortjax.models import data_plate
 
 
-def given_params_guide(family: Family | None = None, *, site: str = "z") -> Callable[..., None]:
+def given_params_guide(family: Family | None = None, *, site: Site = "z") -> Callable[..., None]:
     """q(z_i; lambda_i) with lambda given for each datapoint of the batch.
 
     The guide for a (family, site) is built once and reused, so that the evaluators that take
@@ -33,7 +35,7 @@ def given_params_guide(family: Family | None = None, *, site: str = "z") -> Call
 
     Args:
         family: the variational family; the diagonal Gaussian by default.
-        site: the model's latent site.
+        site: the model's local latents (a site name or a `LocalLatents`).
 
     Returns:
         A guide `guide(x, lam, *, n_data=None)`, x `[batch, ...]`, lam `[batch, num_params]`.
@@ -42,10 +44,10 @@ def given_params_guide(family: Family | None = None, *, site: str = "z") -> Call
 
 
 @functools.cache
-def _given_params_guide(family: Family, site: str) -> Callable[..., None]:
+def _given_params_guide(family: Family, site: Site) -> Callable[..., None]:
     def guide(x: jax.Array, lam: jax.Array, *, n_data: int | None = None) -> None:
         with data_plate(x, n_data):
-            numpyro.sample(site, family.distribution(lam))
+            sample_local(site, family.distribution(lam))
 
     return guide
 
@@ -56,11 +58,12 @@ LOCAL_PARAMS = "local$params"
 
 def local_guide(
     n_data: int,
-    z_dim: int,
+    z_dim: int | None = None,
     family: Family | None = None,
     *,
-    site: str = "z",
+    site: Site = "z",
     init_scale: float = 0.0,
+    global_guide: Callable | None = None,
 ) -> Callable[..., None]:
     """q(z_i; lambda_i) with lambda_i a free parameter of each of the n_data datapoints.
 
@@ -68,11 +71,13 @@ def local_guide(
         n_data: number of datapoints (rows of the parameter).
         z_dim: latent size.
         family: the variational family; the diagonal Gaussian by default.
-        site: the model's latent site.
+        site: the model's local latents (a site name or a `LocalLatents`).
         init_scale: every row starts at the family's standard parameters (q = N(0, I), the
             prior of a VAE) plus N(0, init_scale^2) noise per entry, drawn from the param's PRNG
             key. The default 0 starts all rows exactly at N(0, I): each row's gradient depends
             on its own x_i, so no noise is needed to break symmetry.
+        global_guide: a guide for the model's global latents (`global_guide(model)`), run
+            first, or None.
 
     Returns:
         A guide `guide(x, *, n_data=None)`, x `[batch, ...]`, with the param site
@@ -91,6 +96,9 @@ def local_guide(
     """
     family = family or DiagonalGaussian()
     num_rows = n_data
+    z_dim = latent_size(site, z_dim)
+    if z_dim is None:
+        raise ValueError("local_guide needs z_dim for a site given by name")
     standard = family.standard_params(z_dim)
 
     def init(key: jax.Array) -> jax.Array:
@@ -109,8 +117,9 @@ def local_guide(
             raise ValueError(
                 f"a batch of {x.shape[0]} datapoints, but the guide holds parameters for {num_rows}"
             )
+        draw_globals(global_guide, x, n_data)
         lam = numpyro.param(LOCAL_PARAMS, init if init_scale else init(None))
         with data_plate(x, n_data) as ind:
-            numpyro.sample(site, family.distribution(lam[ind]))
+            sample_local(site, family.distribution(lam[ind]))
 
     return guide

@@ -29,9 +29,11 @@ from numpyro import handlers
 from numpyro.contrib.module import flax_module
 
 from amortjax.families import DiagonalGaussian, Family
+from amortjax.guides.global_latents import draw_globals
 from amortjax.inference.local import local_elbo
 from amortjax.inference.refine import refine
-from amortjax.models import data_plate
+from amortjax.latents import Site, latent_size, sample_local
+from amortjax.models import data_plate, with_fixed_params
 
 MODES = ("sa", "svi", "svi_kl")
 
@@ -57,8 +59,9 @@ def semi_amortized_guide(
     momentum: float = 0.5,
     max_grad_norm: float | None = 5.0,
     num_samples: int = 1,
-    site: str = "z",
+    site: Site = "z",
     checkpoint: bool = True,
+    global_guide: Callable | None = None,
 ) -> Callable[..., None]:
     """q(z_i | x_i) = q(z_i; refine_K(f_phi(x_i))).
 
@@ -69,11 +72,14 @@ def semi_amortized_guide(
         model: the NumPyro model whose local ELBO is refined (the one trained with this guide).
         x_dim: observation size.
         num_steps: K.
-        z_dim: latent size; needed when encoder is None.
+        z_dim: latent size; needed when encoder is None and site is a name.
         mode: "sa", "svi" or "svi_kl" (see the module docstring).
         family: variational family (diagonal Gaussian by default).
         step_size, momentum, max_grad_norm, num_samples, checkpoint: see `refine`.
-        site: the model's latent site.
+        site: the model's local latents (a site name or a `LocalLatents`).
+        global_guide: a guide for the model's global latents (`global_guide(model)`): run
+            first; the refinement then works on the model with the drawn global values (and
+            in mode "sa" differentiates through them).
 
     Returns:
         A guide `guide(x, *, n_data=None)` with param site "encoder$params" (if it has an
@@ -81,6 +87,7 @@ def semi_amortized_guide(
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
+    z_dim = latent_size(site, z_dim)
     if encoder is None and z_dim is None:
         raise ValueError("semi_amortized_guide needs z_dim when there is no encoder")
     family = family or DiagonalGaussian()
@@ -96,21 +103,25 @@ def semi_amortized_guide(
     )
 
     def guide(x: jax.Array, *, n_data: int | None = None) -> None:
+        drawn = draw_globals(global_guide, x, n_data)
+        if mode != "sa":  # only SA-VAE differentiates the refinement
+            drawn = jax.lax.stop_gradient(drawn)
+        local_model = with_fixed_params(model, drawn) if drawn else model
         if encoder is None:
             standard = family.standard_params(z_dim)
             lam0 = jnp.broadcast_to(standard, (x.shape[0], *standard.shape))
         else:
             lam0 = flax_module("encoder", encoder, input_shape=(1, x_dim))(x)
-        theta = model_params(model, x)
+        theta = model_params(local_model, x)
         key = numpyro.prng_key()
         refine_key, encoder_key = jax.random.split(key if key is not None else jax.random.key(0))
         with handlers.block():
             if mode == "sa":
-                lam = refine(model, theta, x, lam0, refine_key, **settings)
+                lam = refine(local_model, theta, x, lam0, refine_key, **settings)
             else:
                 lam = jax.lax.stop_gradient(
                     refine(
-                        model,
+                        local_model,
                         jax.lax.stop_gradient(theta),
                         x,
                         jax.lax.stop_gradient(lam0),
@@ -125,7 +136,7 @@ def semi_amortized_guide(
                 keys = jax.random.split(encoder_key, x.shape[0])
                 encoder_loss = -jax.vmap(
                     lambda xi, li, ki: local_elbo(
-                        model,
+                        local_model,
                         fixed,
                         xi,
                         li,
@@ -140,7 +151,7 @@ def semi_amortized_guide(
                     family.distribution(lam), family.distribution(lam0)
                 )
         with data_plate(x, n_data):
-            numpyro.sample(site, family.distribution(lam))
+            sample_local(site, family.distribution(lam))
             if mode != "sa" and encoder_loss is not None:
                 numpyro.factor("encoder_loss", encoder_loss)
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from amortjax.evaluation.bounds import evaluate_bounds
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.guides.local import given_params_guide
+from amortjax.latents import Site, latent_size
 from amortjax.sharding import active_mesh, check_divisible, replicate, shard_rows
 from amortjax.traces import log_weights
 
@@ -62,7 +63,7 @@ def local_elbo(
     *,
     family: Family,
     num_samples: int,
-    site: str = "z",
+    site: Site = "z",
 ) -> jax.Array:
     """S-sample reparameterized estimate of L(lambda; x) for ONE datapoint.
 
@@ -74,7 +75,7 @@ def local_elbo(
         key: PRNG key.
         family: the variational family of lam.
         num_samples: S.
-        site: the model's latent site.
+        site: the model's local latents (a site name or a `LocalLatents`).
 
     Returns:
         A scalar, differentiable in lam and params.
@@ -98,7 +99,7 @@ class _State(NamedTuple):
 def _fit_chunk(
     model: Callable,
     family: Family,
-    site: str,
+    site: Site,
     num_samples: int,
     learning_rate: float,
     block_size: int,
@@ -174,7 +175,7 @@ def fit_local(
     key: jax.Array,
     *,
     family: Family | None = None,
-    site: str = "z",
+    site: Site = "z",
     z_dim: int | None = None,
     init: np.ndarray | jax.Array | None = None,
     num_samples: int = 1,
@@ -195,8 +196,9 @@ def fit_local(
         x: observations, `[N, ...]`.
         key: PRNG key.
         family: the variational family (diagonal Gaussian by default).
-        site: the model's latent site.
-        z_dim: latent size; needed when init is None (start from the standard normal).
+        site: the model's local latents (a site name or a `LocalLatents`).
+        z_dim: latent size; needed when init is None (start from the standard normal) and
+            site is a name (a `LocalLatents` knows its size).
         init: starting lambda `[N, num_params]` (e.g. an encoder's output, to refine it), or
             None for N(0, I).
         num_samples: S, draws per datapoint per step.
@@ -216,6 +218,7 @@ def fit_local(
     x = jnp.asarray(x)
     n = x.shape[0]
     if init is None:
+        z_dim = latent_size(site, z_dim)
         if z_dim is None:
             raise ValueError("fit_local needs z_dim when init is None")
         init = jnp.broadcast_to(family.standard_params(z_dim), (n, family.num_params(z_dim)))

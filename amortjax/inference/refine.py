@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from amortjax.families import Family
 from amortjax.inference.local import local_elbo
+from amortjax.latents import Site
 
 
 def refine(
@@ -37,7 +38,7 @@ def refine(
     momentum: float = 0.5,
     max_grad_norm: float | None = 5.0,
     num_samples: int = 1,
-    site: str = "z",
+    site: Site = "z",
     checkpoint: bool = True,
 ) -> jax.Array:
     """Refines a batch of variational parameters by K steps on their local ELBOs.
@@ -54,7 +55,7 @@ def refine(
         momentum: SGD momentum.
         max_grad_norm: clip each datapoint's gradient to this Euclidean norm (None: no clip).
         num_samples: S, draws per step per datapoint.
-        site: the model's latent site.
+        site: the model's local latents (a site name or a `LocalLatents`).
         checkpoint: recompute each step in the backward pass instead of storing it.
 
     Returns:

@@ -1,4 +1,4 @@
-"""NumPyro models with local latents: the VAE and its likelihoods, and input checks.
+"""What every model with local latents shares: the data plate, likelihoods and input checks.
 
 Every model here is a plain NumPyro model `model(x, *, n_data=None)` for a batch `x` of
 `[batch, x_dim]` observations, with its local latents and observations inside one plate named
@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
-from numpyro.contrib.module import flax_module
 
 DATA_PLATE = "data"
 
@@ -122,42 +120,6 @@ def check_observations(
             f"{x[row, col]!r})"
         )
     get_likelihood(likelihood).check_support(x, grey_ok)
-
-
-def vae_model(
-    decoder: nn.Module, *, z_dim: int, likelihood: str = "bernoulli"
-) -> Callable[..., None]:
-    """The VAE's generative model p_theta(x_i, z_i) = N(z_i; 0, I) p_theta(x_i | z_i).
-
-    Args:
-        decoder: a Flax module mapping z `[..., z_dim]` to the likelihood's parameters
-            `[..., x_dim]` (logits for Bernoulli, means for Gaussian).
-        z_dim: latent size.
-        likelihood: "bernoulli" or "gaussian".
-
-    Returns:
-        A NumPyro model `model(x, *, n_data=None)`, x `[batch, x_dim]`, with latent site "z"
-        `[batch, z_dim]` and observed site "x" in the plate `DATA_PLATE`. Its decoder
-        parameters are the param site "decoder$params".
-    """
-    lik = get_likelihood(likelihood)
-
-    def model(x: jax.Array, *, n_data: int | None = None) -> None:
-        net = flax_module("decoder", decoder, input_shape=(1, z_dim))
-        with data_plate(x, n_data):
-            z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([z_dim]).to_event(1))
-            numpyro.sample("x", lik.distribution(net(z)), obs=x)
-
-    return model
-
-
-def decode_mean(
-    decoder: nn.Module, params: dict, z: jax.Array, *, likelihood: str = "bernoulli"
-) -> jax.Array:
-    """E[x | z] under a trained decoder: z `[..., z_dim]` -> `[..., x_dim]` (pixel probabilities
-    for a Bernoulli likelihood)."""
-    out = decoder.apply({"params": params["decoder$params"]}, z)
-    return get_likelihood(likelihood).mean(out)
 
 
 def with_fixed_params(fn: Callable, params: dict) -> Callable:
