@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import inspect
 import json
 import math
 import os
@@ -107,12 +108,15 @@ def run_and_save(
         name: the benchmark's module name inside the `bench` package.
         quick: few repeats and small problems (for tests and smoke runs).
         out_dir: folder for the result files (created if missing).
-        **sizes: passed on to the module's `run`.
+        **sizes: passed on to the module's `run`; a `run` with an `out_dir` parameter gets
+            `out_dir` too, to write files (figures) beside the JSON.
 
     Returns:
         The result dict (with `"name"`, `"quick"` and `"machine"` added) and its Markdown report.
     """
     module = importlib.import_module(f"bench.{name}")
+    if "out_dir" in inspect.signature(module.run).parameters:
+        sizes = {**sizes, "out_dir": Path(out_dir)}  # a module that writes files (figures)
     result = {"name": name, "quick": quick, "machine": machine_info()}
     result.update(module.run(quick=quick, **sizes))
     report = to_markdown(name, result)

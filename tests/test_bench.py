@@ -285,3 +285,175 @@ def test_pyro_vae_baseline_trains_the_same_model(tmp_path):
     assert abs(pyro_run["mean_loss_last_epoch"] - lib_run["mean_loss_last_epoch"]) < 0.2 * abs(
         lib_run["mean_loss_last_epoch"]
     )
+
+
+# --- memory: peak memory of IWAE-k and fit_local, each measured in a fresh process -----------
+
+MEMORY_TINY = dict(
+    datapoints=(100, 400),
+    chunks=(10, 100),
+    estimators=("iwae",),
+    iwae_samples=100,
+    iwae_batch=50,
+    hidden=(16, 16),
+    z_dim=4,
+    x_dim=784,
+    calibration_mib=64,
+    data="random",
+    seed=0,
+)
+
+
+@pytest.fixture(scope="module")
+def memory_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    result, report = run_and_save("memory", quick=True, out_dir=out, **MEMORY_TINY)
+    assert json.loads((out / "memory.json").read_text()) == json.loads(json.dumps(result))
+    assert (out / "memory.md").read_text() == report
+    return result
+
+
+def test_memory_calibration_measures_a_known_allocation(memory_result):
+    from bench.memory import reset_peak_rss
+
+    calibration = memory_result["calibration"]
+    assert calibration["spec"] == {"what": "calibration", "mib": 64}
+    # A 64 MiB array, measured in its own process above the baseline: the method is in MiB,
+    # starts from the right baseline and sees the peak, not the size after the array is freed.
+    assert 0.9 * 64 < calibration["peak_mib"] < 1.25 * 64
+    if reset_peak_rss():  # Linux: the peaks of each phase are measured on their own
+        assert all(m["peak_reset"] for m in memory_result["measurements"])
+
+
+def test_memory_peaks_and_xla_analysis_follow_the_chunk_not_n(memory_result):
+    rows = memory_result["measurements"]
+    assert [(m["spec"]["n"], m["spec"]["chunk"]) for m in rows] == [
+        (100, 10),
+        (400, 10),
+        (100, 100),
+    ]
+    for m in rows:
+        assert m["spec"]["what"] == "iwae"
+        for key in ("baseline_rss_mib", "first_chunk_peak_mib", "peak_mib", "run_seconds"):
+            assert _positive_finite(m[key]), key
+        assert m["peak_mib"] >= m["first_chunk_peak_mib"]
+        assert m["peak_mib"] >= m["run_peak_mib"]
+    xla = [m["xla_memory_analysis"]["bounds_batch"] for m in rows]
+    if xla[0] is None:
+        pytest.skip("this backend gives no memory analysis")
+    small, large_n, large_chunk = (x["temp_mib"] for x in xla)
+    assert small > 0
+    # The compiled chunk is the same whatever N: memory is bounded by the chunk ...
+    assert large_n == small
+    # ... and grows with it: 50 datapoints x 100 draws at once against 50 x 10.
+    assert large_chunk > 3 * small
+    summary = memory_result["summary"]["iwae"]
+    assert summary["xla_temp_ratio_large_chunk_over_small"] == pytest.approx(large_chunk / small)
+    assert _positive_finite(summary["peak_ratio_large_n_over_small_n"])
+    assert len(memory_result["table"]["rows"]) == 1 + 3
+
+
+def test_memory_of_fit_local_measured_in_process():
+    from bench.memory import measure
+
+    spec = dict(
+        what="local", n=40, chunk=20, hidden=[16], z_dim=3, x_dim=784, data="random", seed=0,
+        local_steps=5, local_samples=2, final_samples=10,
+    )  # fmt: skip
+    m = measure(spec)
+    assert _positive_finite(m["baseline_rss_mib"]) and m["peak_mib"] >= 0
+    assert _positive_finite(m["run_seconds"])
+    analysis = m["xla_memory_analysis"]
+    assert set(analysis) == {"fit_chunk", "final_bounds_batch"}
+    if analysis["fit_chunk"] is not None:
+        # arguments hold at least the chunk's data: 20 datapoints x 784 float32
+        assert analysis["fit_chunk"]["argument_mib"] * 2**20 >= 20 * 784 * 4
+        assert analysis["final_bounds_batch"]["temp_mib"] > 0
+
+
+# --- scaling: time against N, z_dim and the samples, with log-log slopes ----------------------
+
+
+def test_loglog_slope_recovers_power_laws():
+    from bench.scaling import loglog_slope
+
+    sizes = np.array([10, 20, 40, 80, 160])
+    noise = 1 + 0.02 * np.random.default_rng(0).standard_normal(sizes.size)
+    for power in (0.0, 0.5, 1.0, 2.0):
+        assert loglog_slope(sizes, 3e-4 * sizes**power * noise) == pytest.approx(power, abs=0.05)
+    # a fixed cost plus a linear one: the slope lies between 0 and 1
+    assert 0.2 < loglog_slope(sizes, 1.0 + 0.05 * sizes) < 0.9
+    with pytest.raises(ValueError):
+        loglog_slope([10, 10], [1.0, 2.0])
+    with pytest.raises(ValueError):
+        loglog_slope([1, 2], [0.0, 1.0])
+
+
+def test_time_sweep_recovers_a_linear_cost():
+    import time
+
+    from bench.scaling import loglog_slope, time_sweep
+
+    calls: dict[int, int] = {}
+
+    def make(n):
+        def cost():
+            calls[n] = calls.get(n, 0) + 1
+            time.sleep(0.01 * n)
+
+        return cost
+
+    sizes = [1, 2, 4, 8]
+    linear = time_sweep(make, sizes, repeats=2)
+    assert calls == {n: 3 for n in sizes}  # one first call and two timed rounds each
+    assert [len(t) for t in linear["seconds_all"]] == [2] * 4
+    assert loglog_slope(sizes, linear["seconds"]) == pytest.approx(1.0, abs=0.15)
+    constant = time_sweep(lambda n: lambda: time.sleep(0.02), sizes, repeats=1)
+    assert loglog_slope(sizes, constant["seconds"]) == pytest.approx(0.0, abs=0.15)
+
+
+def test_scaling_benchmark_writes_documented_json_and_plot(tmp_path):
+    from bench.scaling import FIGURE_NAME, RESULT_KEYS, SWEEP_KEYS, forward_flops
+
+    result, report = run_and_save(
+        "scaling",
+        quick=True,
+        out_dir=tmp_path,
+        axes=("N", "z_dim", "S"),
+        n_grid=(8, 16),
+        z_grid=(2, 4),
+        k_grid=(4, 8),
+        s_grid=(1, 2),
+        base_n=8,
+        base_z=3,
+        iwae_samples=4,
+        iwae_samples_z_sweep=4,
+        local_samples_z_sweep=2,
+        local_steps=2,
+        batch_size=8,  # one compiled batch for every N
+        hidden=(16,),
+        repeats=1,
+        data="random",
+    )
+    on_disk = json.loads((tmp_path / "scaling.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert (tmp_path / "scaling.md").read_text() == report
+    for key in RESULT_KEYS:
+        assert key in on_disk, key
+    assert on_disk["figure"] == FIGURE_NAME
+    assert (tmp_path / FIGURE_NAME).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    sweeps = {(s["estimator"], s["axis"]): s for s in on_disk["sweeps"]}
+    assert set(sweeps) == {(e, a) for e in ("iwae", "local") for a in ("N", "z_dim", "S")}
+    for s in sweeps.values():
+        assert set(SWEEP_KEYS) <= set(s)
+        assert len(s["seconds"]) == len(s["sizes"]) == 2
+        assert all(_positive_finite(t) for t in s["seconds"])
+        assert math.isfinite(s["time_slope"])
+    assert sweeps[("iwae", "N")]["sizes"] == [8, 16] and sweeps[("iwae", "S")]["sizes"] == [4, 8]
+    # Work doubles with N, k and S; with z_dim only the first layer grows.
+    for key in (("iwae", "N"), ("iwae", "S"), ("local", "N")):
+        assert sweeps[key]["flop_slope"] == pytest.approx(1.0), key
+    assert 0 < sweeps[("iwae", "z_dim")]["flop_slope"] < 0.1
+    assert sweeps[("iwae", "N")]["flops"] == [n * 4 * forward_flops(3, (16,), 784) for n in (8, 16)]
+    assert on_disk["slopes"]["iwae/N"] == sweeps[("iwae", "N")]["time_slope"]
+    assert len(on_disk["table"]["rows"]) == 6 * 2
