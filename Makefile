@@ -18,12 +18,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: setup
-	$(VENV)/bin/ruff check amortjax experiments tests bench
-	$(VENV)/bin/ruff format --check amortjax experiments tests bench
+	$(VENV)/bin/ruff check amortjax experiments tests bench notebooks
+	$(VENV)/bin/ruff format --check amortjax experiments tests bench notebooks
 
 format: setup
-	$(VENV)/bin/ruff check --fix amortjax experiments tests bench
-	$(VENV)/bin/ruff format amortjax experiments tests bench
+	$(VENV)/bin/ruff check --fix amortjax experiments tests bench notebooks
+	$(VENV)/bin/ruff format amortjax experiments tests bench notebooks
 
 test: lint
 	$(PY) -m pytest -m "not slow"

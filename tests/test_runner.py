@@ -276,3 +276,39 @@ def test_amortization_gap_rejects_unknown_families(tmp_path):
     proc = _cli("amortization_gap", "--results", str(tmp_path), "families=diagonal,iaf", cwd=ROOT)
     assert proc.returncode != 0
     assert "unknown families ['iaf']" in proc.stderr
+
+
+def test_item_response_compares_the_three_regimes_against_exact_answers(tmp_path):
+    from experiments import item_response
+
+    config = apply_overrides(
+        item_response.Config(),
+        {
+            "num_train": 300,
+            "num_test": 100,
+            "num_questions": 20,
+            "epochs": 15,
+            "qstar_max_steps": 300,
+            "elbo_samples": 200,
+            "grid_size": 401,
+        },
+    )
+    metrics = item_response.run(config, tmp_path, progress=False)
+    assert metrics["layout"] == {"local": ["trait"], "global": ["discrimination", "difficulty"]}
+    reference = metrics["reference"]
+    assert set(metrics["regimes"]) == set(item_response.REGIMES)
+    for m in metrics["regimes"].values():
+        # each q's ELBO is below the exact log p(x) under the questions it was trained with
+        assert m["inference_gap_heldout"][0] > -0.02
+        assert m["heldout_elbo"][0] <= m["heldout_log_px_learned_questions"][0] + 0.02
+        # no estimate of a trait beats the exact posterior mean under the true questions by much
+        assert 0.2 < m["trait_r2_heldout"] < reference["trait_r2_exact_posterior"] + 0.05
+        assert m["difficulty_corr"] > 0.5
+        assert m["inference_ms_per_person"] > 0
+    # the per-example q is fitted to each new person: its gap is the smallest
+    gaps = {r: m["inference_gap_heldout"][0] for r, m in metrics["regimes"].items()}
+    assert min(gaps, key=gaps.get) == "per_example"
+    assert (tmp_path / "figures" / "traits.png").stat().st_size > 1000
+    assert "| semi_amortized |" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="unknown regimes"):
+        item_response.run(apply_overrides(config, {"regimes": ("vae",)}), tmp_path)
