@@ -24,6 +24,7 @@ vector site per datapoint, `[batch, D]`, with the identity map; that is a VAE's 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -179,7 +180,9 @@ def find_local_latents(model: Callable, x: jax.Array, params: dict | None = None
 
     def inspect(params, x):
         fn = handlers.substitute(model, data=params) if params else model
-        trace = handlers.trace(handlers.seed(fn, jax.random.key(0))).get_trace(x, **kwargs)
+        # blocked: inside a guide, this run must not reach the inference handlers around it
+        with handlers.block():
+            trace = handlers.trace(handlers.seed(fn, jax.random.key(0))).get_trace(x, **kwargs)
         found["sites"] = [
             (name, site)
             for name, site in trace.items()
@@ -198,7 +201,8 @@ def find_local_latents(model: Callable, x: jax.Array, params: dict | None = None
         ]
         return 0
 
-    jax.eval_shape(inspect, params or {}, jnp.asarray(x)[:1])
+    x = x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
+    jax.eval_shape(inspect, params or {}, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
     local, global_ = [], []
     for name, support, shape, event_dim, plate_dims, discrete in found["meta"]:
         if not plate_dims:
@@ -225,6 +229,21 @@ def find_local_latents(model: Callable, x: jax.Array, params: dict | None = None
             f"(its latent sites: {[n for n, *_ in found['meta']]})"
         )
     return LocalLatents(tuple(local), tuple(global_))
+
+
+def resolve_site(site: Site | None, model: Callable | None, x: jax.Array) -> Site:
+    """The local latents a guide covers: `site` when given; else those `find_local_latents`
+    finds in `model` (traced once per model and datapoint shape); else the VAE's "z"."""
+    if site is not None:
+        return site
+    if model is None:
+        return "z"
+    return _layout_for(model, tuple(x.shape[1:]), jnp.dtype(x.dtype).name)
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_for(model: Callable, shape: tuple[int, ...], dtype: str) -> LocalLatents:
+    return find_local_latents(model, jax.ShapeDtypeStruct((1, *shape), jnp.dtype(dtype)))
 
 
 def sample_local(site: Site, q: dist.Distribution) -> None:

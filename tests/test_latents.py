@@ -206,3 +206,19 @@ def test_bounds_of_the_best_lognormal_q_are_its_analytic_elbo_and_log_px(counts)
     )
     np.testing.assert_allclose(bounds.elbo, best_lognormal_elbo(counts), atol=0.01)
     np.testing.assert_allclose(bounds.iwae, gamma_poisson_log_marginal(counts), atol=0.01)
+
+
+def test_guides_find_the_local_latents_in_the_model_by_themselves(counts):
+    from numpyro import handlers
+
+    from amortjax import MLP, Trainer, amortized_guide, make_optimizer
+
+    guide = amortized_guide(MLP((8,), 2), x_dim=D, model=gamma_poisson)
+    trace = handlers.trace(handlers.seed(guide, 0)).get_trace(counts[:3])
+    assert trace[AUX_SITE]["infer"] == {"is_auxiliary": True}
+    assert trace["rate"]["fn"].__class__.__name__ == "Delta"
+    assert bool(jnp.all(trace["rate"]["value"] > 0))
+    trainer = Trainer(gamma_poisson, guide, make_optimizer(1e-2), n_data=40, batch_size=20)
+    state = trainer.init(jax.random.key(0), counts)
+    state, losses = trainer.run_epoch(state, counts)
+    assert np.all(np.isfinite(losses))

@@ -128,7 +128,8 @@ def test_irt_three_regimes_with_a_global_guide_recover_questions_and_traits(irt_
 
     # per-example: free parameters per person, trained with the sparse optimizer
     g_local = global_guide(model)
-    guide = local_guide(N_TRAIN, family=None, site=layout, global_guide=g_local)
+    # (this guide and the next find the local latents in the model by themselves)
+    guide = local_guide(N_TRAIN, model=model, global_guide=g_local)
     params = _train(model, guide, x_train, 60, optimizer=make_local_optimizer(3e-2))
     traits = params["local$params"][:, 0]
     assert trait_recovery(traits[:, None], truth["trait"][:N_TRAIN]) > 0.7
@@ -142,7 +143,6 @@ def test_irt_three_regimes_with_a_global_guide_recover_questions_and_traits(irt_
         x_dim=QUESTIONS,
         num_steps=2,
         step_size=0.05,
-        site=layout,
         global_guide=g_semi,
     )
     params = _train(model, guide, x_train, 40, optimizer=make_optimizer(3e-2))

@@ -15,7 +15,7 @@ from numpyro.contrib.module import flax_module
 
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.guides.global_latents import draw_globals
-from amortjax.latents import Site, sample_local
+from amortjax.latents import Site, resolve_site, sample_local
 from amortjax.models import data_plate
 
 
@@ -24,7 +24,8 @@ def amortized_guide(
     *,
     x_dim: int,
     family: Family | None = None,
-    site: Site = "z",
+    site: Site | None = None,
+    model: Callable | None = None,
     global_guide: Callable | None = None,
 ) -> Callable[..., None]:
     """q_phi(z_i | x_i) = q(z_i; lambda_i), lambda_i = encoder(x_i).
@@ -35,7 +36,9 @@ def amortized_guide(
         family: the variational family; the diagonal Gaussian by default.
         site: the model's local latents: a site name (one real vector per datapoint) or the
             `LocalLatents` of `find_local_latents(model, x)` (any sites, shapes and supports;
-            lambda then parameterizes q over their flat unconstrained vector).
+            lambda then parameterizes q over their flat unconstrained vector). None: found in
+            `model` if given, else the VAE's "z".
+        model: the model the guide is for, to find its local latents by itself.
         global_guide: a guide for the model's global latents (`global_guide(model)`), run
             first, or None for a model without global latents.
 
@@ -48,7 +51,7 @@ def amortized_guide(
         draw_globals(global_guide, x, n_data)
         net = flax_module("encoder", encoder, input_shape=(1, x_dim))
         with data_plate(x, n_data):
-            sample_local(site, family.distribution(net(x)))
+            sample_local(resolve_site(site, model, x), family.distribution(net(x)))
 
     return guide
 

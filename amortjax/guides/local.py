@@ -23,7 +23,7 @@ import numpyro
 
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.guides.global_latents import draw_globals
-from amortjax.latents import Site, latent_size, sample_local
+from amortjax.latents import Site, latent_size, resolve_site, sample_local
 from amortjax.models import data_plate
 
 
@@ -61,21 +61,24 @@ def local_guide(
     z_dim: int | None = None,
     family: Family | None = None,
     *,
-    site: Site = "z",
+    site: Site | None = None,
     init_scale: float = 0.0,
+    model: Callable | None = None,
     global_guide: Callable | None = None,
 ) -> Callable[..., None]:
     """q(z_i; lambda_i) with lambda_i a free parameter of each of the n_data datapoints.
 
     Args:
         n_data: number of datapoints (rows of the parameter).
-        z_dim: latent size.
+        z_dim: latent size (not needed when the site is a `LocalLatents` or found in `model`).
         family: the variational family; the diagonal Gaussian by default.
-        site: the model's local latents (a site name or a `LocalLatents`).
+        site: the model's local latents (a site name or a `LocalLatents`); None: found in
+            `model` if given, else "z".
         init_scale: every row starts at the family's standard parameters (q = N(0, I), the
             prior of a VAE) plus N(0, init_scale^2) noise per entry, drawn from the param's PRNG
             key. The default 0 starts all rows exactly at N(0, I): each row's gradient depends
             on its own x_i, so no noise is needed to break symmetry.
+        model: the model the guide is for, to find its local latents by itself.
         global_guide: a guide for the model's global latents (`global_guide(model)`), run
             first, or None.
 
@@ -96,12 +99,11 @@ def local_guide(
     """
     family = family or DiagonalGaussian()
     num_rows = n_data
-    z_dim = latent_size(site, z_dim)
-    if z_dim is None:
-        raise ValueError("local_guide needs z_dim for a site given by name")
-    standard = family.standard_params(z_dim)
+    if site is None and model is None and z_dim is None:
+        raise ValueError("local_guide needs z_dim, a LocalLatents site or the model")
 
-    def init(key: jax.Array) -> jax.Array:
+    def init(key: jax.Array | None, size: int) -> jax.Array:
+        standard = family.standard_params(size)
         rows = jnp.broadcast_to(standard, (num_rows, standard.shape[0]))
         if init_scale == 0.0:
             return rows
@@ -118,8 +120,15 @@ def local_guide(
                 f"a batch of {x.shape[0]} datapoints, but the guide holds parameters for {num_rows}"
             )
         draw_globals(global_guide, x, n_data)
-        lam = numpyro.param(LOCAL_PARAMS, init if init_scale else init(None))
+        local = resolve_site(site, model, x)
+        size = latent_size(local, z_dim)
+        if size is None:
+            raise ValueError(f"local_guide needs z_dim for the site {local!r}")
+        lam = numpyro.param(
+            LOCAL_PARAMS,
+            functools.partial(init, size=size) if init_scale else init(None, size),
+        )
         with data_plate(x, n_data) as ind:
-            sample_local(site, family.distribution(lam[ind]))
+            sample_local(local, family.distribution(lam[ind]))
 
     return guide

@@ -32,7 +32,7 @@ from amortjax.families import DiagonalGaussian, Family
 from amortjax.guides.global_latents import draw_globals
 from amortjax.inference.local import local_elbo
 from amortjax.inference.refine import refine
-from amortjax.latents import Site, latent_size, sample_local
+from amortjax.latents import Site, latent_size, resolve_site, sample_local
 from amortjax.models import data_plate, with_fixed_params
 
 MODES = ("sa", "svi", "svi_kl")
@@ -59,7 +59,7 @@ def semi_amortized_guide(
     momentum: float = 0.5,
     max_grad_norm: float | None = 5.0,
     num_samples: int = 1,
-    site: Site = "z",
+    site: Site | None = None,
     checkpoint: bool = True,
     global_guide: Callable | None = None,
 ) -> Callable[..., None]:
@@ -76,7 +76,8 @@ def semi_amortized_guide(
         mode: "sa", "svi" or "svi_kl" (see the module docstring).
         family: variational family (diagonal Gaussian by default).
         step_size, momentum, max_grad_norm, num_samples, checkpoint: see `refine`.
-        site: the model's local latents (a site name or a `LocalLatents`).
+        site: the model's local latents (a site name or a `LocalLatents`); None: found in
+            the model by `find_local_latents`.
         global_guide: a guide for the model's global latents (`global_guide(model)`): run
             first; the refinement then works on the model with the drawn global values (and
             in mode "sa" differentiates through them).
@@ -87,9 +88,7 @@ def semi_amortized_guide(
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
-    z_dim = latent_size(site, z_dim)
-    if encoder is None and z_dim is None:
-        raise ValueError("semi_amortized_guide needs z_dim when there is no encoder")
+
     family = family or DiagonalGaussian()
     settings = dict(
         family=family,
@@ -98,17 +97,20 @@ def semi_amortized_guide(
         momentum=momentum,
         max_grad_norm=max_grad_norm,
         num_samples=num_samples,
-        site=site,
         checkpoint=checkpoint,
     )
 
     def guide(x: jax.Array, *, n_data: int | None = None) -> None:
+        local = resolve_site(site, model, x)
         drawn = draw_globals(global_guide, x, n_data)
         if mode != "sa":  # only SA-VAE differentiates the refinement
             drawn = jax.lax.stop_gradient(drawn)
         local_model = with_fixed_params(model, drawn) if drawn else model
         if encoder is None:
-            standard = family.standard_params(z_dim)
+            size = latent_size(local, z_dim)
+            if size is None:
+                raise ValueError("semi_amortized_guide needs z_dim when there is no encoder")
+            standard = family.standard_params(size)
             lam0 = jnp.broadcast_to(standard, (x.shape[0], *standard.shape))
         else:
             lam0 = flax_module("encoder", encoder, input_shape=(1, x_dim))(x)
@@ -117,7 +119,7 @@ def semi_amortized_guide(
         refine_key, encoder_key = jax.random.split(key if key is not None else jax.random.key(0))
         with handlers.block():
             if mode == "sa":
-                lam = refine(local_model, theta, x, lam0, refine_key, **settings)
+                lam = refine(local_model, theta, x, lam0, refine_key, site=local, **settings)
             else:
                 lam = jax.lax.stop_gradient(
                     refine(
@@ -126,6 +128,7 @@ def semi_amortized_guide(
                         x,
                         jax.lax.stop_gradient(lam0),
                         refine_key,
+                        site=local,
                         **settings,
                     )
                 )
@@ -143,7 +146,7 @@ def semi_amortized_guide(
                         ki,
                         family=family,
                         num_samples=num_samples,
-                        site=site,
+                        site=local,
                     )
                 )(x, lam0, keys)
             elif mode == "svi_kl":
@@ -151,7 +154,7 @@ def semi_amortized_guide(
                     family.distribution(lam), family.distribution(lam0)
                 )
         with data_plate(x, n_data):
-            sample_local(site, family.distribution(lam))
+            sample_local(local, family.distribution(lam))
             if mode != "sa" and encoder_loss is not None:
                 numpyro.factor("encoder_loss", encoder_loss)
 
