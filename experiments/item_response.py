@@ -236,14 +236,24 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         lam = infer(x_test)
         infer_seconds = time.perf_counter() - start
         train_lam = params["local$params"] if regime == "per_example" else infer(x_train)
-        bounds = evaluate_bounds(
-            fixed,
-            given_params_guide(family, site=layout),
-            params,
-            x_test,
-            k_elbo,
-            num_samples=config.elbo_samples,
-            guide_args=(lam,),
+
+        def heldout_bounds(lam, fixed=fixed, params=params, k_elbo=k_elbo):
+            return evaluate_bounds(
+                fixed,
+                given_params_guide(family, site=layout),
+                params,
+                x_test,
+                k_elbo,
+                num_samples=config.elbo_samples,
+                guide_args=(lam,),
+            )
+
+        bounds = heldout_bounds(lam)
+        # the semi-amortized encoder's own q, before its K steps
+        encoder_elbo = (
+            mean_and_stderr(heldout_bounds(encode(encoder, params, x_test)).elbo)
+            if regime == "semi_amortized"
+            else None
         )
         exact = np.asarray(
             grid_log_marginal(x_test, questions["discrimination"], questions["difficulty"], **grid)
@@ -256,6 +266,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             "final_train_loss": result.history["train_loss"][1][-1],
             "heldout_log_px_learned_questions": mean_and_stderr(exact),
             "heldout_elbo": mean_and_stderr(bounds.elbo),
+            "heldout_elbo_before_refinement": encoder_elbo,
             "heldout_iwae": mean_and_stderr(bounds.iwae),
             "inference_gap_heldout": mean_and_stderr(exact - bounds.elbo),
             "trait_r2_heldout": trait_recovery(means, test_traits),
@@ -331,5 +342,12 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
         f"{config.qstar_max_steps} steps); semi-amortized = encoder + {config.semi_steps} steps.",
         "",
     ]
+    semi = metrics["regimes"].get("semi_amortized")
+    if semi is not None:
+        lines.append(
+            "Semi-amortized held-out ELBO of the encoder's q before the K steps: "
+            f"{_pm(semi['heldout_elbo_before_refinement'])} (after: {_pm(semi['heldout_elbo'])})."
+        )
+        lines.append("")
     lines += [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"

@@ -57,9 +57,7 @@ def irt_model(
             )
             difficulty = numpyro.sample("difficulty", dist.Normal(0.0, 1.0))
         with data_plate(x, n_data):
-            trait = numpyro.sample(
-                "trait", dist.Normal(0.0, 1.0).expand([num_traits]).to_event(1)
-            )
+            trait = numpyro.sample("trait", dist.Normal(0.0, 1.0).expand([num_traits]).to_event(1))
             logits = trait @ disc.T - difficulty
             numpyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x)
 
