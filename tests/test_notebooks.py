@@ -106,8 +106,40 @@ def _check_quickstart(nb, results: dict | None) -> None:
     assert images >= 4, f"expected the figures as PNG outputs, found {images}"
 
 
+def _check_item_response(nb, results: dict | None) -> None:
+    assert results is not None, "item_response.ipynb must have a cell tagged 'results'"
+    # The small settings must really be in force.
+    assert results["num_train"] + results["num_test"] <= 300, results
+    assert results["num_questions"] <= 15 and results["epochs"] <= 20, results
+    reference = results["reference"]
+    regimes = results["regimes"]
+    assert set(regimes) == {"amortized", "per-example", "semi-amortized"}, regimes
+    for name, m in regimes.items():
+        for key, value in m.items():
+            assert math.isfinite(value), (name, key, value)
+        # The ELBO of any q bounds the exact log p(x) (quadrature) of the same model: held-out
+        # people, the regime's learned questions. Tolerance: Monte Carlo error of the ELBO.
+        assert m["heldout_elbo"] <= m["heldout_log_px"] + 0.05, (name, m)
+        assert m["inference_gap"] == pytest.approx(
+            m["heldout_log_px"] - m["heldout_elbo"], abs=1e-3
+        ), (name, m)
+        # IWAE and ELBO come from the same draws; IWAE also bounds log p(x).
+        assert m["heldout_elbo"] <= m["heldout_iwae"] <= m["heldout_log_px"] + 0.05, (name, m)
+        # The traits are recovered, but no better than by the exact posterior means under the
+        # true questions (the best estimate from the same answers), up to sampling noise.
+        assert 0.0 < m["trait_r2_heldout"] <= reference["trait_r2_heldout"] + 0.05, (name, m)
+        # The difficulties are learned (even in a few epochs they are the easy part).
+        assert m["difficulty_corr"] > 0.3, (name, m)
+    # Far better than chance (D log 2 nats per person) under the true questions.
+    assert reference["heldout_log_px"] > -results["num_questions"] * math.log(2), reference
+    # The figures (traits, questions) were displayed as images.
+    images = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+    assert images >= 2, f"expected the figures as PNG outputs, found {images}"
+
+
 RESULT_CHECKS: dict[str, Callable[[object, dict | None], None]] = {
     "quickstart.ipynb": _check_quickstart,
+    "item_response.ipynb": _check_item_response,
 }
 
 
