@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 NAME ?= amortization_gap
 PRESET ?= quick
 ARGS ?=
+# Test processes (pytest-xdist); 2 suits the 2-core CI machine.
+TEST_WORKERS ?= 2
 
 .PHONY: setup test test-slow lint format experiment bench clean
 
@@ -26,10 +28,10 @@ format: setup
 	$(VENV)/bin/ruff format amortjax experiments tests bench notebooks
 
 test: lint
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 test-slow: setup
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -m slow -n $(TEST_WORKERS) --dist worksteal
 
 experiment: setup
 	$(PY) -m experiments $(NAME) --preset $(PRESET) $(ARGS)

@@ -267,6 +267,7 @@ def test_host_reachable_is_bounded_and_offline():
 def test_host_reachable_gives_up_after_its_timeout(monkeypatch):
     def hang(*args, **kwargs):
         time.sleep(10)
+        raise TimeoutError("a resolver that hangs, then gives up")
 
     monkeypatch.setattr(socket, "create_connection", hang)
     start = time.monotonic()
