@@ -109,3 +109,26 @@ def test_with_fixed_params_trains_the_encoder_only(lg_correlated):
     np.testing.assert_allclose(
         log_joint(frozen, {}, x[:4], {"z": z}), log_joint(model, params, x[:4], {"z": z}), rtol=1e-6
     )
+
+
+def test_lean_bernoulli_log_mass_and_gradients_are_numpyros():
+    import numpyro.distributions as dist
+
+    from amortjax.models import BernoulliLogits
+
+    logits = jnp.linspace(-60.0, 60.0, 241)
+    for x in (0.0, 1.0, 0.3):  # 0.3: a grey level (cross-entropy; NumPyro says -inf there)
+        value = jnp.full_like(logits, x)
+        ours = BernoulliLogits(logits=logits).log_prob(value)
+        if x in (0.0, 1.0):
+            theirs = dist.Bernoulli(logits=logits).log_prob(value)
+            np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+        # exact in float64: x log sigmoid(l) + (1 - x) log sigmoid(-l)
+        l64 = np.asarray(logits, np.float64)
+        exact = x * -np.logaddexp(0, -l64) + (1 - x) * -np.logaddexp(0, l64)
+        np.testing.assert_allclose(ours, exact, rtol=1e-6, atol=1e-5)
+        grad = jax.grad(lambda l, v=value: BernoulliLogits(logits=l).log_prob(v).sum())(logits)
+        np.testing.assert_allclose(grad, x - jax.nn.sigmoid(logits), atol=1e-6)
+    d = get_likelihood("bernoulli").distribution(jnp.zeros((3, 5)))
+    assert d.event_shape == (5,) and d.batch_shape == (3,)
+    assert d.sample(jax.random.key(0)).shape == (3, 5)
