@@ -127,7 +127,7 @@ def test_lean_bernoulli_log_mass_and_gradients_are_numpyros():
         l64 = np.asarray(logits, np.float64)
         exact = x * -np.logaddexp(0, -l64) + (1 - x) * -np.logaddexp(0, l64)
         np.testing.assert_allclose(ours, exact, rtol=1e-6, atol=1e-5)
-        grad = jax.grad(lambda l, v=value: BernoulliLogits(logits=l).log_prob(v).sum())(logits)
+        grad = jax.grad(lambda lg, v=value: BernoulliLogits(logits=lg).log_prob(v).sum())(logits)
         np.testing.assert_allclose(grad, x - jax.nn.sigmoid(logits), atol=1e-6)
     d = get_likelihood("bernoulli").distribution(jnp.zeros((3, 5)))
     assert d.event_shape == (5,) and d.batch_shape == (3,)
