@@ -10,9 +10,20 @@ NumPyro's SVI initializes it), measured in one run after a compile warm-up, the 
   one decoder forward pass and the gradient with respect to its input (no weight gradients):
   N C T L evaluations, each costing two forward passes' FLOPs;
 
+and, in the same run, each estimator's hand-written floor: the same decoder as three explicit
+matmuls with the Bernoulli log-density written out, in plain JAX (`_floors`):
+
+- IWAE floor: z = mu + sigma eps, log p(x, z) - log q(z), log-sum-exp over k, in chunks of
+  `sample_chunk` draws (what `evaluate_bounds` computes, without NumPyro);
+- AIS floor: a `lax.scan` of `value_and_grad` of sum_m log p(x_m, z_m) over the N C rows, one
+  per leapfrog step (the decoder work of AIS, without its schedule, momenta, accept test or
+  log q0).
+
 and the machine's float32 matmul peak (`bench.train_step.matmul_peak`). FLOPs are counted from
 the decoder's matmuls (`FLOP_FORMULA`); the rest (log-densities, leapfrog arithmetic, sampling)
-is overhead that the ratio to the peak charges to the estimator.
+is overhead that the ratio to the peak charges to the estimator. The floors show how much of
+that overhead is the CPU's (transcendentals per pixel and hidden unit, and the backward pass's
+transposed matmuls) rather than the library's.
 """
 
 from __future__ import annotations
@@ -39,6 +50,55 @@ FLOP_FORMULA = (
     " IWAE: one forward per draw; AIS: one forward + one input-gradient backward (another"
     " forward's worth of matmul FLOPs) per leapfrog step"
 )
+
+
+def hand_log_joint(params: dict, z: jax.Array, x: jax.Array) -> jax.Array:
+    """log p(x, z) of the ELU MLP decoder written out in plain JAX, up to the constant
+    -z_dim/2 log(2 pi) (it cancels in every log-weight): z `[..., z_dim]`, x broadcasting to the
+    logits `[..., x_dim]` -> `[...]`."""
+    dec = params["decoder$params"]
+    layers = [(dec[f"Dense_{i}"]["kernel"], dec[f"Dense_{i}"]["bias"]) for i in range(len(dec))]
+    h = z
+    for w, b in layers[:-1]:
+        h = jax.nn.elu(h @ w + b)
+    logits = h @ layers[-1][0] + layers[-1][1]
+    softplus = jnp.maximum(logits, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    return jnp.sum(x * logits - softplus, axis=-1) - 0.5 * jnp.sum(z**2, axis=-1)
+
+
+def _floors(params: dict, x: jax.Array, mu: jax.Array, log_scale: jax.Array, *, num_samples: int,
+            sample_chunk: int, chains: int, steps: int):  # fmt: skip
+    """Hand-written IWAE-k and AIS-gradient functions `key -> array` on the ELU decoder."""
+
+    @jax.jit
+    def iwae(key):
+        def chunk(_, k):
+            eps = jax.random.normal(k, (sample_chunk, *mu.shape))
+            z = mu + jnp.exp(log_scale) * eps
+            log_w = (
+                hand_log_joint(params, z, x) + 0.5 * jnp.sum(eps**2, -1) + jnp.sum(log_scale, -1)
+            )
+            return None, jax.nn.logsumexp(log_w, axis=0)
+
+        keys = jax.random.split(key, -(-num_samples // sample_chunk))
+        _, lse = jax.lax.scan(chunk, None, keys)
+        return jax.nn.logsumexp(lse, axis=0) - jnp.log(num_samples)
+
+    rows = jnp.repeat(x, chains, axis=0)
+
+    @jax.jit
+    def ais_gradients(key):
+        def log_joint(z):
+            return jnp.sum(hand_log_joint(params, z, rows))
+
+        def step(z, _):
+            value, grad = jax.value_and_grad(log_joint)(z)
+            return z + 1e-3 * grad, value
+
+        z0 = jax.random.normal(key, (rows.shape[0], mu.shape[-1]))
+        return jax.lax.scan(step, z0, None, length=steps)[1]
+
+    return iwae, ais_gradients
 
 
 def run(
@@ -99,6 +159,12 @@ def run(
             batch_size=n, sample_chunk=min(sample_chunk, k), guide_args=(lam,),
         ).iwae  # fmt: skip
 
+    floor_steps = min(temps * ais_leapfrog, 50 if quick else 200)
+    iwae_floor, ais_floor = _floors(
+        params, x, jnp.zeros((n, z_dim)), jnp.full((n, z_dim), 0.5), num_samples=k,
+        sample_chunk=min(sample_chunk, k), chains=chains, steps=floor_steps,
+    )  # fmt: skip
+
     def annealed():
         return ais(
             model, params, x, jax.random.key(seed + 2), z_dim=z_dim, num_chains=chains,
@@ -108,8 +174,11 @@ def run(
     rows, results = [], {}
     for name, fn, evals, flops_per_eval in (
         ("IWAE", iwae, n * k, forward),
+        ("IWAE floor", lambda: iwae_floor(jax.random.key(seed + 1)), n * k, forward),
         ("AIS", annealed, n * chains * temps * ais_leapfrog, 2.0 * forward),
-    ):
+        ("AIS floor", lambda: ais_floor(jax.random.key(seed + 2)), n * chains * floor_steps,
+         2.0 * forward),
+    ):  # fmt: skip
         compile_s = time_call(fn)
         times = [time_call(fn) for _ in range(repeats)]
         sec = median(times)
@@ -129,18 +198,24 @@ def run(
         rows.append(
             {
                 "estimator": name,
-                "work": (
-                    f"N={n}, k={k}"
-                    if name == "IWAE"
-                    else f"N={n}, C={chains}, T={temps}, L={ais_leapfrog}"
-                ),
+                "work": {
+                    "IWAE": f"N={n}, k={k}",
+                    "IWAE floor": f"N={n}, k={k}, hand-written",
+                    "AIS": f"N={n}, C={chains}, T={temps}, L={ais_leapfrog}",
+                    "AIS floor": f"{n * chains} rows x {floor_steps} gradient steps, hand-written",
+                }[name],
                 "decoder evals": evals,
                 "seconds": sec,
                 "decoder evals/s": rate,
                 "GFLOP/s": gflops,
                 "% of matmul peak": 100 * gflops / peak["peak_gflops"],
+                "library / floor": "",
             }
         )
+    for row in rows:
+        floor = results.get(f"{row['estimator']} floor")
+        if floor is not None:
+            row["library / floor"] = row["decoder evals/s"] / floor["decoder_evaluations_per_s"]
     rows.append({"estimator": "matmul peak (jnp.dot f32)", "GFLOP/s": peak["peak_gflops"]})
     return {
         "sizes": {
@@ -150,6 +225,7 @@ def run(
             "ais_chains": chains,
             "ais_temperatures": temps,
             "ais_leapfrog": ais_leapfrog,
+            "ais_floor_steps": floor_steps,
             "decoder": sizes,
             "repeats": repeats,
         },
