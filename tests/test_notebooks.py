@@ -158,16 +158,7 @@ def test_notebook_is_stored_clean(path: Path):
             assert cell.execution_count is None, f"cell {i} of {path.name} has a count"
 
 
-# Notebooks whose run is left to `make test-slow`: what they show is tested in the default run
-# too (item_response.ipynb: tests/test_worked_models.py and the item_response experiment).
-SLOW_NOTEBOOKS = {"item_response.ipynb"}
-
-
-@pytest.mark.parametrize(
-    "path",
-    [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_NOTEBOOKS else p for p in NOTEBOOKS],
-    ids=[p.name for p in NOTEBOOKS],
-)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path: Path):
     nb = _execute(path)
     for i, cell in enumerate(nb.cells):
