@@ -41,7 +41,7 @@ from amortjax.families import DiagonalGaussian
 from amortjax.guides.local import given_params_guide
 from amortjax.models import vae_model
 from amortjax.nets import MLP
-from bench.common import median, time_call
+from bench.common import hand_bernoulli_log_px, median, time_call
 from bench.local_optimizer import decoder_params, load_test
 from bench.train_step import matmul_peak
 
@@ -62,8 +62,7 @@ def hand_log_joint(params: dict, z: jax.Array, x: jax.Array) -> jax.Array:
     for w, b in layers[:-1]:
         h = jax.nn.elu(h @ w + b)
     logits = h @ layers[-1][0] + layers[-1][1]
-    softplus = jnp.maximum(logits, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-    return jnp.sum(x * logits - softplus, axis=-1) - 0.5 * jnp.sum(z**2, axis=-1)
+    return hand_bernoulli_log_px(x, logits) - 0.5 * jnp.sum(z**2, axis=-1)
 
 
 def _floors(params: dict, x: jax.Array, mu: jax.Array, log_scale: jax.Array, *, num_samples: int,

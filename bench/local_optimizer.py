@@ -42,7 +42,7 @@ from amortjax.guides.local import given_params_guide
 from amortjax.inference.local import _fit_chunk_jit, fit_local, local_elbo
 from amortjax.models import vae_model
 from amortjax.nets import MLP
-from bench.common import load_binarized, median, time_call
+from bench.common import hand_bernoulli_log_px, load_binarized, median, time_call
 from bench.train_step import matmul_peak
 
 FLOP_FORMULA = (
@@ -90,8 +90,7 @@ class HandLocal:
         loc, log_scale = jnp.split(lam, 2, axis=-1)
         z = loc[:, None] + jnp.exp(log_scale)[:, None] * eps
         logits = jax.nn.relu(z @ self.w1 + self.b1) @ self.w2 + self.b2
-        softplus = jnp.maximum(logits, 0) + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-        log_px = jnp.sum(x[:, None] * logits - softplus, axis=-1)
+        log_px = hand_bernoulli_log_px(x[:, None], logits)
         log_pz_minus_log_qz = jnp.sum(0.5 * (eps**2 - z**2) + log_scale[:, None], axis=-1)
         return jnp.sum(log_px + log_pz_minus_log_qz) / self.num_samples
 

@@ -37,7 +37,7 @@ from amortjax.inference.objectives import make_optimizer
 from amortjax.inference.training import Trainer
 from amortjax.models import vae_model
 from amortjax.nets import MLP
-from bench.common import load_binarized, median, time_call
+from bench.common import hand_bernoulli_log_px, load_binarized, median, time_call
 
 FLOP_FORMULA = (
     "flops_per_step = 3 * 2 * B * (x_dim*hidden + hidden*2*z_dim + z_dim*hidden + hidden*x_dim)"
@@ -126,10 +126,7 @@ class HandVAE:
         loc, log_scale = jnp.split(lam, 2, axis=-1)
         z = loc + jnp.exp(log_scale) * eps
         logits = self.decoder.apply({"params": params["decoder"]}, z)
-        # log Bernoulli(x; sigmoid(l)) = x l - softplus(l), with softplus written out in its
-        # stable form: 3% faster per step on CPU than jax.nn.softplus (a logaddexp).
-        softplus = jnp.maximum(logits, 0) + jnp.log1p(jnp.exp(-jnp.abs(logits)))
-        log_px = jnp.sum(xb * logits - softplus, axis=-1)
+        log_px = hand_bernoulli_log_px(xb, logits)
         log_pz_minus_log_qz = jnp.sum(0.5 * (eps**2 - z**2) + log_scale, axis=-1)
         return -(self.n_data / xb.shape[0]) * jnp.sum(log_px + log_pz_minus_log_qz)
 
