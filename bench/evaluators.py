@@ -19,7 +19,10 @@ matmuls with the Bernoulli log-density written out, in plain JAX (`_floors`):
   per leapfrog step (the decoder work of AIS, without its schedule, momenta, accept test or
   log q0).
 
-and the machine's float32 matmul peak (`bench.train_step.matmul_peak`). FLOPs are counted from
+and two ceilings of the IWAE floor's decoder work, the same chunks of rows without the
+log-densities: the three matmuls alone (with biases, reduced by a max so that XLA cannot fold
+them into a matrix-vector product) and the matmuls with the ELUs; and the machine's float32
+matmul peak (`bench.train_step.matmul_peak`). FLOPs are counted from
 the decoder's matmuls (`FLOP_FORMULA`); the rest (log-densities, leapfrog arithmetic, sampling)
 is overhead that the ratio to the peak charges to the estimator. The floors show how much of
 that overhead is the CPU's (transcendentals per pixel and hidden unit, and the backward pass's
@@ -52,36 +55,55 @@ FLOP_FORMULA = (
 )
 
 
-def hand_log_joint(params: dict, z: jax.Array, x: jax.Array) -> jax.Array:
-    """log p(x, z) of the ELU MLP decoder written out in plain JAX, up to the constant
-    -z_dim/2 log(2 pi) (it cancels in every log-weight): z `[..., z_dim]`, x broadcasting to the
-    logits `[..., x_dim]` -> `[...]`."""
+def hand_logits(params: dict, z: jax.Array, activation=jax.nn.elu) -> jax.Array:
+    """The MLP decoder's output written out as explicit matmuls: z `[..., z_dim]` ->
+    `[..., x_dim]`, `activation` between the layers (ELU by default)."""
     dec = params["decoder$params"]
     layers = [(dec[f"Dense_{i}"]["kernel"], dec[f"Dense_{i}"]["bias"]) for i in range(len(dec))]
     h = z
     for w, b in layers[:-1]:
-        h = jax.nn.elu(h @ w + b)
-    logits = h @ layers[-1][0] + layers[-1][1]
-    return hand_bernoulli_log_px(x, logits) - 0.5 * jnp.sum(z**2, axis=-1)
+        h = activation(h @ w + b)
+    return h @ layers[-1][0] + layers[-1][1]
+
+
+def hand_log_joint(params: dict, z: jax.Array, x: jax.Array) -> jax.Array:
+    """log p(x, z) of the ELU MLP decoder written out in plain JAX, up to the constant
+    -z_dim/2 log(2 pi) (it cancels in every log-weight): z `[..., z_dim]`, x broadcasting to the
+    logits `[..., x_dim]` -> `[...]`."""
+    return hand_bernoulli_log_px(x, hand_logits(params, z)) - 0.5 * jnp.sum(z**2, axis=-1)
 
 
 def _floors(params: dict, x: jax.Array, mu: jax.Array, log_scale: jax.Array, *, num_samples: int,
             sample_chunk: int, chains: int, steps: int):  # fmt: skip
-    """Hand-written IWAE-k and AIS-gradient functions `key -> array` on the ELU decoder."""
+    """Hand-written functions `key -> array` on the ELU decoder: IWAE-k, the AIS gradients, and
+    the IWAE floor's decoder work alone, as matmuls and as matmuls with ELUs (the ceilings)."""
+    keys_of = lambda key: jax.random.split(key, -(-num_samples // sample_chunk))  # noqa: E731
+
+    def draw(k):
+        eps = jax.random.normal(k, (sample_chunk, *mu.shape))
+        return eps, mu + jnp.exp(log_scale) * eps
 
     @jax.jit
     def iwae(key):
         def chunk(_, k):
-            eps = jax.random.normal(k, (sample_chunk, *mu.shape))
-            z = mu + jnp.exp(log_scale) * eps
+            eps, z = draw(k)
             log_w = (
                 hand_log_joint(params, z, x) + 0.5 * jnp.sum(eps**2, -1) + jnp.sum(log_scale, -1)
             )
             return None, jax.nn.logsumexp(log_w, axis=0)
 
-        keys = jax.random.split(key, -(-num_samples // sample_chunk))
-        _, lse = jax.lax.scan(chunk, None, keys)
+        _, lse = jax.lax.scan(chunk, None, keys_of(key))
         return jax.nn.logsumexp(lse, axis=0) - jnp.log(num_samples)
+
+    def ceiling(activation):
+        @jax.jit
+        def decoder_work(key):
+            def chunk(_, k):
+                return None, jnp.max(hand_logits(params, draw(k)[1], activation), axis=-1)
+
+            return jnp.max(jax.lax.scan(chunk, None, keys_of(key))[1], axis=0)
+
+        return decoder_work
 
     rows = jnp.repeat(x, chains, axis=0)
 
@@ -97,7 +119,7 @@ def _floors(params: dict, x: jax.Array, mu: jax.Array, log_scale: jax.Array, *, 
         z0 = jax.random.normal(key, (rows.shape[0], mu.shape[-1]))
         return jax.lax.scan(step, z0, None, length=steps)[1]
 
-    return iwae, ais_gradients
+    return iwae, ais_gradients, ceiling(lambda h: h), ceiling(jax.nn.elu)
 
 
 def run(
@@ -159,7 +181,7 @@ def run(
         ).iwae  # fmt: skip
 
     floor_steps = min(temps * ais_leapfrog, 50 if quick else 200)
-    iwae_floor, ais_floor = _floors(
+    iwae_floor, ais_floor, matmuls_only, matmuls_elu = _floors(
         params, x, jnp.zeros((n, z_dim)), jnp.full((n, z_dim), 0.5), num_samples=k,
         sample_chunk=min(sample_chunk, k), chains=chains, steps=floor_steps,
     )  # fmt: skip
@@ -171,15 +193,24 @@ def run(
         ).log_px  # fmt: skip
 
     rows, results = [], {}
-    for name, fn, evals, flops_per_eval in (
+    variants = (
         ("IWAE", iwae, n * k, forward),
         ("IWAE floor", lambda: iwae_floor(jax.random.key(seed + 1)), n * k, forward),
         ("AIS", annealed, n * chains * temps * ais_leapfrog, 2.0 * forward),
         ("AIS floor", lambda: ais_floor(jax.random.key(seed + 2)), n * chains * floor_steps,
          2.0 * forward),
-    ):  # fmt: skip
-        compile_s = time_call(fn)
-        times = [time_call(fn) for _ in range(repeats)]
+        ("ceiling: matmuls", lambda: matmuls_only(jax.random.key(seed + 1)), n * k, forward),
+        ("ceiling: matmuls + ELU", lambda: matmuls_elu(jax.random.key(seed + 1)), n * k, forward),
+    )  # fmt: skip
+    # Compile everything, then time the variants in turns, so that a noisy neighbour on a shared
+    # machine slows every variant's repeats alike rather than one variant's.
+    compile_s = {name: time_call(fn) for name, fn, _, _ in variants}
+    all_times: dict[str, list[float]] = {name: [] for name, _, _, _ in variants}
+    for _ in range(repeats):
+        for name, fn, _, _ in variants:
+            all_times[name].append(time_call(fn))
+    for name, fn, evals, flops_per_eval in variants:
+        times = all_times[name]
         sec = median(times)
         rate = evals / sec
         gflops = rate * flops_per_eval / 1e9
@@ -188,7 +219,7 @@ def run(
             "flops_per_evaluation": flops_per_eval,
             "seconds_median": sec,
             "seconds_all": times,
-            "first_call_seconds_incl_compile": compile_s,
+            "first_call_seconds_incl_compile": compile_s[name],
             "decoder_evaluations_per_s": rate,
             "gflops": gflops,
             "fraction_of_peak": gflops / peak["peak_gflops"],
@@ -202,6 +233,8 @@ def run(
                     "IWAE floor": f"N={n}, k={k}, hand-written",
                     "AIS": f"N={n}, C={chains}, T={temps}, L={ais_leapfrog}",
                     "AIS floor": f"{n * chains} rows x {floor_steps} gradient steps, hand-written",
+                    "ceiling: matmuls": "IWAE floor's decoder, no activation or likelihood",
+                    "ceiling: matmuls + ELU": "IWAE floor's decoder, no likelihood",
                 }[name],
                 "decoder evals": evals,
                 "seconds": sec,
@@ -237,6 +270,7 @@ def run(
             data_note,
             f"decoder {'-'.join(map(str, sizes))} ELU, Bernoulli, random init; "
             f"{forward / 1e6:.3f} MFLOP per forward pass; {FLOP_FORMULA}",
-            f"median of {repeats} calls after a compile warm-up; targets: >= 60% of the peak",
+            f"median of {repeats} calls after a compile warm-up, the variants timed in turns; "
+            "targets: >= 60% of the peak",
         ],
     }

@@ -249,6 +249,9 @@ def test_evaluators_benchmark_counts_work_and_reports_rates(tmp_path):
     assert ais["flops_per_evaluation"] == 2 * forward
     assert result["results"]["IWAE floor"]["decoder_evaluations"] == 3 * 8
     assert result["results"]["AIS floor"]["decoder_evaluations"] == 3 * 2 * 6
+    for ceiling in ("ceiling: matmuls", "ceiling: matmuls + ELU"):
+        assert result["results"][ceiling]["decoder_evaluations"] == 3 * 8
+        assert result["results"][ceiling]["flops_per_evaluation"] == forward
     for r in result["results"].values():
         assert r["finite"]
         for key in ("seconds_median", "decoder_evaluations_per_s", "gflops", "fraction_of_peak"):
