@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "memory": "peak memory (RSS and XLA's analysis) of fit_local and IWAE-5000 on 10,000 points",
     "scaling": "time vs datapoints N, z_dim and samples of IWAE-k and fit_local, log-log slopes",
     "gap_preset": "wall time of `make experiment NAME=amortization_gap` (quick preset)",
+    "paper_presets": "s per training epoch of each paper preset and its projected training time",
 }
 
 

@@ -57,7 +57,7 @@ from amortjax.flows import AffineCouplingFlow, FlowEncoder
 from amortjax.guides import amortized_guide, encode
 from amortjax.inference.local import fit_local
 from amortjax.inference.objectives import make_optimizer
-from amortjax.inference.training import Trainer, fit
+from amortjax.inference.training import Trainer, fit, seconds_per_epoch
 from amortjax.models import check_observations, vae_model, with_fixed_params
 from amortjax.nets import MLP
 from amortjax.runner import write_json
@@ -329,6 +329,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
                 "dataset": dataset,
                 "family": family_name,
                 "train_seconds": train_seconds,
+                "epoch_seconds": list(result.epoch_seconds),
                 "final_train_loss": result.history["train_loss"][1][-1],
             }
             for split, xs in (("train", x_train_eval), ("test", x_test)):
@@ -626,8 +627,13 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
             *_table(metrics["frozen_decoder"], "test"),
             "",
         ]
+
+    def per_epoch(r: dict) -> str:
+        seconds = seconds_per_epoch(r.get("epoch_seconds", []))
+        return "" if seconds is None else f" ({seconds:.2f} s per epoch)"
+
     timing = ", ".join(
-        f"{n}: train {r['train_seconds']:.0f} s, gaps {r['eval_seconds']:.0f} s"
+        f"{n}: train {r['train_seconds']:.0f} s{per_epoch(r)}, gaps {r['eval_seconds']:.0f} s"
         for n, r in models.items()
     )
     lines += [

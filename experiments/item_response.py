@@ -268,6 +268,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         estimates[regime] = means
         metrics["regimes"][regime] = {
             "train_seconds": train_seconds,
+            "epoch_seconds": list(result.epoch_seconds),
             "final_train_loss": result.history["train_loss"][1][-1],
             "heldout_log_px_learned_questions": mean_and_stderr(exact),
             "heldout_elbo": mean_and_stderr(bounds.elbo),

@@ -233,6 +233,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             "kl": mean_and_stderr(kl),
             "train_loss": result.history["train_loss"][1][-1],
             "train_seconds": train_seconds,
+            "epoch_seconds": list(result.epoch_seconds),
             "encoder_ms_per_datapoint": 1e3 * encoder_seconds / n_eval,
             "refine_ms_per_datapoint": 1e3 * (encoder_seconds + refine_seconds) / n_eval,
         }

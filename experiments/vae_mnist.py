@@ -41,7 +41,7 @@ from amortjax.evaluation.subsets import random_subset
 from amortjax.families import DiagonalGaussian
 from amortjax.guides import amortized_guide, encode
 from amortjax.inference.objectives import KL_SCHEDULES, kl_schedule, make_optimizer
-from amortjax.inference.training import Trainer, fit
+from amortjax.inference.training import Trainer, fit, seconds_per_epoch
 from amortjax.models import check_observations, decode_mean, vae_model
 from amortjax.nets import MLP
 from amortjax.runner import write_json
@@ -103,6 +103,11 @@ PRESETS: dict[str, dict] = {
         "iwae_points": None,
     },
 }
+
+
+def _per_epoch(epoch_seconds: list[float]) -> str:
+    per_epoch = seconds_per_epoch(epoch_seconds)
+    return "" if per_epoch is None else f" ({per_epoch:.2f} s per epoch after the first)"
 
 
 def _curves(history: dict, weighted: bool = False) -> dict:
@@ -215,8 +220,9 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
         f"| train loss, last epoch | encoder | -{config.objective}{weighted} | "
         f"{config.num_particles} | train | all | {metrics['final_train_loss']:.2f} |",
         "",
-        f"Training time {metrics['train_seconds']:.0f} s, evaluation {metrics['eval_seconds']:.0f}"
-        f" s, on {metrics['device']}.",
+        f"Training time {metrics['train_seconds']:.0f} s"
+        f"{_per_epoch(metrics.get('epoch_seconds', []))}, evaluation "
+        f"{metrics['eval_seconds']:.0f} s, on {metrics['device']}.",
         "",
         *_activity_lines(metrics["activity"]),
     ]
@@ -358,6 +364,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         "final_train_loss": result.history["train_loss"][1][-1],
         "history": result.history,
         "train_seconds": train_seconds,
+        "epoch_seconds": list(result.epoch_seconds),
         "eval_seconds": eval_seconds,
         "device": str(jax.devices()[0].device_kind),
     }

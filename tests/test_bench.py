@@ -200,6 +200,27 @@ def test_sa_step_fields(sa_result):
     assert len(sa_result["table"]["rows"]) == 3
 
 
+def test_sa_step_reports_a_diverged_variant_instead_of_failing(tmp_path, monkeypatch):
+    """Training whose loss is not finite (here forced: every epoch's losses made NaN): the run
+    still writes its JSON (no NaN in it), marks each loss as diverged and says so in a note."""
+    import jax.numpy as jnp
+
+    from amortjax.inference.training import Trainer
+
+    run_epoch = Trainer.run_epoch
+
+    def nan_losses(self, state, x):
+        state, losses = run_epoch(self, state, x)
+        return state, losses * jnp.nan
+
+    monkeypatch.setattr(Trainer, "run_epoch", nan_losses)
+    result, report = run_and_save("sa_step", quick=True, out_dir=tmp_path, **SA_TINY)
+    assert [r["mean_loss_last_epoch"] for r in result["results"]] == [None, None, None]
+    assert "diverged" in report and "sa K=2, svi K=2" in report
+    assert all(_positive_finite(r["ms_per_step"]) for r in result["results"])
+    json.loads((tmp_path / "sa_step.json").read_text())
+
+
 def test_sa_step_xla_flops_of_a_vae_step():
     import jax
     import jax.numpy as jnp
@@ -485,3 +506,46 @@ def test_scaling_benchmark_writes_documented_json_and_plot(tmp_path):
     assert sweeps[("iwae", "N")]["flops"] == [n * 4 * forward_flops(3, (16,), 784) for n in (8, 16)]
     assert on_disk["slopes"]["iwae/N"] == sweeps[("iwae", "N")]["time_slope"]
     assert len(on_disk["table"]["rows"]) == 6 * 2
+
+
+# --- paper presets: one epoch each, projected training time -----------------------------------
+
+
+def test_paper_preset_projection_counts_every_model_and_epoch():
+    """Hours = copies x epochs x the second epoch's seconds, per model kind of each experiment;
+    amortization_gap counts each family once per dataset of the paper preset."""
+    from amortjax.runner import load_experiment, resolve_config
+    from bench.paper_presets import project, trained_models
+
+    vae = resolve_config(load_experiment("vae_mnist"), "paper")
+    rows = project(trained_models("vae_mnist", {"epoch_seconds": [30.0, 1.8]}, vae))
+    assert rows[0]["seconds_per_epoch"] == 1.8
+    assert rows[0]["projected_hours"] == pytest.approx(3280 * 1.8 / 3600)
+    gap = resolve_config(load_experiment("amortization_gap"), "paper")
+    metrics = {
+        "models": {
+            "mnist_diagonal": {"family": "diagonal", "epoch_seconds": [9.0, 2.0, 4.0]},
+            "mnist_flow": {"family": "flow", "epoch_seconds": [9.0, 5.0]},
+        }
+    }
+    rows = {r["model"]: r for r in project(trained_models("amortization_gap", metrics, gap))}
+    assert rows["diagonal VAE"]["projected_hours"] == pytest.approx(2 * 3280 * 3.0 / 3600)
+    assert rows["flow VAE"]["projected_hours"] == pytest.approx(2 * 3280 * 5.0 / 3600)
+    with pytest.raises(ValueError, match="ran no epoch"):
+        project(trained_models("vae_mnist", {"epoch_seconds": []}, vae))
+    with pytest.raises(ValueError, match="unknown experiment 'nope'"):
+        trained_models("nope", {}, vae)
+
+
+@pytest.mark.slow  # 50 s: a whole (tiny) experiment run, compilation of three regimes included
+def test_paper_presets_benchmark_times_real_epochs(tmp_path):
+    """Quick mode trains item_response's regimes for two epochs and projects from their times."""
+    result, report = run_and_save("paper_presets", quick=True, out_dir=tmp_path)
+    assert (tmp_path / "paper_presets.md").read_text() == report
+    item = result["experiments"]["item_response"]
+    assert {m["model"] for m in item["models"]} == {"amortized", "per_example", "semi_amortized"}
+    for m in item["models"]:
+        assert len(m["epoch_seconds"]) == 2 and all(t > 0 for t in m["epoch_seconds"])
+        assert m["projected_hours"] == pytest.approx(m["epochs"] * m["epoch_seconds"][1] / 3600)
+    total = sum(m["projected_hours"] for m in item["models"])
+    assert item["projected_hours"] == pytest.approx(total)

@@ -14,7 +14,7 @@ from amortjax.evaluation.bounds import evaluate_bounds
 from amortjax.guides import amortized_guide
 from amortjax.inference.checkpoint import restore_checkpoint
 from amortjax.inference.objectives import make_optimizer
-from amortjax.inference.training import Trainer, TrainingDivergedError, fit
+from amortjax.inference.training import Trainer, TrainingDivergedError, fit, seconds_per_epoch
 from amortjax.models import vae_model
 from amortjax.nets import MLP
 
@@ -95,6 +95,15 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path):
     for a, b in zip(_leaves(full.params), _leaves(resumed.params), strict=True):
         np.testing.assert_array_equal(a, b)
     assert resumed.history["train_loss"] == full.history["train_loss"]
+    # one wall time per epoch run by that call: 5 for the full run, the last 2 when resumed
+    assert len(full.epoch_seconds) == 5 and len(resumed.epoch_seconds) == 2
+    assert all(t > 0 for t in full.epoch_seconds + resumed.epoch_seconds)
+
+
+def test_seconds_per_epoch_leaves_out_the_compiling_first_epoch():
+    assert seconds_per_epoch([9.0, 1.0, 3.0, 2.0]) == 2.0
+    assert seconds_per_epoch([4.0]) == 4.0
+    assert seconds_per_epoch([]) is None
 
 
 def test_killed_process_resumes_to_identical_parameters(tmp_path):

@@ -20,7 +20,8 @@ an evaluator (see `amortjax.evaluation`) nor the per-example optimizer of a froz
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -88,11 +89,24 @@ class TrainState(NamedTuple):
 
 
 class FitResult(NamedTuple):
-    """What `fit` returns: the final state, its parameters and the recorded history."""
+    """What `fit` returns: the final state, its parameters, the recorded history and the wall
+    seconds of each training epoch this call ran (`epoch_seconds[i]`: the compiled epoch alone,
+    without evaluation or checkpointing; the first one includes compilation)."""
 
     state: TrainState
     params: dict
     history: History
+    epoch_seconds: tuple[float, ...] = ()
+
+
+def seconds_per_epoch(epoch_seconds: Sequence[float]) -> float | None:
+    """The steady-state time of one training epoch from `FitResult.epoch_seconds`: the median
+    of the epochs after the first (which includes compilation), the first when it is the only
+    one, None when no epoch ran."""
+    if not epoch_seconds:
+        return None
+    rest = list(epoch_seconds[1:]) or list(epoch_seconds)
+    return float(np.median(rest))
 
 
 class Trainer:
@@ -258,8 +272,8 @@ def fit(
         progress: show a progress bar with the running loss.
 
     Returns:
-        `FitResult(state, params, history)`; history["train_loss"] is the mean per-datapoint
-        loss of each epoch.
+        `FitResult(state, params, history, epoch_seconds)`; history["train_loss"] is the mean
+        per-datapoint loss of each epoch; epoch_seconds one wall time per epoch run here.
 
     Raises:
         TrainingDivergedError: when an epoch's loss or parameters are not finite; the last
@@ -286,9 +300,13 @@ def fit(
         unit="epoch",
         disable=not progress,
     )
+    epoch_seconds: list[float] = []
     for _ in bar:
+        tick = time.perf_counter()
         new_state, losses = trainer.run_epoch(state, x_train)
         losses = np.asarray(losses)
+        jax.block_until_ready(new_state)
+        epoch_seconds.append(time.perf_counter() - tick)
         epoch = int(new_state.epoch)
         if not np.isfinite(losses).all() or not _all_finite(new_state.svi_state.optim_state):
             bad = np.flatnonzero(~np.isfinite(losses))
@@ -317,4 +335,4 @@ def fit(
             start = epoch
         if on_epoch_end is not None:
             on_epoch_end(state, history)
-    return FitResult(state, trainer.params(state), history)
+    return FitResult(state, trainer.params(state), history, tuple(epoch_seconds))
