@@ -161,9 +161,8 @@ def run(
     chains = ais_chains or (2 if quick else 16)
     temps = ais_temperatures or (5 if quick else 100)
     repeats = repeats or (1 if quick else 3)
-    peak = matmul_peak(
-        tuple(matmul_sizes or ((128,) if quick else (1024, 2048))), 2 if quick else 5
-    )
+    matmul_sizes = tuple(matmul_sizes or ((128,) if quick else (1024, 2048)))
+    peak = matmul_peak(matmul_sizes, 2 if quick else 5)
     x_np, data_note = load_test(n, x_dim, data, seed)
     x = jnp.asarray(x_np)
     model = vae_model(MLP(hidden, x_dim, "elu"), z_dim=z_dim)
@@ -203,12 +202,21 @@ def run(
         ("ceiling: matmuls + ELU", lambda: matmuls_elu(jax.random.key(seed + 1)), n * k, forward),
     )  # fmt: skip
     # Compile everything, then time the variants in turns, so that a noisy neighbour on a shared
-    # machine slows every variant's repeats alike rather than one variant's.
+    # machine slows every variant's repeats alike rather than one variant's; the matmul peak is
+    # measured again in each round and the best of all its measurements is the one divided by.
     compile_s = {name: time_call(fn) for name, fn, _, _ in variants}
     all_times: dict[str, list[float]] = {name: [] for name, _, _, _ in variants}
+    round_peaks = []
     for _ in range(repeats):
         for name, fn, _, _ in variants:
             all_times[name].append(time_call(fn))
+        round_peaks.append(matmul_peak(matmul_sizes[-1:], 2)["peak_gflops"])
+    peak = {
+        **peak,
+        "up_front_gflops": peak["peak_gflops"],
+        "rounds_gflops": round_peaks,
+        "peak_gflops": max(peak["peak_gflops"], *round_peaks),
+    }
     for name, fn, evals, flops_per_eval in variants:
         times = all_times[name]
         sec = median(times)
@@ -271,6 +279,9 @@ def run(
             f"decoder {'-'.join(map(str, sizes))} ELU, Bernoulli, random init; "
             f"{forward / 1e6:.3f} MFLOP per forward pass; {FLOP_FORMULA}",
             f"median of {repeats} calls after a compile warm-up, the variants timed in turns; "
-            "targets: >= 60% of the peak",
+            "targets: >= 60% of the peak; the peak is the best of the up-front measurement ("
+            f"{peak['up_front_gflops']:.0f} GFLOP/s) and one per round ("
+            + ", ".join(f"{g:.0f}" for g in round_peaks)
+            + ")",
         ],
     }
