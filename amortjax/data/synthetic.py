@@ -14,10 +14,11 @@ and the best diagonal Gaussian q*(z_i) = argmin KL(q || p(z_i | x_i)) has mean m
 1 / (S^-1)_jj (reverse KL matches the diagonal of the posterior precision). The ELBO of any
 Gaussian q is log p(x_i) - KL(q || p(z_i | x_i)).
 
-This module is the ground truth for every estimator and optimizer in the tests. The formulas
-are written directly; `linear_gaussian_vae` expresses the same model as the library's NumPyro VAE
-(a linear decoder with a Gaussian likelihood, a linear encoder), so that the code path the
-library uses on real data is what gets tested against them.
+This module is the ground truth for every estimator and optimizer in the tests. The closed
+forms are computed in float64 with numpy (whatever JAX's precision), so that narrow posteriors
+(noise 1e-3) are testable. `linear_gaussian_vae` expresses the same model as the library's
+NumPyro VAE (a linear decoder with a Gaussian likelihood, a linear encoder), so that the code
+path the library uses on real data is what gets tested against them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.scipy.stats import multivariate_normal
+import numpy as np
+from numpy.typing import ArrayLike
 
 
 class LinearGaussian(NamedTuple):
@@ -58,18 +60,38 @@ class LinearGaussian(NamedTuple):
         noise = self.noise_scale * jax.random.normal(kx, (n, self.x_dim))
         return z @ self.weight.T + self.bias + noise, z
 
-    def log_marginal(self, x: jax.Array) -> jax.Array:
-        """Exact log p(x_i) for x `[n, x_dim]`; returns `[n]`."""
-        cov = self.weight @ self.weight.T + jnp.diag(self.noise_scale**2)
-        return multivariate_normal.logpdf(x, self.bias, cov)
+    def _f64(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """W, b and the noise scales as float64 numpy arrays."""
+        return (
+            np.asarray(self.weight, np.float64),
+            np.asarray(self.bias, np.float64),
+            np.asarray(self.noise_scale, np.float64),
+        )
 
-    def posterior_precision(self) -> jax.Array:
-        """S^-1 = I + W^T diag(psi)^-1 W, shared by all datapoints, `[z_dim, z_dim]`."""
-        w_scaled = self.weight / self.noise_scale[:, None]
-        return jnp.eye(self.z_dim) + w_scaled.T @ w_scaled
+    def log_marginal(self, x: ArrayLike) -> np.ndarray:
+        """Exact log p(x_i) for x `[n, x_dim]`; returns `[n]` (float64).
 
-    def posterior(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Exact posterior p(z_i | x_i) = N(mean_i, cov).
+        Computed through the Woodbury identity and the matrix-determinant lemma, so that a
+        tiny noise (a narrow posterior) costs no precision:
+        C^-1 = Psi^-1 - Psi^-1 W S W^T Psi^-1 and log|C| = log|Psi| + log|S^-1|.
+        """
+        w, b, psi_sd = self._f64()
+        r = np.asarray(x, np.float64) - b  # [n, x_dim]
+        r_scaled = r / psi_sd**2  # Psi^-1 r
+        prec_chol = np.linalg.cholesky(self.posterior_precision())  # S^-1 = L L^T
+        proj = np.linalg.solve(prec_chol, (r_scaled @ w).T)  # L^-1 W^T Psi^-1 r, [z_dim, n]
+        maha = np.sum(r * r_scaled, axis=1) - np.sum(proj**2, axis=0)
+        logdet = 2.0 * np.sum(np.log(psi_sd)) + 2.0 * np.sum(np.log(np.diag(prec_chol)))
+        return -0.5 * (self.x_dim * np.log(2.0 * np.pi) + logdet + maha)
+
+    def posterior_precision(self) -> np.ndarray:
+        """S^-1 = I + W^T diag(psi)^-1 W, shared by all datapoints, `[z_dim, z_dim]` (float64)."""
+        w, _, psi_sd = self._f64()
+        w_scaled = w / psi_sd[:, None]
+        return np.eye(self.z_dim) + w_scaled.T @ w_scaled
+
+    def posterior(self, x: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+        """Exact posterior p(z_i | x_i) = N(mean_i, cov), in float64.
 
         Args:
             x: observations, `[n, x_dim]`.
@@ -77,19 +99,21 @@ class LinearGaussian(NamedTuple):
         Returns:
             `(mean [n, z_dim], cov [z_dim, z_dim])`.
         """
-        cov = jnp.linalg.inv(self.posterior_precision())
-        proj = (self.weight / self.noise_scale[:, None] ** 2).T  # W^T diag(psi)^-1
-        mean = (x - self.bias) @ proj.T @ cov.T
+        w, b, psi_sd = self._f64()
+        prec = self.posterior_precision()
+        cov = np.linalg.inv(prec)
+        rhs = (np.asarray(x, np.float64) - b) / psi_sd**2 @ w  # W^T Psi^-1 (x_i - b), [n, z]
+        mean = np.linalg.solve(prec, rhs.T).T
         return mean, cov
 
-    def best_diagonal(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def best_diagonal(self, x: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """The diagonal Gaussian closest in KL(q || p(z|x)): `(mean [n, z_dim], scale [z_dim])`."""
         mean, _ = self.posterior(x)
-        scale = 1.0 / jnp.sqrt(jnp.diag(self.posterior_precision()))
+        scale = 1.0 / np.sqrt(np.diag(self.posterior_precision()))
         return mean, scale
 
-    def kl_to_posterior(self, x: jax.Array, loc: jax.Array, scale: jax.Array) -> jax.Array:
-        """KL(N(loc, diag(scale**2)) || p(z_i | x_i)) per datapoint.
+    def kl_to_posterior(self, x: ArrayLike, loc: ArrayLike, scale: ArrayLike) -> np.ndarray:
+        """KL(N(loc, diag(scale**2)) || p(z_i | x_i)) per datapoint, in float64.
 
         Args:
             x: `[n, x_dim]`.
@@ -99,17 +123,42 @@ class LinearGaussian(NamedTuple):
         Returns:
             `[n]`, in nats.
         """
-        mean, cov = self.posterior(x)
+        mean, _ = self.posterior(x)
         prec = self.posterior_precision()
-        scale = jnp.broadcast_to(scale, loc.shape)
+        loc = np.asarray(loc, np.float64)
+        scale = np.broadcast_to(np.asarray(scale, np.float64), loc.shape)
         diff = loc - mean
-        trace_term = jnp.sum(jnp.diag(prec) * scale**2, axis=-1)
-        maha = jnp.einsum("ni,ij,nj->n", diff, prec, diff)
-        _, logdet_cov = jnp.linalg.slogdet(cov)
-        logdet_q = 2.0 * jnp.sum(jnp.log(scale), axis=-1)
-        return 0.5 * (trace_term + maha - self.z_dim + logdet_cov - logdet_q)
+        trace_term = np.sum(np.diag(prec) * scale**2, axis=-1)
+        maha = np.einsum("ni,ij,nj->n", diff, prec, diff)
+        _, logdet_prec = np.linalg.slogdet(prec)
+        logdet_q = 2.0 * np.sum(np.log(scale), axis=-1)
+        return 0.5 * (trace_term + maha - self.z_dim - logdet_prec - logdet_q)
 
-    def elbo(self, x: jax.Array, loc: jax.Array, scale: jax.Array) -> jax.Array:
+    def gaussian_kl_to_posterior(
+        self, x: ArrayLike, loc: ArrayLike, scale_tril: ArrayLike
+    ) -> np.ndarray:
+        """KL(N(loc, L L^T) || p(z_i | x_i)) for a full-rank Gaussian q, in float64.
+
+        Args:
+            x: `[n, x_dim]`.
+            loc: `[n, z_dim]`.
+            scale_tril: L, `[n, z_dim, z_dim]` or `[z_dim, z_dim]`, lower triangular.
+
+        Returns:
+            `[n]`, in nats.
+        """
+        mean, _ = self.posterior(x)
+        prec = self.posterior_precision()
+        loc = np.asarray(loc, np.float64)
+        tril = np.broadcast_to(np.asarray(scale_tril, np.float64), (*loc.shape, self.z_dim))
+        diff = loc - mean
+        trace_term = np.einsum("ij,nik,njk->n", prec, tril, tril)  # tr(P L L^T)
+        maha = np.einsum("ni,ij,nj->n", diff, prec, diff)
+        _, logdet_prec = np.linalg.slogdet(prec)
+        logdet_q = 2.0 * np.sum(np.log(np.abs(np.diagonal(tril, axis1=1, axis2=2))), axis=-1)
+        return 0.5 * (trace_term + maha - self.z_dim - logdet_prec - logdet_q)
+
+    def elbo(self, x: ArrayLike, loc: ArrayLike, scale: ArrayLike) -> np.ndarray:
         """Exact ELBO of q = N(loc, diag(scale**2)): log p(x_i) - KL(q || p(z_i|x_i)), `[n]`."""
         return self.log_marginal(x) - self.kl_to_posterior(x, loc, scale)
 
@@ -127,7 +176,7 @@ def make_linear_gaussian(
     Args:
         key: PRNG key.
         x_dim: observation size.
-        z_dim: latent size (at most x_dim).
+        z_dim: latent size (larger than x_dim gives a strongly correlated posterior).
         noise_scale: observation noise standard deviation. With `diagonal_posterior` it is shared
             by all dimensions; otherwise each dimension's scale is drawn around it.
         diagonal_posterior: if True, W has orthogonal columns and the noise is isotropic, so
@@ -137,8 +186,11 @@ def make_linear_gaussian(
     Returns:
         The model.
     """
-    if z_dim > x_dim:
-        raise ValueError(f"z_dim={z_dim} must not exceed x_dim={x_dim}")
+    if diagonal_posterior and z_dim > x_dim:
+        raise ValueError(
+            f"diagonal_posterior needs z_dim <= x_dim (orthogonal loadings); got z_dim={z_dim}, "
+            f"x_dim={x_dim}"
+        )
     kw, kb, kn = jax.random.split(key, 3)
     bias = jax.random.normal(kb, (x_dim,))
     if diagonal_posterior:
@@ -179,11 +231,12 @@ def linear_gaussian_vae(
     guide = amortized_guide(enc, x_dim=lg.x_dim, family=DiagonalGaussian())
 
     if encoder == "best_diagonal":
-        cov = jnp.linalg.inv(lg.posterior_precision())
-        # m_i = (x_i - b) @ A with A = diag(psi)^-1 W S^T, affine in x_i.
-        a = (lg.weight / lg.noise_scale[:, None] ** 2) @ cov.T
-        loc_kernel, loc_bias = a, -lg.bias @ a
-        _, scale = lg.best_diagonal(lg.bias[None])
+        # m_i = (x_i - b) @ A with A = diag(psi)^-1 W S^T, affine in x_i (float64, then cast).
+        w, b, psi_sd = lg._f64()
+        a = np.linalg.solve(lg.posterior_precision(), (w / psi_sd[:, None] ** 2).T).T
+        loc_kernel, loc_bias = jnp.asarray(a, jnp.float32), jnp.asarray(-b @ a, jnp.float32)
+        _, scale = lg.best_diagonal(b[None])
+        scale = jnp.asarray(scale, jnp.float32)
     elif encoder == "prior":
         loc_kernel, loc_bias = jnp.zeros((lg.x_dim, lg.z_dim)), jnp.zeros(lg.z_dim)
         scale = jnp.ones(lg.z_dim)
