@@ -8,21 +8,23 @@ For one datapoint with log-weights log w_s = log p(x, z_s) - log q(z_s | x), z_s
 Both come from the same k draws. The log-sum-exp is taken per datapoint before any average
 over data, and over chunks of draws (the log-sum-exp of the chunks' log-sum-exps), so that k
 can be 5,000 or more with memory bounded by `sample_chunk * batch_size` decoder evaluations.
-Datapoints are processed in fixed-size batches (the last one padded) so the computation
-compiles once.
+The computation is written for one datapoint, vmapped over a chunk and run over the data by
+`amortjax.engine.map_datapoints` (fixed-size chunks, per-datapoint keys).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from amortjax.sharding import active_mesh, check_divisible, replicate, shard_rows
+from amortjax.engine import map_datapoints
+from amortjax.families import Family
+from amortjax.latents import Site, log_joint_unconstrained
 from amortjax.traces import log_weights
 
 
@@ -40,7 +42,7 @@ class Bounds(NamedTuple):
     num_samples: int
 
 
-def _bounds_batch(
+def _bounds_one(
     model: Callable,
     guide: Callable,
     params: dict,
@@ -50,23 +52,30 @@ def _bounds_batch(
     num_samples: int,
     sample_chunk: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """ELBO estimate and IWAE-k for a batch x `[batch, ...]`; returns two `[batch]` arrays."""
+    """ELBO estimate and IWAE-k for ONE datapoint x `[...]` with its own key; two scalars."""
     num_chunks = -(-num_samples // sample_chunk)
     keys = jax.random.split(key, num_chunks * sample_chunk).reshape(num_chunks, sample_chunk)
     valid = (jnp.arange(num_chunks * sample_chunk) < num_samples).reshape(keys.shape)
+    x1 = x[None]
+    args1 = tuple(a[None] for a in guide_args)
 
     def chunk(carry, inputs):
         chunk_keys, chunk_valid = inputs
-        lw = jax.vmap(lambda k: log_weights(model, guide, params, x, k, *guide_args))(chunk_keys)
-        lw_sum = jnp.sum(jnp.where(chunk_valid[:, None], lw, 0.0), axis=0)
-        lse = jax.nn.logsumexp(jnp.where(chunk_valid[:, None], lw, -jnp.inf), axis=0)
+        lw = jax.vmap(lambda k: log_weights(model, guide, params, x1, k, *args1)[0])(chunk_keys)
+        lw_sum = jnp.sum(jnp.where(chunk_valid, lw, 0.0))
+        lse = jax.nn.logsumexp(jnp.where(chunk_valid, lw, -jnp.inf))
         return carry + lw_sum, lse
 
-    lw_sum, lses = jax.lax.scan(chunk, jnp.zeros(x.shape[0]), (keys, valid))
-    return lw_sum / num_samples, jax.nn.logsumexp(lses, axis=0) - jnp.log(num_samples)
+    lw_sum, lses = jax.lax.scan(chunk, jnp.zeros(()), (keys, valid))
+    return lw_sum / num_samples, jax.nn.logsumexp(lses) - jnp.log(num_samples)
 
 
-_bounds_batch_jit = jax.jit(_bounds_batch, static_argnums=(0, 1, 6, 7))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _bounds_batch(model, guide, num_samples, sample_chunk, params, keys, x, *guide_args):
+    """`_bounds_one` for a chunk of datapoints, each with its own key; two `[B]` arrays."""
+    return jax.vmap(
+        lambda xi, ki, *ai: _bounds_one(model, guide, params, xi, ai, ki, num_samples, sample_chunk)
+    )(x, keys, *guide_args)
 
 
 def evaluate_bounds(
@@ -89,13 +98,12 @@ def evaluate_bounds(
         guide: NumPyro guide over the same latent sites.
         params: parameters of model and guide.
         x: observations, `[num_datapoints, ...]`.
-        key: PRNG key; datapoint batches use keys folded in from it, so results do not depend on
-            what else runs.
+        key: PRNG key; datapoint i draws from `fold_in(key, i)` (`amortjax.engine`), so its
+            numbers depend neither on `batch_size` nor on the number of devices.
         num_samples: k, the draws per datapoint.
         batch_size: datapoints per compiled call.
-        sample_chunk: draws evaluated at once (bounds memory; 100 keeps a batch of 100
-            datapoints' decoder outputs in cache: `bench/evaluators.py` measured 47% of the
-            matmul peak with 100 against 40% with 500 on a 2-core CPU).
+        sample_chunk: draws evaluated at once per datapoint (bounds memory to
+            `sample_chunk * batch_size` decoder evaluations).
         guide_args: per-datapoint inputs of the guide besides x, each `[num_datapoints, ...]`,
             batched with x (e.g. the lambdas of `given_params_guide`).
         progress: show a progress bar (a string gives its description).
@@ -106,51 +114,171 @@ def evaluate_bounds(
     Returns:
         `Bounds` with `[num_datapoints]` arrays.
     """
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not isinstance(num_samples, int | np.integer) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    if not isinstance(sample_chunk, int | np.integer) or sample_chunk < 1:
+        raise ValueError(f"sample_chunk must be an integer >= 1, got {sample_chunk!r}")
     x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"x must be [num_datapoints, ...] with num_datapoints >= 1; got {x.shape}")
     n = x.shape[0]
     guide_args = tuple(jnp.asarray(a) for a in guide_args)
-    if any(a.shape[0] != n for a in guide_args):
+    if any(a.ndim < 1 or a.shape[0] != n for a in guide_args):
         raise ValueError(
             f"guide_args must have one row per datapoint ({n}); got shapes "
             f"{[a.shape for a in guide_args]}"
         )
-    batch_size = min(batch_size, n)
-    mesh = active_mesh()
-    if mesh is not None:
-        check_divisible(batch_size, mesh)
-        params = replicate(mesh, params)
     sample_chunk = min(sample_chunk, num_samples)
-    elbos, iwaes = [], []
-    starts = range(0, n, batch_size)
-    if progress:
-        desc = progress if isinstance(progress, str) else f"IWAE-{num_samples}"
-        starts = tqdm(starts, desc=desc, unit="batch")
-    for i, start in enumerate(starts):
-        rows = [a[start : start + batch_size] for a in (x, *guide_args)]
-        size = rows[0].shape[0]
-        if size < batch_size:  # pad with copies so the batch shape stays compiled once
-            rows = [
-                jnp.concatenate([r, jnp.repeat(r[:1], batch_size - size, axis=0)]) for r in rows
-            ]
-        xb, *args_b = shard_rows(mesh, *rows)
-        elbo, iwae = _bounds_batch_jit(
-            model,
-            guide,
-            params,
-            xb,
-            tuple(args_b),
-            jax.random.fold_in(key, i),
-            num_samples,
-            sample_chunk,
-        )
-        elbos.append(np.asarray(elbo[:size]))
-        iwaes.append(np.asarray(iwae[:size]))
-    return Bounds(elbo=np.concatenate(elbos), iwae=np.concatenate(iwaes), num_samples=num_samples)
+    elbo, iwae = map_datapoints(
+        functools.partial(_bounds_batch, model, guide, int(num_samples), int(sample_chunk)),
+        params,
+        key,
+        [x, *guide_args],
+        batch_size=batch_size,
+        progress=progress,
+        desc=f"IWAE-{num_samples}",
+    )
+    return Bounds(elbo=elbo, iwae=iwae, num_samples=num_samples)
 
 
 def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
     """Mean over datapoints and its standard error."""
     values = np.asarray(values, dtype=np.float64)
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values)))
+
+
+class PairBounds(NamedTuple):
+    """Two variational distributions q_a and q_b of every datapoint scored on common draws.
+
+    Every array is `[num_datapoints]`, in nats.
+
+    Attributes:
+        elbo_a, elbo_b: ELBO estimates (means of k log-weights) of q_a and q_b.
+        iwae_a, iwae_b: IWAE-k bounds with q_a and with q_b.
+        mixture: log of the importance-sampling estimate of p(x) from the equal mixture
+            m = (q_a + q_b) / 2, with the 2k draws (k from each): an unbiased estimate of p(x)
+            per datapoint, so a stochastic lower bound of log p(x).
+        num_samples: k, the draws from each of q_a and q_b.
+    """
+
+    elbo_a: np.ndarray
+    elbo_b: np.ndarray
+    iwae_a: np.ndarray
+    iwae_b: np.ndarray
+    mixture: np.ndarray
+    num_samples: int
+
+
+def _pair_one(model, family, site, num_samples, sample_chunk, params, x, lam_a, lam_b, key):
+    """`PairBounds`' five numbers for ONE datapoint; draw s of q_a and of q_b share its key."""
+    q_a, q_b = family.distribution(lam_a), family.distribution(lam_b)
+    num_chunks = -(-num_samples // sample_chunk)
+    keys = jax.random.split(key, num_chunks * sample_chunk).reshape(num_chunks, sample_chunk)
+    valid = (jnp.arange(num_chunks * sample_chunk) < num_samples).reshape(keys.shape)
+    x2 = jnp.broadcast_to(x, (2, *x.shape))
+
+    def draw(k):
+        u = jnp.stack([q_a.sample(k), q_b.sample(k)])  # common random numbers, [2, D]
+        log_p = log_joint_unconstrained(model, params, x2, u, site)
+        return log_p, q_a.log_prob(u), q_b.log_prob(u)
+
+    def chunk(carry, inputs):
+        chunk_keys, ok = inputs
+        log_p, log_qa, log_qb = jax.vmap(draw)(chunk_keys)  # [chunk, 2] each
+        lw_a, lw_b = log_p[:, 0] - log_qa[:, 0], log_p[:, 1] - log_qb[:, 1]
+        lw_mix = log_p - (jnp.logaddexp(log_qa, log_qb) - jnp.log(2.0))
+        sums = carry + jnp.stack([jnp.sum(jnp.where(ok, lw, 0.0)) for lw in (lw_a, lw_b)])
+        lses = jnp.stack(
+            [
+                jax.nn.logsumexp(jnp.where(ok, lw_a, -jnp.inf)),
+                jax.nn.logsumexp(jnp.where(ok, lw_b, -jnp.inf)),
+                jax.nn.logsumexp(jnp.where(ok[:, None], lw_mix, -jnp.inf)),
+            ]
+        )
+        return sums, lses
+
+    sums, lses = jax.lax.scan(chunk, jnp.zeros(2), (keys, valid))
+    lse = jax.nn.logsumexp(lses, axis=0)
+    log_k = jnp.log(num_samples)
+    return (
+        sums[0] / num_samples,
+        sums[1] / num_samples,
+        lse[0] - log_k,
+        lse[1] - log_k,
+        lse[2] - jnp.log(2.0 * num_samples),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _pair_batch(model, family, site, num_samples, sample_chunk, params, keys, x, lam_a, lam_b):
+    return jax.vmap(
+        lambda xi, ki, a, b: _pair_one(
+            model, family, site, num_samples, sample_chunk, params, xi, a, b, ki
+        )
+    )(x, keys, lam_a, lam_b)
+
+
+def evaluate_pair(
+    model: Callable,
+    params: dict,
+    x: np.ndarray | jax.Array,
+    lam_a: np.ndarray | jax.Array,
+    lam_b: np.ndarray | jax.Array,
+    key: jax.Array,
+    *,
+    family: Family,
+    site: Site = "z",
+    num_samples: int = 5000,
+    batch_size: int = 100,
+    sample_chunk: int = 100,
+    progress: bool | str = False,
+) -> PairBounds:
+    """Scores two members of a family per datapoint on common random numbers.
+
+    For datapoint i, draw s of q_a and draw s of q_b come from the same key (the same base
+    noise, e.g. the same eps in mu + sigma eps), so the difference of their ELBOs (an
+    amortization gap) has far less Monte Carlo noise than with independent draws, and is
+    exactly 0 where q_a = q_b. From the same 2k draws, the mixture estimate
+
+        p̂(x) = 1/(2k) sum_{z ~ q_a, q_b} p(x, z) / ((q_a(z) + q_b(z)) / 2)
+
+    is unbiased for p(x) (stratified sampling from the mixture), and so never much worse than
+    the better of the two IWAE bounds on any datapoint. Densities are those of the unconstrained
+    local latent vector u (`amortjax.latents.log_joint_unconstrained`).
+
+    Args:
+        model: NumPyro model with local latents (see `amortjax.traces`).
+        params: model parameters.
+        x: observations, `[N, ...]`.
+        lam_a, lam_b: the two variational parameters of every datapoint, `[N, num_params]`.
+        key: PRNG key; datapoint i draws from `fold_in(key, i)`.
+        family: the variational family of both.
+        site: the model's local latents (a site name or a `LocalLatents`).
+        num_samples: k, draws from each distribution.
+        batch_size: datapoints per compiled call.
+        sample_chunk: draws evaluated at once per datapoint.
+        progress: show a progress bar (a string gives its description).
+
+    Returns:
+        `PairBounds` with `[N]` arrays.
+    """
+    if not isinstance(num_samples, int | np.integer) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    x = jnp.asarray(x)
+    lam_a, lam_b = jnp.asarray(lam_a), jnp.asarray(lam_b)
+    if lam_a.shape != lam_b.shape or lam_a.ndim != 2 or lam_a.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"lam_a and lam_b must both be [N={x.shape[0]}, num_params]; got {lam_a.shape} and "
+            f"{lam_b.shape}"
+        )
+    sample_chunk = int(min(sample_chunk, num_samples))
+    out = map_datapoints(
+        functools.partial(_pair_batch, model, family, site, int(num_samples), sample_chunk),
+        params,
+        key,
+        [x, lam_a, lam_b],
+        batch_size=batch_size,
+        progress=progress,
+        desc=f"q and q*, {num_samples} draws each",
+    )
+    return PairBounds(*out, num_samples=int(num_samples))
