@@ -149,3 +149,17 @@ def test_semi_amortized_training_improves_the_refined_elbo(mode):
 def test_unknown_mode():
     with pytest.raises(ValueError, match="'vae'"):
         semi_amortized_guide(MLP((), 6), None, x_dim=8, num_steps=3, mode="vae")
+
+
+def test_refinement_draws_per_datapoint_so_chunks_do_not_matter(case):
+    """Datapoint i draws from fold_in(key, i): refining rows 25..39 as their own batch (with
+    their indices) gives the rows of the whole batch's refinement."""
+    _, model, params, x = case
+    lam0 = jnp.zeros((40, 6))
+    kw = dict(family=FAM, num_steps=5, step_size=0.05, num_samples=1)
+    whole = refine(model, params, x, lam0, jax.random.key(3), **kw)
+    part = refine(model, params, x[25:], lam0[25:], jax.random.key(3),
+                  indices=jnp.arange(25, 40), **kw)  # fmt: skip
+    np.testing.assert_allclose(part, whole[25:], rtol=1e-5, atol=1e-6)
+    shifted = refine(model, params, x[25:], lam0[25:], jax.random.key(3), **kw)
+    assert np.abs(np.asarray(shifted - whole[25:])).max() > 1e-3  # other keys, other draws

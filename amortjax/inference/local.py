@@ -6,52 +6,127 @@ For one datapoint x_i and fixed model parameters theta, the local ELBO of lambda
     L(lambda_i; x_i) = E_{z ~ q(z; lambda_i)} [log p_theta(x_i, z) - log q(z; lambda_i)],
 
 estimated with S reparameterized draws through the library's one adapter (`traces.log_weights`
-with `given_params_guide`), so the model's own log joint is what gets maximized. `fit_local`
-maximizes it with Adam for a batch of datapoints in one compiled loop (`vmap` over datapoints,
-`lax.scan` over the steps of a block, `lax.while_loop` over blocks). Adam is elementwise, so one
-Adam over the `[batch, P]` array is an independent Adam per datapoint.
+with `given_params_guide`), so the model's own log joint is what gets maximized.
 
-Stopping follows Cremer et al.: the local ELBO is averaged over blocks of `block_size` steps; a
-datapoint whose block average has not improved on its best for `patience` blocks stops moving
-(its parameters and its Adam moments are frozen) while the others go on. Datapoints are processed
-in chunks of `batch_size`, so 10,000 datapoints fit in bounded memory.
+The optimizer, per datapoint (every quantity below is a row of a `[B, ...]` array; the rows
+never interact):
+
+- Adam on lambda_i with its own step size lr_i. Steps are grouped in blocks of `block_size`;
+  a block reports the average of its S-draw ELBO estimates and the average of its iterates
+  (Polyak averaging: at a plateau the averaged iterate sits closer to the optimum than any
+  single noisy iterate).
+- Or, for the Gaussian families, damped Newton / natural-gradient steps (`method="newton"`,
+  see `_newton_one`), whose step a_i plays the part of lr_i.
+- Before the first step, one block evaluates the start lambda_i^0 without moving: the
+  reference of the plateau rule.
+- A block whose average beats the best so far by `min_improvement` is an improvement. After
+  `patience` blocks without one the step size is reduced, lr_i <- `lr_decay` * lr_i, and the
+  iterate restarts from the block's averaged iterate (reduce-on-plateau: the steady-state noise
+  of a stochastic step is proportional to lr, so each reduction lets it settle closer to the
+  optimum of a narrow or correlated posterior); after `num_decays` reductions and one more
+  plateau the datapoint has converged. `max_steps` caps the steps of any datapoint.
+- The end point is the last block's averaged iterate. It is compared with the start on common
+  random numbers (`select_samples` draws, independent of all other draws) and the better of the
+  two is q*: q* never ends below where it started, beyond that comparison's small noise. A
+  convergence record comes with it: steps, converged or stopped by `max_steps`, and the gain of
+  the best block average during the last step-size stage.
+
+Continuous batching: the `[B]` rows are slots, not datapoints. All datapoints wait in a queue on
+the device; when a datapoint finishes, its result is written out and the next waiting datapoint
+takes its slot (its parameters and optimizer state replace the finished row) inside the one
+compiled `lax.while_loop`, so no slot idles while others catch up, except at the very end.
+Every draw of datapoint i comes from `fold_in(fold_in(key, i), step)`: its result depends on
+the seed and its index only, not on the slot, the batch size or the number of devices.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
+from amortjax.engine import datapoint_keys, map_datapoints
 from amortjax.evaluation.bounds import evaluate_bounds
-from amortjax.families import DiagonalGaussian, Family
+from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
 from amortjax.guides.local import given_params_guide
-from amortjax.latents import Site, latent_size
-from amortjax.sharding import active_mesh, check_divisible, replicate, shard_rows
+from amortjax.latents import Site, latent_size, log_joint_unconstrained
+from amortjax.sharding import active_mesh, check_divisible, replicate
 from amortjax.traces import log_weights
+
+ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
+_MIN_CURVATURE = 1e-3  # floor of the Newton step's curvature eigenvalues
+METHODS = ("auto", "adam", "newton")
+DEFAULTS = {  # per method: (learning_rate, block_size)
+    "adam": (3e-3, 50),
+    "newton": (0.5, 10),
+}
 
 
 class LocalFit(NamedTuple):
     """Result of `fit_local`, one row per datapoint.
 
     Attributes:
-        params: the fitted lambda_i, `[N, num_params]`.
-        elbo: L(lambda_i; x_i) estimated with `final_samples` draws, `[N]`.
-        iwae: the IWAE-`final_samples` bound of log p(x_i) with q(z; lambda_i), `[N]`.
-        steps: Adam steps each datapoint took before it stopped, `[N]`.
+        params: the fitted lambda_i (the best candidate, see the module docstring),
+            `[N, num_params]`.
+        elbo: L(lambda_i; x_i) estimated with `final_samples` fresh draws, `[N]` (None when
+            `final_samples=0`).
+        iwae: the IWAE-`final_samples` bound of log p(x_i) with q(z; lambda_i), `[N]` (or None).
+        steps: optimizer steps each datapoint took, `[N]`.
+        converged: True where the datapoint stopped by the plateau rule after all step-size
+            reductions, `[N]`.
+        hit_max_steps: True where `max_steps` stopped it first, `[N]`.
+        gain: nats the best block-average ELBO rose during the last step-size stage, `[N]`
+            (small at convergence).
+        moved: False where the final comparison kept the start, `[N]`.
         num_samples: draws behind `elbo` and `iwae`.
+        stopped_fraction: share of the optimizer's slot-steps spent on slots without a
+            datapoint (the tail of the queue): the compute wasted on stopped datapoints.
     """
 
     params: np.ndarray
-    elbo: np.ndarray
-    iwae: np.ndarray
+    elbo: np.ndarray | None
+    iwae: np.ndarray | None
     steps: np.ndarray
+    converged: np.ndarray
+    hit_max_steps: np.ndarray
+    gain: np.ndarray
+    moved: np.ndarray
     num_samples: int
+    stopped_fraction: float
+
+    def convergence(self) -> dict[str, Any]:
+        """A summary of the convergence record for reports.
+
+        Returns:
+            `{"num_datapoints", "converged_fraction", "hit_max_steps", "steps_mean",
+            "steps_max", "gain_mean", "gain_max", "moved_fraction", "stopped_fraction",
+            "text"}`, where text reads e.g. "q* converged for 99.7% of 1000 points; 3 hit
+            max_steps; 2,310 steps on average".
+        """
+        n = int(self.steps.shape[0])
+        out = {
+            "num_datapoints": n,
+            "converged_fraction": float(np.mean(self.converged)),
+            "hit_max_steps": int(np.sum(self.hit_max_steps)),
+            "steps_mean": float(np.mean(self.steps)),
+            "steps_max": int(np.max(self.steps)),
+            "gain_mean": float(np.mean(self.gain)),
+            "gain_max": float(np.max(self.gain)),
+            "moved_fraction": float(np.mean(self.moved)),
+            "stopped_fraction": float(self.stopped_fraction),
+        }
+        out["text"] = (
+            f"q* converged for {100 * out['converged_fraction']:.1f}% of {n} points; "
+            f"{out['hit_max_steps']} hit max_steps; {out['steps_mean']:,.0f} steps on "
+            f"average (max {out['steps_max']:,}); last-stage gain {out['gain_mean']:.4f} nats "
+            f"on average (max {out['gain_max']:.4f})"
+        )
+        return out
 
 
 def local_elbo(
@@ -86,86 +161,309 @@ def local_elbo(
     return log_weights(model, guide, params, xs, key, lams).mean()
 
 
-class _State(NamedTuple):
-    lam: jax.Array  # [B, P]
-    opt_state: optax.OptState
-    best: jax.Array  # [B] best block-average ELBO
-    stale: jax.Array  # [B] blocks since the best improved
-    active: jax.Array  # [B] still moving
-    steps: jax.Array  # [B] steps taken
-    key: jax.Array
-
-
-def _fit_chunk(
+def _newton_one(
     model: Callable,
     family: Family,
     site: Site,
     num_samples: int,
-    learning_rate: float,
-    block_size: int,
-    patience: int,
-    max_steps: int,
-    min_improvement: float,
     params: dict,
     x: jax.Array,
-    lam0: jax.Array,
+    lam: jax.Array,
     key: jax.Array,
+    step: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    batch = x.shape[0]
-    tx = optax.adam(learning_rate)
+    """One damped Newton / natural-gradient step of a Gaussian q for ONE datapoint.
 
-    def elbos(lam, keys):
+    With S draws z_s = mu + L eps_s, g = mean_s grad log p(x, z_s) and
+    H = mean_s hess log p(x, z_s) are unbiased estimates of the ELBO's gradient and Hessian in
+    mu (Bonnet's and Price's theorems; the draws come in antithetic pairs). A = -H with its
+    eigenvalues clipped at `_MIN_CURVATURE` (a positive-definite curvature) gives, with step
+    a in (0, 1]:
+
+        precision  Lambda <- (1 - a) Lambda + a A       (full rank; its diagonal for the FFG)
+        mean       mu     <- mu + a A^-1 g              (full Newton: correlated posteriors)
+
+    the fixed point of the Gaussian ELBO (Opper & Archambeau 2009; Khan & Lin's VON). On a
+    linear-Gaussian model one step with a = 1 lands on the optimum up to the noise of g.
+
+    Returns:
+        `(new lambda [P], ELBO estimate at lambda)` (the entropy in closed form).
+    """
+    q = family.distribution(lam)
+    loc = family.mean(lam)
+    z_dim = loc.shape[-1]
+    # Antithetic pairs z = mu +- L eps: the first-order noise of g cancels, so on a quadratic
+    # log p the step is exact.
+    half = jax.random.normal(key, (-(-num_samples // 2), z_dim), lam.dtype)
+    eps = jnp.concatenate([half, -half])
+    if isinstance(family, DiagonalGaussian):
+        _, log_scale = family.split(lam)
+        offsets = jnp.exp(log_scale) * eps
+        cov = jnp.diag(jnp.exp(2 * log_scale))
+    else:
+        _, tril = family.split(lam)
+        offsets = eps @ tril.T
+        cov = tril @ tril.T
+    z = loc + offsets
+
+    def log_p(z):
+        return log_joint_unconstrained(model, params, x[None], z[None], site)[0]
+
+    lp, grads = jax.vmap(jax.value_and_grad(log_p))(z)
+    hess = jax.vmap(jax.hessian(log_p))(z).mean(0)
+    hess = 0.5 * (hess + hess.T)
+    g = grads.mean(0)
+    w, v = jnp.linalg.eigh(-hess)
+    curvature = (v * jnp.maximum(w, _MIN_CURVATURE)) @ v.T
+    # The ELBO signal of the plateau rule, with the quadratic term as a control variate:
+    # exact on a quadratic log p (it only steers the stopping rule; nothing reported uses it).
+    quad = 0.5 * jnp.einsum("si,ij,sj->s", offsets, hess, offsets)
+    elbo = jnp.mean(lp - quad) + 0.5 * jnp.sum(hess * cov) + q.entropy()
+    if isinstance(family, DiagonalGaussian):
+        precision = (1 - step) * jnp.exp(-2 * log_scale) + step * jnp.diag(curvature)
+        new = jnp.concatenate(
+            [loc + step * jnp.linalg.solve(curvature, g), -0.5 * jnp.log(precision)]
+        )
+    else:
+        precision = (1 - step) * jnp.linalg.inv(tril @ tril.T) + step * curvature
+        precision = 0.5 * (precision + precision.T)
+        cov_tril = jnp.linalg.cholesky(jnp.linalg.inv(precision))
+        new = family.pack(loc + step * jnp.linalg.solve(precision, g), cov_tril)
+    new = jnp.where(jnp.all(jnp.isfinite(new)), new, lam)
+    return new, jnp.where(jnp.isfinite(elbo), elbo, -jnp.inf)
+
+
+class _Slots(NamedTuple):
+    """The optimizer's state: B slots, each holding one datapoint (or none), and the outputs."""
+
+    idx: jax.Array  # [B] datapoint in the slot; N when empty
+    x: jax.Array  # [B, ...]
+    lam: jax.Array  # [B, P] current iterate
+    m: jax.Array  # [B, P] Adam's first moment
+    v: jax.Array  # [B, P] Adam's second moment
+    t: jax.Array  # [B] Adam steps since the datapoint was loaded
+    lr: jax.Array  # [B] step size
+    best: jax.Array  # [B] best block-average ELBO
+    stage_start: jax.Array  # [B] best block average when the current step-size stage began
+    stale: jax.Array  # [B] blocks since the best improved
+    decays: jax.Array  # [B] step-size reductions so far
+    steps: jax.Array  # [B] Adam steps taken
+    baseline: jax.Array  # [B] True during the block that evaluates the start
+    next: jax.Array  # [] next datapoint to load
+    busy: jax.Array  # [] slot-blocks that held a datapoint
+    blocks: jax.Array  # [] blocks run
+    out_lam: jax.Array  # [N, P]
+    out_steps: jax.Array  # [N]
+    out_converged: jax.Array  # [N]
+    out_hit: jax.Array  # [N]
+    out_gain: jax.Array  # [N]
+
+
+_PROGRESS: list[Any] = [None]  # the open progress bar, updated from inside the compiled loop
+
+
+def _report_progress(done: jax.Array) -> None:
+    bar = _PROGRESS[0]
+    if bar is not None:
+        bar.update(int(done) - bar.n)
+
+
+def _fresh(slots: _Slots, rows: jax.Array, new_idx: jax.Array, x_all, init_all, lr0) -> _Slots:
+    """Loads datapoints `new_idx` into the slots where `rows` is True (N leaves a slot empty)."""
+    n = x_all.shape[0]
+    src = jnp.minimum(new_idx, n - 1)
+    col = rows[:, None]
+    lam0 = init_all[src]
+    x_rows = rows.reshape(-1, *([1] * (slots.x.ndim - 1)))
+    return slots._replace(
+        idx=jnp.where(rows, new_idx, slots.idx),
+        x=jnp.where(x_rows, x_all[src], slots.x),
+        lam=jnp.where(col, lam0, slots.lam),
+        m=jnp.where(col, 0.0, slots.m),
+        v=jnp.where(col, 0.0, slots.v),
+        t=jnp.where(rows, 0, slots.t),
+        lr=jnp.where(rows, lr0, slots.lr),
+        best=jnp.where(rows, -jnp.inf, slots.best),
+        stage_start=jnp.where(rows, -jnp.inf, slots.stage_start),
+        stale=jnp.where(rows, 0, slots.stale),
+        decays=jnp.where(rows, 0, slots.decays),
+        steps=jnp.where(rows, 0, slots.steps),
+        baseline=jnp.where(rows, True, slots.baseline),
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7))
+def _optimize(
+    model: Callable,
+    family: Family,
+    site: Site,
+    method: str,
+    num_samples: int,
+    block_size: int,
+    num_slots: int,
+    report: bool,
+    params: dict,
+    x_all: jax.Array,
+    init_all: jax.Array,
+    key: jax.Array,
+    learning_rate: jax.Array,
+    patience: jax.Array,
+    max_steps: jax.Array,
+    min_improvement: jax.Array,
+    lr_decay: jax.Array,
+    num_decays: jax.Array,
+) -> _Slots:
+    n, num_params = init_all.shape
+    dtype = init_all.dtype
+
+    def elbos(lam, x, keys):
         return jax.vmap(
             lambda xi, li, ki: local_elbo(
                 model, params, xi, li, ki, family=family, num_samples=num_samples, site=site
             )
         )(x, lam, keys)
 
-    def block(state: _State) -> _State:
-        def step(carry, k):
-            lam, opt_state = carry
-            keys = jax.random.split(k, batch)
+    def block(s: _Slots) -> _Slots:
+        valid = s.idx < n
+        base = datapoint_keys(key, s.idx)
+        moving = valid & ~s.baseline
+
+        def step(carry, j):
+            lam, m, v, t, lam_sum = carry
+            keys = jax.vmap(jax.random.fold_in)(base, (s.steps + j).astype(jnp.uint32))
+            if method == "newton":
+                new, per_point = jax.vmap(
+                    lambda xi, li, ki, ai: _newton_one(
+                        model, family, site, num_samples, params, xi, li, ki, ai
+                    )
+                )(s.x, lam, keys, s.lr)
+                lam = jnp.where(moving[:, None], new, lam)
+                return (lam, m, v, t, lam_sum + lam), per_point
             # The datapoints' ELBOs are separable, so the gradient of their sum is each
             # datapoint's own gradient.
-            per_point, vjp = jax.vjp(lambda lam: elbos(lam, keys), lam)
+            per_point, vjp = jax.vjp(lambda lam: elbos(lam, s.x, keys), lam)
             (grad,) = vjp(jnp.ones_like(per_point))
-            updates, new_opt = tx.update(-grad, opt_state, lam)
-            moving = state.active[:, None]
-            new_lam = jnp.where(moving, lam + updates, lam)
-            # Frozen datapoints keep their Adam moments too: they have stopped for good.
-            new_opt = jax.tree.map(
-                lambda new, old: jnp.where(moving, new, old) if new.shape == lam.shape else new,
-                new_opt,
-                opt_state,
+            grad = jnp.where(jnp.isfinite(grad), grad, 0.0)
+            t_new = t + 1
+            m_new = ADAM_B1 * m + (1 - ADAM_B1) * grad
+            v_new = ADAM_B2 * v + (1 - ADAM_B2) * grad**2
+            m_hat = m_new / (1 - ADAM_B1 ** t_new.astype(dtype))[:, None]
+            v_hat = v_new / (1 - ADAM_B2 ** t_new.astype(dtype))[:, None]
+            update = s.lr[:, None] * m_hat / (jnp.sqrt(v_hat) + ADAM_EPS)
+            col = moving[:, None]
+            lam = jnp.where(col, lam + update, lam)
+            carry = (
+                lam,
+                jnp.where(col, m_new, m),
+                jnp.where(col, v_new, v),
+                jnp.where(moving, t_new, t),
+                lam_sum + lam,
             )
-            return (new_lam, new_opt), per_point
+            return carry, per_point
 
-        key, sub = jax.random.split(state.key)
-        (lam, opt_state), per_step = jax.lax.scan(
-            step, (state.lam, state.opt_state), jax.random.split(sub, block_size)
+        (lam, m, v, t, lam_sum), per_step = jax.lax.scan(
+            step, (s.lam, s.m, s.v, s.t, jnp.zeros_like(s.lam)), jnp.arange(block_size)
         )
-        average = per_step.mean(0)
-        improved = average > state.best + min_improvement
-        best = jnp.where(state.active & improved, average, state.best)
-        stale = jnp.where(improved, 0, state.stale + 1)
-        steps = state.steps + block_size * state.active
-        active = state.active & (stale < patience) & (steps < max_steps)
-        return _State(lam, opt_state, best, stale, active, steps, key)
+        average = jnp.where(jnp.isfinite(per_step), per_step, -jnp.inf).mean(0)
+        lam_avg = lam_sum / block_size
 
-    init = _State(
-        lam=lam0,
-        opt_state=tx.init(lam0),
-        best=jnp.full(batch, -jnp.inf),
-        stale=jnp.zeros(batch, jnp.int32),
-        active=jnp.ones(batch, bool),
-        steps=jnp.zeros(batch, jnp.int32),
-        key=key,
+        # The baseline block scores the start, the first reference of the plateau rule.
+        first = valid & s.baseline
+        best = jnp.where(first, average, s.best)
+        stage_start = jnp.where(first, average, s.stage_start)
+        improved = moving & (average > s.best + min_improvement)
+        best = jnp.where(improved, average, best)
+        stale = jnp.where(improved | first, 0, s.stale + moving)
+        steps = s.steps + block_size * moving
+        plateau = moving & (stale >= patience)
+        decay = plateau & (s.decays < num_decays)
+        converged = plateau & ~decay
+        hit = moving & (steps >= max_steps) & ~converged
+        done = converged | hit
+        # A reduction restarts from the block's averaged iterate with the smaller step size.
+        lam = jnp.where(decay[:, None], lam_avg, lam)
+        s = s._replace(
+            lam=lam,
+            m=m,
+            v=v,
+            t=t,
+            lr=jnp.where(decay, s.lr * lr_decay, s.lr),
+            best=best,
+            stage_start=jnp.where(decay, best, stage_start),
+            stale=jnp.where(decay, 0, stale),
+            decays=s.decays + decay,
+            steps=steps,
+            baseline=s.baseline & ~valid,
+            busy=s.busy + valid.sum(),
+            blocks=s.blocks + 1,
+        )
+        # Finished datapoints write their results (the last block's averaged iterate) and
+        # hand their slots to waiting ones.
+        target = jnp.where(done, s.idx, n)
+        s = s._replace(
+            out_lam=s.out_lam.at[target].set(lam_avg, mode="drop"),
+            out_steps=s.out_steps.at[target].set(s.steps, mode="drop"),
+            out_converged=s.out_converged.at[target].set(converged, mode="drop"),
+            out_hit=s.out_hit.at[target].set(hit, mode="drop"),
+            out_gain=s.out_gain.at[target].set(s.best - s.stage_start, mode="drop"),
+        )
+        new_idx = jnp.minimum(s.next + jnp.cumsum(done) - 1, n)
+        s = _fresh(s, done, new_idx, x_all, init_all, learning_rate)
+        s = s._replace(next=jnp.minimum(s.next + done.sum(), n))
+        if report:
+            jax.debug.callback(_report_progress, s.next - (s.idx < n).sum())
+        return s
+
+    first_idx = jnp.minimum(jnp.arange(num_slots), n)
+    src = jnp.minimum(first_idx, n - 1)
+    zeros = jnp.zeros((num_slots, num_params), dtype)
+    ints = jnp.zeros(num_slots, jnp.int32)
+    init = _Slots(
+        idx=first_idx,
+        x=x_all[src],
+        lam=zeros,
+        m=zeros,
+        v=zeros,
+        t=ints,
+        lr=jnp.zeros(num_slots, dtype),
+        best=jnp.zeros(num_slots, dtype),
+        stage_start=jnp.zeros(num_slots, dtype),
+        stale=ints,
+        decays=ints,
+        steps=ints,
+        baseline=jnp.zeros(num_slots, bool),
+        next=jnp.minimum(jnp.int32(num_slots), n),
+        busy=jnp.int32(0),
+        blocks=jnp.int32(0),
+        out_lam=jnp.array(init_all),
+        out_steps=jnp.zeros(n, jnp.int32),
+        out_converged=jnp.zeros(n, bool),
+        out_hit=jnp.zeros(n, bool),
+        out_gain=jnp.zeros(n, dtype),
     )
-    final = jax.lax.while_loop(lambda s: s.active.any(), block, init)
-    return final.lam, final.steps
+    init = _fresh(init, first_idx < n, first_idx, x_all, init_all, learning_rate)
+    return jax.lax.while_loop(lambda s: (s.idx < n).any(), block, init)
 
 
-_fit_chunk_jit = jax.jit(_fit_chunk, static_argnums=tuple(range(9)))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _duel_batch(model, family, site, num_samples, params, keys, x, lam_a, lam_b):
+    """ELBO estimates of two lambdas per datapoint on common random numbers: `([B], [B])`."""
+
+    def one(xi, ki, a, b):
+        def elbo(lam):
+            return local_elbo(
+                model, params, xi, lam, ki, family=family, num_samples=num_samples, site=site
+            )
+
+        return elbo(a), elbo(b)
+
+    return jax.vmap(one)(x, keys, lam_a, lam_b)
+
+
+def _check_positive_int(**values: Any) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def fit_local(
@@ -178,102 +476,186 @@ def fit_local(
     site: Site = "z",
     z_dim: int | None = None,
     init: np.ndarray | jax.Array | None = None,
-    num_samples: int = 1,
-    learning_rate: float = 1e-3,
-    block_size: int = 100,
-    patience: int = 10,
+    method: str = "auto",
+    num_samples: int = 4,
+    learning_rate: float | None = None,
+    block_size: int | None = None,
+    patience: int = 4,
     max_steps: int = 100_000,
     min_improvement: float = 0.0,
+    lr_decay: float = 0.3,
+    num_decays: int = 3,
+    select_samples: int = 256,
     final_samples: int = 1000,
     batch_size: int = 100,
     progress: bool | str = False,
 ) -> LocalFit:
-    """Fits q(z_i; lambda_i) to each datapoint by maximizing its local ELBO with Adam.
+    """Fits q(z_i; lambda_i) to each datapoint by maximizing its local ELBO (q*).
+
+    See the module docstring for the optimizer (Adam with a per-datapoint reduce-on-plateau
+    step size, averaged iterates, the start kept as a candidate) and the continuous batching.
 
     Args:
         model: NumPyro model with local latents in the data plate; its parameters stay fixed.
         params: model parameters theta (e.g. a trained decoder).
         x: observations, `[N, ...]`.
-        key: PRNG key.
+        key: PRNG key; datapoint i draws from `fold_in(key, i)` only.
         family: the variational family (diagonal Gaussian by default).
         site: the model's local latents (a site name or a `LocalLatents`).
         z_dim: latent size; needed when init is None (start from the standard normal) and
             site is a name (a `LocalLatents` knows its size).
         init: starting lambda `[N, num_params]` (e.g. an encoder's output, to refine it), or
             None for N(0, I).
+        method: "adam" (any family), "newton" (damped Newton / natural-gradient steps, for the
+            Gaussian families: see `_newton_one`; each step costs a Hessian of log p in z, about
+            `z_dim` gradients, and makes the correlated and narrow posteriors easy), or "auto"
+            (newton for the diagonal and full-rank Gaussians, adam otherwise).
         num_samples: S, draws per datapoint per step.
-        learning_rate: Adam's step size.
-        block_size: steps per block of the stopping rule.
-        patience: blocks without improvement of the block average before a datapoint stops.
-        max_steps: cap on the steps of any datapoint.
+        learning_rate: the initial step size: Adam's (default 3e-3) or the Newton step's
+            damping a in (0, 1] (default 0.5).
+        block_size: steps per block of the stopping rule (default 50 for adam, 10 for newton).
+        patience: blocks without improvement of the block average before the step size is
+            reduced (or, after `num_decays` reductions, before the datapoint stops).
+        max_steps: cap on the Adam steps of any datapoint.
         min_improvement: nats a block average must gain over the best to count as improvement.
-        final_samples: draws for the reported ELBO and IWAE of the fitted q.
-        batch_size: datapoints optimized at once (bounds memory).
-        progress: show a progress bar over chunks (a string gives its description).
+        lr_decay: factor of each step-size reduction, in (0, 1).
+        num_decays: step-size reductions before convergence (0: Cremer et al.'s rule, stop at
+            the first plateau).
+        select_samples: draws of the final comparison of the start with the end (common
+            random numbers), which keeps the better of the two.
+        final_samples: fresh draws for the reported ELBO and IWAE of the fitted q; 0 skips them
+            (when the caller scores q* itself, as `gap_decomposition` does).
+        batch_size: slots optimized at once (bounds memory); waiting datapoints take the slots
+            of finished ones.
+        progress: show a progress bar over datapoints (a string gives its description).
 
     Returns:
-        `LocalFit` with the parameters, final ELBO and IWAE, and steps per datapoint.
+        `LocalFit` with the parameters, the convergence record and (unless final_samples=0) the
+        final ELBO and IWAE of every datapoint.
     """
     family = family or DiagonalGaussian()
+    gaussian = isinstance(family, DiagonalGaussian | FullRankGaussian)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if method == "auto":
+        method = "newton" if gaussian else "adam"
+    if method == "newton" and not gaussian:
+        raise ValueError(
+            f"method='newton' needs a Gaussian family (diagonal or full_rank); family "
+            f"{family.name!r} takes method='adam'"
+        )
+    default_rate, default_block = DEFAULTS[method]
+    learning_rate = default_rate if learning_rate is None else learning_rate
+    block_size = default_block if block_size is None else block_size
+    if method == "newton" and not 0.0 < learning_rate <= 1.0:
+        raise ValueError(f"the Newton step's learning_rate must be in (0, 1], got {learning_rate}")
     x = jnp.asarray(x)
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"x must be [num_datapoints, ...] with num_datapoints >= 1; got {x.shape}")
     n = x.shape[0]
     if init is None:
         z_dim = latent_size(site, z_dim)
         if z_dim is None:
-            raise ValueError("fit_local needs z_dim when init is None")
+            raise ValueError(
+                "fit_local needs z_dim when init is None (pass z_dim=, or site= a LocalLatents "
+                "from find_local_latents, or init= the starting parameters)"
+            )
         init = jnp.broadcast_to(family.standard_params(z_dim), (n, family.num_params(z_dim)))
-    init = jnp.asarray(init)
+    init = jnp.asarray(init, jnp.float32)
     if init.ndim != 2 or init.shape[0] != n:
         raise ValueError(f"init must have shape [{n}, num_params]; got {init.shape}")
-    if block_size < 1 or patience < 1 or max_steps < 1:
-        raise ValueError(
-            f"block_size, patience and max_steps must be >= 1; got {block_size}, {patience}, "
-            f"{max_steps}"
-        )
-    fit_key, eval_key = jax.random.split(key)
-    batch_size = min(batch_size, n)
+    if not bool(jnp.all(jnp.isfinite(init))):
+        rows = np.flatnonzero(~np.all(np.isfinite(np.asarray(init)), axis=1))[:5].tolist()
+        raise ValueError(f"init has NaN or infinite values (rows {rows}, ...)")
+    _check_positive_int(
+        num_samples=num_samples,
+        block_size=block_size,
+        patience=patience,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        select_samples=select_samples,
+    )
+    if not isinstance(final_samples, int | np.integer) or final_samples < 0:
+        raise ValueError(f"final_samples must be an integer >= 0, got {final_samples!r}")
+    if not isinstance(num_decays, int | np.integer) or num_decays < 0:
+        raise ValueError(f"num_decays must be an integer >= 0, got {num_decays!r}")
+    if not 0.0 < lr_decay < 1.0:
+        raise ValueError(f"lr_decay must be in (0, 1), got {lr_decay!r}")
+    if not (np.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate must be positive and finite, got {learning_rate!r}")
+    if not (np.isfinite(min_improvement) and min_improvement >= 0):
+        raise ValueError(f"min_improvement must be >= 0, got {min_improvement!r}")
+    fit_key, select_key, eval_key = jax.random.split(key, 3)
+    num_slots = min(batch_size, n)
     mesh = active_mesh()
     if mesh is not None:
-        check_divisible(batch_size, mesh)
-        params = replicate(mesh, params)
-    lams, steps = [], []
-    starts = range(0, n, batch_size)
+        check_divisible(num_slots, mesh)
+        params, x, init = replicate(mesh, (params, x, init))
     if progress:
-        starts = tqdm(starts, desc=progress if isinstance(progress, str) else "q*", unit="chunk")
-    for i, start in enumerate(starts):
-        xb, lb = x[start : start + batch_size], init[start : start + batch_size]
-        size = xb.shape[0]
-        if size < batch_size:  # pad so the chunk compiles once
-            pad = batch_size - size
-            xb = jnp.concatenate([xb, jnp.repeat(xb[:1], pad, axis=0)])
-            lb = jnp.concatenate([lb, jnp.repeat(lb[:1], pad, axis=0)])
-        xb, lb = shard_rows(mesh, xb, lb)
-        lam, st = _fit_chunk_jit(
+        desc = progress if isinstance(progress, str) else "q*"
+        _PROGRESS[0] = tqdm(total=n, desc=desc, unit="pt")
+    try:
+        final = _optimize(
             model,
             family,
             site,
-            num_samples,
-            learning_rate,
-            block_size,
-            patience,
-            max_steps,
-            min_improvement,
+            method,
+            int(num_samples),
+            int(block_size),
+            int(num_slots),
+            bool(progress),
             params,
-            xb,
-            lb,
-            jax.random.fold_in(fit_key, i),
+            x,
+            init,
+            fit_key,
+            jnp.float32(learning_rate),
+            jnp.int32(patience),
+            jnp.int32(max_steps),
+            jnp.float32(min_improvement),
+            jnp.float32(lr_decay),
+            jnp.int32(num_decays),
         )
-        lams.append(np.asarray(lam[:size]))
-        steps.append(np.asarray(st[:size]))
-    lam = np.concatenate(lams)
-    bounds = evaluate_bounds(
-        model,
-        given_params_guide(family, site=site),
+        final = jax.block_until_ready(final)
+    finally:
+        if _PROGRESS[0] is not None:
+            _PROGRESS[0].update(n - _PROGRESS[0].n)
+            _PROGRESS[0].close()
+        _PROGRESS[0] = None
+    # The start against the end, on common random numbers (independent of every other draw):
+    # q* is never worse than where it started, beyond this comparison's small noise.
+    candidate = np.asarray(final.out_lam)
+    start_elbo, end_elbo = map_datapoints(
+        functools.partial(_duel_batch, model, family, site, int(select_samples)),
         params,
-        x,
-        eval_key,
-        num_samples=final_samples,
-        batch_size=batch_size,
-        guide_args=(lam,),
+        select_key,
+        [x, init, candidate],
+        batch_size=num_slots,
     )
-    return LocalFit(lam, bounds.elbo, bounds.iwae, np.concatenate(steps), final_samples)
+    moved = np.asarray(end_elbo > start_elbo)
+    lam = np.where(moved[:, None], candidate, np.asarray(init))
+    elbo = iwae = None
+    if final_samples:
+        bounds = evaluate_bounds(
+            model,
+            given_params_guide(family, site=site),
+            params,
+            x,
+            eval_key,
+            num_samples=final_samples,
+            batch_size=num_slots,
+            guide_args=(lam,),
+        )
+        elbo, iwae = bounds.elbo, bounds.iwae
+    busy, blocks = int(final.busy), int(final.blocks)
+    return LocalFit(
+        params=lam,
+        elbo=elbo,
+        iwae=iwae,
+        steps=np.asarray(final.out_steps),
+        converged=np.asarray(final.out_converged),
+        hit_max_steps=np.asarray(final.out_hit),
+        gain=np.asarray(final.out_gain),
+        moved=moved,
+        num_samples=final_samples,
+        stopped_fraction=1.0 - busy / max(blocks * num_slots, 1),
+    )

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from amortjax.engine import datapoint_keys
 from amortjax.families import Family
 from amortjax.inference.local import local_elbo
 from amortjax.latents import Site
@@ -40,6 +41,7 @@ def refine(
     num_samples: int = 1,
     site: Site = "z",
     checkpoint: bool = True,
+    indices: jax.Array | None = None,
 ) -> jax.Array:
     """Refines a batch of variational parameters by K steps on their local ELBOs.
 
@@ -48,7 +50,8 @@ def refine(
         params: model parameters theta (the refinement is differentiable in them).
         x: observations, `[batch, ...]`.
         lam0: starting parameters, `[batch, num_params]` (differentiable).
-        key: PRNG key; step k of datapoint i draws its S samples from its own key.
+        key: PRNG key; datapoint i draws from `fold_in(key, indices[i])`, its own key, so
+            its refinement does not depend on the batch it is in.
         family: variational family of lambda.
         num_steps: K (0 returns lam0).
         step_size: scalar or `[num_params]` per-parameter step sizes.
@@ -57,6 +60,8 @@ def refine(
         num_samples: S, draws per step per datapoint.
         site: the model's local latents (a site name or a `LocalLatents`).
         checkpoint: recompute each step in the backward pass instead of storing it.
+        indices: the datapoints' indices in their dataset, `[batch]` (default: their positions
+            in x).
 
     Returns:
         lambda_K, `[batch, num_params]`.
@@ -85,5 +90,7 @@ def refine(
         )
         return lam
 
-    keys = jax.random.split(key, x.shape[0])
+    if indices is None:
+        indices = jnp.arange(x.shape[0])
+    keys = datapoint_keys(key, indices)
     return jax.vmap(one)(x, lam0, keys)
