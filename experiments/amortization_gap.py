@@ -24,15 +24,18 @@ Options beyond the main table:
 Presets:
     quick: MNIST and Fashion-MNIST (dynamically binarized), Cremer's 784-200-200 ELU encoder and
         decoder with z=50, 20 epochs of batch 100, gaps on 100 training and 100 test points with
-        IWAE-5000, AIS (8 chains, 200 temperatures, 5 leapfrog steps) and q* by Adam (S=4 draws,
-        rate 3e-3, blocks of 50 steps, patience 5). About 15 minutes on 2 CPU cores.
+        IWAE-5000, AIS (8 chains, 200 temperatures, 5 leapfrog steps, from q*) and q* by Adam
+        (S=4 draws, rate 3e-3, blocks of 50 steps, patience 4, two step-size reductions). About
+        15 minutes on 2 CPU cores.
     paper: Cremer et al.'s settings: the same architecture, 3280 epochs with Burda et al.'s 3^i
         learning-rate schedule (Adam, eps 1e-4), batch 100, gaps on 1,000 training points and
         the whole test set with IWAE-5000, AIS (16 chains, 1000 temperatures, 10 leapfrog steps)
-        and q* by Adam (rate 1e-3, S=10, blocks of 100 steps, patience 10). Differences: the
-        Flow's coupling networks get the encoder's context through their first-layer biases
-        (Cremer et al. used an auxiliary variable), and AIS adapts its HMC step sizes during
-        the run.
+        and q* by Newton steps (FFG) or Adam (Flow: rate 1e-3, S=10, blocks of 100 steps,
+        patience 10, three step-size reductions). Differences: the Flow's coupling networks get
+        the encoder's context through their first-layer biases (Cremer et al. used an auxiliary
+        variable); AIS starts at q* with step sizes from a pilot pass (Cremer et al. annealed
+        from the prior with adapted step sizes); q* is converged by reduce-on-plateau steps
+        rather than stopped at the first plateau.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from amortjax.data import load_data
 from amortjax.data.loading import dynamic_binarize
 from amortjax.evaluation.gaps import Gaps, gap_decomposition
 from amortjax.evaluation.subsets import random_subset
-from amortjax.families import DiagonalGaussian, Family
+from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
 from amortjax.flows import AffineCouplingFlow, FlowEncoder
 from amortjax.guides import amortized_guide, encode
 from amortjax.inference.local import fit_local
@@ -87,16 +90,18 @@ class Config:
     adam_eps: float = 1e-8
     train_points: int | None = 100
     test_points: int | None = 100
-    elbo_samples: int = 100
     iwae_samples: int = 5000
     ais: bool = True
     ais_chains: int = 8
     ais_temperatures: int = 200
     ais_leapfrog: int = 5
+    ais_start: str = "qstar"
+    qstar_method: str = "adam"
     qstar_learning_rate: float = 3e-3
     qstar_samples: int = 4
     qstar_block: int = 50
-    qstar_patience: int = 5
+    qstar_patience: int = 4
+    qstar_decays: int = 2
     qstar_max_steps: int = 5000
     curve_every: int = 5
     curve_points: int = 50
@@ -119,14 +124,15 @@ PRESETS: dict[str, dict] = {
         "adam_eps": 1e-4,
         "train_points": 1000,
         "test_points": None,
-        "elbo_samples": 1000,
         "ais_chains": 16,
         "ais_temperatures": 1000,
         "ais_leapfrog": 10,
+        "qstar_method": "auto",
         "qstar_learning_rate": 1e-3,
         "qstar_samples": 10,
         "qstar_block": 100,
         "qstar_patience": 10,
+        "qstar_decays": 3,
         "qstar_max_steps": 100_000,
         "curve_every": 100,
         "curve_points": 1000,
@@ -172,14 +178,25 @@ def make_family_and_encoder(
     return family, encoder
 
 
-def _qstar_settings(config: Config) -> dict:
-    return dict(
-        learning_rate=config.qstar_learning_rate,
-        num_samples=config.qstar_samples,
-        block_size=config.qstar_block,
+def _qstar_settings(config: Config, family) -> dict:
+    """fit_local's settings. qstar_method "auto": Newton steps with their own defaults for the
+    Gaussian families, Adam with the configured rate, draws and blocks for the flow."""
+    method = config.qstar_method
+    if method == "auto":
+        method = "newton" if isinstance(family, DiagonalGaussian | FullRankGaussian) else "adam"
+    settings = dict(
+        method=method,
         patience=config.qstar_patience,
+        num_decays=config.qstar_decays,
         max_steps=config.qstar_max_steps,
     )
+    if method == "adam":
+        settings.update(
+            learning_rate=config.qstar_learning_rate,
+            num_samples=config.qstar_samples,
+            block_size=config.qstar_block,
+        )
+    return settings
 
 
 def _ais_settings(config: Config) -> dict | None:
@@ -219,7 +236,7 @@ class _Setup:
 
 def _decompose(config, model, encoder, family, params, x, key, *, curve=False, progress=False):
     lam = np.asarray(encode(encoder, params, jnp.asarray(x)))
-    qstar = _qstar_settings(config)
+    qstar = _qstar_settings(config, family)
     if curve:  # a cheaper q* for the curves over training
         qstar["max_steps"] = min(qstar["max_steps"], config.curve_qstar_steps)
     return gap_decomposition(
@@ -229,10 +246,10 @@ def _decompose(config, model, encoder, family, params, x, key, *, curve=False, p
         lam,
         key,
         family=family,
-        elbo_samples=config.elbo_samples,
         iwae_samples=config.curve_iwae_samples if curve else config.iwae_samples,
         qstar=qstar,
         ais_settings=None if curve else _ais_settings(config),
+        ais_start=config.ais_start,
         batch_size=config.eval_batch_size,
         progress=progress,
     )
@@ -518,7 +535,7 @@ def _latent_figure(config, key, workdir, figures, progress) -> Path:
         lam = encode(encoder, p, xj)
         fitted = fit_local(
             setup.model, params, x, jax.random.fold_in(key, 7002), family=family, init=lam,
-            final_samples=10, **_qstar_settings(small),
+            final_samples=10, **_qstar_settings(small, family),
         )  # fmt: skip
         qs[f"amortized {label}"] = (family, lam)
         qs[f"optimal {label}"] = (family, jnp.asarray(fitted.params))
@@ -597,7 +614,8 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
     models = metrics["models"]
     ais = (
         f"AIS ({config.ais_chains} chains, {config.ais_temperatures} temperatures, "
-        f"{config.ais_leapfrog} leapfrog steps, from the prior)"
+        f"{config.ais_leapfrog} leapfrog steps, started at {config.ais_start}, step sizes "
+        "from a pilot pass)"
         if config.ais
         else "no AIS"
     )
@@ -611,13 +629,22 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
         f"{config.flow_context}.",
         "",
         f"Nats per datapoint, mean ± standard error over datapoints. L[q] and L[q*] are ELBOs "
-        f"with {config.elbo_samples} samples; q is the encoder's, q* the same family fitted to "
-        f"each datapoint by Adam (rate {config.qstar_learning_rate}, S={config.qstar_samples}, "
-        f"stopped after {config.qstar_patience} blocks of {config.qstar_block} steps without "
-        f"improvement), started at the encoder's output. log p̂(x) is the best (highest mean) of "
-        f"IWAE-{config.iwae_samples} with q, IWAE-{config.iwae_samples} with q* and {ais}.",
+        f"with {config.iwae_samples} draws each, on common random numbers; q is the encoder's, "
+        f"q* the same family fitted to each datapoint (method `{config.qstar_method}`; Adam at "
+        f"rate {config.qstar_learning_rate}, S={config.qstar_samples}, blocks of "
+        f"{config.qstar_block} steps; after {config.qstar_patience} blocks without improvement "
+        f"the step size drops 0.3-fold, {config.qstar_decays} times, then q* has converged), "
+        f"started at the encoder's output and kept there where its end point is no better. "
+        f"log p̂(x) is a lower bound per datapoint: the better (highest mean) of importance "
+        f"sampling from (q + q*)/2 with {2 * config.iwae_samples} draws and {ais}.",
         "",
     ]
+    for name, model in models.items():
+        for split in ("train", "test"):
+            conv = model[split].get("qstar_convergence")
+            if conv:
+                lines.append(f"- {name}, {split}: {conv['text']}.")
+    lines.append("")
     for split, what in (("train", "training"), ("test", "held-out test")):
         lines += [f"## Gaps on {what} points", "", *_table(models, split), ""]
     if metrics["frozen_decoder"]:

@@ -223,6 +223,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
                     num_samples=config.qstar_samples,
                     max_steps=config.qstar_max_steps,
                     final_samples=10,
+                    method="adam",
                 ).params
             lam = encode(encoder, params, x_new)
             if regime == "semi_amortized":

@@ -337,6 +337,7 @@ def _frontier(
         learning_rate=1e-2,
         final_samples=config.eval_samples,
         max_steps=config.qstar_max_steps,
+        method="adam",
     )
     out["per-example q* (Adam to convergence)"] = {
         "steps": [float(q_star.steps.mean())],

@@ -10,13 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from amortjax.data.synthetic import linear_gaussian_vae
+from amortjax.data.synthetic import linear_gaussian_vae, make_linear_gaussian
+from amortjax.evaluation.bounds import mean_and_stderr
 from amortjax.evaluation.gaps import best_lower_bound, gap_decomposition
 from amortjax.families import DiagonalGaussian
 from amortjax.guides import encode
 from amortjax.nets import MLP
-
-QSTAR = dict(learning_rate=1e-2, num_samples=20, block_size=50, patience=5)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +45,7 @@ def imperfect_encoder_gaps(exact):
         x,
         lam,
         jax.random.key(0),
-        elbo_samples=20_000,  # the encoder's log-weights spread by 4.3 nats: SE 0.03
-        iwae_samples=10_000,
-        qstar=QSTAR,
+        iwae_samples=20_000,  # the encoder's log-weights spread by 4.3 nats: SE 0.03
         ais_settings=dict(num_chains=16, num_temperatures=500, leapfrog_steps=5),
         batch_size=5,  # 12 = 5 + 5 + 2: padded batches
     )
@@ -60,8 +57,8 @@ def test_each_term_matches_its_closed_form(exact, imperfect_encoder_gaps):
     g = imperfect_encoder_gaps
     np.testing.assert_allclose(g.elbo_q, encoder_elbo, atol=0.12)  # 4 standard errors
     np.testing.assert_allclose(g.elbo_qstar, best, atol=0.06)
-    # log p̂ is the best of three noisy estimates (each within about 0.2 nats per datapoint).
-    np.testing.assert_allclose(g.log_px, log_px, atol=0.2)
+    # log p̂ is a per-datapoint lower bound (mixture IS or AIS from q*), close on every point.
+    np.testing.assert_allclose(g.log_px, log_px, atol=0.05)
     assert abs(g.log_px.mean() - log_px.mean()) < 0.05
     assert (best - encoder_elbo).mean() > 1.0  # the encoder's fault is clear ...
     np.testing.assert_allclose(g.amortization, best - encoder_elbo, atol=0.12)  # ... and measured
@@ -76,13 +73,13 @@ def test_gaps_add_up_and_the_summary_reports_them(imperfect_encoder_gaps):
     np.testing.assert_allclose(g.inference, g.approximation + g.amortization, atol=1e-5)
     s = g.summary()
     assert s["num_datapoints"] == 12
-    assert s["log_px_estimator"] in ("iwae_q", "iwae_qstar", "ais")
+    assert s["log_px_estimator"] in ("mixture", "ais")
     assert s["amortization_gap"]["mean"] == pytest.approx(float(g.amortization.mean()))
     se = float(g.amortization.std(ddof=1) / np.sqrt(12))
     assert s["amortization_gap"]["se"] == pytest.approx(se, rel=1e-6)
     # The chosen estimate is the one with the highest mean.
     means = s["info"]["estimates_mean"]
-    assert set(means) == {"iwae_q", "iwae_qstar", "ais"}
+    assert set(means) == {"mixture", "ais"}
     assert s["log_px"]["mean"] == pytest.approx(max(means.values()), abs=1e-6)
 
 
@@ -97,17 +94,13 @@ def test_an_exact_encoder_has_no_amortization_gap(lg_diagonal):
         x,
         lam,
         jax.random.key(1),
-        elbo_samples=2000,
         iwae_samples=500,
-        # Started at the optimum, q* only drifts by the optimizer's noise, which a small rate
-        # keeps small.
-        qstar={**QSTAR, "learning_rate": 1e-3},
         ais_settings=None,
     )
     assert g.ais is None
     np.testing.assert_allclose(g.elbo_q, np.asarray(lg.log_marginal(x)), atol=1e-4)
-    assert np.abs(g.amortization).max() < 0.02
-    assert np.abs(g.approximation).max() < 0.02
+    assert np.abs(g.amortization).max() < 1e-3
+    assert np.abs(g.approximation).max() < 1e-3
 
 
 def test_best_lower_bound_and_bad_input():
@@ -124,3 +117,60 @@ def test_best_lower_bound_and_bad_input():
             jax.random.key(0),
             family=DiagonalGaussian(),
         )
+
+
+@pytest.mark.parametrize(
+    ("x_dim", "z_dim", "noise"), [(60, 50, 1e-2), (60, 50, 1e-3), (10, 1, 1e-3), (3, 5, 0.1)]
+)
+def test_narrow_and_correlated_posteriors_give_no_amortization_gap_at_the_optimum(
+    x_dim, z_dim, noise
+):
+    """The encoder outputs the exact best diagonal Gaussian: the true amortization gap is 0.
+
+    Before q* had a Newton step, a kept start and common random numbers, default settings
+    reported -12.0 +- 0.8 (z 50, noise 1e-2), -85.8 +- 5.6 (z 50, noise 1e-3) and
+    -0.52 +- 0.12 nats (z 1, noise 1e-3) here.
+    """
+    lg = make_linear_gaussian(jax.random.key(3), x_dim=x_dim, z_dim=z_dim, noise_scale=noise)
+    model, _, _ = linear_gaussian_vae(lg)
+    x, _ = lg.sample(jax.random.key(4), 40)
+    params, lam = _encoder_params(lg, "best_diagonal", x)
+    g = gap_decomposition(model, params, x, lam, jax.random.key(0), iwae_samples=200)
+    mean, se = mean_and_stderr(g.amortization)
+    assert abs(mean) <= 3 * se + 1e-4, (mean, se)
+    assert g.amortization.min() > -0.05, g.amortization.min()
+    # q* itself is at the optimum (exact ELBO of its parameters, float64).
+    loc, log_scale = np.split(np.asarray(g.qstar.params, np.float64), 2, axis=1)
+    best = lg.elbo(x, *lg.best_diagonal(x))
+    assert np.all(best - lg.elbo(x, loc, np.exp(log_scale)) < 0.01)
+    assert g.qstar.converged.all()
+    assert g.summary()["qstar_convergence"]["converged_fraction"] == 1.0
+
+
+def test_log_px_is_a_tight_lower_bound_on_every_datapoint(lg_correlated):
+    """log p̂(x) per datapoint (mixture IS from q and q*) against the exact log p(x)."""
+    lg = lg_correlated
+    model, _, _ = linear_gaussian_vae(lg)
+    x, _ = lg.sample(jax.random.key(21), 200)
+    params, lam = _encoder_params(lg, "prior", x)  # a poor encoder: IWAE with q alone fails
+    g = gap_decomposition(model, params, x, lam, jax.random.key(2), iwae_samples=2000)
+    exact = lg.log_marginal(x)
+    err = g.log_px - exact
+    assert g.log_px_estimator == "mixture"
+    assert np.mean(np.abs(err) < 0.05) >= 0.99, np.sort(err)[:5]
+    mean, se = mean_and_stderr(err)
+    assert mean < 2 * se, (mean, se)  # a lower bound on average
+    # the IWAE bound with the encoder's q alone misses by far more on many points
+    assert np.mean(g.iwae_q - exact < -0.05) > 0.2
+    # per-datapoint approximation gaps are non-negative up to the estimator's noise
+    assert g.approximation.min() > -0.05
+
+
+def test_common_random_numbers_make_the_amortization_gap_exact_where_q_star_is_q(lg_diagonal):
+    lg = lg_diagonal
+    model, _, _ = linear_gaussian_vae(lg)
+    x, _ = lg.sample(jax.random.key(3), 6)
+    params, lam = _encoder_params(lg, "best_diagonal", x)
+    g = gap_decomposition(model, params, x, lam, jax.random.key(1), iwae_samples=50)
+    kept = ~g.qstar.moved
+    np.testing.assert_array_equal(g.elbo_qstar[kept], g.elbo_q[kept])

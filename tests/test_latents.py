@@ -139,6 +139,7 @@ def test_qstar_iwae_and_ais_match_the_exact_gamma_poisson_marginal(counts):
         num_samples=10,
         max_steps=2000,
         final_samples=4000,
+        method="adam",
     )
     # q* reaches the best log-normal ELBO, below log p(x) by the approximation gap
     best = np.asarray(best_lognormal_elbo(counts))
@@ -156,8 +157,10 @@ def test_qstar_iwae_and_ais_match_the_exact_gamma_poisson_marginal(counts):
         num_chains=8,
         num_temperatures=200,
     )
-    # AIS runs in the unconstrained space (with the log-Jacobian): unbiased on average
-    assert abs(np.mean(result.log_px - exact)) < 0.05
+    # AIS runs in the unconstrained space (with the log-Jacobian): a lower bound on average,
+    # close to the truth (40 points, 8 chains: a standard error of about 0.02)
+    err = result.log_px - exact
+    assert np.mean(err) < 2 * np.std(err, ddof=1) / np.sqrt(len(err)) and np.mean(err) > -0.08
     assert np.median(np.abs(result.log_px - exact)) < 0.15
 
 
@@ -222,3 +225,23 @@ def test_guides_find_the_local_latents_in_the_model_by_themselves(counts):
     state = trainer.init(jax.random.key(0), counts)
     state, losses = trainer.run_epoch(state, counts)
     assert np.all(np.isfinite(losses))
+
+
+def test_log_px_per_datapoint_of_a_non_gaussian_model():
+    """gap_decomposition's log p̂(x) against the exact Gamma-Poisson marginal, point by point."""
+    from amortjax.evaluation.gaps import gap_decomposition
+
+    rates = jax.random.gamma(jax.random.key(31), ALPHA, (300,)) / BETA
+    x = jax.random.poisson(jax.random.key(32), rates[:, None], (300, D)).astype(jnp.float32)
+    layout = find_local_latents(gamma_poisson, x)
+    start = np.zeros((300, 2), np.float32)  # N(0, 1) over log rate: a poor "encoder"
+    g = gap_decomposition(
+        gamma_poisson, {}, x, start, jax.random.key(33), site=layout, iwae_samples=1000
+    )
+    exact = np.asarray(gamma_poisson_log_marginal(x), np.float64)
+    err = g.log_px - exact
+    assert np.mean(np.abs(err) < 0.05) >= 0.99, np.sort(err)[:5]
+    assert np.mean(err) < 2 * np.std(err, ddof=1) / np.sqrt(300)  # a lower bound on average
+    # q* is the best log-normal: its ELBO against the closed form
+    np.testing.assert_allclose(g.elbo_qstar, np.asarray(best_lognormal_elbo(x)), atol=0.02)
+    assert g.approximation.min() > -0.05

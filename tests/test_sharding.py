@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent(
             )
             q = fit_local(
                 model, result.params, x[:12], jax.random.key(3), z_dim=4, block_size=10,
-                max_steps=30, learning_rate=1e-2, final_samples=16, batch_size=8,
+                max_steps=30, learning_rate=1e-2, final_samples=16, batch_size=8, method="adam",
             )
             a = ais(
                 model, result.params, x[:12], jax.random.key(4), num_chains=3,

@@ -120,6 +120,7 @@ def test_irt_three_regimes_with_a_global_guide_recover_questions_and_traits(irt_
         learning_rate=0.02,
         num_samples=10,
         max_steps=2000,
+        method="adam",
     )
     assert np.mean(fit.elbo) >= np.mean(bounds.elbo) - 0.01  # q* is at least the encoder
     np.testing.assert_allclose(fit.params[:, 0], grid_posterior_mean(x_test, a, b)[:, 0], atol=0.1)

@@ -7,20 +7,35 @@ fitted to x alone (the local optimizer, started at the encoder's output), and lo
     approximation gap  = log p(x) - L[q*]      (the family's fault)
     amortization gap   = L[q*]    - L[q]       (the encoder's fault)
 
-so that inference = approximation + amortization. log p(x) of a deep model is unknown: it is
-replaced by log p̂(x), the best available lower bound of it, chosen among IWAE-k with q,
-IWAE-k with q* and annealed importance sampling (the estimator with the highest mean over the
-datapoints; using one estimator for all datapoints avoids the upward bias of a per-datapoint
-maximum of noisy bounds). A lower bound in place of log p(x) makes the approximation and
-inference gaps lower bounds of the true ones; the amortization gap does not involve log p(x).
-Every number is per datapoint, so means come with standard errors over datapoints.
+so that inference = approximation + amortization.
 
-This module combines the evaluators (`bounds`, `ais`, the local optimizer); it computes no
-density of its own.
+How each term is estimated:
+
+- q* comes from `fit_local` started at the encoder's output; it keeps the start where its end
+  point is no better (a comparison on common random numbers), so L[q*] >= L[q] up to that
+  comparison's noise, and it reports per datapoint whether it converged.
+- L[q], L[q*] and the IWAE-k bounds with q and with q* come from ONE pass of k draws from each,
+  on common random numbers (`evaluate_pair`): draw s of q and of q* share their base noise, so
+  the amortization gap, a difference, carries little Monte Carlo noise (exactly 0 where q* = q).
+  q* is scored on draws independent of those that fitted and selected it.
+- log p̂(x) is a stochastic lower bound of log p(x) PER DATAPOINT: the log of an unbiased
+  estimator of p(x). The candidates are importance sampling from the mixture (q + q*) / 2 with
+  the same 2k draws ("mixture", never much below the better of the two IWAE bounds on any
+  datapoint, since half its draws come from q*) and annealed importance sampling ("ais",
+  started by default at q*, with step sizes tuned in a pilot pass). The one with the highest
+  mean over the datapoints is used for all of them: choosing per datapoint the largest of
+  several noisy bounds would bias log p̂ upward and it would no longer be a bound.
+  A lower bound in place of log p(x) makes the approximation and inference gaps lower bounds of
+  the true ones (up to noise); the amortization gap does not involve log p(x).
+
+Every number is per datapoint, so means come with standard errors over datapoints. This module
+combines the evaluators (`bounds`, `ais`, the local optimizer); it computes no density of its
+own.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -28,40 +43,51 @@ import jax
 import numpy as np
 
 from amortjax.evaluation.ais import ais
-from amortjax.evaluation.bounds import evaluate_bounds, mean_and_stderr
+from amortjax.evaluation.bounds import evaluate_pair, mean_and_stderr
 from amortjax.families import DiagonalGaussian, Family
-from amortjax.guides.local import given_params_guide
-from amortjax.inference.local import fit_local
+from amortjax.inference.local import LocalFit, fit_local
 from amortjax.latents import Site
 
-LOWER_BOUNDS = ("iwae_q", "iwae_qstar", "ais")
-"""The estimators of log p(x) that log p̂(x) is chosen from (those that were computed)."""
+LOWER_BOUNDS = ("mixture", "ais")
+"""The per-datapoint estimators of log p(x) that log p̂(x) is chosen from (those computed)."""
+AIS_STARTS = ("qstar", "encoder", "prior")
 
 
 class Gaps(NamedTuple):
     """The gap decomposition of a set of datapoints; every array is `[N]`, in nats.
 
     Attributes:
-        elbo_q: L[q], the ELBO of the encoder's q (`elbo_samples` draws).
-        elbo_qstar: L[q*], the ELBO of the locally optimized q* (`elbo_samples` draws).
+        elbo_q: L[q], the ELBO of the encoder's q (`iwae_samples` draws).
+        elbo_qstar: L[q*], the ELBO of the locally optimized q* (`iwae_samples` draws, common
+            random numbers with elbo_q).
         iwae_q: IWAE-`iwae_samples` with q.
         iwae_qstar: IWAE-`iwae_samples` with q*.
+        mixture: the importance-sampling estimate of log p(x) from (q + q*) / 2 with
+            2 * `iwae_samples` draws (a per-datapoint stochastic lower bound).
         ais: the AIS estimate of log p(x), or None when AIS was not run.
         log_px: log p̂(x), the values of the estimator named by `log_px_estimator`.
         log_px_estimator: which of `LOWER_BOUNDS` gives log p̂(x).
-        qstar_steps: Adam steps the local optimizer took for each datapoint.
-        info: the settings behind the numbers (samples, AIS settings, family).
+        qstar: the local optimizer's result (parameters and convergence record).
+        info: the settings behind the numbers (samples, q* and AIS settings, family), the
+            wall seconds of each stage ("seconds": qstar, bounds, ais) and the share of q*'s
+            compute spent on empty slots ("qstar_stopped_fraction").
     """
 
     elbo_q: np.ndarray
     elbo_qstar: np.ndarray
     iwae_q: np.ndarray
     iwae_qstar: np.ndarray
+    mixture: np.ndarray
     ais: np.ndarray | None
     log_px: np.ndarray
     log_px_estimator: str
-    qstar_steps: np.ndarray
+    qstar: LocalFit
     info: dict[str, Any]
+
+    @property
+    def qstar_steps(self) -> np.ndarray:
+        """Steps the local optimizer took for each datapoint, `[N]`."""
+        return self.qstar.steps
 
     @property
     def approximation(self) -> np.ndarray:
@@ -83,8 +109,10 @@ class Gaps(NamedTuple):
 
         Returns:
             `{name: {"mean": m, "se": s}}` for log_px, elbo_q, elbo_qstar, iwae_q, iwae_qstar,
-            ais (if run) and the three gaps, plus "num_datapoints", "log_px_estimator",
-            "qstar_steps_mean" and "info".
+            mixture, ais (if run) and the three gaps, plus "num_datapoints",
+            "log_px_estimator", "qstar_steps_mean", "qstar_convergence" (see
+            `LocalFit.convergence`), "negative_approximation_gaps" (datapoints whose
+            approximation gap is below -0.05 nats) and "info".
         """
         values = {
             "log_px": self.log_px,
@@ -92,6 +120,7 @@ class Gaps(NamedTuple):
             "elbo_q": self.elbo_q,
             "iwae_q": self.iwae_q,
             "iwae_qstar": self.iwae_qstar,
+            "mixture": self.mixture,
             "approximation_gap": self.approximation,
             "amortization_gap": self.amortization,
             "inference_gap": self.inference,
@@ -105,6 +134,8 @@ class Gaps(NamedTuple):
         out["num_datapoints"] = int(self.log_px.shape[0])
         out["log_px_estimator"] = self.log_px_estimator
         out["qstar_steps_mean"] = float(np.mean(self.qstar_steps))
+        out["qstar_convergence"] = self.qstar.convergence()
+        out["negative_approximation_gaps"] = int(np.sum(self.approximation < -0.05))
         out["info"] = self.info
         return out
 
@@ -133,10 +164,10 @@ def gap_decomposition(
     *,
     family: Family | None = None,
     site: Site = "z",
-    elbo_samples: int = 1000,
     iwae_samples: int = 5000,
     qstar: dict[str, Any] | None = None,
     ais_settings: dict[str, Any] | None = None,
+    ais_start: str = "qstar",
     batch_size: int = 100,
     progress: bool | str = False,
 ) -> Gaps:
@@ -148,17 +179,18 @@ def gap_decomposition(
         x: observations, `[N, ...]` (training or held-out points: the caller says which).
         encoder_params: the encoder's variational parameters lambda_i = f_phi(x_i),
             `[N, num_params]` (e.g. `amortjax.guides.encode(encoder, params, x)`).
-        key: PRNG key.
+        key: PRNG key; every evaluator draws per datapoint from it and the datapoint's index.
         family: the variational family of q and q* (diagonal Gaussian by default).
         site: the model's local latents (a site name or a `LocalLatents`).
-        elbo_samples: draws behind L[q] and L[q*].
-        iwae_samples: k of the IWAE bounds with q and with q*.
-        qstar: keyword arguments of `amortjax.inference.local.fit_local` (learning_rate,
-            num_samples, block_size, patience, max_steps, ...); q* starts at the encoder's
-            output, so that L[q*] >= L[q] up to the optimizer's noise.
+        iwae_samples: k, the draws from each of q and q* behind L[q], L[q*], the IWAE-k bounds
+            and the mixture estimate (2k draws).
+        qstar: keyword arguments of `amortjax.inference.local.fit_local` (method,
+            learning_rate, num_samples, block_size, patience, max_steps, ...); q* starts at the
+            encoder's output.
         ais_settings: keyword arguments of `amortjax.evaluation.ais.ais` (num_chains,
-            num_temperatures, leapfrog_steps, ...), or None to skip AIS. AIS starts from the
-            prior (its default).
+            num_temperatures, leapfrog_steps, ...), or None to skip AIS.
+        ais_start: AIS's initial distribution: "qstar" (default: each datapoint's q*, the
+            closest to its posterior), "encoder" or "prior".
         batch_size: datapoints per compiled call of every evaluator.
         progress: show progress bars (a string prefixes their descriptions).
 
@@ -167,34 +199,20 @@ def gap_decomposition(
     """
     family = family or DiagonalGaussian()
     x = np.asarray(x)
-    lam_q = np.asarray(encoder_params)
+    lam_q = np.asarray(encoder_params, np.float32)
     if lam_q.ndim != 2 or lam_q.shape[0] != x.shape[0]:
         raise ValueError(
             f"encoder_params must be [N={x.shape[0]}, num_params]; got shape {lam_q.shape}"
         )
+    if ais_start not in AIS_STARTS:
+        raise ValueError(f"unknown ais_start {ais_start!r}; choose one of {list(AIS_STARTS)}")
     prefix = f"{progress}: " if isinstance(progress, str) else ""
     show = bool(progress)
-    k_q, k_fit, k_ais = jax.random.split(key, 3)
-    guide = given_params_guide(family, site=site)
-
-    def bounds(lam, k, samples, what):
-        return evaluate_bounds(
-            model,
-            guide,
-            params,
-            x,
-            k,
-            num_samples=samples,
-            batch_size=batch_size,
-            guide_args=(lam,),
-            progress=f"{prefix}{what}" if show else False,
-        )
-
-    k_elbo, k_iwae = jax.random.split(k_q)
-    elbo_q = bounds(lam_q, k_elbo, elbo_samples, f"L[q] ({elbo_samples})").elbo
-    iwae_q = bounds(lam_q, k_iwae, iwae_samples, f"IWAE-{iwae_samples} q").iwae
+    k_pair, k_fit, k_ais = jax.random.split(key, 3)
 
     qstar = dict(qstar or {})
+    seconds = {}
+    start = time.perf_counter()
     fit = fit_local(
         model,
         params,
@@ -203,23 +221,39 @@ def gap_decomposition(
         family=family,
         site=site,
         init=lam_q,
-        final_samples=elbo_samples,
+        final_samples=0,  # scored below, with q, on common random numbers
         batch_size=batch_size,
         progress=f"{prefix}q*" if show else False,
         **qstar,
     )
-    k_elbo_star, k_iwae_star = jax.random.split(jax.random.fold_in(k_q, 1))
-    elbo_qstar = bounds(fit.params, k_elbo_star, elbo_samples, f"L[q*] ({elbo_samples})").elbo
-    iwae_qstar = bounds(fit.params, k_iwae_star, iwae_samples, f"IWAE-{iwae_samples} q*").iwae
-
-    estimates = {"iwae_q": iwae_q, "iwae_qstar": iwae_qstar}
-    ais_px = None
+    seconds["qstar"] = time.perf_counter() - start
+    start = time.perf_counter()
+    pair = evaluate_pair(
+        model,
+        params,
+        x,
+        lam_q,
+        fit.params,
+        k_pair,
+        family=family,
+        site=site,
+        num_samples=iwae_samples,
+        batch_size=batch_size,
+        progress=f"{prefix}L and IWAE-{iwae_samples}, q and q*" if show else False,
+    )
+    seconds["bounds"] = time.perf_counter() - start
+    estimates = {"mixture": pair.mixture}
+    ais_px, ais_diagnostics = None, None
     if ais_settings is not None:
+        start = time.perf_counter()
+        init_params = {"qstar": fit.params, "encoder": lam_q, "prior": None}[ais_start]
         result = ais(
             model,
             params,
             x,
             k_ais,
+            family=family,
+            init_params=init_params,
             site=site,
             batch_size=batch_size,
             progress=f"{prefix}AIS" if show else False,
@@ -227,23 +261,35 @@ def gap_decomposition(
         )
         ais_px = result.log_px
         estimates["ais"] = ais_px
+        ais_diagnostics = {
+            "acceptance_mean": float(np.mean(result.acceptance)),
+            "acceptance_range": [
+                float(np.min(result.acceptance)),
+                float(np.max(result.acceptance)),
+            ],
+            "warnings": list(result.warnings),
+        }
+        seconds["ais"] = time.perf_counter() - start
     name, log_px = best_lower_bound(estimates)
     info = {
         "family": family.name,
-        "elbo_samples": elbo_samples,
         "iwae_samples": iwae_samples,
         "qstar": {**qstar, "init": "encoder"},
-        "ais": ais_settings,
+        "ais": None if ais_settings is None else {**ais_settings, "start": ais_start},
         "estimates_mean": {k: float(np.mean(v)) for k, v in estimates.items()},
+        "ais_diagnostics": ais_diagnostics,
+        "seconds": seconds,
+        "qstar_stopped_fraction": fit.stopped_fraction,
     }
     return Gaps(
-        elbo_q=elbo_q,
-        elbo_qstar=elbo_qstar,
-        iwae_q=iwae_q,
-        iwae_qstar=iwae_qstar,
+        elbo_q=pair.elbo_a,
+        elbo_qstar=pair.elbo_b,
+        iwae_q=pair.iwae_a,
+        iwae_qstar=pair.iwae_b,
+        mixture=pair.mixture,
         ais=ais_px,
         log_px=log_px,
         log_px_estimator=name,
-        qstar_steps=fit.steps,
+        qstar=fit,
         info=info,
     )
