@@ -8,7 +8,8 @@ NumPyro's SVI initializes it), measured in one run after a compile warm-up, the 
   forward pass per draw: N k decoder evaluations;
 - AIS (`ais`): N datapoints x C chains x T temperatures x L leapfrog steps, each leapfrog step
   one decoder forward pass and the gradient with respect to its input (no weight gradients):
-  N C T L evaluations, each costing two forward passes' FLOPs;
+  N (C + C_pilot) T L evaluations (the step sizes come from a pilot pass of C_pilot = min(4, C)
+  chains, counted as work), each costing two forward passes' FLOPs;
 
 and, in the same run, each estimator's hand-written floor: the same decoder as three explicit
 matmuls with the Bernoulli log-density written out, in plain JAX (`_floors`):
@@ -195,7 +196,8 @@ def run(
     variants = (
         ("IWAE", iwae, n * k, forward),
         ("IWAE floor", lambda: iwae_floor(jax.random.key(seed + 1)), n * k, forward),
-        ("AIS", annealed, n * chains * temps * ais_leapfrog, 2.0 * forward),
+        # AIS's work includes its pilot pass (min(4, C) chains through the same temperatures).
+        ("AIS", annealed, n * (chains + min(4, chains)) * temps * ais_leapfrog, 2.0 * forward),
         ("AIS floor", lambda: ais_floor(jax.random.key(seed + 2)), n * chains * floor_steps,
          2.0 * forward),
         ("ceiling: matmuls", lambda: matmuls_only(jax.random.key(seed + 1)), n * k, forward),

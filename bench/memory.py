@@ -127,10 +127,11 @@ def _setup(spec: dict[str, Any]) -> dict[str, Any]:
 
         return {"warm": lambda: None, "full": allocate, "analysis": dict, "data": "none"}
 
-    from amortjax.evaluation.bounds import _bounds_batch_jit, evaluate_bounds
+    from amortjax.engine import datapoint_keys
+    from amortjax.evaluation.bounds import _bounds_batch, evaluate_bounds
     from amortjax.families import DiagonalGaussian
     from amortjax.guides.local import given_params_guide
-    from amortjax.inference.local import _fit_chunk_jit, fit_local
+    from amortjax.inference.local import _optimize, fit_local
     from amortjax.models import vae_model
     from amortjax.nets import MLP
     from bench.common import load_binarized
@@ -162,8 +163,9 @@ def _setup(spec: dict[str, Any]) -> dict[str, Any]:
             ).iwae  # fmt: skip
 
         def analysis():
-            compiled = _bounds_batch_jit.lower(
-                model, guide, params, x[:batch], (lam[:batch],), key, k, min(chunk, k)
+            keys = datapoint_keys(key, jnp.arange(batch))
+            compiled = _bounds_batch.lower(
+                model, guide, k, min(chunk, k), params, keys, x[:batch], lam[:batch]
             ).compile()
             return {"bounds_batch": _memory_stats(compiled)}
 
@@ -181,17 +183,19 @@ def _setup(spec: dict[str, Any]) -> dict[str, Any]:
             return lambda: fit_local(
                 model, params, xr, key, family=family, z_dim=z_dim, num_samples=samples,
                 learning_rate=lr, block_size=steps, patience=2**30, max_steps=steps,
-                final_samples=final, batch_size=batch,
+                final_samples=final, batch_size=batch, method="adam",
             ).elbo  # fmt: skip
 
         def analysis():
             lam0 = jnp.zeros((batch, family.num_params(z_dim)))
-            fit = _fit_chunk_jit.lower(
-                model, family, "z", samples, lr, steps, 2**30, steps, 0.0,
-                params, x[:batch], lam0, key,
+            fit = _optimize.lower(
+                model, family, "z", "adam", samples, steps, batch, False, params, x[:batch],
+                lam0, key, jnp.float32(lr), jnp.int32(2**30), jnp.int32(steps),
+                jnp.float32(0.0), jnp.float32(0.3), jnp.int32(0),
             ).compile()  # fmt: skip
-            final_eval = _bounds_batch_jit.lower(
-                model, guide, params, x[:batch], (lam0,), key, final, min(100, final)
+            keys = datapoint_keys(key, jnp.arange(batch))
+            final_eval = _bounds_batch.lower(
+                model, guide, final, min(100, final), params, keys, x[:batch], lam0
             ).compile()
             return {
                 "fit_chunk": _memory_stats(fit),

@@ -30,7 +30,7 @@ from amortjax.runner import load_experiment, resolve_config, run_experiment
 PROBES: dict[str, list[str]] = {
     "vae_mnist": ["epochs=2", "iwae_points=20", "valid_points=100"],
     "amortization_gap": (
-        "epochs=2 datasets=mnist train_points=5 test_points=5 ais=false elbo_samples=10 "
+        "epochs=2 datasets=mnist train_points=5 test_points=5 ais=false "
         "iwae_samples=10 qstar_max_steps=100 curve_points=5 curve_iwae_samples=10 "
         "curve_qstar_steps=100 frozen_decoder=false latent_figure=false"
     ).split(),

@@ -237,7 +237,8 @@ def run(
         return lambda: fit_local(
             model, params, x, key, family=family, z_dim=z_dim, num_samples=s, learning_rate=lr,
             block_size=steps, patience=2**30, max_steps=steps, final_samples=1,
-            batch_size=min(batch, n),
+            batch_size=min(batch, n), method="adam",
+
         ).elbo  # fmt: skip
 
     def iwae_flops(n: int, z_dim: int, k: int) -> float:
