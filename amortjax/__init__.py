@@ -19,7 +19,8 @@ The public API, bottom up:
 - inference: `Trainer`, `fit`, `make_optimizer`, `make_objective`, `kl_weighted`, `fit_local`
   (per-example q*), `refine` (K differentiable steps), `kl_schedule` (beta-VAE, KL warm-up,
   cyclical annealing for any NumPyro ELBO).
-- evaluation: `evaluate_bounds` (per-datapoint ELBO and IWAE-k), `ais` and `bdmc` (annealed
+- evaluation: `evaluate_bounds` (per-datapoint ELBO and IWAE-k), `evaluate_pair` (two q's on
+  common random numbers, with their mixture's estimate of p(x)), `ais` and `bdmc` (annealed
   importance sampling, bidirectional Monte Carlo), `gap_decomposition` (approximation and
   amortization gaps), `mean_and_stderr`, `latent_activity` / `active_units` /
   `kl_per_dimension` (Burda et al.'s active units, KL per latent dimension).
@@ -35,8 +36,14 @@ from amortjax.evaluation.activity import (
     kl_per_dimension,
     latent_activity,
 )
-from amortjax.evaluation.ais import AISResult, BDMCResult, ais, bdmc
-from amortjax.evaluation.bounds import Bounds, evaluate_bounds, mean_and_stderr
+from amortjax.evaluation.ais import AISResult, AISWarning, BDMCResult, ais, bdmc
+from amortjax.evaluation.bounds import (
+    Bounds,
+    PairBounds,
+    evaluate_bounds,
+    evaluate_pair,
+    mean_and_stderr,
+)
 from amortjax.evaluation.gaps import Gaps, gap_decomposition
 from amortjax.evaluation.subsets import random_subset
 from amortjax.families import DiagonalGaussian, FullRankGaussian, get_family
@@ -85,6 +92,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MLP",
     "AISResult",
+    "AISWarning",
     "ActiveUnits",
     "AffineCouplingFlow",
     "BDMCResult",
@@ -97,6 +105,7 @@ __all__ = [
     "LatentActivity",
     "LocalFit",
     "LocalLatents",
+    "PairBounds",
     "TrainState",
     "Trainer",
     "TrainingDivergedError",
@@ -111,6 +120,7 @@ __all__ = [
     "dynamic_binarize",
     "encode",
     "evaluate_bounds",
+    "evaluate_pair",
     "factor_analysis_model",
     "find_local_latents",
     "fit",
