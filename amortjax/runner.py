@@ -19,7 +19,12 @@ import dataclasses
 import datetime
 import importlib
 import json
+import math
+import os
 import pkgutil
+import shutil
+import sys
+import tempfile
 import types
 import typing
 from collections.abc import Sequence
@@ -106,12 +111,66 @@ def apply_overrides(config: Any, overrides: dict[str, Any] | Sequence[str]) -> A
     return dataclasses.replace(config, **overrides)
 
 
+# Range rules by option name, checked for every experiment's Config before any data is loaded.
+# Integers (and the items of integer tuples) must be >= 1 unless named here.
+_MIN_ZERO_INTS = frozenset({"seed", "refine_steps", "semi_steps", "test_steps", "frontier_steps"})
+# Floats must be finite, and > 0 when their name ends in one of these ...
+_POSITIVE_FLOATS = ("learning_rate", "step_size", "adam_eps", "max_grad_norm")
+# ... or >= 0 when named here, or in [0, 1) for momentum.
+_MIN_ZERO_FLOATS = frozenset({"beta", "activity_threshold", "kl_warmup_epochs"})
+
+
+def check_config(config: Any) -> None:
+    """Checks the type and range of every option of an experiment's config.
+
+    Every check runs before anything is loaded or written, so a bad option costs nothing. An
+    experiment adds its own couplings between options as a `check()` method on its Config,
+    called here last.
+
+    Raises:
+        ValueError: naming the option, its value and what it must be.
+    """
+    hints = typing.get_type_hints(type(config))
+    for name, kind in hints.items():
+        value = getattr(config, name)
+        if value is None:
+            continue
+        origin = typing.get_origin(kind)
+        if origin is tuple:
+            items, kind = value, typing.get_args(kind)[0]
+        else:
+            items = (value,)
+            if origin in (typing.Union, types.UnionType):
+                kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        for item in items:
+            if kind is int:
+                low = 0 if name in _MIN_ZERO_INTS else 1
+                if item < low:
+                    raise ValueError(f"option {name}={value!r}: must be an integer >= {low}")
+            elif kind is float:
+                if not math.isfinite(item):
+                    raise ValueError(f"option {name}={value!r}: must be a finite number")
+                if name.endswith(_POSITIVE_FLOATS) and item <= 0:
+                    raise ValueError(f"option {name}={value!r}: must be > 0")
+                if name in _MIN_ZERO_FLOATS and item < 0:
+                    raise ValueError(f"option {name}={value!r}: must be >= 0")
+                if name.endswith("momentum") and not 0 <= item < 1:
+                    raise ValueError(f"option {name}={value!r}: must be in [0, 1)")
+        if origin is tuple and not value and not name.endswith("_hidden"):
+            raise ValueError(f"option {name}=(): give at least one value")
+    check = getattr(config, "check", None)
+    if callable(check):
+        check()
+
+
 def resolve_config(module: types.ModuleType, preset: str, overrides: Sequence[str] = ()) -> Any:
-    """The experiment's config for a preset, with overrides applied."""
+    """The experiment's config for a preset, with overrides applied and every option checked."""
     if preset not in module.PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(module.PRESETS)}")
     config = apply_overrides(module.Config(), dict(module.PRESETS[preset]))
-    return apply_overrides(config, list(overrides))
+    config = apply_overrides(config, list(overrides))
+    check_config(config)
+    return config
 
 
 def config_to_dict(config: Any) -> dict:
@@ -129,21 +188,69 @@ def config_from_dict(cls: type, data: dict) -> Any:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
+    """Writes obj as JSON atomically: to a temporary file in the same folder, then renamed.
+
+    A kill at any moment leaves either the old file or the new one, never a truncated one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+    text = json.dumps(obj, indent=2, default=float) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def read_json(path: str | Path) -> Any:
+    """Reads a JSON file; a damaged one raises a ValueError that names it and the fix."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err}); it was damaged outside amortjax (its writes "
+            f"are atomic): delete it and run again to recompute it"
+        ) from err
+
+
+def load_saved_result(path: str | Path, config: Any) -> dict | None:
+    """A result saved by `write_json` with its config under "config", if it is reusable.
+
+    Returns the saved dict when the file exists, is valid JSON and was computed under exactly
+    `config`; otherwise None (the caller recomputes it), with a note on stderr saying why.
+    Results computed under other settings are never reused.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        print(f"note: {path} is damaged; recomputing it", file=sys.stderr)
+        return None
+    if saved.get("config") != json.loads(json.dumps(config_to_dict(config), default=float)):
+        print(f"note: {path} was computed under other settings; recomputing it", file=sys.stderr)
+        return None
+    return saved
 
 
 def new_workdir(root: str | Path, name: str, preset: str) -> Path:
     """A fresh folder `root/name/<UTC time>_<preset>` (suffixed if it exists)."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
     base = Path(root) / name / f"{stamp}_{preset}"
+    base.parent.mkdir(parents=True, exist_ok=True)
     path, i = base, 1
-    while path.exists():
-        path, i = base.with_name(f"{base.name}-{i}"), i + 1
-    path.mkdir(parents=True)
-    return path
+    while True:  # mkdir is atomic: of two runs started in the same second, one gets "-1"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            path, i = base.with_name(f"{base.name}-{i}"), i + 1
 
 
 def run_experiment(
@@ -162,29 +269,65 @@ def run_experiment(
         overrides: `key=value` strings.
         results_root: parent of the results folders.
         resume: an earlier results folder: its saved config is used (overrides still apply,
-            e.g. more epochs) and training continues from its checkpoint.
+            e.g. more epochs) and training continues from its checkpoint. `config.json` keeps
+            the original preset and overrides, and lists each resume under "history"; a
+            refused or failed resume leaves it as it was.
 
     Returns:
         `(workdir, metrics)`.
+
+    Raises:
+        ValueError: an unknown or out-of-range option, or a folder of another experiment.
+        FileNotFoundError: a resume folder without a config.json.
     """
     module = load_experiment(name)
-    if resume is not None:
-        workdir = Path(resume)
-        saved = workdir / CONFIG_FILE
-        if not saved.exists():
-            raise FileNotFoundError(f"cannot resume: {saved} does not exist")
-        config = config_from_dict(module.Config, json.loads(saved.read_text())["config"])
-        config = apply_overrides(config, list(overrides))
-    else:
+    if resume is None:
         config = resolve_config(module, preset, overrides)
         workdir = new_workdir(results_root, name, preset)
-    write_json(
-        workdir / CONFIG_FILE,
-        {
+        record = {
             "experiment": name,
             "preset": preset,
             "overrides": list(overrides),
             "config": config_to_dict(config),
-        },
-    )
-    return workdir, module.run(config, workdir)
+            "history": [],
+        }
+        write_json(workdir / CONFIG_FILE, record)
+        try:
+            return workdir, module.run(config, workdir)
+        except BaseException:
+            # a run that failed before writing anything else leaves no folder behind
+            if [p.name for p in workdir.iterdir()] == [CONFIG_FILE]:
+                shutil.rmtree(workdir, ignore_errors=True)
+            raise
+
+    workdir = Path(resume)
+    saved = workdir / CONFIG_FILE
+    if not saved.exists():
+        raise FileNotFoundError(
+            f"cannot resume: {saved} does not exist (give the results folder of an earlier run, "
+            f"e.g. results/{name}/<time>_<preset>)"
+        )
+    record = read_json(saved)
+    if record.get("experiment", name) != name:
+        raise ValueError(
+            f"cannot resume {workdir} as {name}: that folder holds a {record['experiment']} run "
+            f"(python -m experiments {record['experiment']} --resume {workdir})"
+        )
+    config = config_from_dict(module.Config, record["config"])
+    config = apply_overrides(config, list(overrides))
+    check_config(config)
+    # config.json keeps the original options and records each resume; it is rewritten only
+    # once the resumed run's options are checked, and put back if the resumed run fails.
+    before = saved.read_text()
+    history = [*record.get("history", []), {
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "overrides": list(overrides),
+    }]  # fmt: skip
+    write_json(saved, {**record, "config": config_to_dict(config), "history": history})
+    try:
+        return workdir, module.run(config, workdir)
+    except BaseException:
+        tmp = saved.with_name(f".{saved.name}.restore")
+        tmp.write_text(before)
+        os.replace(tmp, saved)
+        raise

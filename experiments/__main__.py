@@ -6,7 +6,25 @@ import argparse
 import sys
 import time
 
+from amortjax.inference.training import TrainingDivergedError
 from amortjax.runner import available_experiments, run_experiment
+
+EXIT_BAD_OPTION = 2  # an unknown or out-of-range option, a folder of another experiment
+EXIT_MISSING = 3  # a file or folder that is not there (raw data, a resume folder)
+EXIT_DIVERGED = 4  # training diverged (NaN or infinite loss)
+EXIT_PERMISSION = 5  # a folder that cannot be written
+_EXPECTED = {
+    TrainingDivergedError: ("training diverged", EXIT_DIVERGED),
+    FileNotFoundError: ("missing file", EXIT_MISSING),
+    PermissionError: ("cannot write", EXIT_PERMISSION),
+}
+
+
+def _classify(err: Exception) -> tuple[str, int]:
+    for cls, found in _EXPECTED.items():
+        if isinstance(err, cls):
+            return found
+    return "bad option or input", EXIT_BAD_OPTION
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,23 +34,40 @@ def main(argv: list[str] | None = None) -> int:
         epilog=f"experiments: {', '.join(available_experiments())}",
     )
     parser.add_argument("name", help="experiment name")
-    parser.add_argument("--preset", default="quick", help="preset (default: quick)")
+    parser.add_argument("--preset", default=None, help="preset (default: quick)")
     parser.add_argument("--results", default="results", help="results root (default: results)")
     parser.add_argument("--resume", default=None, help="results folder of a run to continue")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of failures")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_intermixed_args(argv)
+    if args.resume is not None and args.preset is not None:
+        print(
+            "error: --preset does not apply with --resume: a resumed run keeps its folder's "
+            "preset (change single options with key=value)",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_OPTION
     start = time.perf_counter()
     try:
         workdir, _ = run_experiment(
             args.name,
-            preset=args.preset,
+            preset=args.preset or "quick",
             overrides=args.overrides,
             results_root=args.results,
             resume=args.resume,
         )
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, TrainingDivergedError, PermissionError) as err:
+        if args.debug:
+            raise
+        kind, status = _classify(err)
+        print(f"error ({kind}): {err}", file=sys.stderr)
+        if status == EXIT_DIVERGED:
+            print(
+                "the run's checkpoints hold the last finite state: resume it with a smaller "
+                "learning_rate (--resume <folder> learning_rate=...)",
+                file=sys.stderr,
+            )
+        return status
     minutes = (time.perf_counter() - start) / 60
     print(f"done in {minutes:.1f} min; results in {workdir} (report: {workdir / 'report.md'})")
     return 0

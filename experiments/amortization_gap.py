@@ -41,7 +41,6 @@ Presets:
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,7 @@ from amortjax.inference.objectives import make_optimizer
 from amortjax.inference.training import Trainer, fit, seconds_per_epoch
 from amortjax.models import check_observations, vae_model, with_fixed_params
 from amortjax.nets import MLP
-from amortjax.runner import write_json
+from amortjax.runner import config_to_dict, load_saved_result, write_json
 from amortjax.traces import log_joint
 
 FAMILY_NAMES = ("diagonal", "flow")
@@ -338,11 +337,13 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             params = result.params
             trained[name] = (setup, params, data)
             curves_by_model[name] = result.history
-            if saved.exists():
-                results[name] = json.loads(saved.read_text())
+            reused = load_saved_result(saved, config)
+            if reused is not None:
+                results[name] = reused
                 continue
             start = time.perf_counter()
             entry: dict[str, Any] = {
+                "config": config_to_dict(config),  # what the saved result was computed under
                 "dataset": dataset,
                 "family": family_name,
                 "train_seconds": train_seconds,
@@ -482,14 +483,16 @@ def _frozen_decoder(config, trained, key, workdir, progress) -> dict:
                 config, setup, params, family_name, (), data, k, workdir, name,
                 config.frozen_epochs, progress,
             )  # fmt: skip
-            if saved.exists():
-                out[name] = json.loads(saved.read_text())
+            reused = load_saved_result(saved, config)
+            if reused is not None:
+                out[name] = reused
                 continue
             g = _decompose(
                 config, setup.model, encoder, family, all_params, x_test,
                 jax.random.fold_in(k, 1), progress=f"{name} test" if progress else False,
             )  # fmt: skip
             entry = {
+                "config": config_to_dict(config),
                 "dataset": dataset,
                 "family": family_name,
                 "decoder_of": source,

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,16 @@ import pytest
 from amortjax.runner import (
     apply_overrides,
     available_experiments,
+    check_config,
     config_from_dict,
     config_to_dict,
     load_experiment,
+    load_saved_result,
+    new_workdir,
+    read_json,
     resolve_config,
+    run_experiment,
+    write_json,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,3 +333,128 @@ def test_item_response_compares_the_three_regimes_against_exact_answers(tmp_path
     assert "| semi_amortized |" in (tmp_path / "report.md").read_text()
     with pytest.raises(ValueError, match="unknown regimes"):
         item_response.run(apply_overrides(config, {"regimes": ("vae",)}), tmp_path)
+
+
+# --- options checked before anything runs; atomic, race-free and honest results folders -----
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("epochs=-1", "epochs=-1: must be an integer >= 1"),
+        ("z_dim=0", "z_dim=0"),
+        ("batch_size=0", "batch_size=0"),
+        ("iwae_samples=0", "iwae_samples=0"),
+        ("curve_every=0", "curve_every=0"),
+        ("learning_rate=nan", "learning_rate=nan: must be a finite number"),
+        ("learning_rate=0", "learning_rate=0.0: must be > 0"),
+        ("adam_eps=0", "adam_eps=0.0: must be > 0"),
+        ("encoder_hidden=200,-3", "encoder_hidden=\\(200, -3\\)"),
+        ("datasets=", "datasets=\\(\\): give at least one value"),
+    ],
+)
+def test_out_of_range_options_are_refused_when_the_config_is_resolved(override, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_config(load_experiment("amortization_gap"), "quick", [override])
+    with pytest.raises(ValueError, match="beta=-1.0: must be >= 0"):
+        resolve_config(load_experiment("vae_mnist"), "quick", ["beta=-1"])
+
+
+def test_every_preset_of_every_experiment_passes_the_checks():
+    for name in available_experiments():
+        module = load_experiment(name)
+        for preset in module.PRESETS:
+            check_config(resolve_config(module, preset))
+
+
+def test_write_json_is_atomic(tmp_path, monkeypatch):
+    path = write_json(tmp_path / "a.json", {"v": 1})
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("amortjax.runner.os.replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_json(path, {"v": 2})
+    assert json.loads(path.read_text()) == {"v": 1}  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary left
+
+
+def test_saved_results_are_reused_only_under_the_same_settings(tmp_path, capsys):
+    path = tmp_path / "model.json"
+    write_json(path, {"config": config_to_dict(_Config()), "value": 7})
+    assert load_saved_result(path, _Config())["value"] == 7
+    assert load_saved_result(path, _Config(epochs=4)) is None
+    assert "computed under other settings; recomputing" in capsys.readouterr().err
+    path.write_text('{"config": {"epo')  # damaged outside amortjax
+    assert load_saved_result(path, _Config()) is None
+    assert "damaged" in capsys.readouterr().err
+    assert load_saved_result(tmp_path / "missing.json", _Config()) is None
+    with pytest.raises(ValueError, match="model.json is not valid JSON.*delete it"):
+        read_json(path)
+
+
+def test_results_folders_are_unique_when_runs_start_at_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(lambda _: new_workdir(tmp_path, "exp", "quick"), range(16)))
+    assert len(set(folders)) == 16 and all(f.is_dir() for f in folders)
+
+
+@pytest.fixture
+def fake_experiment(monkeypatch):
+    """An experiment module whose run fails on demand, for the runner's bookkeeping."""
+    calls = []
+
+    def run(config, workdir):
+        calls.append(config)
+        if config.name == "fail-early":
+            raise FloatingPointError("diverged")
+        if config.name == "fail-late":
+            (workdir / "checkpoint").mkdir(exist_ok=True)
+            raise FloatingPointError("diverged")
+        (workdir / "metrics.json").write_text("{}")
+        return {"epochs": config.epochs}
+
+    module = types.SimpleNamespace(Config=_Config, PRESETS={"quick": {}}, run=run)
+    monkeypatch.setattr("amortjax.runner.load_experiment", lambda name: module)
+    return calls
+
+
+def test_resume_keeps_the_original_options_and_a_history(tmp_path, fake_experiment):
+    workdir, _ = run_experiment("fake", overrides=["lr=0.01"], results_root=tmp_path)
+    saved = workdir / "config.json"
+    run_experiment("fake", overrides=["epochs=5"], resume=workdir)
+    record = json.loads(saved.read_text())
+    assert record["overrides"] == ["lr=0.01"] and record["preset"] == "quick"
+    assert record["config"]["epochs"] == 5 and record["config"]["lr"] == 0.01
+    assert [h["overrides"] for h in record["history"]] == [["epochs=5"]]
+    # A refused resume (a bad option) and a failed one change nothing on disk.
+    before = saved.read_bytes()
+    with pytest.raises(ValueError, match="epochs=0"):
+        run_experiment("fake", overrides=["epochs=0"], resume=workdir)
+    with pytest.raises(FloatingPointError):
+        run_experiment("fake", overrides=["name=fail-late"], resume=workdir)
+    assert saved.read_bytes() == before
+    assert len(fake_experiment) == 3  # the refused resume never ran
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, fake_experiment):
+    with pytest.raises(FloatingPointError):
+        run_experiment("fake", overrides=["name=fail-early"], results_root=tmp_path)
+    assert list((tmp_path / "fake").iterdir()) == []
+    with pytest.raises(FloatingPointError):  # one that wrote a checkpoint keeps its folder
+        run_experiment("fake", overrides=["name=fail-late"], results_root=tmp_path)
+    assert len(list((tmp_path / "fake").iterdir())) == 1
+
+
+def test_cli_ends_expected_failures_with_a_message_and_a_status(tmp_path):
+    missing = _cli("vae_mnist", "--resume", str(tmp_path / "nope"), cwd=ROOT)
+    assert missing.returncode == 3 and "Traceback" not in missing.stderr
+    assert "config.json does not exist" in missing.stderr
+    bad = _cli("vae_mnist", "--results", str(tmp_path), "z_dim=-3", cwd=ROOT)
+    assert bad.returncode == 2 and "z_dim=-3: must be an integer >= 1" in bad.stderr
+    assert not (tmp_path / "vae_mnist").exists()  # refused before any folder was made
+    preset = _cli("vae_mnist", "--resume", str(tmp_path), "--preset", "paper", cwd=ROOT)
+    assert preset.returncode == 2 and "--preset does not apply with --resume" in preset.stderr
