@@ -185,3 +185,91 @@ def simulate(
         if site["type"] == "sample" and name != observed
     }
     return trace[observed]["value"].astype(x_like.dtype), latents
+
+
+def check_data(model: Callable, params: dict, x, *, chunk: int = 1000, **model_kwargs) -> jax.Array:
+    """Refuses data the model cannot score, before an evaluator spends anything on it.
+
+    Checks that x is an array `[N, ...]` with N >= 1 and only finite values, that the model runs
+    on it (its shape fits the model's), and that every observed site inside the data plate lies
+    in the support of its distribution (0/1 for a Bernoulli, counts for a Poisson, ...): the
+    model is traced with its parameters and latents drawn from the prior, in chunks of `chunk`
+    rows, and `site["fn"].support(value)` is checked row by row. This is the one support check
+    for every likelihood, including a user's own.
+
+    Args:
+        model: a NumPyro model `model(x, **model_kwargs)` with its local sites in `DATA_PLATE`.
+        params: the model's parameters.
+        x: the observations.
+        chunk: rows traced at once.
+        **model_kwargs: passed to the model.
+
+    Returns:
+        x as a JAX array.
+
+    Raises:
+        ValueError: naming the problem, the offending rows and the fix.
+    """
+    import numpy as np  # local: the adapter above stays free of host-side code
+
+    arr = np.asarray(x)
+    if arr.ndim < 1 or arr.shape[0] == 0:
+        raise ValueError(f"x must be an array [num_datapoints, ...] with at least one row; got "
+                         f"shape {arr.shape}")  # fmt: skip
+    if not np.issubdtype(arr.dtype, np.number) and arr.dtype != bool:
+        raise ValueError(f"x must hold numbers; got dtype {arr.dtype}")
+    finite = np.isfinite(arr.reshape(arr.shape[0], -1)).all(1)
+    if not finite.all():
+        rows = np.flatnonzero(~finite)
+        raise ValueError(
+            f"x has NaN or infinite values in {len(rows)} of {arr.shape[0]} rows (first: row "
+            f"{rows[0]}); drop or impute those rows before evaluating"
+        )
+    seeded = handlers.seed(handlers.substitute(model, data=params), jax.random.key(0))
+    for start in range(0, arr.shape[0], chunk):
+        part = jnp.asarray(arr[start : start + chunk])
+        try:
+            with handlers.block():
+                trace = handlers.trace(seeded).get_trace(part, **model_kwargs)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"the model cannot run on x of shape {arr.shape} (per datapoint "
+                f"{arr.shape[1:]}): {type(err).__name__}: {err}. Check x's shape against the "
+                f"model's (e.g. its x_dim)"
+            ) from err
+        for name, site in trace.items():
+            if site["type"] != "sample" or not site["is_observed"]:
+                continue
+            frames = [f for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
+            if not frames:
+                continue
+            fn, value = site["fn"], np.asarray(site["value"])
+            expected = tuple(fn.batch_shape) + tuple(fn.event_shape)
+            try:  # the distribution may broadcast against its value, not the value against it
+                fits = np.broadcast_shapes(value.shape, expected) == value.shape
+            except ValueError:
+                fits = False
+            if not fits:
+                raise ValueError(
+                    f"observed site {name!r}: x gives it shape {value.shape} but the model's "
+                    f"distribution has shape {expected}: x has shape {arr.shape}; check it "
+                    f"against the model's (e.g. its x_dim)"
+                )
+            inside = np.moveaxis(np.atleast_1d(np.asarray(fn.support(value))), frames[0].dim, 0)
+            bad = ~inside.reshape(inside.shape[0], -1).all(1)
+            if bad.any():
+                rows = start + np.flatnonzero(bad)
+                axis = frames[0].dim - len(fn.event_shape)  # the plate's axis in value
+                row = np.moveaxis(value, axis, 0)[rows[0] - start]
+                base = fn.support
+                while hasattr(base, "base_constraint"):  # the elementwise constraint
+                    base = base.base_constraint
+                first = np.unique(row[~np.asarray(base(row), bool)])
+                raise ValueError(
+                    f"observed site {name!r}: {len(rows)} rows of x (first: row {rows[0]}, with "
+                    f"values {first[:4].tolist()}) are outside the support of its "
+                    f"{type(fn).__name__} ({fn.support}), so the model cannot score them; for a "
+                    "Bernoulli likelihood binarize grey levels first (amortjax.dynamic_binarize, "
+                    "or x > 0.5)"
+                )
+    return jnp.asarray(arr)

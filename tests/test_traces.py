@@ -66,3 +66,55 @@ def test_site_outside_the_data_plate_is_rejected():
 
     with pytest.raises(ValueError, match="global_scale"):
         log_joint(model, {}, jnp.zeros(3), {"global_scale": jnp.ones(())})
+
+
+# --- the data check every evaluator runs first ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bernoulli_vae():
+    from amortjax.guides import amortized_guide
+    from amortjax.inference.objectives import make_optimizer
+    from amortjax.inference.training import Trainer
+    from amortjax.models import vae_model
+    from amortjax.nets import MLP
+
+    model = vae_model(MLP((16,), 784), z_dim=3)
+    guide = amortized_guide(MLP((16,), 6), x_dim=784)
+    x = (np.random.default_rng(0).random((12, 784)) < 0.2).astype(np.float32)
+    trainer = Trainer(model, guide, make_optimizer(1e-3), n_data=12, batch_size=4)
+    return model, guide, trainer.params(trainer.init(jax.random.key(0), x)), x
+
+
+def _bad_inputs(x):
+    grey = x.copy()
+    grey[7, 5] = 0.5
+    nan = x.copy()
+    nan[3, 0] = np.nan
+    return [
+        (grey, r"1 rows of x \(first: row 7, with values \[0.5\]\) are outside the support"),
+        (nan, r"NaN or infinite values in 1 of 12 rows \(first: row 3\)"),
+        (x[:, :700], r"x gives it shape \(12, 700\) but the model's distribution has shape"),
+        (x[:0], "at least one row"),
+    ]
+
+
+def test_every_evaluator_refuses_data_its_model_cannot_score(bernoulli_vae):
+    from amortjax.evaluation.ais import ais
+    from amortjax.evaluation.bounds import evaluate_bounds
+    from amortjax.inference.local import fit_local
+    from amortjax.traces import check_data
+
+    model, guide, params, x = bernoulli_vae
+    check_data(model, params, x)  # binary data passes
+    key = jax.random.key(0)
+    calls = {
+        "evaluate_bounds": lambda d: evaluate_bounds(model, guide, params, d, key, num_samples=2),
+        "fit_local": lambda d: fit_local(model, params, d, key, z_dim=3, max_steps=2),
+        "ais": lambda d: ais(model, params, d, key, num_chains=2, num_temperatures=2),
+    }
+    for name, call in calls.items():
+        for bad, match in _bad_inputs(x):
+            with pytest.raises(ValueError, match=match):
+                call(bad)
+                pytest.fail(f"{name} accepted bad data")

@@ -133,6 +133,7 @@ from tqdm.auto import tqdm
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.latents import LocalLatents, Site, log_joint_unconstrained
 from amortjax.sharding import active_mesh, check_divisible, replicate, shard_rows
+from amortjax.traces import check_data
 
 SCHEDULES = ("linear", "sigmoid")
 STEP_SIZE_INCREASE = 1.02
@@ -860,7 +861,7 @@ def _prepare(
 ):  # fmt: skip
     """Checks the common inputs; returns `(x, family, lam [N, P], z_dim)`."""
     _check_settings(num_chains, leapfrog_steps, target_accept, batch_size)
-    x = _check_x(x)
+    x = check_data(model, params, x)
     family = family or DiagonalGaussian()
     z_dim = _latent_dim(model, params, x, site, z_dim)
     lam = _start_params(family, init_params, z_dim, x.shape[0])

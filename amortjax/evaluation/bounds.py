@@ -25,7 +25,7 @@ import numpy as np
 from amortjax.engine import map_datapoints
 from amortjax.families import Family
 from amortjax.latents import Site, log_joint_unconstrained
-from amortjax.traces import log_weights
+from amortjax.traces import check_data, log_weights
 
 
 class Bounds(NamedTuple):
@@ -118,7 +118,7 @@ def evaluate_bounds(
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     if not isinstance(sample_chunk, int | np.integer) or sample_chunk < 1:
         raise ValueError(f"sample_chunk must be an integer >= 1, got {sample_chunk!r}")
-    x = jnp.asarray(x)
+    x = check_data(model, params, x)
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"x must be [num_datapoints, ...] with num_datapoints >= 1; got {x.shape}")
     n = x.shape[0]
@@ -264,7 +264,7 @@ def evaluate_pair(
     """
     if not isinstance(num_samples, int | np.integer) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    x = jnp.asarray(x)
+    x = check_data(model, params, x)
     lam_a, lam_b = jnp.asarray(lam_a), jnp.asarray(lam_b)
     if lam_a.shape != lam_b.shape or lam_a.ndim != 2 or lam_a.shape[0] != x.shape[0]:
         raise ValueError(

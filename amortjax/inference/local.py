@@ -56,7 +56,7 @@ from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
 from amortjax.guides.local import given_params_guide
 from amortjax.latents import Site, latent_size, log_joint_unconstrained
 from amortjax.sharding import active_mesh, check_divisible, replicate
-from amortjax.traces import log_weights
+from amortjax.traces import check_data, log_weights
 
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
 _MIN_CURVATURE = 1e-3  # floor of the Newton step's curvature eigenvalues
@@ -549,7 +549,7 @@ def fit_local(
     block_size = default_block if block_size is None else block_size
     if method == "newton" and not 0.0 < learning_rate <= 1.0:
         raise ValueError(f"the Newton step's learning_rate must be in (0, 1], got {learning_rate}")
-    x = jnp.asarray(x)
+    x = check_data(model, params, x)
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"x must be [num_datapoints, ...] with num_datapoints >= 1; got {x.shape}")
     n = x.shape[0]
