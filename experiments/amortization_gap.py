@@ -321,7 +321,6 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
                     out[f"{split}_elbo_q"] = float(g.elbo_q.mean())
                 return out
 
-            start = time.perf_counter()
             result = fit(
                 setup.trainer,
                 data.train,
@@ -333,7 +332,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
                 eval_every=max(config.curve_every, 1),
                 progress=progress,
             )
-            train_seconds = time.perf_counter() - start
+            train_seconds = result.train_seconds  # the whole run, resumes included
             params = result.params
             trained[name] = (setup, params, data)
             curves_by_model[name] = result.history
@@ -347,7 +346,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
                 "dataset": dataset,
                 "family": family_name,
                 "train_seconds": train_seconds,
-                "epoch_seconds": list(result.epoch_seconds),
+                "epoch_seconds": list(result.run_epoch_seconds),
                 "final_train_loss": result.history["train_loss"][1][-1],
             }
             for split, xs in (("train", x_train_eval), ("test", x_test)):

@@ -185,7 +185,6 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         trainer = Trainer(
             model, guide, make_opt(config.learning_rate), n_data=n, batch_size=config.batch_size
         )
-        start = time.perf_counter()
         result = fit(
             trainer,
             x_train,
@@ -195,7 +194,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             checkpoint_every=config.checkpoint_every,
             progress=progress,
         )
-        train_seconds = time.perf_counter() - start
+        train_seconds = result.train_seconds  # the whole run, resumes included
         params = result.params
         questions = globals_guide.median(params)
         fixed = fix_globals(model, globals_guide, params)
@@ -273,7 +272,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         estimates[regime] = means
         metrics["regimes"][regime] = {
             "train_seconds": train_seconds,
-            "epoch_seconds": list(result.epoch_seconds),
+            "epoch_seconds": list(result.run_epoch_seconds),
             "final_train_loss": result.history["train_loss"][1][-1],
             "heldout_log_px_learned_questions": mean_and_stderr(exact),
             "heldout_elbo": mean_and_stderr(bounds.elbo),

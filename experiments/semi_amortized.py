@@ -176,7 +176,6 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         )
         if progress:
             print(f"[{i + 1}/{len(config.methods)}] training {method}")
-        start = time.perf_counter()
         result = fit(
             trainer,
             data.train,
@@ -186,7 +185,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             checkpoint_every=config.checkpoint_every,
             progress=progress,
         )
-        train_seconds = time.perf_counter() - start
+        train_seconds = result.train_seconds  # the whole run, resumes included
         params = result.params
         trained[method] = params
 
@@ -233,7 +232,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             "kl": mean_and_stderr(kl),
             "train_loss": result.history["train_loss"][1][-1],
             "train_seconds": train_seconds,
-            "epoch_seconds": list(result.epoch_seconds),
+            "epoch_seconds": list(result.run_epoch_seconds),
             "encoder_ms_per_datapoint": 1e3 * encoder_seconds / n_eval,
             "refine_ms_per_datapoint": 1e3 * (encoder_seconds + refine_seconds) / n_eval,
         }

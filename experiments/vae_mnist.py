@@ -285,7 +285,6 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             f"valid_iwae{config.valid_samples}": float(b.iwae.mean()),
         }
 
-    start = time.perf_counter()
     result = fit(
         trainer,
         data.train,
@@ -297,7 +296,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         eval_every=config.eval_every,
         progress=progress,
     )
-    train_seconds = time.perf_counter() - start
+    train_seconds = result.train_seconds  # the whole run, resumes included
     params = result.params
 
     start = time.perf_counter()
@@ -364,7 +363,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         "final_train_loss": result.history["train_loss"][1][-1],
         "history": result.history,
         "train_seconds": train_seconds,
-        "epoch_seconds": list(result.epoch_seconds),
+        "epoch_seconds": list(result.run_epoch_seconds),
         "eval_seconds": eval_seconds,
         "device": str(jax.devices()[0].device_kind),
     }

@@ -98,6 +98,10 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path):
     # one wall time per epoch run by that call: 5 for the full run, the last 2 when resumed
     assert len(full.epoch_seconds) == 5 and len(resumed.epoch_seconds) == 2
     assert all(t > 0 for t in full.epoch_seconds + resumed.epoch_seconds)
+    # ... and the whole run's, carried by the checkpoint: the 3 epochs before the resume count
+    assert len(resumed.run_epoch_seconds) == 5
+    assert resumed.run_epoch_seconds[3:] == resumed.epoch_seconds
+    assert resumed.train_seconds > sum(resumed.run_epoch_seconds) > sum(resumed.epoch_seconds)
 
 
 def test_seconds_per_epoch_leaves_out_the_compiling_first_epoch():

@@ -91,12 +91,19 @@ class TrainState(NamedTuple):
 class FitResult(NamedTuple):
     """What `fit` returns: the final state, its parameters, the recorded history and the wall
     seconds of each training epoch this call ran (`epoch_seconds[i]`: the compiled epoch alone,
-    without evaluation or checkpointing; the first one includes compilation)."""
+    without evaluation or checkpointing; the first one includes compilation).
+
+    `run_epoch_seconds` and `train_seconds` cover the whole run, the calls before a resume
+    included (they travel in the checkpoint): every epoch's seconds, and the wall seconds spent
+    in `fit` up to the last checkpoint plus this call's. Work lost to a kill after the last
+    checkpoint is not counted (it is redone and counted then)."""
 
     state: TrainState
     params: dict
     history: History
     epoch_seconds: tuple[float, ...] = ()
+    run_epoch_seconds: tuple[float, ...] = ()
+    train_seconds: float = 0.0
 
 
 def seconds_per_epoch(epoch_seconds: Sequence[float]) -> float | None:
@@ -272,8 +279,9 @@ def fit(
         progress: show a progress bar with the running loss.
 
     Returns:
-        `FitResult(state, params, history, epoch_seconds)`; history["train_loss"] is the mean
-        per-datapoint loss of each epoch; epoch_seconds one wall time per epoch run here.
+        A `FitResult`; history["train_loss"] is the mean per-datapoint loss of each epoch;
+        epoch_seconds one wall time per epoch run here, run_epoch_seconds and train_seconds
+        the whole run's, resumes included.
 
     Raises:
         TrainingDivergedError: when an epoch's loss or parameters are not finite; the last
@@ -285,12 +293,16 @@ def fit(
             f"x_train has {x_train.shape[0]} datapoints, the trainer was built for "
             f"n_data={trainer.n_data}"
         )
+    called = time.perf_counter()
     state = trainer.init(key, x_train)
     history: History = {}
+    seconds_before, epochs_before = 0.0, []
     if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
         state, meta = restore_checkpoint(checkpoint_dir, state)
         state = trainer.place(state)
         history = {k: (list(v[0]), list(v[1])) for k, v in meta.get("history", {}).items()}
+        seconds_before = float(meta.get("train_seconds", 0.0))
+        epochs_before = list(meta.get("epoch_seconds", []))
     start = int(state.epoch)
     bar = tqdm(
         range(start, epochs),
@@ -331,8 +343,21 @@ def fit(
                 _record(history, name, epoch, value)
         bar.set_postfix(loss=f"{losses.mean():.3f}")
         if checkpoint_dir is not None and (epoch % checkpoint_every == 0 or epoch == epochs):
-            save_checkpoint(checkpoint_dir, state, {"epoch": epoch, "history": history})
+            meta = {
+                "epoch": epoch,
+                "history": history,
+                "train_seconds": seconds_before + time.perf_counter() - called,
+                "epoch_seconds": epochs_before + epoch_seconds,
+            }
+            save_checkpoint(checkpoint_dir, state, meta)
             start = epoch
         if on_epoch_end is not None:
             on_epoch_end(state, history)
-    return FitResult(state, trainer.params(state), history, tuple(epoch_seconds))
+    return FitResult(
+        state,
+        trainer.params(state),
+        history,
+        tuple(epoch_seconds),
+        tuple(epochs_before + epoch_seconds),
+        seconds_before + time.perf_counter() - called,
+    )
