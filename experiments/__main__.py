@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from amortjax.data.builders import DataNotFoundError
+from amortjax.data.loading import DamagedDataError
 from amortjax.inference.training import TrainingDivergedError
 from amortjax.runner import available_experiments, run_experiment
 
@@ -13,10 +15,13 @@ EXIT_BAD_OPTION = 2  # an unknown or out-of-range option, a folder of another ex
 EXIT_MISSING = 3  # a file or folder that is not there (raw data, a resume folder)
 EXIT_DIVERGED = 4  # training diverged (NaN or infinite loss)
 EXIT_PERMISSION = 5  # a folder that cannot be written
+EXIT_DAMAGED = 6  # prepared data that cannot be read
 _EXPECTED = {
     TrainingDivergedError: ("training diverged", EXIT_DIVERGED),
     FileNotFoundError: ("missing file", EXIT_MISSING),
+    DataNotFoundError: ("missing raw data", EXIT_MISSING),
     PermissionError: ("cannot write", EXIT_PERMISSION),
+    DamagedDataError: ("damaged prepared data", EXIT_DAMAGED),
 }
 
 
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             results_root=args.results,
             resume=args.resume,
         )
-    except (ValueError, FileNotFoundError, TrainingDivergedError, PermissionError) as err:
+    except (ValueError, *_EXPECTED) as err:
         if args.debug:
             raise
         kind, status = _classify(err)

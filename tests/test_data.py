@@ -273,3 +273,51 @@ def test_host_reachable_gives_up_after_its_timeout(monkeypatch):
     start = time.monotonic()
     assert not host_reachable("http://example.org/", timeout=0.5)
     assert time.monotonic() - start < 2.0
+
+
+# --- the prepared-data folder: unwritable, damaged, prepared by two processes at once ---------
+
+
+def test_an_unwritable_data_folder_names_the_variable(tmp_path, monkeypatch):
+    from amortjax.data.loading import _read_official
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("AMORTJAX_DATA_DIR", str(blocker / "prepared"))
+    _read_official.cache_clear()
+    with pytest.raises(PermissionError, match="set AMORTJAX_DATA_DIR to a folder you can write"):
+        _official("mnist", "test")
+
+
+def _prepare_mnist_test_split(prepared) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AMORTJAX_DATA_DIR": str(prepared)}
+    code = "from amortjax.data.loading import _official; print(_official('mnist', 'test')[0].shape)"
+    return subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+@needs_raw
+@pytest.mark.slow
+def test_two_processes_prepare_one_folder_at_once_and_a_damaged_one_is_named(tmp_path, monkeypatch):
+    from amortjax.data.loading import DamagedDataError, _read_official
+
+    prepared = tmp_path / "prepared"
+    runs = [_prepare_mnist_test_split(prepared) for _ in range(2)]
+    for run in runs:
+        out, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err[-2000:]
+        assert "(10000, 28, 28)" in out
+    # A damaged dataset_info.json: the error names the folder to delete.
+    (info,) = prepared.glob("amortjax_mnist/*/dataset_info.json")
+    info.write_text('{"name": "amortjax_mn')
+    monkeypatch.setenv("AMORTJAX_DATA_DIR", str(prepared))
+    _read_official.cache_clear()
+    with pytest.raises(DamagedDataError, match=f"delete {prepared / 'amortjax_mnist'}"):
+        _official("mnist", "test")
+    _read_official.cache_clear()

@@ -13,13 +13,22 @@ verifying raw files (`amortjax.data.builders`).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import functools
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.data.builders import BUILDERS, prepared_data_dir, raw_data_dir
+from amortjax.data.builders import (
+    BUILDERS,
+    DATA_DIR_ENV,
+    DataNotFoundError,
+    prepared_data_dir,
+    raw_data_dir,
+)
 
 DATASETS = ("mnist", "fashion_mnist", "binarized_mnist")
 """Names accepted by `load_data` and `load_images`."""
@@ -104,6 +113,25 @@ def _check_validation_size(name: str, validation_size: int, num_official_train: 
         )
 
 
+class DamagedDataError(RuntimeError):
+    """Prepared data that cannot be read; the message names the folder to delete."""
+
+
+def _check_writable(data_dir: str) -> None:
+    """The prepared-data folder exists (created if need be) and can be written."""
+    path = pathlib.Path(data_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
+        raise PermissionError(
+            f"cannot write the prepared-data folder {path}: set {DATA_DIR_ENV} to a folder you "
+            f"can write (it is {os.environ.get(DATA_DIR_ENV, 'unset, so the user cache is used')})"
+        )
+
+
 @functools.cache
 def _read_official(
     name: str, tfds_split: str, data_dir: str, raw_dir: str | None
@@ -117,11 +145,27 @@ def _read_official(
         ``[N, 28, 28]`` uint8 images and ``[N]`` int32 labels (None for binarized MNIST); both
         read-only, since the cached arrays are shared between callers.
     """
-    builder = BUILDERS[name](data_dir=data_dir, raw_dir=raw_dir)
-    builder.download_and_prepare()
-    source = builder.as_data_source(split=tfds_split)
-    # One bulk read: per-item indexing is several times slower for 60k records.
-    records = source.__getitems__(range(len(source)))
+    _check_writable(data_dir)
+    # One preparation at a time per data folder: a second process waits, then finds it done.
+    with open(pathlib.Path(data_dir) / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            builder = BUILDERS[name](data_dir=data_dir, raw_dir=raw_dir)
+            builder.download_and_prepare()
+            source = builder.as_data_source(split=tfds_split)
+            # One bulk read: per-item indexing is several times slower for 60k records.
+            records = source.__getitems__(range(len(source)))
+        except (DataNotFoundError, ValueError, PermissionError):
+            raise  # missing or corrupted raw files: their messages name them
+        except Exception as err:
+            folder = pathlib.Path(data_dir) / BUILDERS[name].name
+            raise DamagedDataError(
+                f"the prepared {name} data in {folder} cannot be read ({type(err).__name__}: "
+                f"{err}); it is damaged (e.g. its dataset_info.json or a record file): delete "
+                f"{folder} and run again to prepare it afresh from the raw files"
+            ) from err
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     images = np.stack([r["image"] for r in records]).astype(np.uint8, copy=False)
     images.flags.writeable = False
     labels = None
