@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
@@ -210,21 +211,7 @@ def check_data(model: Callable, params: dict, x, *, chunk: int = 1000, **model_k
     Raises:
         ValueError: naming the problem, the offending rows and the fix.
     """
-    import numpy as np  # local: the adapter above stays free of host-side code
-
-    arr = np.asarray(x)
-    if arr.ndim < 1 or arr.shape[0] == 0:
-        raise ValueError(f"x must be an array [num_datapoints, ...] with at least one row; got "
-                         f"shape {arr.shape}")  # fmt: skip
-    if not np.issubdtype(arr.dtype, np.number) and arr.dtype != bool:
-        raise ValueError(f"x must hold numbers; got dtype {arr.dtype}")
-    finite = np.isfinite(arr.reshape(arr.shape[0], -1)).all(1)
-    if not finite.all():
-        rows = np.flatnonzero(~finite)
-        raise ValueError(
-            f"x has NaN or infinite values in {len(rows)} of {arr.shape[0]} rows (first: row "
-            f"{rows[0]}); drop or impute those rows before evaluating"
-        )
+    arr = check_array(x)
     seeded = handlers.seed(handlers.substitute(model, data=params), jax.random.key(0))
     for start in range(0, arr.shape[0], chunk):
         part = jnp.asarray(arr[start : start + chunk])
@@ -273,3 +260,22 @@ def check_data(model: Callable, params: dict, x, *, chunk: int = 1000, **model_k
                     "or x > 0.5)"
                 )
     return jnp.asarray(arr)
+
+
+def check_array(x) -> np.ndarray:
+    """x as a numpy array `[N, ...]` with N >= 1 rows of finite numbers, or a ValueError that
+    names the offending rows (the model-free part of `check_data`)."""
+    arr = np.asarray(x)
+    if arr.ndim < 1 or arr.shape[0] == 0:
+        raise ValueError(f"x must be an array [num_datapoints, ...] with at least one row; got "
+                         f"shape {arr.shape}")  # fmt: skip
+    if not np.issubdtype(arr.dtype, np.number) and arr.dtype != bool:
+        raise ValueError(f"x must hold numbers; got dtype {arr.dtype}")
+    finite = np.isfinite(arr.reshape(arr.shape[0], -1)).all(1)
+    if not finite.all():
+        rows = np.flatnonzero(~finite)
+        raise ValueError(
+            f"x has NaN or infinite values in {len(rows)} of {arr.shape[0]} rows (first: row "
+            f"{rows[0]}); drop or impute those rows first"
+        )
+    return arr

@@ -264,7 +264,8 @@ def test_evaluators_benchmark_counts_work_and_reports_rates(tmp_path):
     assert (tmp_path / "evaluators.md").read_text() == report
     iwae, ais = result["results"]["IWAE"], result["results"]["AIS"]
     assert iwae["decoder_evaluations"] == 3 * 8
-    assert ais["decoder_evaluations"] == 3 * 2 * 3 * 2
+    # AIS counts its pilot pass too (min(4, chains) chains over the same temperatures)
+    assert ais["decoder_evaluations"] == 3 * (2 + 2) * 3 * 2
     forward = 2 * (4 * 16 + 16 * 16 + 16 * 784)
     assert iwae["flops_per_evaluation"] == forward
     assert ais["flops_per_evaluation"] == 2 * forward

@@ -163,3 +163,17 @@ def test_wrong_sizes_are_rejected():
         fit(trainer, x[:100], key=jax.random.key(0), epochs=1, progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         Trainer(None, None, make_optimizer(1e-3), n_data=10, batch_size=11)
+
+
+def test_fit_refuses_data_outside_the_likelihood_after_preprocessing():
+    """Grey levels train a Bernoulli VAE only through a binarizing preprocess."""
+    trainer, grey = _tiny_bernoulli_trainer(n=64)
+    fit(trainer, grey, key=jax.random.key(0), epochs=1, progress=False)  # binarized per epoch
+    plain = Trainer(trainer.model, amortized_guide(MLP((16,), 6), x_dim=12), make_optimizer(1e-3),
+                    n_data=64, batch_size=32)  # fmt: skip
+    with pytest.raises(ValueError, match="64 rows of x .* outside the support .* binarize"):
+        fit(plain, grey, key=jax.random.key(0), epochs=1, progress=False)
+    nan = (grey > 0.5).astype(np.float32)
+    nan[5, 3] = np.nan
+    with pytest.raises(ValueError, match=r"NaN or infinite values in 1 of 64 rows \(first: row 5"):
+        fit(plain, nan, key=jax.random.key(0), epochs=1, progress=False)

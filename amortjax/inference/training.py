@@ -40,6 +40,7 @@ from amortjax.inference.checkpoint import has_checkpoint, restore_checkpoint, sa
 from amortjax.inference.objectives import kl_warmup_weight, kl_weighted, make_objective
 from amortjax.models import DATA_PLATE
 from amortjax.sharding import active_mesh, check_divisible, constrain_rows, replicate
+from amortjax.traces import check_array, check_data
 
 History = dict[str, tuple[list[int], list[float]]]
 """Metric name -> (epochs at which it was recorded, values)."""
@@ -177,6 +178,7 @@ class Trainer:
             kl_schedule = functools.partial(kl_warmup_weight, warmup_steps=self.warmup_steps)
         self.kl_schedule = kl_schedule
         self.preprocess = preprocess
+        self.model = model  # as given: `fit` checks the data against it
         if self.kl_schedule is not None:
             model, guide = kl_weighted(model), kl_weighted(guide)
         model, guide = with_data_indices(model), with_data_indices(guide)
@@ -287,7 +289,7 @@ def fit(
         TrainingDivergedError: when an epoch's loss or parameters are not finite; the last
             checkpoint (from before that epoch) is kept.
     """
-    x_train = trainer.place(jnp.asarray(x_train))
+    x_train = trainer.place(jnp.asarray(check_array(x_train)))
     if x_train.shape[0] != trainer.n_data:
         raise ValueError(
             f"x_train has {x_train.shape[0]} datapoints, the trainer was built for "
@@ -295,6 +297,10 @@ def fit(
         )
     called = time.perf_counter()
     state = trainer.init(key, x_train)
+    # The data the model will see (after the trainer's preprocessing, e.g. a binarization)
+    # must lie in its likelihood's support: grey levels under a Bernoulli are refused here.
+    seen = x_train if trainer.preprocess is None else trainer.preprocess(key, x_train)
+    check_data(trainer.model, trainer.params(state), seen, n_data=trainer.n_data)
     history: History = {}
     seconds_before, epochs_before = 0.0, []
     if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
