@@ -110,6 +110,16 @@ def test_bad_arguments(case):
         fit_local(model, params, x, jax.random.key(0))
     with pytest.raises(ValueError, match=r"init must have shape \[40, num_params\]; got \(39, 6\)"):
         fit_local(model, params, x, jax.random.key(0), init=jnp.zeros((39, 6)))
+    for bad, match in (
+        ({"num_samples": 0}, "num_samples must be an integer >= 1, got 0"),
+        ({"max_steps": -1}, "max_steps must be an integer >= 1"),
+        ({"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
+        ({"learning_rate": float("nan")}, "learning_rate must be finite and > 0"),
+        ({"lr_decay": 1.0}, r"lr_decay must be in \(0, 1\)"),
+        ({"final_samples": -1}, "final_samples must be an integer >= 0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            fit_local(model, params, x, jax.random.key(0), z_dim=3, method="adam", **bad)
 
 
 @pytest.fixture(scope="module")

@@ -466,6 +466,23 @@ def _check_positive_int(**values: Any) -> None:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def _check_settings(*, learning_rate, min_improvement, lr_decay, final_samples, num_decays,
+                    **positive_ints) -> None:  # fmt: skip
+    """fit_local's settings, each named with its allowed range when it is outside it."""
+    for name, value in positive_ints.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"fit_local: {name} must be an integer >= 1, got {value!r}")
+    for name, value in (("final_samples", final_samples), ("num_decays", num_decays)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+            raise ValueError(f"fit_local: {name} must be an integer >= 0, got {value!r}")
+    if not (np.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"fit_local: learning_rate must be finite and > 0, got {learning_rate!r}")
+    if not (np.isfinite(min_improvement) and min_improvement >= 0):
+        raise ValueError(f"fit_local: min_improvement must be >= 0, got {min_improvement!r}")
+    if not 0 < lr_decay < 1:
+        raise ValueError(f"fit_local: lr_decay must be in (0, 1), got {lr_decay!r}")
+
+
 def fit_local(
     model: Callable,
     params: dict,
@@ -549,9 +566,13 @@ def fit_local(
     block_size = default_block if block_size is None else block_size
     if method == "newton" and not 0.0 < learning_rate <= 1.0:
         raise ValueError(f"the Newton step's learning_rate must be in (0, 1], got {learning_rate}")
+    _check_settings(
+        num_samples=num_samples, block_size=block_size, patience=patience, max_steps=max_steps,
+        select_samples=select_samples, batch_size=batch_size, final_samples=final_samples,
+        learning_rate=learning_rate, min_improvement=min_improvement, lr_decay=lr_decay,
+        num_decays=num_decays,
+    )  # fmt: skip
     x = check_data(model, params, x)
-    if x.ndim < 1 or x.shape[0] == 0:
-        raise ValueError(f"x must be [num_datapoints, ...] with num_datapoints >= 1; got {x.shape}")
     n = x.shape[0]
     if init is None:
         z_dim = latent_size(site, z_dim)
