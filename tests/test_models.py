@@ -129,6 +129,12 @@ def test_lean_bernoulli_log_mass_and_gradients_are_numpyros():
         np.testing.assert_allclose(ours, exact, rtol=1e-6, atol=1e-5)
         grad = jax.grad(lambda lg, v=value: BernoulliLogits(logits=lg).log_prob(v).sum())(logits)
         np.testing.assert_allclose(grad, x - jax.nn.sigmoid(logits), atol=1e-6)
+    # integer pixels (uint8, int32, bool) score and differentiate like floats (was a float0 crash)
+    pixels = jnp.array([[0, 1, 1]])
+    for dtype in (jnp.uint8, jnp.int32, jnp.bool_):
+        value = pixels.astype(dtype)
+        grad = jax.grad(lambda lg, v=value: BernoulliLogits(logits=lg).log_prob(v).sum())
+        np.testing.assert_allclose(grad(jnp.zeros(3)), [-0.5, 0.5, 0.5])
     d = get_likelihood("bernoulli").distribution(jnp.zeros((3, 5)))
     assert d.event_shape == (5,) and d.batch_shape == (3,)
     assert d.sample(jax.random.key(0)).shape == (3, 5)

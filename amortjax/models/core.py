@@ -41,10 +41,12 @@ class BernoulliLogits(dist.BernoulliLogits):
     `bench/evaluators.py`). A decoder's logits are finite; a diverged one (inf) gives NaN here,
     which training's NaN guard reports. For x in {0, 1} values, shapes and gradients are
     NumPyro's (checked in tests/test_models.py); grey levels get the cross-entropy where NumPyro
-    gives -inf, but `check_observations` turns them away before any model sees them.
+    gives -inf, but `amortjax.traces.check_data` turns them away before any evaluator sees them.
     """
 
     def log_prob(self, value: jax.Array) -> jax.Array:
+        # integer or boolean pixels (e.g. uint8) as floats: the JVP below needs a float tangent
+        value = jnp.asarray(value, jnp.result_type(self.logits, jnp.float32))
         return _bernoulli_log_mass(self.logits, value)
 
 
