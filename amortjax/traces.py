@@ -10,6 +10,7 @@ optimization) goes through these two functions: there is no second copy of any l
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -188,6 +189,54 @@ def simulate(
     return trace[observed]["value"].astype(x_like.dtype), latents
 
 
+def _observed_in_plate(trace: dict):
+    for name, site in trace.items():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        frames = [f for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
+        if frames:
+            yield name, site, frames[0].dim
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _support_rows(model: Callable, params: dict, part: jax.Array, kwargs: tuple) -> dict:
+    """Per observed site in the data plate: `[chunk]` rows inside its support, whether x's
+    shape fits its distribution's, and both shapes (compiled once per model and shape)."""
+    seeded = handlers.seed(handlers.substitute(model, data=params), jax.random.key(0))
+    with handlers.block():
+        trace = handlers.trace(seeded).get_trace(part, **dict(kwargs))
+    out = {}
+    for name, site, dim in _observed_in_plate(trace):
+        fn, value = site["fn"], site["value"]
+        expected = tuple(fn.batch_shape) + tuple(fn.event_shape)
+        try:  # the distribution may broadcast against its value, not the value against it
+            fits = np.broadcast_shapes(value.shape, expected) == value.shape
+        except ValueError:
+            fits = False
+        if fits:
+            inside = jnp.moveaxis(jnp.atleast_1d(fn.support(value)), dim, 0)
+            inside = inside.reshape(inside.shape[0], -1).all(1)
+        else:
+            inside = jnp.ones(part.shape[0], bool)
+        out[name] = (inside, jnp.asarray(fits), jnp.asarray(value.shape), jnp.asarray(expected))
+    return out
+
+
+def _outside_values(model, params, row, name, model_kwargs) -> str:
+    """ ", with values [...] (its distribution's support)" for one offending row, traced eagerly
+    (only on the error path)."""
+    seeded = handlers.seed(handlers.substitute(model, data=params), jax.random.key(0))
+    with handlers.block():
+        trace = handlers.trace(seeded).get_trace(jnp.asarray(row), **model_kwargs)
+    site = trace[name]
+    base = site["fn"].support
+    while hasattr(base, "base_constraint"):  # the elementwise constraint
+        base = base.base_constraint
+    value = np.asarray(site["value"])
+    outside = np.unique(value[~np.broadcast_to(np.asarray(base(value), bool), value.shape)])
+    return f", with values {outside[:4].tolist()}; support {site['fn'].support}"
+
+
 def check_data(model: Callable, params: dict, x, *, chunk: int = 1000, **model_kwargs) -> jax.Array:
     """Refuses data the model cannot score, before an evaluator spends anything on it.
 
@@ -212,52 +261,38 @@ def check_data(model: Callable, params: dict, x, *, chunk: int = 1000, **model_k
         ValueError: naming the problem, the offending rows and the fix.
     """
     arr = check_array(x)
-    seeded = handlers.seed(handlers.substitute(model, data=params), jax.random.key(0))
-    for start in range(0, arr.shape[0], chunk):
-        part = jnp.asarray(arr[start : start + chunk])
+    n = arr.shape[0]
+    chunk = min(chunk, n)
+    kwargs = tuple(sorted(model_kwargs.items()))
+    for start in range(0, n, chunk):
+        part = arr[start : start + chunk]
+        size = part.shape[0]
+        if size < chunk:  # pad with copies of the first row: one compiled shape
+            part = np.concatenate([part, np.repeat(part[:1], chunk - size, axis=0)])
         try:
-            with handlers.block():
-                trace = handlers.trace(seeded).get_trace(part, **model_kwargs)
-        except (TypeError, ValueError) as err:
+            sites = _support_rows(model, params, jnp.asarray(part), kwargs)
+        except Exception as err:
             raise ValueError(
                 f"the model cannot run on x of shape {arr.shape} (per datapoint "
                 f"{arr.shape[1:]}): {type(err).__name__}: {err}. Check x's shape against the "
                 f"model's (e.g. its x_dim)"
             ) from err
-        for name, site in trace.items():
-            if site["type"] != "sample" or not site["is_observed"]:
-                continue
-            frames = [f for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
-            if not frames:
-                continue
-            fn, value = site["fn"], np.asarray(site["value"])
-            expected = tuple(fn.batch_shape) + tuple(fn.event_shape)
-            try:  # the distribution may broadcast against its value, not the value against it
-                fits = np.broadcast_shapes(value.shape, expected) == value.shape
-            except ValueError:
-                fits = False
-            if not fits:
+        for name, (inside, fits, value_shape, expected) in sites.items():
+            if not bool(fits):
                 raise ValueError(
-                    f"observed site {name!r}: x gives it shape {value.shape} but the model's "
-                    f"distribution has shape {expected}: x has shape {arr.shape}; check it "
-                    f"against the model's (e.g. its x_dim)"
+                    f"observed site {name!r}: x gives it shape {tuple(value_shape.tolist())} "
+                    f"but the model's distribution has shape {tuple(expected.tolist())}: x has "
+                    f"shape {arr.shape}; check it against the model's (e.g. its x_dim)"
                 )
-            inside = np.moveaxis(np.atleast_1d(np.asarray(fn.support(value))), frames[0].dim, 0)
-            bad = ~inside.reshape(inside.shape[0], -1).all(1)
+            bad = ~np.asarray(inside)[:size]
             if bad.any():
                 rows = start + np.flatnonzero(bad)
-                axis = frames[0].dim - len(fn.event_shape)  # the plate's axis in value
-                row = np.moveaxis(value, axis, 0)[rows[0] - start]
-                base = fn.support
-                while hasattr(base, "base_constraint"):  # the elementwise constraint
-                    base = base.base_constraint
-                first = np.unique(row[~np.asarray(base(row), bool)])
                 raise ValueError(
-                    f"observed site {name!r}: {len(rows)} rows of x (first: row {rows[0]}, with "
-                    f"values {first[:4].tolist()}) are outside the support of its "
-                    f"{type(fn).__name__} ({fn.support}), so the model cannot score them; for a "
-                    "Bernoulli likelihood binarize grey levels first (amortjax.dynamic_binarize, "
-                    "or x > 0.5)"
+                    f"observed site {name!r}: {len(rows)} rows of x (first: row {rows[0]}"
+                    f"{_outside_values(model, params, arr[rows[0]][None], name, model_kwargs)}) "
+                    "are outside the support of its likelihood, so the model cannot score them; "
+                    "for a Bernoulli likelihood binarize grey levels first "
+                    "(amortjax.dynamic_binarize, or x > 0.5)"
                 )
     return jnp.asarray(arr)
 

@@ -356,7 +356,7 @@ def test_invalid_inputs_raise_clear_errors(case):
             ais(model, params, x, key, **kwargs)
     with pytest.raises(TypeError, match="adapt_per"):  # removed: the pilot adapts per datapoint
         ais(model, params, x, key, adapt_per="chain")
-    with pytest.raises(ValueError, match="num_datapoints > 0"):
+    with pytest.raises(ValueError, match="at least one row"):
         ais(model, params, x[:0], key)
     with pytest.raises(ValueError, match=r"z must be \[num_datapoints=12, z_dim=3\]"):
         bdmc(model, params, x, jnp.zeros((N, 2)), key)

@@ -92,7 +92,7 @@ def _bad_inputs(x):
     nan = x.copy()
     nan[3, 0] = np.nan
     return [
-        (grey, r"1 rows of x \(first: row 7, with values \[0.5\]\) are outside the support"),
+        (grey, r"1 rows of x \(first: row 7, with values \[0.5\]; support .*\) are outside"),
         (nan, r"NaN or infinite values in 1 of 12 rows \(first: row 3\)"),
         (x[:, :700], r"x gives it shape \(12, 700\) but the model's distribution has shape"),
         (x[:0], "at least one row"),
