@@ -363,6 +363,7 @@ def memory_result(tmp_path_factory):
     return result
 
 
+@pytest.mark.slow  # ~55 s: fresh processes measuring peak memory (with the next test)
 def test_memory_calibration_measures_a_known_allocation(memory_result):
     from bench.memory import reset_peak_rss
 
@@ -375,6 +376,7 @@ def test_memory_calibration_measures_a_known_allocation(memory_result):
         assert all(m["peak_reset"] for m in memory_result["measurements"])
 
 
+@pytest.mark.slow  # shares the memory fixture above
 def test_memory_peaks_and_xla_analysis_follow_the_chunk_not_n(memory_result):
     rows = memory_result["measurements"]
     assert [(m["spec"]["n"], m["spec"]["chunk"]) for m in rows] == [
@@ -462,6 +464,7 @@ def test_time_sweep_recovers_a_linear_cost():
     assert loglog_slope(sizes, constant["seconds"]) == pytest.approx(0.0, abs=0.15)
 
 
+@pytest.mark.slow  # ~40 s: sweeps N, z_dim and samples
 def test_scaling_benchmark_writes_documented_json_and_plot(tmp_path):
     from bench.scaling import FIGURE_NAME, RESULT_KEYS, SWEEP_KEYS, forward_flops
 
