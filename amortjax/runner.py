@@ -163,6 +163,26 @@ def check_config(config: Any) -> None:
         check()
 
 
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """Refuses an option (a string, or a tuple of them) naming anything outside `choices`."""
+    values = value if isinstance(value, tuple) else (value,)
+    unknown = [v for v in values if v not in choices]
+    if unknown:
+        raise ValueError(
+            f"option {name}={value!r}: unknown {', '.join(map(repr, unknown))}; "
+            f"choose from {', '.join(choices)}"
+        )
+
+
+def check_at_most(name: str, value: int | None, limit_name: str, limit: int | None) -> None:
+    """Refuses `name` > `limit_name` (None meaning "all", i.e. no limit)."""
+    if value is not None and limit is not None and value > limit:
+        raise ValueError(
+            f"option {name}={value} exceeds {limit_name}={limit}; lower {name} or raise "
+            f"{limit_name}"
+        )
+
+
 def resolve_config(module: types.ModuleType, preset: str, overrides: Sequence[str] = ()) -> Any:
     """The experiment's config for a preset, with overrides applied and every option checked."""
     if preset not in module.PRESETS:

@@ -50,19 +50,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from amortjax import plotting
-from amortjax.data import load_data
+from amortjax.data import DATASETS, load_data, split_sizes
 from amortjax.data.loading import dynamic_binarize
-from amortjax.evaluation.gaps import Gaps, gap_decomposition
+from amortjax.evaluation.gaps import AIS_STARTS, Gaps, gap_decomposition
 from amortjax.evaluation.subsets import random_subset
 from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
 from amortjax.flows import AffineCouplingFlow, FlowEncoder
 from amortjax.guides import amortized_guide, encode
+from amortjax.inference.local import METHODS as QSTAR_METHODS
 from amortjax.inference.local import fit_local
+from amortjax.inference.objectives import SCHEDULES as LR_SCHEDULES
 from amortjax.inference.objectives import make_optimizer
 from amortjax.inference.training import Trainer, fit, seconds_per_epoch
 from amortjax.models import check_observations, vae_model, with_fixed_params
-from amortjax.nets import MLP
-from amortjax.runner import config_to_dict, load_saved_result, write_json
+from amortjax.nets import ACTIVATIONS, MLP
+from amortjax.runner import (
+    check_at_most,
+    check_choice,
+    check_config,
+    config_to_dict,
+    load_saved_result,
+    write_json,
+)
 from amortjax.traces import log_joint
 
 FAMILY_NAMES = ("diagonal", "flow")
@@ -114,6 +123,31 @@ class Config:
     checkpoint_every: int = 1
     seed: int = 0
 
+    def check(self) -> None:
+        """The names options must take and the couplings between options; called by
+        `runner.check_config` after the per-option type and range checks, before any data."""
+        check_choice("datasets", self.datasets, DATASETS)
+        check_choice("families", self.families, FAMILY_NAMES)
+        check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("ais_start", self.ais_start, AIS_STARTS)
+        check_choice("qstar_method", self.qstar_method, QSTAR_METHODS)
+        if self.z_dim < 2 and "flow" in self.families:
+            raise ValueError(
+                f"option z_dim={self.z_dim}: the flow family needs z_dim >= 2 (a coupling "
+                "layer splits z in two); raise z_dim or drop flow from families"
+            )
+        for dataset in self.datasets:
+            check_at_most(
+                "batch_size",
+                self.batch_size,
+                f"{dataset}'s training rows",
+                split_sizes(dataset)["train"],
+            )
+        # the curves' training points are the first curve_points of the train_points subset
+        check_at_most("curve_points", self.curve_points, "train_points", self.train_points)
+        check_at_most("qstar_block", self.qstar_block, "qstar_max_steps", self.qstar_max_steps)
+
 
 PRESETS: dict[str, dict] = {
     "quick": {},
@@ -143,16 +177,6 @@ PRESETS: dict[str, dict] = {
         "checkpoint_every": 10,
     },
 }
-
-
-def _check(config: Config) -> None:
-    unknown = [f for f in config.families if f not in FAMILY_NAMES]
-    if unknown:
-        raise ValueError(f"unknown families {unknown}; choose from {list(FAMILY_NAMES)}")
-    if not config.datasets or not config.families:
-        raise ValueError("datasets and families must each name at least one")
-    if config.z_dim < 2 and "flow" in config.families:
-        raise ValueError(f"the flow family needs z_dim >= 2; got z_dim={config.z_dim}")
 
 
 def _flow(config: Config) -> AffineCouplingFlow:
@@ -263,7 +287,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     figures. A finished model's results are saved at once (`models/*.json`) and reused when
     the run is resumed, so a killed run loses at most the model it was working on, and that
     one continues from its last training checkpoint."""
-    _check(config)
+    check_config(config)
     workdir = Path(workdir)
     figures = workdir / "figures"
     key = jax.random.key(config.seed)

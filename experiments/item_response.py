@@ -52,7 +52,7 @@ from amortjax.models.irt import (
     trait_recovery,
 )
 from amortjax.nets import MLP
-from amortjax.runner import write_json
+from amortjax.runner import check_at_most, check_choice, check_config, write_json
 
 REGIMES = ("amortized", "per_example", "semi_amortized")
 
@@ -87,6 +87,18 @@ class Config:
     checkpoint_every: int = 10
     seed: int = 0
 
+    def check(self) -> None:
+        """The names options must take and the couplings between options; called by
+        `runner.check_config` after the per-option type and range checks."""
+        check_choice("regimes", self.regimes, REGIMES)
+        if self.num_traits not in (1, 2):
+            raise ValueError(
+                f"option num_traits={self.num_traits}: must be 1 or 2 (the exact answers are "
+                "computed by quadrature on a grid of that many dimensions)"
+            )
+        check_at_most("batch_size", self.batch_size, "num_train", self.num_train)
+        check_at_most("num_traits", self.num_traits, "num_questions", self.num_questions)
+
 
 PRESETS: dict[str, dict] = {
     "quick": {},
@@ -108,16 +120,6 @@ PRESETS: dict[str, dict] = {
         "qstar_max_steps": 10000,
     },
 }
-
-
-def _check(config: Config) -> None:
-    unknown = sorted(set(config.regimes) - set(REGIMES))
-    if unknown:
-        raise ValueError(f"unknown regimes {unknown}; choose from {list(REGIMES)}")
-    if config.num_traits not in (1, 2):
-        raise ValueError(
-            f"num_traits must be 1 or 2 (exact answers by quadrature), got {config.num_traits}"
-        )
 
 
 def _guide(regime, config, model, layout, encoder, globals_guide):
@@ -145,7 +147,7 @@ def _corr(a, b) -> float:
 
 def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     """Trains the three regimes and compares them; writes metrics.json, report.md, figures."""
-    _check(config)
+    check_config(config)
     workdir = Path(workdir)
     key = jax.random.key(config.seed)
     data_key, train_key, eval_key = jax.random.split(key, 3)

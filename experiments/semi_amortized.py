@@ -39,7 +39,7 @@ import numpy as np
 import numpyro.distributions as dist
 
 from amortjax import plotting
-from amortjax.data import load_data
+from amortjax.data import DATASETS, load_data, split_sizes
 from amortjax.evaluation.bounds import evaluate_bounds, mean_and_stderr
 from amortjax.evaluation.subsets import random_subset
 from amortjax.families import DiagonalGaussian
@@ -50,8 +50,8 @@ from amortjax.inference.objectives import make_optimizer
 from amortjax.inference.refine import refine
 from amortjax.inference.training import Trainer, fit
 from amortjax.models import check_observations, vae_model
-from amortjax.nets import MLP
-from amortjax.runner import write_json
+from amortjax.nets import ACTIVATIONS, MLP
+from amortjax.runner import check_at_most, check_choice, check_config, write_json
 
 METHODS = ("vae", "svi", "vae_svi", "vae_svi_kl", "sa_vae")
 _MODES = {"svi": "svi", "vae_svi": "svi", "vae_svi_kl": "svi_kl", "sa_vae": "sa"}
@@ -84,6 +84,21 @@ class Config:
     checkpoint_every: int = 1
     seed: int = 0
 
+    def check(self) -> None:
+        """The names options must take and the couplings between options; called by
+        `runner.check_config` after the per-option type and range checks, before any data."""
+        check_choice("dataset", self.dataset, DATASETS)
+        check_choice("methods", self.methods, METHODS)
+        check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        check_at_most(
+            "batch_size",
+            self.batch_size,
+            f"{self.dataset}'s training rows",
+            split_sizes(self.dataset)["train"],
+        )
+        # the frontier's points are the first frontier_points of the eval_points subset
+        check_at_most("frontier_points", self.frontier_points, "eval_points", self.eval_points)
+
 
 PRESETS: dict[str, dict] = {
     "quick": {},
@@ -111,9 +126,7 @@ def _timed(fn, *args):
 def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     """Trains every method, evaluates it on the test subset, writes metrics, report, figures."""
     workdir = Path(workdir)
-    unknown = [m for m in config.methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    check_config(config)
     data = load_data(config.dataset, seed=config.seed)
     x_dim = data.train.shape[1]
     check_observations(

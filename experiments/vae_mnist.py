@@ -33,18 +33,27 @@ import jax
 import numpy as np
 
 from amortjax import plotting
-from amortjax.data import Data, DataNotFoundError, load_data, load_images
+from amortjax.data import (
+    DATASETS,
+    Data,
+    DataNotFoundError,
+    load_data,
+    load_images,
+    resolve_binarization,
+    split_sizes,
+)
 from amortjax.data.loading import dynamic_binarize
 from amortjax.evaluation.activity import BURDA_THRESHOLD, latent_activity
 from amortjax.evaluation.bounds import evaluate_bounds, mean_and_stderr
 from amortjax.evaluation.subsets import random_subset
 from amortjax.families import DiagonalGaussian
 from amortjax.guides import amortized_guide, encode
-from amortjax.inference.objectives import KL_SCHEDULES, kl_schedule, make_optimizer
+from amortjax.inference.objectives import KL_SCHEDULES, OBJECTIVES, kl_schedule, make_optimizer
+from amortjax.inference.objectives import SCHEDULES as LR_SCHEDULES
 from amortjax.inference.training import Trainer, fit, seconds_per_epoch
-from amortjax.models import check_observations, decode_mean, vae_model
-from amortjax.nets import MLP
-from amortjax.runner import write_json
+from amortjax.models import LIKELIHOODS, check_observations, decode_mean, vae_model
+from amortjax.nets import ACTIVATIONS, MLP
+from amortjax.runner import check_at_most, check_choice, check_config, write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +95,35 @@ class Config:
     checkpoint_every: int = 1
     seed: int = 0
 
+    def check(self) -> None:
+        """The names options must take and the couplings between options; called by
+        `runner.check_config` after the per-option type and range checks, before any data."""
+        check_choice("dataset", self.dataset, DATASETS)
+        binarization = resolve_binarization(self.dataset, self.binarization)
+        check_choice("likelihood", self.likelihood, tuple(LIKELIHOODS))
+        check_choice("activation", self.activation, tuple(ACTIVATIONS))
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("kl_schedule", self.kl_schedule, KL_SCHEDULES)
+        if self.likelihood == "bernoulli" and binarization == "none":
+            raise ValueError(
+                f"options likelihood=bernoulli and binarization=none: a Bernoulli likelihood "
+                f"scores 0/1 pixels but {self.dataset} would keep its grey levels; use "
+                "binarization=dynamic (or auto), or likelihood=gaussian"
+            )
+        if self.kl_warmup_epochs and self.kl_schedule != "linear":
+            raise ValueError(
+                f"option kl_warmup_epochs={self.kl_warmup_epochs} is the length of the 'linear' "
+                f"schedule; with kl_schedule={self.kl_schedule!r} leave it at 0"
+            )
+        check_at_most(
+            "batch_size",
+            self.batch_size,
+            f"{self.dataset}'s training rows",
+            split_sizes(self.dataset)["train"],
+        )
+        check_at_most("traversal_dims", self.traversal_dims, "z_dim", self.z_dim)
+
 
 PRESETS: dict[str, dict] = {
     "quick": {},
@@ -121,15 +159,6 @@ def _curves(history: dict, weighted: bool = False) -> dict:
 
 def _kl_schedule(config: Config, steps_per_epoch: int) -> Callable[[jax.Array], jax.Array] | None:
     """The Trainer's `kl_schedule` for the config, or None for the plain ELBO."""
-    if config.kl_schedule not in KL_SCHEDULES:
-        raise ValueError(
-            f"unknown kl_schedule {config.kl_schedule!r}; choose one of {list(KL_SCHEDULES)}"
-        )
-    if config.kl_warmup_epochs and config.kl_schedule != "linear":
-        raise ValueError(
-            f"kl_warmup_epochs={config.kl_warmup_epochs} is the length of the 'linear' "
-            f"schedule; with kl_schedule={config.kl_schedule!r} leave it at 0"
-        )
     if config.kl_schedule == "cyclical":
         return kl_schedule(
             "cyclical",
@@ -233,7 +262,7 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
 def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     """Trains and evaluates the VAE; writes metrics.json, report.md and figures/ in workdir."""
     workdir = Path(workdir)
-    _kl_schedule(config, 1)  # refuse bad KL options before loading anything
+    check_config(config)
     data = load_data(config.dataset, binarization=config.binarization, seed=config.seed)
     x_dim = data.train.shape[1]
     check_observations(

@@ -118,5 +118,20 @@ def test_latent_activity_encodes_in_batches_and_finds_collapsed_units():
     assert act_fr.means.shape == (n, 3) and act_fr.kl is None
     with pytest.raises(ValueError, match=r"\[N, x_dim\]"):
         latent_activity(encoder, params, x[0])
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         latent_activity(encoder, params, x, batch_size=0)
+
+
+def test_latent_activity_refuses_bad_data_and_settings_naming_the_fix():
+    encoder, params = _linear_encoder(7, 5, dead=[0])
+    x = np.random.default_rng(2).normal(size=(20, 7)).astype(np.float32)
+    bad = x.copy()
+    bad[[3, 11], 2] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite values in 2 of 20 rows \\(first: row 3"):
+        latent_activity(encoder, params, bad)
+    with pytest.raises(ValueError, match="encoder cannot run on x of shape \\(20, 6\\).*x_dim"):
+        latent_activity(encoder, params, x[:, :6])
+    with pytest.raises(ValueError, match="threshold must be a finite number in \\[0, inf\\)"):
+        latent_activity(encoder, params, x, threshold=-0.01)
+    with pytest.raises(ValueError, match="no 'encoder\\$params'.*FitResult.params"):
+        latent_activity(encoder, params["encoder$params"], x)

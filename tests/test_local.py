@@ -114,8 +114,8 @@ def test_bad_arguments(case):
         ({"num_samples": 0}, "num_samples must be an integer >= 1, got 0"),
         ({"max_steps": -1}, "max_steps must be an integer >= 1"),
         ({"batch_size": 2.5}, "batch_size must be an integer >= 1, got 2.5"),
-        ({"learning_rate": float("nan")}, "learning_rate must be finite and > 0"),
-        ({"lr_decay": 1.0}, r"lr_decay must be in \(0, 1\)"),
+        ({"learning_rate": float("nan")}, r"learning_rate must be a finite number in \(0, inf\)"),
+        ({"lr_decay": 1.0}, r"lr_decay must be a finite number in \(0, 1\), got 1.0"),
         ({"final_samples": -1}, "final_samples must be an integer >= 0"),
     ):
         with pytest.raises(ValueError, match=match):

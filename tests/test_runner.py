@@ -175,10 +175,10 @@ def test_vae_mnist_kl_options_map_to_schedules():
     cyc = dataclasses.replace(config, kl_schedule="cyclical", kl_cycles=4, epochs=8, beta=0.5)
     cyclical = module._kl_schedule(cyc, 500)  # 4 cycles of 1000 steps over 8 epochs
     assert [float(cyclical(s)) for s in (0, 250, 500, 999, 1000)] == [0, 0.25, 0.5, 0.5, 0]
-    with pytest.raises(ValueError, match="'cosine'"):
-        module._kl_schedule(dataclasses.replace(config, kl_schedule="cosine"), 500)
-    with pytest.raises(ValueError, match="kl_warmup_epochs"):
-        module._kl_schedule(dataclasses.replace(cyc, kl_warmup_epochs=1.0), 500)
+    with pytest.raises(ValueError, match="kl_schedule='cosine': unknown 'cosine'"):
+        check_config(dataclasses.replace(config, kl_schedule="cosine"))
+    with pytest.raises(ValueError, match="kl_warmup_epochs=1.0 is the length"):
+        check_config(dataclasses.replace(cyc, kl_warmup_epochs=1.0))
 
 
 def test_semi_amortized_runs_end_to_end(tmp_path):
@@ -331,7 +331,7 @@ def test_item_response_compares_the_three_regimes_against_exact_answers(tmp_path
     assert min(gaps, key=gaps.get) == "per_example"
     assert (tmp_path / "figures" / "traits.png").stat().st_size > 1000
     assert "| semi_amortized |" in (tmp_path / "report.md").read_text()
-    with pytest.raises(ValueError, match="unknown regimes"):
+    with pytest.raises(ValueError, match="regimes=\\('vae',\\): unknown 'vae'"):
         item_response.run(apply_overrides(config, {"regimes": ("vae",)}), tmp_path)
 
 
@@ -358,6 +358,44 @@ def test_out_of_range_options_are_refused_when_the_config_is_resolved(override, 
         resolve_config(load_experiment("amortization_gap"), "quick", [override])
     with pytest.raises(ValueError, match="beta=-1.0: must be >= 0"):
         resolve_config(load_experiment("vae_mnist"), "quick", ["beta=-1"])
+
+
+@pytest.mark.parametrize(
+    "name, override, match",
+    [
+        ("amortization_gap", "datasets=mnist,cifar", "datasets=.*unknown 'cifar'; choose from"),
+        ("amortization_gap", "families=diagonal,iaf", "unknown 'iaf'; choose from diagonal, flow"),
+        ("amortization_gap", "activation=swish", "unknown 'swish'; choose from relu"),
+        ("amortization_gap", "lr_schedule=cosine", "lr_schedule='cosine': unknown"),
+        ("amortization_gap", "ais_start=posterior", "ais_start='posterior': unknown"),
+        ("amortization_gap", "qstar_method=lbfgs", "qstar_method='lbfgs': unknown"),
+        ("amortization_gap", "z_dim=1", "z_dim=1: the flow family needs z_dim >= 2"),
+        ("amortization_gap", "batch_size=60000", "exceeds mnist's training rows=50000"),
+        ("amortization_gap", "curve_points=200", "curve_points=200 exceeds train_points=100"),
+        ("amortization_gap", "qstar_block=9000", "qstar_block=9000 exceeds qstar_max_steps"),
+        ("vae_mnist", "dataset=emnist", "dataset='emnist': unknown"),
+        ("vae_mnist", "binarization=dynamic", "'dynamic' does not fit dataset 'binarized_mnist'"),
+        ("vae_mnist", "likelihood=poisson", "likelihood='poisson': unknown"),
+        ("vae_mnist", "objective=vimco", "objective='vimco': unknown"),
+        ("vae_mnist", "traversal_dims=30", "traversal_dims=30 exceeds z_dim=20"),
+        ("semi_amortized", "methods=vae,savae", "unknown 'savae'"),
+        ("semi_amortized", "frontier_points=600", "frontier_points=600 exceeds eval_points=500"),
+        ("item_response", "num_traits=3", "num_traits=3: must be 1 or 2"),
+        ("item_response", "batch_size=5000", "batch_size=5000 exceeds num_train=2000"),
+    ],
+)
+def test_bad_names_and_couplings_are_refused_before_any_data(name, override, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_config(load_experiment(name), "quick", [override])
+
+
+def test_a_bernoulli_likelihood_on_grey_levels_is_refused_before_any_data():
+    module = load_experiment("vae_mnist")
+    with pytest.raises(ValueError, match="likelihood=bernoulli and binarization=none"):
+        resolve_config(module, "quick", ["dataset=mnist", "binarization=none"])
+    with pytest.raises(ValueError, match="binarization='static' does not fit dataset 'mnist'"):
+        resolve_config(module, "quick", ["dataset=mnist", "binarization=static"])
+    resolve_config(module, "quick", ["dataset=mnist", "binarization=none", "likelihood=gaussian"])
 
 
 def test_every_preset_of_every_experiment_passes_the_checks():

@@ -49,6 +49,33 @@ def test_refinement_climbs_to_the_best_diagonal_gaussian(case):
     assert refine(model, params, x, lam0, jax.random.key(1), family=FAM, num_steps=0) is lam0
 
 
+def test_refine_refuses_bad_settings_shapes_and_data_naming_the_fix(case):
+    _, model, params, x = case
+    lam0 = jnp.zeros((40, 6))
+
+    def call(**changes):
+        args = {"x": x, "lam0": lam0, "num_steps": 2, **changes}
+        return refine(model, params, key=jax.random.key(0), family=FAM, **args)
+
+    for changes, match in (
+        ({"num_steps": -1}, "refine: num_steps must be an integer >= 0, got -1"),
+        ({"num_samples": 0}, "refine: num_samples must be an integer >= 1"),
+        ({"momentum": 1.0}, r"momentum must be a finite number in \[0, 1\)"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm .* or None for no clipping"),
+        ({"step_size": float("nan")}, "step_size must be finite and > 0"),
+        (
+            {"step_size": jnp.ones(5)},
+            r"step_size must be a scalar or one per parameter, shape \[6\]",
+        ),
+        ({"lam0": lam0[:39]}, r"lam0 must have shape \[batch=40, num_params\]"),
+        ({"indices": jnp.arange(39)}, r"indices must have shape \[batch=40\]"),
+        ({"x": x.at[5, 0].set(jnp.nan)}, r"NaN or infinite values in 1 of 40 rows \(first: row 5"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            call(**changes)
+    assert call(step_size=jnp.full(6, 0.01)).shape == (40, 6)  # one step size per parameter
+
+
 def test_gradient_through_refinement_matches_finite_differences():
     with jax.enable_x64(True):
         lg = make_linear_gaussian(jax.random.key(0), x_dim=5, z_dim=2, noise_scale=0.7)

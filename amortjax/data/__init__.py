@@ -23,6 +23,8 @@ from amortjax.data.loading import (
     dynamic_binarize,
     load_data,
     load_images,
+    resolve_binarization,
+    split_sizes,
 )
 from amortjax.data.synthetic import LinearGaussian, linear_gaussian_vae, make_linear_gaussian
 
@@ -44,4 +46,6 @@ __all__ = [
     "make_linear_gaussian",
     "prepared_data_dir",
     "raw_data_dir",
+    "resolve_binarization",
+    "split_sizes",
 ]

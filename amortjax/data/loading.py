@@ -47,6 +47,21 @@ _ALLOWED_BINARIZATIONS = {
 _AUTO_BINARIZATION = {"mnist": "dynamic", "fashion_mnist": "dynamic", "binarized_mnist": "static"}
 
 DEFAULT_VALIDATION_SIZE = 10_000
+_OFFICIAL_SIZES = {  # (train, valid, test) as published; only binarized_mnist has a valid split
+    "mnist": (60_000, 0, 10_000),
+    "fashion_mnist": (60_000, 0, 10_000),
+    "binarized_mnist": (50_000, 10_000, 10_000),
+}
+
+
+def split_sizes(name: str, validation_size: int = DEFAULT_VALIDATION_SIZE) -> dict[str, int]:
+    """Rows of each split `load_data(name, validation_size=...)` returns, without loading it."""
+    _check_name(name)
+    train, valid, test = _OFFICIAL_SIZES[name]
+    if not valid:
+        train, valid = train - validation_size, validation_size
+    return {"train": train, "valid": valid, "test": test}
+
 
 # The test set is the same for every seed, so its fixed binarization is too: test numbers of runs
 # with different seeds are then computed on identical data.
@@ -88,6 +103,27 @@ class Data:
     def num_features(self) -> int:
         """Dimension of one flattened example (784)."""
         return int(self.train.shape[1])
+
+
+def resolve_binarization(name: str, binarization: str) -> str:
+    """The binarization `load_data(name, binarization=...)` applies ("auto" resolved).
+
+    Raises:
+        ValueError: an unknown dataset or binarization, or one that does not fit the dataset
+            (the static set is binarized already; the grey-level sets have no static version).
+    """
+    _check_name(name)
+    if binarization not in BINARIZATIONS:
+        raise ValueError(
+            f"Unknown binarization {binarization!r}; valid options: {', '.join(BINARIZATIONS)}."
+        )
+    allowed = _ALLOWED_BINARIZATIONS[name]
+    if binarization not in allowed:
+        raise ValueError(
+            f"binarization={binarization!r} does not fit dataset {name!r}; "
+            f"valid for it: {', '.join(allowed)}."
+        )
+    return _AUTO_BINARIZATION[name] if binarization == "auto" else binarization
 
 
 def _check_name(name: str) -> None:
@@ -275,18 +311,7 @@ def load_data(
             dataset, or validation_size out of range.
         DataNotFoundError: Raw files are missing and cannot be downloaded.
     """
-    _check_name(name)
-    if binarization not in BINARIZATIONS:
-        raise ValueError(
-            f"Unknown binarization {binarization!r}; valid options: {', '.join(BINARIZATIONS)}."
-        )
-    allowed = _ALLOWED_BINARIZATIONS[name]
-    if binarization not in allowed:
-        raise ValueError(
-            f"binarization={binarization!r} does not fit dataset {name!r}; "
-            f"valid for it: {', '.join(allowed)}."
-        )
-    resolved = _AUTO_BINARIZATION[name] if binarization == "auto" else binarization
+    resolved = resolve_binarization(name, binarization)
     kwargs = {"validation_size": validation_size, "seed": seed}
     train, train_labels = load_images(name, "train", **kwargs)
     valid, valid_labels = load_images(name, "valid", **kwargs)

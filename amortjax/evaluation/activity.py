@@ -30,8 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amortjax.checks import check_float, check_int
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.guides.amortized import encode
+from amortjax.traces import check_array
 
 BURDA_THRESHOLD = 0.01
 """Burda et al. (2016)'s threshold on Cov_x(E_q[z_u|x]) above which unit u is active."""
@@ -184,12 +186,30 @@ def latent_activity(
     family = family or DiagonalGaussian()
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"x must have shape [N, x_dim] with N >= 2, got {x.shape}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ValueError(
+            f"latent_activity: x must have shape [N, x_dim] with N >= 2 (activity is a variance "
+            f"over datapoints), got {x.shape}"
+        )
+    x = check_array(x)
+    check_int("latent_activity", 1, batch_size=batch_size)
+    check_float("latent_activity", "threshold", threshold, low=0, fix="Burda et al. use 0.01")
+    if "encoder$params" not in params:
+        raise ValueError(
+            "latent_activity: params has no 'encoder$params' (keys: "
+            f"{sorted(params)[:6]}); pass the trained parameters of the amortized guide, "
+            "e.g. FitResult.params"
+        )
     n = x.shape[0]
     batch_size = min(batch_size, n)
     run = jax.jit(lambda p, xb: encode(encoder, p, xb))
+    try:
+        run.lower(params, jnp.asarray(x[:batch_size]))
+    except Exception as err:
+        raise ValueError(
+            f"latent_activity: the encoder cannot run on x of shape {x.shape} (x_dim "
+            f"{x.shape[1]}): {type(err).__name__}: {str(err)[:300]}. Check x_dim against the "
+            "encoder's input size"
+        ) from err
     out = []
     for start in range(0, n, batch_size):
         xb = jnp.asarray(x[start : start + batch_size])

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from amortjax.checks import check_float, check_int
 from amortjax.engine import datapoint_keys, map_datapoints
 from amortjax.evaluation.bounds import evaluate_bounds
 from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
@@ -460,27 +461,14 @@ def _duel_batch(model, family, site, num_samples, params, keys, x, lam_a, lam_b)
     return jax.vmap(one)(x, keys, lam_a, lam_b)
 
 
-def _check_positive_int(**values: Any) -> None:
-    for name, value in values.items():
-        if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-
-
 def _check_settings(*, learning_rate, min_improvement, lr_decay, final_samples, num_decays,
                     **positive_ints) -> None:  # fmt: skip
     """fit_local's settings, each named with its allowed range when it is outside it."""
-    for name, value in positive_ints.items():
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise ValueError(f"fit_local: {name} must be an integer >= 1, got {value!r}")
-    for name, value in (("final_samples", final_samples), ("num_decays", num_decays)):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-            raise ValueError(f"fit_local: {name} must be an integer >= 0, got {value!r}")
-    if not (np.isfinite(learning_rate) and learning_rate > 0):
-        raise ValueError(f"fit_local: learning_rate must be finite and > 0, got {learning_rate!r}")
-    if not (np.isfinite(min_improvement) and min_improvement >= 0):
-        raise ValueError(f"fit_local: min_improvement must be >= 0, got {min_improvement!r}")
-    if not 0 < lr_decay < 1:
-        raise ValueError(f"fit_local: lr_decay must be in (0, 1), got {lr_decay!r}")
+    check_int("fit_local", 1, **positive_ints)
+    check_int("fit_local", 0, final_samples=final_samples, num_decays=num_decays)
+    check_float("fit_local", "learning_rate", learning_rate, low=0, low_open=True)
+    check_float("fit_local", "min_improvement", min_improvement, low=0)
+    check_float("fit_local", "lr_decay", lr_decay, low=0, high=1, low_open=True, high_open=True)
 
 
 def fit_local(
@@ -588,24 +576,6 @@ def fit_local(
     if not bool(jnp.all(jnp.isfinite(init))):
         rows = np.flatnonzero(~np.all(np.isfinite(np.asarray(init)), axis=1))[:5].tolist()
         raise ValueError(f"init has NaN or infinite values (rows {rows}, ...)")
-    _check_positive_int(
-        num_samples=num_samples,
-        block_size=block_size,
-        patience=patience,
-        max_steps=max_steps,
-        batch_size=batch_size,
-        select_samples=select_samples,
-    )
-    if not isinstance(final_samples, int | np.integer) or final_samples < 0:
-        raise ValueError(f"final_samples must be an integer >= 0, got {final_samples!r}")
-    if not isinstance(num_decays, int | np.integer) or num_decays < 0:
-        raise ValueError(f"num_decays must be an integer >= 0, got {num_decays!r}")
-    if not 0.0 < lr_decay < 1.0:
-        raise ValueError(f"lr_decay must be in (0, 1), got {lr_decay!r}")
-    if not (np.isfinite(learning_rate) and learning_rate > 0):
-        raise ValueError(f"learning_rate must be positive and finite, got {learning_rate!r}")
-    if not (np.isfinite(min_improvement) and min_improvement >= 0):
-        raise ValueError(f"min_improvement must be >= 0, got {min_improvement!r}")
     fit_key, select_key, eval_key = jax.random.split(key, 3)
     num_slots = min(batch_size, n)
     mesh = active_mesh()

@@ -19,11 +19,50 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from amortjax.checks import check_float, check_int
 from amortjax.engine import datapoint_keys
 from amortjax.families import Family
 from amortjax.inference.local import local_elbo
 from amortjax.latents import Site
+from amortjax.traces import check_data
+
+
+def _traced(*trees) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+
+
+def _check_arguments(x, lam0, step_size, indices, num_steps, momentum, max_grad_norm,
+                     num_samples) -> None:  # fmt: skip
+    """refine's settings and shapes (all static, so this runs under jit too)."""
+    check_int("refine", 0, num_steps=num_steps)
+    check_int("refine", 1, num_samples=num_samples)
+    check_float("refine", "momentum", momentum, low=0, high=1, high_open=True)
+    if max_grad_norm is not None:
+        check_float("refine", "max_grad_norm", max_grad_norm, low=0, low_open=True,
+                    fix="or None for no clipping")  # fmt: skip
+    batch = jnp.shape(x)[0] if jnp.ndim(x) else None
+    if jnp.ndim(lam0) != 2 or jnp.shape(lam0)[0] != batch:
+        raise ValueError(
+            f"refine: lam0 must have shape [batch={batch}, num_params] (one row of variational "
+            f"parameters per row of x, e.g. the encoder's output); got {jnp.shape(lam0)}"
+        )
+    num_params = jnp.shape(lam0)[1]
+    if jnp.ndim(step_size) > 1 or jnp.shape(step_size) not in ((), (num_params,)):
+        raise ValueError(
+            f"refine: step_size must be a scalar or one per parameter, shape [{num_params}]; "
+            f"got shape {jnp.shape(step_size)}"
+        )
+    if not isinstance(step_size, jax.core.Tracer):
+        sizes = np.asarray(step_size, dtype=float)
+        if not (np.isfinite(sizes).all() and (sizes > 0).all()):
+            raise ValueError(f"refine: step_size must be finite and > 0, got {step_size!r}")
+    if indices is not None and jnp.shape(indices) != (batch,):
+        raise ValueError(
+            f"refine: indices must have shape [batch={batch}] (each row's index in its "
+            f"dataset); got {jnp.shape(indices)}"
+        )
 
 
 def refine(
@@ -65,7 +104,15 @@ def refine(
 
     Returns:
         lambda_K, `[batch, num_params]`.
+
+    Raises:
+        ValueError: a setting out of range, lam0, step_size or indices of the wrong shape, or
+            (when called outside a transformation, on concrete arrays) data the model cannot
+            score; each message names the argument and the fix.
     """
+    _check_arguments(x, lam0, step_size, indices, num_steps, momentum, max_grad_norm, num_samples)
+    if not _traced(x, params, lam0):
+        x = check_data(model, params, x)
     if num_steps == 0:
         return lam0
     step_size = jnp.asarray(step_size)
