@@ -8,8 +8,12 @@ PRESET ?= quick
 ARGS ?=
 # Test processes (pytest-xdist); 2 suits the 2-core CI machine.
 TEST_WORKERS ?= 2
+# The second environment: the newest Python (3.12 or 3.13) the machine has, with the newest
+# releases pyproject.toml admits (today's JAX needs Python >= 3.12). `make test-newest`.
+NEWEST_PYTHON ?= $(shell tools/newest-python)
+NEWEST_VENV ?= .venv-newest
 
-.PHONY: setup test test-slow lint format experiment bench clean
+.PHONY: setup setup-newest test test-newest test-slow lint format experiment bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,6 +21,19 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# Only the dev extra, not baselines: the torch file on these machines is for Python 3.11.
+setup-newest: $(NEWEST_VENV)/.installed
+
+$(NEWEST_VENV)/.installed: pyproject.toml
+	@test -n "$(NEWEST_PYTHON)" || { echo "no Python >= 3.12 found (tools/newest-python)"; exit 1; }
+	test -x $(NEWEST_VENV)/bin/python || $(NEWEST_PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade pip
+	$(NEWEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[dev]"
+	$(NEWEST_VENV)/bin/python -c "import sys, jax, numpyro, flax; print('newest environment:', \
+	  sys.version.split()[0], 'jax', jax.__version__, 'numpyro', numpyro.__version__, 'flax', \
+	  flax.__version__)"
 	touch $@
 
 lint: setup
@@ -30,6 +47,16 @@ format: setup
 test: lint
 	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist worksteal --durations=15
 
+# The fast tests again in the second environment; skipped, saying why, without Python >= 3.12.
+test-newest:
+	@if [ -z "$(NEWEST_PYTHON)" ]; then \
+	  echo "test-newest: SKIPPED: no Python >= 3.12 on this machine (today's JAX needs one)"; \
+	else \
+	  $(MAKE) setup-newest && \
+	  $(NEWEST_VENV)/bin/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist worksteal \
+	    --durations=5; \
+	fi
+
 test-slow: setup
 	$(PY) -m pytest -m slow -n $(TEST_WORKERS) --dist worksteal
 
@@ -40,4 +67,4 @@ bench: setup
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(NEWEST_VENV) .pytest_cache
