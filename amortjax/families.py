@@ -35,6 +35,10 @@ class Family(Protocol):
         """Size of lambda for a latent of size z_dim."""
         ...
 
+    def z_dim(self, num_params: int) -> int:
+        """The inverse of `num_params`; a ValueError when there is no such z_dim."""
+        ...
+
     def distribution(self, params: jax.Array) -> dist.Distribution:
         """q(z; lambda) for params `[..., num_params]`, event shape `[z_dim]`."""
         ...
@@ -59,6 +63,12 @@ class DiagonalGaussian:
 
     def num_params(self, z_dim: int) -> int:
         return 2 * z_dim
+
+    def z_dim(self, num_params: int) -> int:
+        """The z_dim with `num_params(z_dim) == num_params` (half of it)."""
+        if num_params < 2 or num_params % 2:
+            raise ValueError(f"{num_params} parameters is not 2 z_dim for any z_dim >= 1")
+        return num_params // 2
 
     def split(self, params: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Returns `(loc, log_scale)`, each `[..., z_dim]`."""
@@ -147,6 +157,35 @@ class FullRankGaussian:
 
     def standard_params(self, z_dim: int) -> jax.Array:
         return jnp.zeros(self.num_params(z_dim))
+
+
+def check_num_params(
+    family: Family, num_params: int, z_dim: int | None = None, source: str = "the encoder"
+) -> None:
+    """Refuses `num_params` values per datapoint that cannot be lambda of `family` (of
+    `family.num_params(z_dim)` exactly, when the model's latent size z_dim is known).
+
+    Raises:
+        ValueError: naming the sizes and the fix (an output layer of `family.num_params(z_dim)`).
+    """
+    if z_dim is not None:
+        expected = family.num_params(z_dim)
+        if num_params != expected:
+            raise ValueError(
+                f"{source} outputs {num_params} values per datapoint, but the {family.name} "
+                f"family over the model's {z_dim} local latent dimensions needs "
+                f"family.num_params({z_dim}) = {expected}; give {source} that output size "
+                f"(e.g. MLP(hidden, family.num_params({z_dim})))"
+            )
+        return
+    try:
+        family.z_dim(num_params)
+    except ValueError as err:
+        raise ValueError(
+            f"{source} outputs {num_params} values per datapoint, which cannot parameterize the "
+            f"{family.name} family ({err}); give {source} the output size "
+            "family.num_params(z_dim)"
+        ) from None
 
 
 FAMILIES: dict[str, Family] = {

@@ -37,7 +37,7 @@ from numpyro.distributions import constraints
 from numpyro.distributions.transforms import biject_to
 
 from amortjax.models import DATA_PLATE
-from amortjax.traces import log_joint
+from amortjax.traces import NESTED_PLATE_FIX, explained_model_errors, log_joint
 
 AUX_SITE = "_local_latent"
 """Name of the guides' auxiliary site holding the flat unconstrained vector u `[batch, D]`."""
@@ -196,18 +196,25 @@ def find_local_latents(model: Callable, x: jax.Array, params: dict | None = None
                 site["fn"].event_dim,
                 [f.dim for f in site["cond_indep_stack"] if f.name == DATA_PLATE],
                 site["fn"].is_discrete,
+                [f.name for f in site["cond_indep_stack"] if f.name != DATA_PLATE],
             )
             for name, site in found["sites"]
         ]
         return 0
 
     x = x if isinstance(x, jax.ShapeDtypeStruct) else jnp.asarray(x)
-    jax.eval_shape(inspect, params or {}, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
+    with explained_model_errors("find_local_latents"):
+        jax.eval_shape(inspect, params or {}, jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype))
     local, global_ = [], []
-    for name, support, shape, event_dim, plate_dims, discrete in found["meta"]:
+    for name, support, shape, event_dim, plate_dims, discrete, others in found["meta"]:
         if not plate_dims:
             global_.append(name)
             continue
+        if others:
+            raise ValueError(
+                f"local latent site {name!r} lies in the plates {others} as well as the data "
+                f"plate. {NESTED_PLATE_FIX}"
+            )
         if discrete:
             raise ValueError(
                 f"local latent site {name!r} is discrete ({support!r}): the families are "
@@ -229,6 +236,47 @@ def find_local_latents(model: Callable, x: jax.Array, params: dict | None = None
             f"(its latent sites: {[n for n, *_ in found['meta']]})"
         )
     return LocalLatents(tuple(local), tuple(global_))
+
+
+def check_site(model: Callable, params: dict | None, x: jax.Array, site: Site, where: str) -> None:
+    """Refuses a `site=` that does not describe the model's local latents, before an evaluator
+    fits or scores anything with it.
+
+    A site name must be the model's only local latent and real-valued (it is used as is, with
+    no bijection: a positive rate given by name would be scored at negative values, as NaN);
+    and the model must have no global latents left (they must be fixed before evaluating).
+
+    Raises:
+        ValueError: naming the sites involved and the fix.
+    """
+    layout = find_local_latents(model, x, params)
+    if layout.global_sites:
+        raise ValueError(
+            f"{where}: the model has latent sites outside the data plate "
+            f"{list(layout.global_sites)} (global latents), which an evaluator cannot "
+            "integrate over; fix them first: "
+            "fixed = fix_globals(model, global_guide, params) (or with_fixed_params(model, "
+            "values)), then evaluate `fixed`"
+        )
+    if not isinstance(site, str):
+        return
+    names = list(layout.names)
+    fix = "pass site=find_local_latents(model, x), which lays out every local site"
+    if site not in names:
+        raise ValueError(
+            f"{where}: the model has no local latent site {site!r} (its local latents: "
+            f"{names}); {fix}"
+        )
+    if len(names) > 1:
+        raise ValueError(
+            f"{where}: site={site!r} names one of the model's local latents {names}; {fix}"
+        )
+    if not layout.sites[0].is_real:
+        raise ValueError(
+            f"{where}: site {site!r} has support {layout.sites[0].support}, but a site name "
+            f"stands for a real vector used as is; {fix} (it maps the site to unconstrained "
+            "space)"
+        )
 
 
 def resolve_site(site: Site | None, model: Callable | None, x: jax.Array) -> Site:

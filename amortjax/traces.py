@@ -10,8 +10,10 @@ optimization) goes through these two functions: there is no second copy of any l
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,39 @@ from numpyro import handlers
 from numpyro.primitives import Messenger
 
 from amortjax.models import DATA_PLATE
+
+NESTED_PLATE_FIX = (
+    "amortjax keeps the data plate as the leftmost batch axis of every local site, so a plate "
+    "nested inside it cannot take dim=-1 (nor can a plate around it vectorize a local site): "
+    "give each datapoint's own dimensions as event dimensions, e.g. "
+    "dist.Normal(0, 1).expand([D]).to_event(1), instead of a plate"
+)
+
+
+def _is_plate_collision(err: BaseException) -> bool:
+    """NumPyro's bare AssertionError for a plate whose dim another plate holds already."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return (
+        isinstance(err, AssertionError)
+        and bool(frames)
+        and frames[-1].name == "_subsample"
+        and "numpyro" in frames[-1].filename
+    )
+
+
+@contextlib.contextmanager
+def explained_model_errors(where: str) -> Iterator[None]:
+    """Turns NumPyro's bare errors for model structure amortjax does not support into
+    messages that name the problem and the fix."""
+    try:
+        yield
+    except AssertionError as err:
+        if _is_plate_collision(err):
+            raise ValueError(
+                f"{where}: two plates of the model ask for the same batch dimension (a plate "
+                f"nested in the data plate with dim=-1?). {NESTED_PLATE_FIX}"
+            ) from err
+        raise
 
 
 def _per_datapoint(site: dict, batch: int) -> jax.Array:
@@ -270,7 +305,16 @@ def check_data(model: Callable, params: dict, x, *, chunk: int = 1000, **model_k
         if size < chunk:  # pad with copies of the first row: one compiled shape
             part = np.concatenate([part, np.repeat(part[:1], chunk - size, axis=0)])
         try:
-            sites = _support_rows(model, params, jnp.asarray(part), kwargs)
+            with explained_model_errors("the model cannot run"):
+                sites = _support_rows(model, params, jnp.asarray(part), kwargs)
+        except ValueError as err:
+            if "two plates of the model" in str(err):
+                raise
+            raise ValueError(
+                f"the model cannot run on x of shape {arr.shape} (per datapoint "
+                f"{arr.shape[1:]}): {type(err).__name__}: {err}. Check x's shape against the "
+                f"model's (e.g. its x_dim)"
+            ) from err
         except Exception as err:
             raise ValueError(
                 f"the model cannot run on x of shape {arr.shape} (per datapoint "
@@ -295,6 +339,97 @@ def check_data(model: Callable, params: dict, x, *, chunk: int = 1000, **model_k
                     "(amortjax.dynamic_binarize, or x > 0.5)"
                 )
     return jnp.asarray(arr)
+
+
+def _latents(trace: dict) -> dict[str, dict]:
+    return {
+        name: site
+        for name, site in trace.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and not site.get("infer", {}).get("is_auxiliary")
+    }
+
+
+def _check_data_plate(trace: dict, n_data: int, whose: str) -> None:
+    plates = [name for name, site in trace.items() if site["type"] == "plate"]
+    if DATA_PLATE not in plates:
+        raise ValueError(
+            f"the {whose} has no plate named {DATA_PLATE!r} (its plates: {plates}); put its "
+            f"per-datapoint sites in amortjax.models.data_plate(x, n_data), which is how "
+            "amortjax finds the datapoints and scales a minibatch to the whole dataset"
+        )
+    size = trace[DATA_PLATE]["args"][0]
+    if size != n_data:
+        raise ValueError(
+            f"the {whose}'s data plate has size {size}, but training runs over n_data={n_data} "
+            f"datapoints, so each minibatch would count as the whole dataset: pass n_data on, "
+            f"`def {whose}(x, n_data=None): with data_plate(x, n_data): ...`"
+        )
+
+
+def check_model_and_guide(
+    model: Callable, guide: Callable, x: jax.Array, key: jax.Array, n_data: int, **kwargs
+) -> None:
+    """Refuses a model and guide that would train without error but fit the wrong objective.
+
+    Both are traced once on the batch x with `n_data=n_data` (and `**kwargs`). Each must put
+    its per-datapoint sites in the data plate of size n_data (a plate of another name, or one
+    of the batch's size because n_data was not passed on, would weigh a minibatch as the whole
+    dataset); the guide must sample every latent site of the model, local and global, with the
+    model's shape, and no latent site the model lacks (NumPyro only warns, and fits the
+    uncovered latents from their prior).
+
+    Raises:
+        ValueError: naming the sites or plate and the fix.
+    """
+    model_key, guide_key = jax.random.split(key)
+    with explained_model_errors("the model cannot run"), handlers.block():
+        model_trace = handlers.trace(handlers.seed(model, model_key)).get_trace(
+            x, n_data=n_data, **kwargs
+        )
+    with handlers.block():
+        guide_trace = handlers.trace(handlers.seed(guide, guide_key)).get_trace(
+            x, n_data=n_data, **kwargs
+        )
+    _check_data_plate(model_trace, n_data, "model")
+    wanted, drawn = _latents(model_trace), _latents(guide_trace)
+    if drawn:
+        _check_data_plate(guide_trace, n_data, "guide")
+    missing = [name for name in wanted if name not in drawn]
+    extra = [name for name in drawn if name not in wanted]
+    if missing or extra:
+        local = [
+            name
+            for name in missing
+            if any(f.name == DATA_PLATE for f in wanted[name]["cond_indep_stack"])
+        ]
+        hints = []
+        if local:
+            hints.append(
+                f"build the guide with site=find_local_latents(model, x) (or model=model) so "
+                f"it draws the local latents {local}"
+            )
+        if len(local) < len(missing):
+            hints.append(
+                "give it global_guide=global_guide(model) for the latents outside the data plate"
+            )
+        if extra and not missing:
+            hints.append(f"rename the guide's sites {extra} to the model's")
+        raise ValueError(
+            f"the guide does not draw the model's latent sites {missing}"
+            + (f" and draws sites {extra} the model does not have" if extra else "")
+            + f" (model latents: {list(wanted)}; guide: {list(drawn)}); "
+            + "; ".join(hints)
+        )
+    for name, site in wanted.items():
+        model_shape, guide_shape = jnp.shape(site["value"]), jnp.shape(drawn[name]["value"])
+        if model_shape != guide_shape:
+            raise ValueError(
+                f"the guide draws site {name!r} with shape {guide_shape}, the model's has shape "
+                f"{model_shape}: the guide's latent size must be the model's (an encoder's output "
+                "size is family.num_params(z_dim))"
+            )
 
 
 def check_array(x) -> np.ndarray:

@@ -131,7 +131,7 @@ from numpyro import handlers
 from tqdm.auto import tqdm
 
 from amortjax.families import DiagonalGaussian, Family
-from amortjax.latents import LocalLatents, Site, log_joint_unconstrained
+from amortjax.latents import LocalLatents, Site, check_site, log_joint_unconstrained
 from amortjax.sharding import active_mesh, check_divisible, replicate, shard_rows
 from amortjax.traces import check_data
 
@@ -862,6 +862,7 @@ def _prepare(
     """Checks the common inputs; returns `(x, family, lam [N, P], z_dim)`."""
     _check_settings(num_chains, leapfrog_steps, target_accept, batch_size)
     x = check_data(model, params, x)
+    check_site(model, params, x, site, "ais")
     family = family or DiagonalGaussian()
     z_dim = _latent_dim(model, params, x, site, z_dim)
     lam = _start_params(family, init_params, z_dim, x.shape[0])

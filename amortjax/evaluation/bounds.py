@@ -24,7 +24,7 @@ import numpy as np
 
 from amortjax.engine import map_datapoints
 from amortjax.families import Family
-from amortjax.latents import Site, log_joint_unconstrained
+from amortjax.latents import Site, check_site, log_joint_unconstrained
 from amortjax.traces import check_data, log_weights
 
 
@@ -265,6 +265,7 @@ def evaluate_pair(
     if not isinstance(num_samples, int | np.integer) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     x = check_data(model, params, x)
+    check_site(model, params, x, site, "evaluate_pair")
     lam_a, lam_b = jnp.asarray(lam_a), jnp.asarray(lam_b)
     if lam_a.shape != lam_b.shape or lam_a.ndim != 2 or lam_a.shape[0] != x.shape[0]:
         raise ValueError(

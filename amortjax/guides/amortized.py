@@ -13,9 +13,9 @@ import flax.linen as nn
 import jax
 from numpyro.contrib.module import flax_module
 
-from amortjax.families import DiagonalGaussian, Family
+from amortjax.families import DiagonalGaussian, Family, check_num_params
 from amortjax.guides.global_latents import draw_globals
-from amortjax.latents import Site, resolve_site, sample_local
+from amortjax.latents import Site, latent_size, resolve_site, sample_local
 from amortjax.models import data_plate
 
 
@@ -50,8 +50,11 @@ def amortized_guide(
     def guide(x: jax.Array, *, n_data: int | None = None) -> None:
         draw_globals(global_guide, x, n_data)
         net = flax_module("encoder", encoder, input_shape=(1, x_dim))
+        local = resolve_site(site, model, x)
+        lam = net(x)
+        check_num_params(family, lam.shape[-1], latent_size(local))
         with data_plate(x, n_data):
-            sample_local(resolve_site(site, model, x), family.distribution(net(x)))
+            sample_local(local, family.distribution(lam))
 
     return guide
 

@@ -28,10 +28,10 @@ import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.contrib.module import flax_module
 
-from amortjax.families import DiagonalGaussian, Family
+from amortjax.families import DiagonalGaussian, Family, check_num_params
 from amortjax.guides.global_latents import draw_globals
 from amortjax.inference.local import local_elbo
-from amortjax.inference.refine import refine
+from amortjax.inference.refine import refine_unchecked
 from amortjax.latents import Site, latent_size, resolve_site, sample_local
 from amortjax.models import data_plate, with_fixed_params
 
@@ -114,15 +114,18 @@ def semi_amortized_guide(
             lam0 = jnp.broadcast_to(standard, (x.shape[0], *standard.shape))
         else:
             lam0 = flax_module("encoder", encoder, input_shape=(1, x_dim))(x)
+            check_num_params(family, lam0.shape[-1], latent_size(local))
         theta = model_params(local_model, x)
         key = numpyro.prng_key()
         refine_key, encoder_key = jax.random.split(key if key is not None else jax.random.key(0))
         with handlers.block():
             if mode == "sa":
-                lam = refine(local_model, theta, x, lam0, refine_key, site=local, **settings)
+                lam = refine_unchecked(
+                    local_model, theta, x, lam0, refine_key, site=local, **settings
+                )
             else:
                 lam = jax.lax.stop_gradient(
-                    refine(
+                    refine_unchecked(
                         local_model,
                         jax.lax.stop_gradient(theta),
                         x,

@@ -55,7 +55,7 @@ from amortjax.engine import datapoint_keys, map_datapoints
 from amortjax.evaluation.bounds import evaluate_bounds
 from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
 from amortjax.guides.local import given_params_guide
-from amortjax.latents import Site, latent_size, log_joint_unconstrained
+from amortjax.latents import Site, check_site, latent_size, log_joint_unconstrained
 from amortjax.sharding import active_mesh, check_divisible, replicate
 from amortjax.traces import check_data, log_weights
 
@@ -561,6 +561,7 @@ def fit_local(
         num_decays=num_decays,
     )  # fmt: skip
     x = check_data(model, params, x)
+    check_site(model, params, x, site, "fit_local")
     n = x.shape[0]
     if init is None:
         z_dim = latent_size(site, z_dim)

@@ -25,7 +25,7 @@ from amortjax.checks import check_float, check_int
 from amortjax.engine import datapoint_keys
 from amortjax.families import Family
 from amortjax.inference.local import local_elbo
-from amortjax.latents import Site
+from amortjax.latents import Site, check_site
 from amortjax.traces import check_data
 
 
@@ -113,6 +113,19 @@ def refine(
     _check_arguments(x, lam0, step_size, indices, num_steps, momentum, max_grad_norm, num_samples)
     if not _traced(x, params, lam0):
         x = check_data(model, params, x)
+        check_site(model, params, x, site, "refine")
+    return refine_unchecked(
+        model, params, x, lam0, key, family=family, num_steps=num_steps, step_size=step_size,
+        momentum=momentum, max_grad_norm=max_grad_norm, num_samples=num_samples, site=site,
+        checkpoint=checkpoint, indices=indices,
+    )  # fmt: skip
+
+
+def refine_unchecked(model, params, x, lam0, key, *, family, num_steps, step_size=1.0,
+                     momentum=0.5, max_grad_norm=5.0, num_samples=1, site="z", checkpoint=True,
+                     indices=None):  # fmt: skip
+    """`refine` without its argument and data checks, for callers that made them once already
+    (the semi-amortized guide, whose data `Trainer`/`fit` checked)."""
     if num_steps == 0:
         return lam0
     step_size = jnp.asarray(step_size)

@@ -40,7 +40,7 @@ from amortjax.inference.checkpoint import has_checkpoint, restore_checkpoint, sa
 from amortjax.inference.objectives import kl_warmup_weight, kl_weighted, make_objective
 from amortjax.models import DATA_PLATE
 from amortjax.sharding import active_mesh, check_divisible, constrain_rows, replicate
-from amortjax.traces import check_array, check_data
+from amortjax.traces import check_array, check_data, check_model_and_guide
 
 History = dict[str, tuple[list[int], list[float]]]
 """Metric name -> (epochs at which it was recorded, values)."""
@@ -179,6 +179,7 @@ class Trainer:
         self.kl_schedule = kl_schedule
         self.preprocess = preprocess
         self.model = model  # as given: `fit` checks the data against it
+        self._unweighted = (with_data_indices(model), with_data_indices(guide))  # for `init`
         if self.kl_schedule is not None:
             model, guide = kl_weighted(model), kl_weighted(guide)
         model, guide = with_data_indices(model), with_data_indices(guide)
@@ -194,11 +195,20 @@ class Trainer:
         return kwargs
 
     def init(self, key: jax.Array, x_train: jax.Array) -> TrainState:
-        """Initial state: parameters initialized from `key`, epoch 0."""
+        """Initial state: parameters initialized from `key`, epoch 0.
+
+        Model and guide are checked first on the first batch
+        (`amortjax.traces.check_model_and_guide`): a missing or unscaled data plate, or a guide
+        that leaves latents of the model undrawn, is refused instead of training the wrong
+        objective.
+        """
         svi_key, run_key = jax.random.split(key)
         x0 = jnp.asarray(x_train[: self.batch_size])
         if self.preprocess is not None:
             x0 = self.preprocess(svi_key, x0)
+        check_model_and_guide(
+            *self._unweighted, x0, svi_key, self.n_data, data_indices=jnp.arange(self.batch_size)
+        )
         kwargs = self._kwargs(jnp.zeros((), jnp.int32), jnp.arange(self.batch_size))
         svi_state = self.svi.init(svi_key, x0, **kwargs)
         return self.place(TrainState(svi_state, jnp.zeros((), jnp.int32), run_key))

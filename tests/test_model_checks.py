@@ -1,0 +1,128 @@
+"""A user's own model with a mistake in it fails loudly, naming the problem and the fix.
+
+Each case below trained or evaluated silently before (a wrong objective, latents fitted from
+their prior, NaN ELBOs) or stopped with an error from deep inside NumPyro or Flax.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+
+import amortjax as aj
+from amortjax.families import DiagonalGaussian, FullRankGaussian, check_num_params
+from amortjax.models import data_plate
+from amortjax.nets import MLP
+
+N, D, K = 60, 6, 2
+X = np.random.default_rng(0).poisson(3.0, size=(N, D)).astype(np.float32)
+FAM = DiagonalGaussian()
+
+
+def _poisson_pca(site="z", plate=None, pass_n_data=True):
+    def model(x, n_data=None):
+        w = numpyro.param("w", jnp.full((K, D), 0.1))
+        if plate is None:
+            rows = data_plate(x, n_data if pass_n_data else None)
+        else:
+            rows = numpyro.plate(plate, n_data or x.shape[0], subsample_size=x.shape[0])
+        with rows:
+            u = numpyro.sample(site, dist.Normal(0, 1).expand([K]).to_event(1))
+            numpyro.sample("x", dist.Poisson(jnp.exp(u @ w)).to_event(1), obs=x)
+
+    return model
+
+
+def _init(model, guide):
+    trainer = aj.Trainer(model, guide, aj.make_optimizer(1e-3), n_data=N, batch_size=20)
+    return trainer.init(jax.random.key(0), jnp.asarray(X))
+
+
+def test_a_correct_model_and_guide_pass_the_checks():
+    encoder = MLP((8,), FAM.num_params(K))
+    _init(_poisson_pca(), aj.amortized_guide(encoder, x_dim=D))
+
+
+def test_a_guide_that_misses_the_models_latent_is_refused():
+    encoder = MLP((8,), FAM.num_params(K))
+    with pytest.raises(ValueError, match=r"does not draw the model's latent sites \['u'\].*"
+                       r"site=find_local_latents\(model, x\)"):  # fmt: skip
+        _init(_poisson_pca(site="u"), aj.amortized_guide(encoder, x_dim=D))
+    model = _poisson_pca(site="u")  # the fix the message names
+    _init(model, aj.amortized_guide(encoder, x_dim=D, model=model))
+
+
+def test_a_plate_of_another_name_or_without_n_data_is_refused():
+    encoder = MLP((8,), FAM.num_params(K))
+    guide = aj.amortized_guide(encoder, x_dim=D)
+    with pytest.raises(ValueError, match=r"no plate named 'data' \(its plates: \['rows'\]\)"):
+        _init(_poisson_pca(plate="rows"), guide)
+    with pytest.raises(ValueError, match=r"data plate has size 20, but .* n_data=60.*pass n_data"):
+        _init(_poisson_pca(pass_n_data=False), guide)
+
+
+def test_a_guide_of_the_wrong_latent_size_is_refused():
+    wrong = MLP((8,), FAM.num_params(K + 1))  # z of size 3 against the model's 2
+    with pytest.raises(ValueError, match=r"draws site 'z' with shape \(20, 3\).*\(20, 2\)"):
+        _init(_poisson_pca(), aj.amortized_guide(wrong, x_dim=D))
+    odd = MLP((8,), 7)
+    with pytest.raises(ValueError, match="outputs 7 values per datapoint.*num_params"):
+        _init(_poisson_pca(), aj.amortized_guide(odd, x_dim=D))
+    layout = aj.find_local_latents(_poisson_pca(), X)
+    with pytest.raises(ValueError, match=r"needs family.num_params\(2\) = 5"):
+        check_num_params(FullRankGaussian(), 4, layout.size)
+
+
+def test_global_latents_must_be_fixed_before_evaluating():
+    def model(x, n_data=None):
+        w = numpyro.sample("w", dist.Normal(0, 1).expand([K, D]).to_event(2))
+        with data_plate(x, n_data):
+            u = numpyro.sample("z", dist.Normal(0, 1).expand([K]).to_event(1))
+            numpyro.sample("x", dist.Poisson(jnp.exp(0.1 * u @ w)).to_event(1), obs=x)
+
+    with pytest.raises(
+        ValueError, match=r"fit_local: .*outside the data plate \['w'\].*fix_globals"
+    ):
+        aj.fit_local(model, {}, X, jax.random.key(0), z_dim=K, max_steps=20)
+    encoder = MLP((8,), FAM.num_params(K))
+    with pytest.raises(ValueError, match=r"latent sites \['w'\].*global_guide=global_guide"):
+        _init(model, aj.amortized_guide(encoder, x_dim=D))
+
+
+def test_a_constrained_latent_given_by_name_is_refused_not_scored_as_nan():
+    def model(x, n_data=None):
+        with data_plate(x, n_data):
+            rate = numpyro.sample("rate", dist.Gamma(2.0, 1.0))
+            numpyro.sample("x", dist.Poisson(rate[:, None] * jnp.ones(D)).to_event(1), obs=x)
+
+    with pytest.raises(ValueError, match="site 'rate' has support Positive.*find_local_latents"):
+        aj.fit_local(model, {}, X, jax.random.key(0), site="rate", z_dim=1, max_steps=20)
+    with pytest.raises(
+        ValueError, match=r"no local latent site 'z' \(its local latents: \['rate'\]"
+    ):
+        aj.ais(model, {}, X, jax.random.key(0), z_dim=1, num_temperatures=3)
+    layout = aj.find_local_latents(model, X)  # the fix: finite ELBOs
+    fit = aj.fit_local(model, {}, X, jax.random.key(0), site=layout, max_steps=20)
+    assert np.isfinite(np.asarray(fit.elbo)).all()
+
+
+def test_plates_that_vectorize_a_local_latent_are_refused_with_the_fix():
+    def nested(x, n_data=None):
+        with data_plate(x, n_data):
+            z = numpyro.sample("z", dist.Normal(0, 1).expand([K]).to_event(1))
+            with numpyro.plate("features", D, dim=-1):
+                numpyro.sample("x", dist.Poisson(jnp.exp(z.sum(-1, keepdims=True))), obs=x)
+
+    def outside(x, n_data=None):
+        with numpyro.plate("features", D, dim=-1), data_plate(x, n_data):
+            z = numpyro.sample("z", dist.Normal(0, 1).expand([K]).to_event(1))
+            numpyro.sample("x", dist.Poisson(jnp.exp(z.sum(-1))).to_event(1), obs=x.T)
+
+    for model in (nested, outside):
+        with pytest.raises(ValueError, match=r"event dimensions, e.g. .*to_event\(1\)"):
+            aj.find_local_latents(model, X)
+    with pytest.raises(ValueError, match="two plates of the model ask for the same batch dim"):
+        aj.evaluate_bounds(nested, aj.amortized_guide(MLP((), 4), x_dim=D), {}, X,
+                           jax.random.key(0), num_samples=2)  # fmt: skip
