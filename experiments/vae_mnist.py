@@ -122,7 +122,6 @@ class Config:
             f"{self.dataset}'s training rows",
             split_sizes(self.dataset)["train"],
         )
-        check_at_most("traversal_dims", self.traversal_dims, "z_dim", self.z_dim)
 
 
 PRESETS: dict[str, dict] = {
