@@ -83,6 +83,8 @@ def map_datapoints(
             ]
         keys = datapoint_keys(key, jnp.arange(start, start + batch_size))
         keys, *chunk = shard_rows(mesh, keys, *chunk)
-        out = batch_fn(params, keys, *chunk)
+        # block_until_ready waits with the GIL released (np.asarray's buffer protocol may hold
+        # it), so a callback the computation needs can always run
+        out = jax.block_until_ready(batch_fn(params, keys, *chunk))
         outputs.append(jax.tree.map(lambda o, size=size: np.asarray(o[:size]), out))
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)

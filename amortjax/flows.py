@@ -56,7 +56,7 @@ import numpy as np
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
-from amortjax.nets import ACTIVATIONS, MLP, activation_fn
+from amortjax.nets import ACTIVATIONS, MLP, InputTransform, activation_fn
 
 
 class CouplingLayer(NamedTuple):
@@ -469,6 +469,7 @@ class FlowEncoder(nn.Module):
         hidden_sizes: widths of the trunk's hidden layers.
         activation: the trunk's activation (a name in `nets.ACTIVATIONS`).
         context_dim: size of c (>= 0; 0 gives one flow for all x, only the base is amortized).
+        input_transform: the trunk's input transform (see `nets.MLP`).
     """
 
     z_dim: int
@@ -476,6 +477,7 @@ class FlowEncoder(nn.Module):
     hidden_sizes: Sequence[int] = (200,)
     activation: str = "relu"
     context_dim: int = 16
+    input_transform: InputTransform = "identity"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -490,7 +492,10 @@ class FlowEncoder(nn.Module):
             )
         d, family = self.z_dim, self.family
         standard = family.standard_params(d)  # also validates z_dim
-        out = MLP(tuple(self.hidden_sizes), 2 * d + self.context_dim, self.activation)(x)
+        out = MLP(
+            tuple(self.hidden_sizes), 2 * d + self.context_dim, self.activation,
+            self.input_transform,
+        )(x)  # fmt: skip
         weights = self.param("flow_weights", lambda _key: standard[2 * d :])
         batch = out.shape[:-1]
         lam = jnp.concatenate(

@@ -8,10 +8,13 @@ module knows nothing of distributions.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -32,6 +35,58 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
         ) from None
 
 
+INPUT_TRANSFORMS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "identity": lambda x: x,
+    "log1p": jnp.log1p,  # counts: log(1 + x) keeps a first layer's pre-activations O(1)
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Standardize:
+    """x -> (t(x) - mean) / scale per input feature, t = log1p or the identity: an encoder's
+    input transform for data on scales far from 1. `Standardize.fit(x_train)` takes mean and
+    scale from the training data.
+
+    Attributes:
+        mean: per-feature means of t(x), a tuple (hashable, so the encoder stays a static value).
+        scale: per-feature standard deviations of t(x) (floored at 1e-6).
+        log1p: t = log1p (for counts) rather than the identity.
+    """
+
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    log1p: bool = False
+
+    @classmethod
+    def fit(cls, x: np.ndarray | jax.Array, *, log1p: bool = False) -> Standardize:
+        """From training data `[N, x_dim]` (after log1p when `log1p`, e.g. for counts)."""
+        x = np.asarray(x, np.float64)
+        x = np.log1p(x) if log1p else x
+        scale = np.maximum(x.std(axis=0), 1e-6)
+        return cls(tuple(x.mean(axis=0).tolist()), tuple(scale.tolist()), log1p)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.log1p(x) if self.log1p else x
+        return (x - jnp.asarray(self.mean, x.dtype)) / jnp.asarray(self.scale, x.dtype)
+
+
+InputTransform = str | Callable[[jax.Array], jax.Array]
+"""A name in `INPUT_TRANSFORMS` or a function `[..., x_dim] -> [..., x_dim]`."""
+
+
+def input_transform_fn(transform: InputTransform) -> Callable[[jax.Array], jax.Array]:
+    """The function behind an encoder's `input_transform`, with an error listing the names."""
+    if callable(transform):
+        return transform
+    try:
+        return INPUT_TRANSFORMS[transform]
+    except KeyError:
+        raise ValueError(
+            f"unknown input_transform {transform!r}; choose one of {sorted(INPUT_TRANSFORMS)} "
+            "or pass a function (e.g. Standardize.fit(x_train))"
+        ) from None
+
+
 class MLP(nn.Module):
     """A fully connected network: `[..., in] -> [..., out_size]`, linear output layer.
 
@@ -39,15 +94,21 @@ class MLP(nn.Module):
         hidden_sizes: widths of the hidden layers (empty for a linear map).
         out_size: width of the output.
         activation: name of the hidden activation (see `ACTIVATIONS`).
+        input_transform: applied to the input first (see `INPUT_TRANSFORMS`, `Standardize`):
+            an encoder of raw counts (values in the hundreds) starts with an infinite loss
+            unless its input is brought near unit scale, e.g. by "log1p". Part of the network,
+            so every use of the encoder (training, `encode`, new data) applies it.
     """
 
     hidden_sizes: Sequence[int]
     out_size: int
     activation: str = "relu"
+    input_transform: InputTransform = "identity"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         act = activation_fn(self.activation)
+        x = input_transform_fn(self.input_transform)(x)
         for width in self.hidden_sizes:
             x = act(nn.Dense(width)(x))
         return nn.Dense(self.out_size)(x)

@@ -368,6 +368,16 @@ def _check_data_plate(trace: dict, n_data: int, whose: str) -> None:
         )
 
 
+def _overflow(x: jax.Array, what: str, err: BaseException | None) -> None:
+    largest = float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32))))
+    raise ValueError(
+        f"the guide gave {what} on the first batch. An encoder's output overflows when its "
+        f"input is far from unit scale (here |x| up to {largest:g}): give the encoder an input "
+        "transform, MLP(..., input_transform='log1p') for counts or "
+        "amortjax.nets.Standardize.fit(x_train)"
+    ) from err
+
+
 def check_model_and_guide(
     model: Callable, guide: Callable, x: jax.Array, key: jax.Array, n_data: int, **kwargs
 ) -> None:
@@ -388,10 +398,19 @@ def check_model_and_guide(
         model_trace = handlers.trace(handlers.seed(model, model_key)).get_trace(
             x, n_data=n_data, **kwargs
         )
-    with handlers.block():
-        guide_trace = handlers.trace(handlers.seed(guide, guide_key)).get_trace(
-            x, n_data=n_data, **kwargs
-        )
+    try:
+        with handlers.block():
+            guide_trace = handlers.trace(handlers.seed(guide, guide_key)).get_trace(
+                x, n_data=n_data, **kwargs
+            )
+    except ValueError as err:
+        if "invalid" not in str(err):
+            raise
+        _overflow(x, f"invalid variational parameters ({err})", err)
+    for name, site in _latents(guide_trace).items():
+        log_q = site["fn"].log_prob(site["value"])
+        if not (jnp.isfinite(site["value"]).all() and jnp.isfinite(log_q).all()):
+            _overflow(x, f"non-finite draws or log-densities at site {name!r}", None)
     _check_data_plate(model_trace, n_data, "model")
     wanted, drawn = _latents(model_trace), _latents(guide_trace)
     if drawn:

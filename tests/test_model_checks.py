@@ -126,3 +126,43 @@ def test_plates_that_vectorize_a_local_latent_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="two plates of the model ask for the same batch dim"):
         aj.evaluate_bounds(nested, aj.amortized_guide(MLP((), 4), x_dim=D), {}, X,
                            jax.random.key(0), num_samples=2)  # fmt: skip
+
+
+def test_raw_counts_into_an_encoder_are_explained_and_an_input_transform_fixes_them():
+    big = np.random.default_rng(1).poisson(300.0, size=(N, D)).astype(np.float32)
+
+    def model(x, n_data=None):
+        b = numpyro.param("b", jnp.zeros(D))
+        with data_plate(x, n_data):
+            z = numpyro.sample("z", dist.Normal(0, 1).expand([K]).to_event(1))
+            numpyro.sample("x", dist.Poisson(jnp.exp(z.sum(-1, keepdims=True) + b)).to_event(1),
+                           obs=x)  # fmt: skip
+
+    def init(transform):
+        encoder = MLP((64,), FAM.num_params(K), input_transform=transform)
+        trainer = aj.Trainer(model, aj.amortized_guide(encoder, x_dim=D), aj.make_optimizer(1e-2),
+                             n_data=N, batch_size=20)  # fmt: skip
+        return trainer, trainer.init(jax.random.key(1), jnp.asarray(big))
+
+    trainer, state = None, None
+    # refused at init when the first batch's draws overflow, else when the first step diverges
+    with pytest.raises((ValueError, FloatingPointError), match=r"\|x\|.*input_transform='log1p'"):
+        trainer, _ = init("identity")
+        aj.fit(trainer, big, key=jax.random.key(1), epochs=1, progress=False)
+    trainer, state = init("log1p")
+    _, losses = trainer.run_epoch(state, jnp.asarray(big))
+    assert np.isfinite(np.asarray(losses)).all()
+    standardize = aj.nets.Standardize.fit(big, log1p=True)
+    trainer, state = init(standardize)
+    assert np.isfinite(np.asarray(trainer.run_epoch(state, jnp.asarray(big))[1])).all()
+    scaled = np.asarray(standardize(jnp.asarray(big)))
+    np.testing.assert_allclose(np.log1p(big).mean(0), np.asarray(standardize.mean), rtol=1e-5)
+    assert abs(scaled.mean()) < 1e-4 and abs(scaled.std() - 1) < 1e-3
+    # the transform is part of the encoder: encode() applies it as training did
+    encoder = MLP((), 4, input_transform="log1p")
+    variables = encoder.init(jax.random.key(0), big[:2])
+    plain = MLP((), 4).apply(variables, np.log1p(big[:5]))
+    np.testing.assert_allclose(aj.encode(encoder, {"encoder$params": variables["params"]},
+                                         big[:5]), plain, rtol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match="unknown input_transform 'sqrt'"):
+        MLP((), 4, input_transform="sqrt").init(jax.random.key(0), big[:2])

@@ -348,9 +348,17 @@ def fit(
                 if checkpoint_dir is not None and has_checkpoint(checkpoint_dir)
                 else "no checkpoint was written"
             )
+            largest = float(np.max(np.abs(np.asarray(x_train[: trainer.batch_size]))))
+            scale = (
+                f" The data reach |x| = {largest:g}: an encoder's output overflows on inputs far "
+                "from unit scale; give it an input transform (MLP(..., input_transform='log1p') "
+                "for counts, or amortjax.nets.Standardize.fit(x_train))."
+                if largest > 20 and bad.size and bad[0] == 0 and start == 0
+                else ""
+            )
             raise TrainingDivergedError(
                 f"training diverged in epoch {epoch}: {where}; {kept}. Lower the learning rate, "
-                "clip gradients or check the data."
+                f"clip gradients or check the data.{scale}"
             )
         state = new_state
         _record(history, "train_loss", epoch, losses.mean())
