@@ -348,7 +348,10 @@ def test_invalid_inputs_raise_clear_errors(case):
         ({"init_params": np.zeros((N, 5))}, r"init_params must be \[6\] or \[num_datapoints=12"),
         ({"init_params": np.zeros((N, 6)), "family": FullRankGaussian()}, r"must be \[9\]"),
         ({"z_dim": 4}, "z_dim=4 but the model's site 'z' has z_dim=3"),
-        ({"site": "w"}, "no latent site 'w'"),
+        (
+            {"site": "w"},
+            "ais: the model has no local latent site 'w' \\(its local latents: \\['z'\\]\\)",
+        ),
         ({"sigmoid_delta": 0.0}, "sigmoid_delta"),
     ]
     for kwargs, match in cases:
