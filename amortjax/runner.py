@@ -174,13 +174,14 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         )
 
 
-def check_at_most(name: str, value: int | None, limit_name: str, limit: int | None) -> None:
-    """Refuses `name` > `limit_name` (None meaning "all", i.e. no limit)."""
+def check_at_most(
+    name: str, value: int | None, limit_name: str, limit: int | None, *, fixed: bool = False
+) -> None:
+    """Refuses `name` > `limit_name` (None meaning "all", i.e. no limit); `fixed` when the
+    limit is not an option (a dataset's size)."""
     if value is not None and limit is not None and value > limit:
-        raise ValueError(
-            f"option {name}={value} exceeds {limit_name}={limit}; lower {name} or raise "
-            f"{limit_name}"
-        )
+        fix = f"lower {name}" if fixed else f"lower {name} or raise {limit_name}"
+        raise ValueError(f"option {name}={value} exceeds {limit_name}={limit}; {fix}")
 
 
 def resolve_config(module: types.ModuleType, preset: str, overrides: Sequence[str] = ()) -> Any:

@@ -143,6 +143,7 @@ class Config:
                 self.batch_size,
                 f"{dataset}'s training rows",
                 split_sizes(dataset)["train"],
+                fixed=True,
             )
         # the curves' training points are the first curve_points of the train_points subset
         check_at_most("curve_points", self.curve_points, "train_points", self.train_points)

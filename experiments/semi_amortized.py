@@ -95,6 +95,7 @@ class Config:
             self.batch_size,
             f"{self.dataset}'s training rows",
             split_sizes(self.dataset)["train"],
+            fixed=True,
         )
         # the frontier's points are the first frontier_points of the eval_points subset
         check_at_most("frontier_points", self.frontier_points, "eval_points", self.eval_points)

@@ -121,6 +121,7 @@ class Config:
             self.batch_size,
             f"{self.dataset}'s training rows",
             split_sizes(self.dataset)["train"],
+            fixed=True,
         )
 
 
