@@ -4,6 +4,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -437,6 +438,27 @@ def test_results_folders_are_unique_when_runs_start_at_once(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         folders = list(pool.map(lambda _: new_workdir(tmp_path, "exp", "quick"), range(16)))
     assert len(set(folders)) == 16 and all(f.is_dir() for f in folders)
+    # and from separate processes released at the same moment (the runs of the issue): each
+    # imports, says it is ready, waits for the start file, then makes its folder
+    start = tmp_path / "go"
+    code = (
+        "import pathlib, sys, time\n"
+        "from amortjax.runner import new_workdir\n"
+        f"pathlib.Path({str(tmp_path)!r}, 'ready-' + sys.argv[1]).touch()\n"
+        f"while not pathlib.Path({str(start)!r}).exists(): time.sleep(0.001)\n"
+        f"print(new_workdir({str(tmp_path / 'procs')!r}, 'exp', 'quick'))\n"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(i)], stdout=subprocess.PIPE, text=True)
+        for i in range(4)
+    ]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    start.touch()
+    made = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert len(set(made)) == 4 and all(Path(m).is_dir() for m in made)
 
 
 @pytest.fixture
