@@ -163,6 +163,18 @@ def test_wrong_sizes_are_rejected():
         fit(trainer, x[:100], key=jax.random.key(0), epochs=1, progress=False)
     with pytest.raises(ValueError, match="batch_size"):
         Trainer(None, None, make_optimizer(1e-3), n_data=10, batch_size=11)
+    for bad, match in (
+        ({"epochs": 0}, "fit: epochs must be an integer >= 1, got 0"),
+        ({"checkpoint_every": -1}, "fit: checkpoint_every must be an integer >= 1"),
+        ({"eval_every": 1.5}, "fit: eval_every must be an integer >= 1, got 1.5"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            fit(trainer, x, key=jax.random.key(0), progress=False, **{"epochs": 1, **bad})
+    opt = make_optimizer(1e-3)
+    with pytest.raises(ValueError, match="Trainer: num_particles must be an integer >= 1"):
+        Trainer(None, None, opt, n_data=10, batch_size=5, num_particles=0)
+    with pytest.raises(ValueError, match=r"Trainer: kl_warmup_epochs must be a finite number in"):
+        Trainer(None, None, opt, n_data=10, batch_size=5, kl_warmup_epochs=float("nan"))
 
 
 def test_fit_refuses_data_outside_the_likelihood_after_preprocessing():

@@ -36,6 +36,7 @@ from numpyro.infer.svi import SVIState
 from numpyro.optim import optax_to_numpyro
 from tqdm.auto import tqdm
 
+from amortjax.checks import check_float, check_int
 from amortjax.inference.checkpoint import has_checkpoint, restore_checkpoint, save_checkpoint
 from amortjax.inference.objectives import kl_warmup_weight, kl_weighted, make_objective
 from amortjax.models import DATA_PLATE
@@ -159,6 +160,8 @@ class Trainer:
         preprocess: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
         mesh: Mesh | None = None,
     ):
+        check_int("Trainer", 1, n_data=n_data, batch_size=batch_size, num_particles=num_particles)
+        check_float("Trainer", "kl_warmup_epochs", kl_warmup_epochs, low=0)
         if not 0 < batch_size <= n_data:
             raise ValueError(f"batch_size must be in [1, n_data={n_data}], got {batch_size}")
         mesh = active_mesh() if mesh is None else mesh
@@ -299,6 +302,7 @@ def fit(
         TrainingDivergedError: when an epoch's loss or parameters are not finite; the last
             checkpoint (from before that epoch) is kept.
     """
+    check_int("fit", 1, epochs=epochs, checkpoint_every=checkpoint_every, eval_every=eval_every)
     x_train = trainer.place(jnp.asarray(check_array(x_train)))
     if x_train.shape[0] != trainer.n_data:
         raise ValueError(
