@@ -17,6 +17,10 @@ import pytest
 from bench.__main__ import BENCHMARKS
 from bench.common import run_and_save
 
+# All benchmark tests run in `make test-slow` (and `make bench` runs the benchmarks themselves):
+# their fixtures run real benchmark sweeps, about 2 minutes of the 2-core default run.
+pytestmark = pytest.mark.slow
+
 TINY = dict(
     steps_per_epoch=3,
     batch_size=32,
@@ -363,7 +367,6 @@ def memory_result(tmp_path_factory):
     return result
 
 
-@pytest.mark.slow  # ~55 s: fresh processes measuring peak memory (with the next test)
 def test_memory_calibration_measures_a_known_allocation(memory_result):
     from bench.memory import reset_peak_rss
 
@@ -376,7 +379,6 @@ def test_memory_calibration_measures_a_known_allocation(memory_result):
         assert all(m["peak_reset"] for m in memory_result["measurements"])
 
 
-@pytest.mark.slow  # shares the memory fixture above
 def test_memory_peaks_and_xla_analysis_follow_the_chunk_not_n(memory_result):
     rows = memory_result["measurements"]
     assert [(m["spec"]["n"], m["spec"]["chunk"]) for m in rows] == [
@@ -464,7 +466,6 @@ def test_time_sweep_recovers_a_linear_cost():
     assert loglog_slope(sizes, constant["seconds"]) == pytest.approx(0.0, abs=0.15)
 
 
-@pytest.mark.slow  # ~40 s: sweeps N, z_dim and samples
 def test_scaling_benchmark_writes_documented_json_and_plot(tmp_path):
     from bench.scaling import FIGURE_NAME, RESULT_KEYS, SWEEP_KEYS, forward_flops
 
@@ -541,7 +542,6 @@ def test_paper_preset_projection_counts_every_model_and_epoch():
         trained_models("nope", {}, vae)
 
 
-@pytest.mark.slow  # 50 s: a whole (tiny) experiment run, compilation of three regimes included
 def test_paper_presets_benchmark_times_real_epochs(tmp_path):
     """Quick mode trains item_response's regimes for two epochs and projects from their times."""
     result, report = run_and_save("paper_presets", quick=True, out_dir=tmp_path)

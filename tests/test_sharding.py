@@ -88,6 +88,7 @@ def runs():
     return json.loads(line[len("RESULT") :])
 
 
+@pytest.mark.slow  # ~75 s: two fresh processes with 1 and 4 XLA host devices
 def test_training_on_four_devices_matches_one(runs):
     one, four = runs["one"], runs["four"]
     assert "data" in four["sharding"]  # the state lives on the mesh, replicated
