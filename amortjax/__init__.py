@@ -1,52 +1,49 @@
 """amortjax: amortized, per-example and semi-amortized variational inference in JAX / NumPyro.
 
-The public API, bottom up:
+For a model with one local latent z_i per observation x_i (inside the data plate), a regime
+produces each datapoint's variational parameters lambda_i of q(z_i; lambda_i); the ELBO
 
-- data: `load_data` (MNIST, Fashion-MNIST, statically binarized MNIST from the publishers'
-  files), `dynamic_binarize`, and the linear-Gaussian ground truth `make_linear_gaussian`.
-- nets and families: `MLP` (Flax), `DiagonalGaussian`, `FullRankGaussian`,
-  `AffineCouplingFlow` (a normalizing flow) and its amortized `FlowEncoder`.
-- models: `vae_model`, `conditional_vae_model` (+ `pack_condition`), `factor_analysis_model`
-  (factor analysis / PPCA, with `ppca_mle` and `as_linear_gaussian`), `irt_model` (item
-  response, with global question latents), `check_observations`, `with_fixed_params`.
-- local latents of any NumPyro model: `find_local_latents` lays out the sites inside the data
-  plate (names, shapes, supports) as one unconstrained vector per datapoint (`LocalLatents`);
-  every guide and evaluator takes it as `site=`.
-- guides: `amortized_guide`, `given_params_guide`, `local_guide`, `semi_amortized_guide`, and
-  `global_guide` (an autoguide for the latents outside the data plate, run beside any of them;
-  `fix_globals` fixes them for evaluation).
-- the per-datapoint adapter: `log_joint`, `sample_guide`, `log_weights`, `simulate`.
-- inference: `Trainer`, `fit`, `make_optimizer`, `make_objective`, `kl_weighted`, `fit_local`
-  (per-example q*), `refine` (K differentiable steps), `kl_schedule` (beta-VAE, KL warm-up,
-  cyclical annealing for any NumPyro ELBO).
-- evaluation: `evaluate_bounds` (per-datapoint ELBO and IWAE-k), `evaluate_pair` (two q's on
-  common random numbers, with their mixture's estimate of p(x)), `ais` and `bdmc` (annealed
-  importance sampling, bidirectional Monte Carlo), `gap_decomposition` (approximation and
-  amortization gaps), `mean_and_stderr`, `latent_activity` / `active_units` /
-  `kl_per_dimension` (Burda et al.'s active units, KL per latent dimension).
-- plotting: `amortjax.plotting` (figures returned as matplotlib `Figure`s).
+    L(lambda_i; x_i) = E_q[log p(x_i, z_i) - log q(z_i; lambda_i)]  <=  log p(x_i)
+
+and every estimator below are shared. The public API (40 names), bottom up; everything else
+(worked models, result types, internals) stays in its module:
+
+- data: `load_data(name)` -> train/valid/test `[N, 784]` (MNIST, Fashion-MNIST, statically
+  binarized MNIST from the publishers' files); `dynamic_binarize(key, x)`: x_b ~ Bernoulli(x).
+- networks and families: `MLP` (Flax; `input_transform` for counts), `DiagonalGaussian`
+  (lambda = [mu, log sigma], `[2D]`), `FullRankGaussian` (lambda = [mu, L], `[D + D(D+1)/2]`),
+  `AffineCouplingFlow` (a flow over z, every weight per datapoint), `FlowEncoder`.
+- models: `data_plate(x, n_data)` (the plate every model puts its local sites in),
+  `vae_model(decoder, z_dim)`, `simulate(model, params, key, x_like)` -> (x, latents) ~ p.
+- local latents: `find_local_latents(model, x)` -> `LocalLatents`, the model's local sites as
+  one unconstrained vector u_i `[D]` per datapoint (bijections and log-Jacobians included).
+- guides: `amortized_guide` (lambda_i = f_phi(x_i)), `local_guide` (lambda_i free, `[N, P]`),
+  `semi_amortized_guide` (lambda_i = refine_K(f_phi(x_i))), `given_params_guide` (lambda as an
+  input), `global_guide` / `fix_globals` (latents outside the plate), `encode`.
+- regimes: `Amortized`, `PerExample`, `SemiAmortized`, each giving its guide, its optimizer
+  and lambda `[N, P]` for new data; their settings `QStarSettings`, `RefineSettings`.
+- the per-datapoint adapter: `log_weights(model, guide, params, x, key)`:
+  log p(x_i, z_i) - log q(z_i | x_i), z_i ~ q, `[N]`.
+- inference: `Trainer` / `fit` (jitted SVI epochs, checkpoints), `make_optimizer` (Adam and
+  schedules), `make_local_optimizer` (row-sparse Adam for per-datapoint parameters),
+  `kl_schedule` (beta-VAE, warm-up, cyclical), `fit_local` (q*_i = argmax L(lambda; x_i), with a
+  convergence record), `refine` (lambda_K by K differentiable SGD steps).
+- evaluation: `evaluate_bounds` (ELBO and IWAE-k = log (1/k) sum_s w_s per datapoint), `ais`
+  and `bdmc` (annealed importance sampling: a stochastic lower bound of log p(x_i); BDMC's
+  reverse run an upper bound on simulated data), `gap_decomposition` (log p̂(x) - L[q] =
+  (log p̂(x) - L[q*]) + (L[q*] - L[q])), `latent_activity` (Burda et al.'s active units, KL
+  per dimension), `mean_and_stderr`, `random_subset` (seeded evaluation subsets).
+- `plotting`: matplotlib `Figure`s.
 """
 
 from amortjax import plotting
-from amortjax.data import dynamic_binarize, linear_gaussian_vae, load_data, make_linear_gaussian
-from amortjax.evaluation.activity import (
-    ActiveUnits,
-    LatentActivity,
-    active_units,
-    kl_per_dimension,
-    latent_activity,
-)
-from amortjax.evaluation.ais import AISResult, AISWarning, BDMCResult, ais, bdmc
-from amortjax.evaluation.bounds import (
-    Bounds,
-    PairBounds,
-    evaluate_bounds,
-    evaluate_pair,
-    mean_and_stderr,
-)
-from amortjax.evaluation.gaps import Gaps, gap_decomposition
+from amortjax.data import dynamic_binarize, load_data
+from amortjax.evaluation.activity import latent_activity
+from amortjax.evaluation.ais import ais, bdmc
+from amortjax.evaluation.bounds import evaluate_bounds, mean_and_stderr
+from amortjax.evaluation.gaps import gap_decomposition
 from amortjax.evaluation.subsets import random_subset
-from amortjax.families import DiagonalGaussian, FullRankGaussian, get_family
+from amortjax.families import DiagonalGaussian, FullRankGaussian
 from amortjax.flows import AffineCouplingFlow, FlowEncoder
 from amortjax.guides import (
     amortized_guide,
@@ -57,106 +54,58 @@ from amortjax.guides import (
     local_guide,
 )
 from amortjax.guides.semi_amortized import semi_amortized_guide
-from amortjax.inference.checkpoint import restore_checkpoint, save_checkpoint
-from amortjax.inference.local import LocalFit, fit_local
-from amortjax.inference.objectives import (
-    kl_schedule,
-    kl_weighted,
-    make_objective,
-    make_optimizer,
-)
-from amortjax.inference.refine import refine
-from amortjax.inference.training import (
-    FitResult,
-    Trainer,
-    TrainingDivergedError,
-    TrainState,
-    fit,
-)
-from amortjax.latents import LocalLatents, find_local_latents, log_joint_unconstrained
-from amortjax.models import (
-    check_observations,
-    conditional_vae_model,
-    decode_mean,
-    pack_condition,
-    vae_model,
-    with_fixed_params,
-)
-from amortjax.models.factor_analysis import as_linear_gaussian, factor_analysis_model, ppca_mle
-from amortjax.models.irt import irt_model, simulate_irt, trait_recovery
+from amortjax.inference.local import QStarSettings, fit_local
+from amortjax.inference.objectives import kl_schedule, make_optimizer
+from amortjax.inference.refine import RefineSettings, refine
+from amortjax.inference.sparse import make_local_optimizer
+from amortjax.inference.training import Trainer, fit
+from amortjax.latents import LocalLatents, find_local_latents
+from amortjax.models import data_plate, simulate, vae_model
 from amortjax.nets import MLP
-from amortjax.traces import log_joint, log_weights, sample_guide, simulate
+from amortjax.regimes import Amortized, PerExample, SemiAmortized
+from amortjax.traces import log_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MLP",
-    "AISResult",
-    "AISWarning",
-    "ActiveUnits",
     "AffineCouplingFlow",
-    "BDMCResult",
-    "Bounds",
+    "Amortized",
     "DiagonalGaussian",
-    "FitResult",
     "FlowEncoder",
     "FullRankGaussian",
-    "Gaps",
-    "LatentActivity",
-    "LocalFit",
     "LocalLatents",
-    "PairBounds",
-    "TrainState",
+    "PerExample",
+    "QStarSettings",
+    "RefineSettings",
+    "SemiAmortized",
     "Trainer",
-    "TrainingDivergedError",
-    "active_units",
     "ais",
     "amortized_guide",
-    "as_linear_gaussian",
     "bdmc",
-    "check_observations",
-    "conditional_vae_model",
-    "decode_mean",
+    "data_plate",
     "dynamic_binarize",
     "encode",
     "evaluate_bounds",
-    "evaluate_pair",
-    "factor_analysis_model",
     "find_local_latents",
     "fit",
     "fit_local",
     "fix_globals",
     "gap_decomposition",
-    "get_family",
     "given_params_guide",
     "global_guide",
-    "irt_model",
-    "kl_per_dimension",
     "kl_schedule",
-    "kl_weighted",
     "latent_activity",
-    "linear_gaussian_vae",
     "load_data",
     "local_guide",
-    "log_joint",
-    "log_joint_unconstrained",
     "log_weights",
-    "make_linear_gaussian",
-    "make_objective",
+    "make_local_optimizer",
     "make_optimizer",
     "mean_and_stderr",
-    "pack_condition",
     "plotting",
-    "ppca_mle",
     "random_subset",
     "refine",
-    "restore_checkpoint",
-    "sample_guide",
-    "save_checkpoint",
     "semi_amortized_guide",
     "simulate",
-    "simulate_irt",
-    "trait_recovery",
     "vae_model",
-    "with_fixed_params",
 ]

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
-from numpyro.primitives import Messenger
 
 from amortjax.models import DATA_PLATE
 
@@ -165,63 +164,6 @@ def log_weights(
     """
     latents, log_q = sample_guide(guide, params, x, key, *guide_args)
     return log_joint(model, params, x, latents) - log_q
-
-
-class _Unobserve(Messenger):
-    """Turns every observed sample site into a latent one, so that running the model draws it.
-
-    Records the names of the sites it released in `released`.
-    """
-
-    def __init__(self, fn: Callable | None = None) -> None:
-        super().__init__(fn)
-        self.released: list[str] = []
-
-    def process_message(self, msg: dict) -> None:
-        if msg["type"] == "sample" and msg["is_observed"]:
-            msg["value"] = None
-            msg["is_observed"] = False
-            self.released.append(msg["name"])
-
-
-def simulate(
-    model: Callable, params: dict, key: jax.Array, x_like: jax.Array, **model_kwargs
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Draws (x_i, z_i) ~ p_theta(x, z) for each datapoint: the model run with x un-observed.
-
-    Generic over models: every latent site is drawn from its prior and the one observed site
-    from its likelihood given them, e.g. to make data with known latents for bidirectional
-    Monte Carlo.
-
-    Args:
-        model: a NumPyro model `model(x, **model_kwargs)` with one observed site.
-        params: the model's parameters.
-        key: PRNG key.
-        x_like: an array with the shape and dtype of the data to draw, `[n, ...]` (only its shape
-            and dtype are used: it sizes the data plate).
-        **model_kwargs: passed to the model.
-
-    Returns:
-        `(x, latents)`: x `[n, ...]` in the dtype of x_like, and a dict of the latent sites'
-        values (e.g. `{"z": [n, z_dim]}`).
-
-    Raises:
-        ValueError: if the model does not have exactly one observed site.
-    """
-    x_like = jnp.asarray(x_like)
-    unobserve = _Unobserve(handlers.substitute(model, data=params))
-    trace = handlers.trace(handlers.seed(unobserve, key)).get_trace(x_like, **model_kwargs)
-    if len(unobserve.released) != 1:
-        raise ValueError(
-            f"simulate needs a model with exactly one observed site; found {unobserve.released}"
-        )
-    (observed,) = unobserve.released
-    latents = {
-        name: site["value"]
-        for name, site in trace.items()
-        if site["type"] == "sample" and name != observed
-    }
-    return trace[observed]["value"].astype(x_like.dtype), latents
 
 
 def _observed_in_plate(trace: dict):

@@ -12,7 +12,7 @@ import tempfile
 import time
 from typing import Any
 
-from amortjax.runner import run_experiment
+from experiments.runner import run_experiment
 
 
 def run(quick: bool = False, *, preset: str = "quick", overrides: tuple[str, ...] = ()) -> dict:

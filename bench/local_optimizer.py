@@ -39,8 +39,8 @@ from numpyro.infer import SVI, Trace_ELBO
 from amortjax.evaluation.bounds import evaluate_bounds
 from amortjax.families import DiagonalGaussian
 from amortjax.guides import amortized_guide
-from amortjax.guides.local import given_params_guide
-from amortjax.inference.local import _optimize, fit_local, local_elbo
+from amortjax.guides.local import given_params_guide, local_elbo
+from amortjax.inference.local import _optimize, fit_local
 from amortjax.models import vae_model
 from amortjax.nets import MLP
 from bench.common import hand_bernoulli_log_px, load_binarized, median, time_call

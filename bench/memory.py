@@ -128,7 +128,8 @@ def _setup(spec: dict[str, Any]) -> dict[str, Any]:
         return {"warm": lambda: None, "full": allocate, "analysis": dict, "data": "none"}
 
     from amortjax.engine import datapoint_keys
-    from amortjax.evaluation.bounds import _bounds_batch, evaluate_bounds
+    from amortjax.estimators import bounds_batch
+    from amortjax.evaluation.bounds import evaluate_bounds
     from amortjax.families import DiagonalGaussian
     from amortjax.guides.local import given_params_guide
     from amortjax.inference.local import _optimize, fit_local
@@ -164,7 +165,7 @@ def _setup(spec: dict[str, Any]) -> dict[str, Any]:
 
         def analysis():
             keys = datapoint_keys(key, jnp.arange(batch))
-            compiled = _bounds_batch.lower(
+            compiled = bounds_batch.lower(
                 model, guide, k, min(chunk, k), params, keys, x[:batch], lam[:batch]
             ).compile()
             return {"bounds_batch": _memory_stats(compiled)}
@@ -194,7 +195,7 @@ def _setup(spec: dict[str, Any]) -> dict[str, Any]:
                 jnp.float32(0.0), jnp.float32(0.3), jnp.int32(0),
             ).compile()  # fmt: skip
             keys = datapoint_keys(key, jnp.arange(batch))
-            final_eval = _bounds_batch.lower(
+            final_eval = bounds_batch.lower(
                 model, guide, final, min(100, final), params, keys, x[:batch], lam0
             ).compile()
             return {

@@ -2,7 +2,7 @@
 time of the whole preset projected from it, on whatever machine runs the benchmark (the GPU
 check of issue 6: `python -m bench paper_presets` on a GPU machine).
 
-Each experiment runs in-process through `amortjax.runner.run_experiment` with its paper preset
+Each experiment runs in-process through `experiments.runner.run_experiment` with its paper preset
 (the published architecture, batch size, data and learning-rate schedule) and the overrides of
 `PROBES[name]`: two epochs (the first one compiles) and the evaluation cut to a handful of
 datapoints, samples and steps, so that a probe takes minutes rather than the preset's hours. From
@@ -24,7 +24,7 @@ import tempfile
 from typing import Any
 
 from amortjax.inference.training import seconds_per_epoch
-from amortjax.runner import load_experiment, resolve_config, run_experiment
+from experiments.runner import load_experiment, resolve_config, run_experiment
 
 #: Overrides that turn each paper preset into a probe: 2 epochs, tiny evaluation.
 PROBES: dict[str, list[str]] = {

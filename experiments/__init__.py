@@ -1,1 +1,1 @@
-"""The experiments, one module each: `make experiment NAME=<name>` (see `amortjax.runner`)."""
+"""The experiments, one module each: `make experiment NAME=<name>` (see `experiments.runner`)."""

@@ -9,7 +9,7 @@ import time
 from amortjax.data.builders import DataNotFoundError
 from amortjax.data.loading import DamagedDataError
 from amortjax.inference.training import TrainingDivergedError
-from amortjax.runner import available_experiments, run_experiment
+from experiments.runner import available_experiments, run_experiment
 
 EXIT_BAD_OPTION = 2  # an unknown or out-of-range option, a folder of another experiment
 EXIT_MISSING = 3  # a file or folder that is not there (raw data, a resume folder)

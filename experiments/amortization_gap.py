@@ -65,7 +65,8 @@ from amortjax.inference.objectives import make_optimizer
 from amortjax.inference.training import Trainer, fit, seconds_per_epoch
 from amortjax.models import check_observations, vae_model, with_fixed_params
 from amortjax.nets import ACTIVATIONS, MLP
-from amortjax.runner import (
+from amortjax.traces import log_joint
+from experiments.runner import (
     check_at_most,
     check_choice,
     check_config,
@@ -73,7 +74,6 @@ from amortjax.runner import (
     load_saved_result,
     write_json,
 )
-from amortjax.traces import log_joint
 
 FAMILY_NAMES = ("diagonal", "flow")
 _LABEL = {"diagonal": "FFG", "flow": "Flow"}

@@ -24,7 +24,6 @@ true a and b), training time and the cost of inference per new person.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import jax
@@ -35,13 +34,9 @@ import numpy as np
 from amortjax import plotting
 from amortjax.evaluation.bounds import evaluate_bounds, mean_and_stderr
 from amortjax.families import DiagonalGaussian
-from amortjax.guides import amortized_guide, encode, fix_globals, given_params_guide, global_guide
-from amortjax.guides import local_guide as make_local_guide
-from amortjax.guides.semi_amortized import semi_amortized_guide
-from amortjax.inference.local import fit_local
-from amortjax.inference.objectives import make_optimizer
-from amortjax.inference.refine import refine
-from amortjax.inference.sparse import make_local_optimizer
+from amortjax.guides import fix_globals, given_params_guide, global_guide
+from amortjax.inference.local import QStarSettings
+from amortjax.inference.refine import RefineSettings
 from amortjax.inference.training import Trainer, fit
 from amortjax.latents import find_local_latents
 from amortjax.models.irt import (
@@ -52,7 +47,8 @@ from amortjax.models.irt import (
     trait_recovery,
 )
 from amortjax.nets import MLP
-from amortjax.runner import check_at_most, check_choice, check_config, write_json
+from amortjax.regimes import Amortized, PerExample, Regime, SemiAmortized
+from experiments.runner import check_at_most, check_choice, check_config, write_json
 
 REGIMES = ("amortized", "per_example", "semi_amortized")
 
@@ -122,23 +118,26 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _guide(regime, config, model, layout, encoder, globals_guide):
-    if regime == "amortized":
-        return amortized_guide(
-            encoder, x_dim=config.num_questions, site=layout, global_guide=globals_guide
+def _regime(name: str, config: Config, layout, encoder) -> Regime:
+    """The regime object behind each name: how a person's variational parameters are made in
+    training (its guide and optimizer) and for new people (its `infer`)."""
+    if name == "amortized":
+        return Amortized(encoder, site=layout)
+    if name == "per_example":
+        settings = QStarSettings(
+            method="adam",
+            learning_rate=config.qstar_learning_rate,
+            num_samples=config.qstar_samples,
+            max_steps=config.qstar_max_steps,
+            final_samples=10,
         )
-    if regime == "per_example":
-        return make_local_guide(config.num_train, site=layout, global_guide=globals_guide)
-    return semi_amortized_guide(
-        encoder,
-        model,
-        x_dim=config.num_questions,
+        return PerExample(settings, site=layout)
+    settings = RefineSettings(
         num_steps=config.semi_steps,
         step_size=config.semi_step_size,
         num_samples=config.semi_samples,
-        site=layout,
-        global_guide=globals_guide,
     )
+    return SemiAmortized(encoder, settings, site=layout)
 
 
 def _corr(a, b) -> float:
@@ -182,11 +181,12 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     for i, regime in enumerate(config.regimes):
         encoder = MLP(config.encoder_hidden, family.num_params(layout.size))
         globals_guide = global_guide(model)
-        guide = _guide(regime, config, model, layout, encoder, globals_guide)
-        make_opt = make_local_optimizer if regime == "per_example" else make_optimizer
+        regime_ = _regime(regime, config, layout, encoder)
+        guide = regime_.guide(model, x_train, global_guide=globals_guide)
         trainer = Trainer(
-            model, guide, make_opt(config.learning_rate), n_data=n, batch_size=config.batch_size
-        )
+            model, guide, regime_.optimizer(config.learning_rate), n_data=n,
+            batch_size=config.batch_size,
+        )  # fmt: skip
         result = fit(
             trainer,
             x_train,
@@ -203,50 +203,15 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
 
         # new people, each regime its own way (timed on a second, compiled call)
         k_fit, k_refine, k_elbo = jax.random.split(jax.random.fold_in(eval_key, i), 3)
-
-        def infer(
-            x_new,
-            regime=regime,
-            params=params,
-            fixed=fixed,
-            encoder=encoder,
-            k_fit=k_fit,
-            k_refine=k_refine,
-        ):
-            if regime == "per_example":
-                return fit_local(
-                    fixed,
-                    params,
-                    x_new,
-                    k_fit,
-                    site=layout,
-                    learning_rate=config.qstar_learning_rate,
-                    num_samples=config.qstar_samples,
-                    max_steps=config.qstar_max_steps,
-                    final_samples=10,
-                    method="adam",
-                ).params
-            lam = encode(encoder, params, x_new)
-            if regime == "semi_amortized":
-                lam = refine(
-                    fixed,
-                    params,
-                    x_new,
-                    lam,
-                    k_refine,
-                    family=family,
-                    num_steps=config.semi_steps,
-                    step_size=config.semi_step_size,
-                    num_samples=config.semi_samples,
-                    site=layout,
-                )
-            return jax.block_until_ready(jnp.asarray(lam))
-
-        infer(x_test)
-        start = time.perf_counter()
-        lam = infer(x_test)
-        infer_seconds = time.perf_counter() - start
-        train_lam = params["local$params"] if regime == "per_example" else infer(x_train)
+        k_infer = k_fit if regime == "per_example" else k_refine
+        regime_.infer(fixed, params, x_test, k_infer)
+        inferred = regime_.infer(fixed, params, x_test, k_infer)
+        lam, infer_seconds = inferred.params, inferred.seconds
+        train_lam = (
+            regime_.training_params(params)
+            if isinstance(regime_, PerExample)
+            else regime_.infer(fixed, params, x_train, k_infer).params
+        )
 
         def heldout_bounds(lam, fixed=fixed, params=params, k_elbo=k_elbo):
             return evaluate_bounds(
@@ -262,7 +227,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         bounds = heldout_bounds(lam)
         # the semi-amortized encoder's own q, before its K steps
         encoder_elbo = (
-            mean_and_stderr(heldout_bounds(encode(encoder, params, x_test)).elbo)
+            mean_and_stderr(heldout_bounds(inferred.start).elbo)
             if regime == "semi_amortized"
             else None
         )

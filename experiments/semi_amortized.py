@@ -30,7 +30,6 @@ Presets:
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import jax
@@ -43,15 +42,14 @@ from amortjax.data import DATASETS, load_data, split_sizes
 from amortjax.evaluation.bounds import evaluate_bounds, mean_and_stderr
 from amortjax.evaluation.subsets import random_subset
 from amortjax.families import DiagonalGaussian
-from amortjax.guides import amortized_guide, encode, given_params_guide
-from amortjax.guides.semi_amortized import semi_amortized_guide
-from amortjax.inference.local import fit_local
-from amortjax.inference.objectives import make_optimizer
-from amortjax.inference.refine import refine
+from amortjax.guides import given_params_guide
+from amortjax.inference.local import QStarSettings
+from amortjax.inference.refine import RefineSettings
 from amortjax.inference.training import Trainer, fit
 from amortjax.models import check_observations, vae_model
 from amortjax.nets import ACTIVATIONS, MLP
-from amortjax.runner import check_at_most, check_choice, check_config, write_json
+from amortjax.regimes import Amortized, Inferred, PerExample, Regime, SemiAmortized
+from experiments.runner import check_at_most, check_choice, check_config, write_json
 
 METHODS = ("vae", "svi", "vae_svi", "vae_svi_kl", "sa_vae")
 _MODES = {"svi": "svi", "vae_svi": "svi", "vae_svi_kl": "svi_kl", "sa_vae": "sa"}
@@ -116,12 +114,26 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _timed(fn, *args):
-    """Seconds of one call after a warm-up call (compilation excluded), and the result."""
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start, out
+def _regime(method: str, encoder, settings: RefineSettings, z_dim: int) -> Regime:
+    """The regime each method trains with: the VAE's encoder, or K refinement steps (from the
+    encoder, or from the prior for svi) with the method's gradient mode."""
+    if method == "vae":
+        return Amortized(encoder)
+    return _test_time(method, encoder, settings, z_dim, mode=_MODES[method])
+
+
+def _test_time(
+    method: str, encoder, settings: RefineSettings, z_dim: int, mode: str = "sa"
+) -> SemiAmortized:
+    """K steps from the method's start (its encoder, or the prior for svi); the mode only
+    matters in training."""
+    return SemiAmortized(None if method == "svi" else encoder, settings, mode=mode, z_dim=z_dim)
+
+
+def _timed(regime: Regime, *args) -> Inferred:
+    """`regime.infer(*args)` called twice: the second call's result and seconds (compiled)."""
+    regime.infer(*args)
+    return regime.infer(*args)
 
 
 def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
@@ -137,8 +149,8 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     decoder = MLP(config.decoder_hidden, x_dim, config.activation)
     encoder = MLP(config.encoder_hidden, family.num_params(config.z_dim), config.activation)
     model = vae_model(decoder, z_dim=config.z_dim)
-    settings = dict(
-        family=family,
+    settings = RefineSettings(
+        num_steps=config.refine_steps,
         step_size=config.refine_step_size,
         momentum=config.refine_momentum,
         max_grad_norm=config.refine_max_grad_norm,
@@ -159,32 +171,15 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             guide_args=(lam,),
         )
 
-    def refined(params, lam0, steps):
-        return jax.jit(
-            lambda p, l0: refine(
-                model, p, x_eval, l0, jax.random.fold_in(key, 7), num_steps=steps, **settings
-            )
-        )(params, lam0)
-
     results, curves, trained = {}, {}, {}
     for i, method in enumerate(config.methods):
-        if method == "vae":
-            guide = amortized_guide(encoder, x_dim=x_dim, family=family)
-        else:
-            guide = semi_amortized_guide(
-                None if method == "svi" else encoder,
-                model,
-                x_dim=x_dim,
-                z_dim=config.z_dim,
-                num_steps=config.refine_steps,
-                mode=_MODES[method],
-                **settings,
-            )
+        regime = _regime(method, encoder, settings, config.z_dim)
+        guide = regime.guide(model, data.train)
         n_train = data.train.shape[0]
         trainer = Trainer(
             model,
             guide,
-            make_optimizer(config.learning_rate),
+            regime.optimizer(config.learning_rate),
             n_data=n_train,
             batch_size=config.batch_size,
         )
@@ -203,27 +198,14 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         params = result.params
         trained[method] = params
 
-        if method == "svi":
-            lam0 = jnp.broadcast_to(
-                family.standard_params(config.z_dim), (n_eval, family.num_params(config.z_dim))
-            )
-            encoder_seconds = 0.0
-        else:
-            encoder_seconds, lam0 = _timed(jax.jit(lambda p: encode(encoder, p, x_eval)), params)
-        refine_seconds, lam_k = _timed(
-            jax.jit(
-                lambda p, l0: refine(
-                    model,
-                    p,
-                    x_eval,
-                    l0,
-                    jax.random.fold_in(key, 7),
-                    num_steps=config.refine_steps,
-                    **settings,
-                )
-            ),
-            params,
-            lam0,
+        # at test time every model's q is refined by K steps, from its encoder (or the prior)
+        test_time = _test_time(method, encoder, settings, config.z_dim)
+        refined_q = _timed(test_time, model, params, x_eval, jax.random.fold_in(key, 7))
+        lam0, lam_k = refined_q.start, refined_q.params
+        encoder_seconds = (
+            0.0
+            if method == "svi"
+            else _timed(Amortized(encoder), model, params, x_eval, None).seconds
         )
         enc_b = bounds(params, x_eval, lam0, 1, config.eval_samples)
         ref_b = bounds(params, x_eval, lam_k, 2, config.eval_samples)
@@ -248,17 +230,23 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             "train_seconds": train_seconds,
             "epoch_seconds": list(result.run_epoch_seconds),
             "encoder_ms_per_datapoint": 1e3 * encoder_seconds / n_eval,
-            "refine_ms_per_datapoint": 1e3 * (encoder_seconds + refine_seconds) / n_eval,
+            "refine_ms_per_datapoint": 1e3 * refined_q.seconds / n_eval,
         }
         steps_elbo = [
-            bounds(params, x_eval, refined(params, lam0, k), 4, config.eval_samples).elbo.mean()
+            bounds(
+                params,
+                x_eval,
+                _test_time(method, encoder, settings._replace(num_steps=k), config.z_dim)
+                .infer(model, params, x_eval, jax.random.fold_in(key, 7))
+                .params,
+                4,
+                config.eval_samples,
+            ).elbo.mean()
             for k in config.test_steps
         ]
         curves[method] = (list(config.test_steps), [float(v) for v in steps_elbo])
 
-    decoder_of, frontier = _frontier(
-        config, model, encoder, family, trained, x_eval, key, settings, bounds
-    )
+    decoder_of, frontier = _frontier(config, model, encoder, trained, x_eval, key, settings, bounds)
     metrics = {
         "dataset": config.dataset,
         "eval_split": "test",
@@ -298,64 +286,52 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     return metrics
 
 
-def _frontier(
-    config, model, encoder, family, trained, x_eval, key, settings, bounds
-) -> tuple[str, dict]:
+def _frontier(config, model, encoder, trained, x_eval, key, settings, bounds) -> tuple[str, dict]:
     """Quality and cost of inference for new data with one trained decoder (the VAE's, else the
-    first trained): amortized (encoder), semi-amortized (encoder + K steps), per-example (K steps
-    from the prior, and Adam to convergence: q*)."""
+    first trained), one regime object each: amortized (encoder), semi-amortized (encoder + K
+    steps), per-example (K steps from the prior, and Adam to convergence: q*)."""
     method = "vae" if "vae" in trained else next(iter(trained))
     params = trained[method]
     x_eval = x_eval[: config.frontier_points]  # x_eval is already a seeded random subset
     n = x_eval.shape[0]
-    prior_lam = jnp.broadcast_to(
-        family.standard_params(config.z_dim), (n, family.num_params(config.z_dim))
-    )
-    starts = {"per-example (SGD from the prior)": prior_lam}
+    starts = {"per-example (SGD from the prior)": None}
     out = {}
     if method != "svi":
-        seconds, lam0 = _timed(jax.jit(lambda p: encode(encoder, p, x_eval)), params)
-        starts = {"semi-amortized (SGD from the encoder)": lam0, **starts}
+        starts = {"semi-amortized (SGD from the encoder)": encoder, **starts}
+        amortized = _timed(Amortized(encoder), model, params, x_eval, None)
         out["amortized (encoder)"] = {
             "steps": [0],
-            "ms_per_datapoint": [1e3 * seconds / n],
-            "elbo": [float(bounds(params, x_eval, lam0, 5, config.eval_samples).elbo.mean())],
+            "ms_per_datapoint": [1e3 * amortized.seconds / n],
+            "elbo": [
+                float(bounds(params, x_eval, amortized.params, 5, config.eval_samples).elbo.mean())
+            ],
         }
-    for name, lam_start in starts.items():
+    for name, start in starts.items():
         series = {"steps": [], "ms_per_datapoint": [], "elbo": []}
         for k in config.frontier_steps:
-            seconds, lam = _timed(
-                jax.jit(
-                    lambda p, l0, k=k: refine(
-                        model, p, x_eval, l0, jax.random.fold_in(key, 8), num_steps=k, **settings
-                    )
-                ),
-                params,
-                lam_start,
-            )
+            regime = SemiAmortized(start, settings._replace(num_steps=k), z_dim=config.z_dim)
+            inferred = _timed(regime, model, params, x_eval, jax.random.fold_in(key, 8))
             series["steps"].append(k)
-            series["ms_per_datapoint"].append(1e3 * seconds / n)
+            series["ms_per_datapoint"].append(1e3 * inferred.seconds / n)
             series["elbo"].append(
-                float(bounds(params, x_eval, lam, 6, config.eval_samples).elbo.mean())
+                float(bounds(params, x_eval, inferred.params, 6, config.eval_samples).elbo.mean())
             )
         out[name] = series
-    start = time.perf_counter()
-    q_star = fit_local(
-        model,
-        params,
-        x_eval,
-        jax.random.fold_in(key, 9),
+    q_star = PerExample(
+        QStarSettings(
+            method="adam",
+            num_samples=10,
+            learning_rate=1e-2,
+            final_samples=config.eval_samples,
+            max_steps=config.qstar_max_steps,
+        ),
+        site="z",
         z_dim=config.z_dim,
-        num_samples=10,
-        learning_rate=1e-2,
-        final_samples=config.eval_samples,
-        max_steps=config.qstar_max_steps,
-        method="adam",
-    )
+    ).infer(model, params, x_eval, jax.random.fold_in(key, 9))
     out["per-example q* (Adam to convergence)"] = {
         "steps": [float(q_star.steps.mean())],
-        "ms_per_datapoint": [1e3 * (time.perf_counter() - start) / n],
-        "elbo": [float(q_star.elbo.mean())],
+        "ms_per_datapoint": [1e3 * q_star.seconds / n],
+        "elbo": [float(q_star.fit.elbo.mean())],
     }
     return method, out
 

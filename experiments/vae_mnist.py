@@ -53,7 +53,7 @@ from amortjax.inference.objectives import SCHEDULES as LR_SCHEDULES
 from amortjax.inference.training import Trainer, fit, seconds_per_epoch
 from amortjax.models import LIKELIHOODS, check_observations, decode_mean, vae_model
 from amortjax.nets import ACTIVATIONS, MLP
-from amortjax.runner import check_at_most, check_choice, check_config, write_json
+from experiments.runner import check_at_most, check_choice, check_config, write_json
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 import jax  # after the cache settings, which jax reads when imported
 import pytest
 
-from amortjax.data.synthetic import make_linear_gaussian
+from amortjax.models.linear_gaussian import make_linear_gaussian
 
 jax.config.update("jax_enable_x64", False)
 

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amortjax.data.synthetic import linear_gaussian_vae, make_linear_gaussian
 from amortjax.evaluation.ais import (
     ais,
     annealing_schedule,
@@ -22,8 +21,10 @@ from amortjax.evaluation.ais import (
 )
 from amortjax.families import FullRankGaussian
 from amortjax.guides import encode
+from amortjax.guides.linear_gaussian import linear_gaussian_vae
+from amortjax.models import simulate
+from amortjax.models.linear_gaussian import make_linear_gaussian
 from amortjax.nets import MLP
-from amortjax.traces import simulate
 
 N, X_DIM, Z_DIM = 12, 12, 3
 SETTINGS = {"num_chains": 64, "num_temperatures": 2000, "leapfrog_steps": 10}

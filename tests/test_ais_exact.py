@@ -20,12 +20,12 @@ import numpyro.distributions as dist
 import pytest
 from scipy.special import gammaln
 
-from amortjax.data.synthetic import linear_gaussian_vae, make_linear_gaussian
 from amortjax.evaluation.ais import AISWarning, ais, bdmc
 from amortjax.families import DiagonalGaussian
+from amortjax.guides.linear_gaussian import linear_gaussian_vae
 from amortjax.latents import find_local_latents
-from amortjax.models import data_plate
-from amortjax.traces import simulate
+from amortjax.models import data_plate, simulate
+from amortjax.models.linear_gaussian import make_linear_gaussian
 
 ALPHA, BETA, M = 1.5, 0.5, 3
 

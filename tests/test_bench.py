@@ -519,8 +519,8 @@ def test_scaling_benchmark_writes_documented_json_and_plot(tmp_path):
 def test_paper_preset_projection_counts_every_model_and_epoch():
     """Hours = copies x epochs x the second epoch's seconds, per model kind of each experiment;
     amortization_gap counts each family once per dataset of the paper preset."""
-    from amortjax.runner import load_experiment, resolve_config
     from bench.paper_presets import project, trained_models
+    from experiments.runner import load_experiment, resolve_config
 
     vae = resolve_config(load_experiment("vae_mnist"), "paper")
     rows = project(trained_models("vae_mnist", {"epoch_seconds": [30.0, 1.8]}, vae))

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amortjax.data.synthetic import linear_gaussian_vae
 from amortjax.evaluation.bounds import evaluate_bounds, evaluate_pair, mean_and_stderr
 from amortjax.families import DiagonalGaussian
+from amortjax.guides.linear_gaussian import linear_gaussian_vae
 
 
 @pytest.fixture(scope="module")

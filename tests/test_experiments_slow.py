@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from amortjax.runner import run_experiment
+from experiments.runner import run_experiment
 
 
 @pytest.mark.slow

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from jax.scipy.stats import multivariate_normal
 
-from amortjax.data.synthetic import linear_gaussian_vae
 from amortjax.families import FAMILIES, DiagonalGaussian, FullRankGaussian, get_family
 from amortjax.guides import given_params_guide
+from amortjax.guides.linear_gaussian import linear_gaussian_vae
 from amortjax.traces import log_weights
 
 

@@ -9,13 +9,15 @@ from jax.scipy.stats import multivariate_normal, norm
 from numpyro import handlers
 from numpyro.infer import SVI, Trace_ELBO
 
-from amortjax.data.synthetic import linear_gaussian_vae, make_linear_gaussian
 from amortjax.evaluation.bounds import evaluate_bounds
 from amortjax.families import get_family
 from amortjax.flows import AffineCouplingFlow, CouplingLayer, FlowEncoder
 from amortjax.guides import amortized_guide, given_params_guide
 from amortjax.guides.amortized import encode
-from amortjax.inference.local import fit_local, local_elbo
+from amortjax.guides.linear_gaussian import linear_gaussian_vae
+from amortjax.guides.local import local_elbo
+from amortjax.inference.local import fit_local
+from amortjax.models.linear_gaussian import make_linear_gaussian
 
 
 def _random_params(family, z_dim, key, batch=(), scale=0.5):

@@ -10,11 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from amortjax.data.synthetic import linear_gaussian_vae, make_linear_gaussian
 from amortjax.evaluation.bounds import mean_and_stderr
 from amortjax.evaluation.gaps import best_lower_bound, gap_decomposition
 from amortjax.families import DiagonalGaussian
 from amortjax.guides import encode
+from amortjax.guides.linear_gaussian import linear_gaussian_vae
+from amortjax.models.linear_gaussian import make_linear_gaussian
 from amortjax.nets import MLP
 
 

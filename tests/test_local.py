@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amortjax.data.synthetic import linear_gaussian_vae, make_linear_gaussian
 from amortjax.families import DiagonalGaussian, FullRankGaussian
-from amortjax.inference.local import fit_local, local_elbo
+from amortjax.guides.linear_gaussian import linear_gaussian_vae
+from amortjax.guides.local import local_elbo
+from amortjax.inference.local import fit_local
+from amortjax.models.linear_gaussian import make_linear_gaussian
 
 
 @pytest.fixture(scope="module")

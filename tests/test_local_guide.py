@@ -13,10 +13,10 @@ from numpyro import handlers
 from numpyro.infer import SVI, Trace_ELBO
 from numpyro.optim import optax_to_numpyro
 
-from amortjax.data.synthetic import linear_gaussian_vae
 from amortjax.evaluation.bounds import evaluate_bounds
 from amortjax.families import DiagonalGaussian, FullRankGaussian
 from amortjax.guides import LOCAL_PARAMS, given_params_guide, local_guide
+from amortjax.guides.linear_gaussian import linear_gaussian_vae
 from amortjax.inference.sparse import (
     RowSparseAdamState,
     make_local_optimizer,

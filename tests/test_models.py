@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from numpyro.infer import Trace_ELBO
 
-from amortjax.data.synthetic import linear_gaussian_vae
 from amortjax.families import DiagonalGaussian, get_family
 from amortjax.guides import amortized_guide, encode
+from amortjax.guides.linear_gaussian import linear_gaussian_vae
 from amortjax.inference.objectives import make_optimizer
 from amortjax.inference.training import Trainer
 from amortjax.models import (

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from numpyro.infer import Trace_ELBO
 
-from amortjax.data.synthetic import linear_gaussian_vae
 from amortjax.guides import amortized_guide
+from amortjax.guides.linear_gaussian import linear_gaussian_vae
 from amortjax.inference.objectives import (
     iwae_schedule,
     kl_schedule,

@@ -26,7 +26,7 @@ def test_the_readme_poisson_pca_example_runs_as_written():
         exec(compile(_example(), str(README), "exec"), scope)
     printed = out.getvalue()
     fits, gaps = scope["fits"], scope["gaps"]
-    assert set(fits) == {"amortized", "per-example", "semi-amortized"}
+    assert set(fits) == {"amortized", "per_example", "semi_amortized"}
     for fit in fits.values():  # all three train (a raw-count encoder started at an infinite loss)
         losses = np.asarray(fit.history["train_loss"][1])
         assert np.isfinite(losses).all() and losses[-1] < losses[0]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from amortjax.runner import (
+from experiments.runner import (
     apply_overrides,
     available_experiments,
     check_config,
@@ -413,7 +413,7 @@ def test_write_json_is_atomic(tmp_path, monkeypatch):
     def fail(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("amortjax.runner.os.replace", fail)
+    monkeypatch.setattr("experiments.runner.os.replace", fail)
     with pytest.raises(OSError, match="disk full"):
         write_json(path, {"v": 2})
     assert json.loads(path.read_text()) == {"v": 1}  # the old file, whole
@@ -445,7 +445,7 @@ def test_results_folders_are_unique_when_runs_start_at_once(tmp_path):
     start = tmp_path / "go"
     code = (
         "import pathlib, sys, time\n"
-        "from amortjax.runner import new_workdir\n"
+        "from experiments.runner import new_workdir\n"
         f"pathlib.Path({str(tmp_path)!r}, 'ready-' + sys.argv[1]).touch()\n"
         f"while not pathlib.Path({str(start)!r}).exists(): time.sleep(0.001)\n"
         f"print(new_workdir({str(tmp_path / 'procs')!r}, 'exp', 'quick'))\n"
@@ -479,7 +479,7 @@ def fake_experiment(monkeypatch):
         return {"epochs": config.epochs}
 
     module = types.SimpleNamespace(Config=_Config, PRESETS={"quick": {}}, run=run)
-    monkeypatch.setattr("amortjax.runner.load_experiment", lambda name: module)
+    monkeypatch.setattr("experiments.runner.load_experiment", lambda name: module)
     return calls
 
 

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 from numpyro.infer import Trace_ELBO
 
-from amortjax.data.synthetic import linear_gaussian_vae, make_linear_gaussian
 from amortjax.families import DiagonalGaussian
+from amortjax.guides.linear_gaussian import linear_gaussian_vae
+from amortjax.guides.local import local_elbo
 from amortjax.guides.semi_amortized import semi_amortized_guide
-from amortjax.inference.local import local_elbo
 from amortjax.inference.objectives import make_optimizer
 from amortjax.inference.refine import refine
 from amortjax.inference.training import Trainer, fit
 from amortjax.models import vae_model
+from amortjax.models.linear_gaussian import make_linear_gaussian
 from amortjax.nets import MLP
 
 FAM = DiagonalGaussian()

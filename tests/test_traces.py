@@ -8,7 +8,7 @@ import numpyro.distributions as dist
 import pytest
 from jax.scipy.stats import norm
 
-from amortjax.data.synthetic import linear_gaussian_vae
+from amortjax.guides.linear_gaussian import linear_gaussian_vae
 from amortjax.models import DATA_PLATE
 from amortjax.traces import log_joint, log_weights, sample_guide
 

@@ -9,13 +9,13 @@ import jax
 import numpy as np
 import pytest
 
-from amortjax.data.synthetic import make_linear_gaussian
 from amortjax.evaluation.bounds import evaluate_bounds
 from amortjax.guides import amortized_guide
 from amortjax.inference.checkpoint import restore_checkpoint
 from amortjax.inference.objectives import make_optimizer
 from amortjax.inference.training import Trainer, TrainingDivergedError, fit, seconds_per_epoch
 from amortjax.models import vae_model
+from amortjax.models.linear_gaussian import make_linear_gaussian
 from amortjax.nets import MLP
 
 

@@ -2,8 +2,8 @@
 
 `load_data` is the entry point for training (fixed splits, binarization convention);
 `load_images` reads one split; the TFDS builders and `raw_data_dir` locate, verify and prepare the
-publishers' raw files; `synthetic` holds the linear-Gaussian model whose answers are exact.
-Model definitions and training loops do not belong here.
+publishers' raw files. Model definitions (the linear-Gaussian ground truth included, in
+`amortjax.models.linear_gaussian`) and training loops do not belong here.
 """
 
 from amortjax.data.builders import (
@@ -26,7 +26,6 @@ from amortjax.data.loading import (
     resolve_binarization,
     split_sizes,
 )
-from amortjax.data.synthetic import LinearGaussian, linear_gaussian_vae, make_linear_gaussian
 
 __all__ = [
     "BINARIZATIONS",
@@ -37,13 +36,10 @@ __all__ = [
     "Data",
     "DataNotFoundError",
     "FashionMnistBuilder",
-    "LinearGaussian",
     "MnistBuilder",
     "dynamic_binarize",
-    "linear_gaussian_vae",
     "load_data",
     "load_images",
-    "make_linear_gaussian",
     "prepared_data_dir",
     "raw_data_dir",
     "resolve_binarization",

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amortjax.checks import check_float, check_int
+from amortjax.engine import map_datapoints
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.guides.amortized import encode
 from amortjax.traces import check_array
@@ -210,14 +211,9 @@ def latent_activity(
             f"{x.shape[1]}): {type(err).__name__}: {str(err)[:300]}. Check x_dim against the "
             "encoder's input size"
         ) from err
-    out = []
-    for start in range(0, n, batch_size):
-        xb = jnp.asarray(x[start : start + batch_size])
-        size = xb.shape[0]
-        if size < batch_size:  # pad with copies so the batch shape stays compiled once
-            xb = jnp.concatenate([xb, jnp.repeat(xb[:1], batch_size - size, axis=0)])
-        out.append(np.asarray(run(params, xb))[:size])
-    lam = np.concatenate(out)
+    # encoding draws nothing: the engine's per-datapoint keys go unused
+    lam = map_datapoints(lambda p, _, xb: run(p, xb), params, jax.random.key(0), [x],
+                         batch_size=batch_size)  # fmt: skip
     _check_matrix(lam, "the encoder's output")
     means = np.asarray(family.mean(jnp.asarray(lam)))
     units = active_units(means, threshold)

@@ -86,7 +86,7 @@ prior, for example, the pilot cannot shrink the step size fast enough and the es
 log p(x) by orders of magnitude; starting from a fitted q (whose scales then set s) fixes it.
 
 Bidirectional Monte Carlo (Grosse et al. 2015, 2016): on data simulated from the model,
-(x_i, z_i) ~ p(x, z) (`amortjax.traces.simulate`), z_i is an exact posterior sample of x_i.
+(x_i, z_i) ~ p(x, z) (`amortjax.models.simulate`), z_i is an exact posterior sample of x_i.
 Reverse AIS starts every chain at z_i and anneals from b = 1 down to b = 0 with the same
 increments and the same kernels (the forward pilot's step sizes, per temperature, in reverse
 order); its weights w' estimate Z_0 / Z_1 = 1 / p(x) without bias, so
@@ -121,18 +121,18 @@ else runs, and the same key gives the same numbers.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
-from tqdm.auto import tqdm
 
+from amortjax.engine import map_datapoints
 from amortjax.families import DiagonalGaussian, Family
-from amortjax.latents import LocalLatents, Site, check_site, log_joint_unconstrained
-from amortjax.sharding import active_mesh, check_divisible, replicate, shard_rows
+from amortjax.inference import hmc
+from amortjax.latents import LocalLatents, Site, check_site
 from amortjax.traces import check_data
 
 SCHEDULES = ("linear", "sigmoid")
@@ -283,114 +283,6 @@ def reverse_step_sizes(step_size: np.ndarray) -> np.ndarray:
     return np.concatenate([step_size[:, -2::-1], step_size[:, :1]], axis=1)
 
 
-# --------------------------------------------------------------------------------------------
-# The transition, on a flat batch of M = datapoints * chains rows.
-
-
-class _Chain(NamedTuple):
-    """HMC state of M chains: position with both log-densities and their gradients."""
-
-    z: jax.Array  # [M, D]
-    log_p: jax.Array  # [M] log p(x, z)
-    log_q: jax.Array  # [M] log q0(z)
-    grad_p: jax.Array  # [M, D]
-    grad_q: jax.Array  # [M, D]
-
-
-def _densities(
-    model: Callable,
-    family: Family,
-    site: Site,
-    params: dict,
-    x: jax.Array,
-    lam: jax.Array,
-    z: jax.Array,
-) -> _Chain:
-    """log p(x_m, z_m), log q0(z_m; lambda_m) and their gradients in z_m for every row m.
-
-    Args:
-        model: NumPyro model (latent `site` is `[M, D]`).
-        family: the family of q0.
-        site: the model's local latents (a site name or a `LocalLatents`).
-        params: model parameters.
-        x: observations, one row per chain, `[M, ...]`.
-        lam: q0's parameters, one row per chain, `[M, P]`.
-        z: positions, `[M, D]`.
-
-    Returns:
-        `_Chain` at z.
-    """
-
-    def log_p(z):
-        values = log_joint_unconstrained(model, params, x, z, site)
-        return values.sum(), values  # rows are independent: d(sum)/dz_m = d(row m)/dz_m
-
-    def log_q(z):
-        values = family.distribution(lam).log_prob(z)
-        return values.sum(), values
-
-    (_, lp), grad_p = jax.value_and_grad(log_p, has_aux=True)(z)
-    (_, lq), grad_q = jax.value_and_grad(log_q, has_aux=True)(z)
-    return _Chain(z, lp, lq, grad_p, grad_q)
-
-
-def _log_f(chain: _Chain, beta: jax.Array) -> jax.Array:
-    """log f_b = (1 - b) log q0 + b log p, `[M]`."""
-    return (1.0 - beta) * chain.log_q + beta * chain.log_p
-
-
-def _grad_log_f(chain: _Chain, beta: jax.Array) -> jax.Array:
-    """d log f_b / dz, `[M, D]`."""
-    return (1.0 - beta) * chain.grad_q + beta * chain.grad_p
-
-
-def _hmc_transition(
-    evaluate: Callable[[jax.Array], _Chain],
-    chain: _Chain,
-    beta: jax.Array,
-    step: jax.Array,
-    momentum: jax.Array,
-    log_uniform: jax.Array,
-    leapfrog_steps: int,
-) -> tuple[_Chain, jax.Array]:
-    """One HMC transition leaving f_b invariant, for M independent chains (rows).
-
-    Leapfrog in u = z / s with unit momenta, written in z: z += eps s r, r += eps s grad_z.
-    Every operation is per row except `evaluate`, which must be separable over rows.
-
-    Args:
-        evaluate: positions `[M, D]` -> `_Chain` (log p, log q0 and their gradients).
-        chain: current state.
-        beta: inverse temperature b, a scalar.
-        step: the leapfrog step per chain and dimension, eps_m s_{m,d}, `[M, D]`.
-        momentum: the fresh momenta r ~ N(0, I), `[M, D]`.
-        log_uniform: log u, u ~ U(0, 1), for the Metropolis test, `[M]`.
-        leapfrog_steps: L >= 1.
-
-    Returns:
-        `(chain, accept_prob)`: the new state and each chain's acceptance probability `[M]`.
-    """
-    r = momentum + 0.5 * step * _grad_log_f(chain, beta)
-
-    def leapfrog(carry, _):
-        state, r = carry
-        state = evaluate(state.z + step * r)
-        return (state, r + step * _grad_log_f(state, beta)), None
-
-    (proposal, r), _ = jax.lax.scan(leapfrog, (chain, r), None, length=leapfrog_steps)
-    r = r - 0.5 * step * _grad_log_f(proposal, beta)  # the last momentum step is a half step
-    log_ratio = (_log_f(proposal, beta) - 0.5 * jnp.sum(r**2, -1)) - (
-        _log_f(chain, beta) - 0.5 * jnp.sum(momentum**2, -1)
-    )
-    finite = jnp.isfinite(log_ratio)
-    accept_prob = jnp.where(finite, jnp.exp(jnp.minimum(log_ratio, 0.0)), 0.0)
-    accept = finite & (log_uniform < log_ratio)
-    new = jax.tree.map(
-        lambda a, b: jnp.where(accept.reshape(-1, *([1] * (a.ndim - 1))), a, b), proposal, chain
-    )
-    return new, accept_prob
-
-
 def _anneal_batch(
     model: Callable,
     family: Family,
@@ -406,8 +298,7 @@ def _anneal_batch(
     betas: jax.Array,
     step_size: jax.Array,
     scale: jax.Array,
-    key: jax.Array,
-    indices: jax.Array,
+    keys: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Runs C chains per datapoint through the temperatures `betas` for a batch.
 
@@ -428,8 +319,8 @@ def _anneal_batch(
             decreasing for reverse AIS, constant for plain HMC).
         step_size: `[B, T]` or `[B, C]`, see `mode`.
         scale: the per-dimension scales of the leapfrog step, `[B, D]`.
-        key: the base PRNG key.
-        indices: the datapoints' global indices, `[B]`; datapoint i uses `fold_in(key, i)`.
+        keys: the datapoints' PRNG keys, `[B]` (`amortjax.engine`: fold_in(key, i) for
+            datapoint i).
 
     Returns:
         `(log_w [B, C], acceptance [B], final step sizes [B, C], schedule [B, T],
@@ -437,7 +328,6 @@ def _anneal_batch(
         step sizes, that of each datapoint's first chain).
     """
     batch, chains = x.shape[0], num_chains
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, indices)
     start_keys, run_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     if z0 is None:
         z0 = jax.vmap(lambda k, lam_i: family.distribution(lam_i).sample(k, (chains,)))(
@@ -451,7 +341,7 @@ def _anneal_batch(
     scale_rows = jnp.repeat(scale.astype(dtype), chains, axis=0)  # [B * C, D]
 
     def evaluate(z):
-        return _densities(model, family, site, params, x_rows, lam_rows, z)
+        return hmc.densities(model, family, site, params, x_rows, lam_rows, z)
 
     def draw(k, t):
         k_momentum, k_uniform = jax.random.split(jax.random.fold_in(k, t))
@@ -465,7 +355,7 @@ def _anneal_batch(
             eps = jnp.repeat(eps_t, chains)
         log_w = log_w + (beta - beta_prev) * (chain.log_p - chain.log_q)
         momentum, log_u = jax.vmap(draw, (0, None))(run_keys, t)
-        chain, accept_prob = _hmc_transition(
+        chain, accept_prob = hmc.step(
             evaluate,
             chain,
             beta,
@@ -486,7 +376,8 @@ def _anneal_batch(
         eps0, schedule_t = jnp.zeros(rows, dtype), step_size.astype(dtype).T  # [T, B]
     else:
         eps0, schedule_t = step_size.reshape(rows).astype(dtype), None
-    init = (evaluate(z0.reshape(rows, z_dim)), eps0, jnp.zeros(rows, dtype), jnp.zeros(rows, dtype))
+    state0 = hmc.init(evaluate, z0.reshape(rows, z_dim))
+    init = (state0, eps0, jnp.zeros(rows, dtype), jnp.zeros(rows, dtype))
     (chain, eps, log_w, accept_sum), used = jax.lax.scan(
         step, init, (jnp.arange(num_temperatures), betas[:-1], betas[1:], schedule_t)
     )
@@ -507,10 +398,9 @@ def _anneal_batch(
 _anneal_batch_jit = jax.jit(_anneal_batch, static_argnums=tuple(range(7)))
 
 
-def _q0_scale_batch(family: Family, lam: jax.Array, key: jax.Array, indices: jax.Array):
+def _q0_scale_batch(family: Family, lam: jax.Array, keys: jax.Array):
     """q0's standard deviation per dimension from SCALE_DRAWS draws per datapoint, `[B, D]`;
-    datapoint i draws with `fold_in(key, i)`."""
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, indices)
+    each datapoint draws with its own key of `keys` `[B]`."""
     draws = jax.vmap(lambda k, lam_i: family.distribution(lam_i).sample(k, (SCALE_DRAWS,)))(
         keys, lam
     )
@@ -680,26 +570,6 @@ def _check_pilot_chains(pilot_chains: int) -> None:
         )
 
 
-def _batches(
-    arrays: list[jax.Array], batch_size: int, progress: bool | str, desc: str
-) -> Iterator[tuple[int, int, list[jax.Array]]]:
-    """`(start, size, padded batch)` over the rows of arrays `[n, ...]`: batches of batch_size,
-    the last padded with copies of its first row so that the shape compiles once, placed on
-    the active mesh."""
-    n = arrays[0].shape[0]
-    starts = range(0, n, batch_size)
-    if progress:
-        starts = tqdm(starts, desc=progress if isinstance(progress, str) else desc, unit="batch")
-    for start in starts:
-        rows = [jnp.asarray(a[start : start + batch_size]) for a in arrays]
-        size = rows[0].shape[0]
-        if size < batch_size:
-            rows = [
-                jnp.concatenate([r, jnp.repeat(r[:1], batch_size - size, axis=0)]) for r in rows
-            ]
-        yield start, size, list(shard_rows(active_mesh(), *rows))
-
-
 def _run(
     model: Callable,
     params: dict,
@@ -721,55 +591,36 @@ def _run(
     progress: bool | str,
     desc: str,
 ) -> tuple[np.ndarray, ...]:
-    """Runs `_anneal_batch` over the datapoints in padded batches; returns numpy arrays
+    """Runs `_anneal_batch` over the datapoints with `amortjax.engine.map_datapoints` (fixed-size
+    chunks, devices, progress, datapoint i's key fold_in(key, i)); returns numpy arrays
     `(log_w [N, C], acceptance [N], final step sizes [N, C], schedule [N, T], z [N, C, D])`."""
-    n = x.shape[0]
-    batch_size = min(batch_size, n)
-    mesh = active_mesh()
-    if mesh is not None:
-        check_divisible(batch_size, mesh)
-        params = replicate(mesh, params)
-    betas = jnp.asarray(betas, jnp.float32)
-    arrays = [x, lam, step_size, scale] + ([] if z0 is None else [z0])
-    outputs = []
-    for start, size, (xb, lam_b, eps_b, scale_b, *z0_b) in _batches(
-        arrays, batch_size, progress, desc
-    ):
-        out = _anneal_batch_jit(
-            model,
-            family,
-            site,
-            num_chains,
-            leapfrog_steps,
-            float(target_accept),
-            mode,
-            params,
-            xb,
-            lam_b,
-            z0_b[0] if z0_b else None,
-            betas,
-            eps_b,
-            scale_b,
-            key,
-            jnp.arange(start, start + batch_size, dtype=jnp.uint32),
-        )
-        outputs.append([np.asarray(o[:size]) for o in out])
-    return tuple(np.concatenate(parts) for parts in zip(*outputs, strict=True))
+
+    def batch_fn(shared, keys, xb, lam_b, eps_b, scale_b, *z0_b):
+        params, betas = shared
+        return _anneal_batch_jit(
+            model, family, site, num_chains, leapfrog_steps, float(target_accept), mode,
+            params, xb, lam_b, z0_b[0] if z0_b else None, betas, eps_b, scale_b, keys,
+        )  # fmt: skip
+
+    rows = [x, lam, step_size, scale] + ([] if z0 is None else [z0])
+    return map_datapoints(
+        batch_fn,
+        (params, jnp.asarray(betas, jnp.float32)),
+        key,
+        rows,
+        batch_size=batch_size,
+        progress=progress,
+        desc=desc,
+    )
 
 
 def _q0_scale(family: Family, lam: jax.Array, key: jax.Array, batch_size: int) -> np.ndarray:
     """q0's per-dimension standard deviation for every datapoint, `[N, D]` (see
     `_q0_scale_batch`)."""
-    n = lam.shape[0]
-    batch_size = min(batch_size, n)
-    mesh = active_mesh()
-    if mesh is not None:
-        check_divisible(batch_size, mesh)
-    parts = []
-    for start, size, (lam_b,) in _batches([lam], batch_size, False, ""):
-        indices = jnp.arange(start, start + batch_size, dtype=jnp.uint32)
-        parts.append(np.asarray(_q0_scale_jit(family, lam_b, key, indices)[:size]))
-    scale = np.concatenate(parts)
+    scale = map_datapoints(
+        lambda _, keys, lam_b: _q0_scale_jit(family, lam_b, keys), None, key, [lam],
+        batch_size=batch_size,
+    )  # fmt: skip
     _check_positive(
         scale,
         "q0's standard deviation (step_scale='q0')",
@@ -848,7 +699,7 @@ def _bracket_warnings(
         f"{MIN_ORDERED_FRACTION}), and not by chance: the mean width is {mean:.4g} nats, "
         f"{-mean / max(width_se, 1e-30):.1f} standard errors ({width_se:.2g}) below 0. A bound "
         f"is off: check that z are exact posterior draws of this model with these parameters "
-        f"(data simulated with amortjax.traces.simulate and the same params); then use more "
+        f"(data simulated with amortjax.models.simulate and the same params); then use more "
         f"temperatures and chains (num_temperatures, num_chains)."
     )
     warnings.warn(message, AISWarning, stacklevel=3)
@@ -1095,7 +946,7 @@ def reverse_ais(
     """Reverse AIS from exact posterior samples: stochastic upper bounds of log p(x_i).
 
     Every chain of datapoint i starts at z_i, which must be an exact draw from p(z | x_i) (e.g.
-    the latent that generated x_i, see `amortjax.traces.simulate`), and anneals from b = 1 to
+    the latent that generated x_i, see `amortjax.models.simulate`), and anneals from b = 1 to
     b = 0 through the reversed schedule, accumulating log w' += (b_{t-1} - b_t)
     (log p(x, z) - log q0(z)) before each transition. E[w'] = 1 / p(x). From any other start
     the result is no bound.
@@ -1194,7 +1045,7 @@ def bdmc(
 ) -> BDMCResult:
     """Bidirectional Monte Carlo (Grosse et al. 2015): a stochastic bracket of log p(x_i).
 
-    For data simulated from the model, (x_i, z_i) ~ p(x, z) (`amortjax.traces.simulate`):
+    For data simulated from the model, (x_i, z_i) ~ p(x, z) (`amortjax.models.simulate`):
     forward AIS gives a stochastic lower bound and reverse AIS started at z_i a stochastic upper
     bound; the width bounds the error of the forward estimate on such data. The pilot runs
     once, in the forward run; the reverse run uses the same kernels (its step sizes and

@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from amortjax.engine import map_datapoints
+from amortjax.estimators import bounds_batch
 from amortjax.families import Family
 from amortjax.latents import Site, check_site, log_joint_unconstrained
-from amortjax.traces import check_data, log_weights
+from amortjax.traces import check_data
 
 
 class Bounds(NamedTuple):
@@ -40,42 +41,6 @@ class Bounds(NamedTuple):
     elbo: np.ndarray
     iwae: np.ndarray
     num_samples: int
-
-
-def _bounds_one(
-    model: Callable,
-    guide: Callable,
-    params: dict,
-    x: jax.Array,
-    guide_args: tuple,
-    key: jax.Array,
-    num_samples: int,
-    sample_chunk: int,
-) -> tuple[jax.Array, jax.Array]:
-    """ELBO estimate and IWAE-k for ONE datapoint x `[...]` with its own key; two scalars."""
-    num_chunks = -(-num_samples // sample_chunk)
-    keys = jax.random.split(key, num_chunks * sample_chunk).reshape(num_chunks, sample_chunk)
-    valid = (jnp.arange(num_chunks * sample_chunk) < num_samples).reshape(keys.shape)
-    x1 = x[None]
-    args1 = tuple(a[None] for a in guide_args)
-
-    def chunk(carry, inputs):
-        chunk_keys, chunk_valid = inputs
-        lw = jax.vmap(lambda k: log_weights(model, guide, params, x1, k, *args1)[0])(chunk_keys)
-        lw_sum = jnp.sum(jnp.where(chunk_valid, lw, 0.0))
-        lse = jax.nn.logsumexp(jnp.where(chunk_valid, lw, -jnp.inf))
-        return carry + lw_sum, lse
-
-    lw_sum, lses = jax.lax.scan(chunk, jnp.zeros(()), (keys, valid))
-    return lw_sum / num_samples, jax.nn.logsumexp(lses) - jnp.log(num_samples)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _bounds_batch(model, guide, num_samples, sample_chunk, params, keys, x, *guide_args):
-    """`_bounds_one` for a chunk of datapoints, each with its own key; two `[B]` arrays."""
-    return jax.vmap(
-        lambda xi, ki, *ai: _bounds_one(model, guide, params, xi, ai, ki, num_samples, sample_chunk)
-    )(x, keys, *guide_args)
 
 
 def evaluate_bounds(
@@ -130,7 +95,7 @@ def evaluate_bounds(
         )
     sample_chunk = min(sample_chunk, num_samples)
     elbo, iwae = map_datapoints(
-        functools.partial(_bounds_batch, model, guide, int(num_samples), int(sample_chunk)),
+        functools.partial(bounds_batch, model, guide, int(num_samples), int(sample_chunk)),
         params,
         key,
         [x, *guide_args],

@@ -45,8 +45,9 @@ import numpy as np
 from amortjax.evaluation.ais import ais
 from amortjax.evaluation.bounds import evaluate_pair, mean_and_stderr
 from amortjax.families import DiagonalGaussian, Family
-from amortjax.inference.local import LocalFit, fit_local
+from amortjax.inference.local import LocalFit, QStarSettings
 from amortjax.latents import Site
+from amortjax.regimes import PerExample
 
 LOWER_BOUNDS = ("mixture", "ais")
 """The per-datapoint estimators of log p(x) that log p̂(x) is chosen from (those computed)."""
@@ -155,6 +156,19 @@ def best_lower_bound(estimates: dict[str, np.ndarray]) -> tuple[str, np.ndarray]
     return name, np.asarray(estimates[name])
 
 
+def _qstar_settings(qstar: QStarSettings | dict[str, Any] | None) -> QStarSettings:
+    """`qstar` as a `QStarSettings`, a dict's unknown names refused with the valid ones."""
+    if isinstance(qstar, QStarSettings):
+        return qstar
+    unknown = sorted(set(qstar or {}) - set(QStarSettings._fields))
+    if unknown:
+        raise ValueError(
+            f"qstar: unknown setting(s) {unknown}; the per-example optimizer's settings are "
+            f"{list(QStarSettings._fields)}"
+        )
+    return QStarSettings(**(qstar or {}))
+
+
 def gap_decomposition(
     model: Callable,
     params: dict,
@@ -165,7 +179,7 @@ def gap_decomposition(
     family: Family | None = None,
     site: Site = "z",
     iwae_samples: int = 5000,
-    qstar: dict[str, Any] | None = None,
+    qstar: QStarSettings | dict[str, Any] | None = None,
     ais_settings: dict[str, Any] | None = None,
     ais_start: str = "qstar",
     batch_size: int = 100,
@@ -184,9 +198,9 @@ def gap_decomposition(
         site: the model's local latents (a site name or a `LocalLatents`).
         iwae_samples: k, the draws from each of q and q* behind L[q], L[q*], the IWAE-k bounds
             and the mixture estimate (2k draws).
-        qstar: keyword arguments of `amortjax.inference.local.fit_local` (method,
-            learning_rate, num_samples, block_size, patience, max_steps, ...); q* starts at the
-            encoder's output.
+        qstar: the per-example optimizer's settings, a `QStarSettings` or a dict of its fields
+            (method, learning_rate, num_samples, block_size, patience, max_steps, ...); q* is
+            `PerExample(qstar).infer(...)` started at the encoder's output.
         ais_settings: keyword arguments of `amortjax.evaluation.ais.ais` (num_chains,
             num_temperatures, leapfrog_steps, ...), or None to skip AIS.
         ais_start: AIS's initial distribution: "qstar" (default: each datapoint's q*, the
@@ -210,21 +224,15 @@ def gap_decomposition(
     show = bool(progress)
     k_pair, k_fit, k_ais = jax.random.split(key, 3)
 
-    qstar = dict(qstar or {})
+    settings = _qstar_settings(qstar)._replace(final_samples=0, batch_size=batch_size)
     seconds = {}
     start = time.perf_counter()
-    fit = fit_local(
-        model,
-        params,
-        x,
-        k_fit,
-        family=family,
-        site=site,
-        init=lam_q,
-        final_samples=0,  # scored below, with q, on common random numbers
-        batch_size=batch_size,
-        progress=f"{prefix}q*" if show else False,
-        **qstar,
+    # q* started at the encoder's output; final_samples=0: scored below, with q, on common
+    # random numbers
+    fit = (
+        PerExample(settings, family=family, site=site)
+        .infer(model, params, x, k_fit, init=lam_q, progress=f"{prefix}q*" if show else False)
+        .fit
     )
     seconds["qstar"] = time.perf_counter() - start
     start = time.perf_counter()
@@ -274,7 +282,7 @@ def gap_decomposition(
     info = {
         "family": family.name,
         "iwae_samples": iwae_samples,
-        "qstar": {**qstar, "init": "encoder"},
+        "qstar": {**settings._asdict(), "init": "encoder"},
         "ais": None if ais_settings is None else {**ais_settings, "start": ais_start},
         "estimates_mean": {k: float(np.mean(v)) for k, v in estimates.items()},
         "ais_diagnostics": ais_diagnostics,

@@ -25,6 +25,7 @@ from amortjax.families import DiagonalGaussian, Family
 from amortjax.guides.global_latents import draw_globals
 from amortjax.latents import Site, latent_size, resolve_site, sample_local
 from amortjax.models import data_plate
+from amortjax.traces import log_weights
 
 
 def given_params_guide(family: Family | None = None, *, site: Site = "z") -> Callable[..., None]:
@@ -132,3 +133,35 @@ def local_guide(
             sample_local(local, family.distribution(lam[ind]))
 
     return guide
+
+
+def local_elbo(
+    model: Callable,
+    params: dict,
+    x: jax.Array,
+    lam: jax.Array,
+    key: jax.Array,
+    *,
+    family: Family,
+    num_samples: int,
+    site: Site = "z",
+) -> jax.Array:
+    """S-sample reparameterized estimate of L(lambda; x) for ONE datapoint.
+
+    Args:
+        model: NumPyro model with local latents in the data plate.
+        params: model parameters theta.
+        x: one observation, `[x_dim]` (any per-datapoint shape).
+        lam: its variational parameters, `[num_params]`.
+        key: PRNG key.
+        family: the variational family of lam.
+        num_samples: S.
+        site: the model's local latents (a site name or a `LocalLatents`).
+
+    Returns:
+        A scalar, differentiable in lam and params.
+    """
+    xs = jnp.broadcast_to(x, (num_samples, *x.shape))
+    lams = jnp.broadcast_to(lam, (num_samples, *lam.shape))
+    guide = given_params_guide(family, site=site)
+    return log_weights(model, guide, params, xs, key, lams).mean()

@@ -28,10 +28,10 @@ import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.contrib.module import flax_module
 
+from amortjax.engine import datapoint_keys
 from amortjax.families import DiagonalGaussian, Family, check_num_params
 from amortjax.guides.global_latents import draw_globals
-from amortjax.inference.local import local_elbo
-from amortjax.inference.refine import refine_unchecked
+from amortjax.guides.local import local_elbo
 from amortjax.latents import Site, latent_size, resolve_site, sample_local
 from amortjax.models import data_plate, with_fixed_params
 
@@ -120,12 +120,10 @@ def semi_amortized_guide(
         refine_key, encoder_key = jax.random.split(key if key is not None else jax.random.key(0))
         with handlers.block():
             if mode == "sa":
-                lam = refine_unchecked(
-                    local_model, theta, x, lam0, refine_key, site=local, **settings
-                )
+                lam = refine_steps(local_model, theta, x, lam0, refine_key, site=local, **settings)
             else:
                 lam = jax.lax.stop_gradient(
-                    refine_unchecked(
+                    refine_steps(
                         local_model,
                         jax.lax.stop_gradient(theta),
                         x,
@@ -162,3 +160,40 @@ def semi_amortized_guide(
                 numpyro.factor("encoder_loss", encoder_loss)
 
     return guide
+
+
+def refine_steps(model, params, x, lam0, key, *, family, num_steps, step_size=1.0,
+                     momentum=0.5, max_grad_norm=5.0, num_samples=1, site="z", checkpoint=True,
+                     indices=None):  # fmt: skip
+    """K steps of SGD with momentum on every datapoint's local ELBO, differentiable in the
+    start `lam0` `[B, P]` and in `params`; returns the refined `[B, P]`. `amortjax.refine` is
+    the public, checked entry (its docstring gives the update); this is it without the checks,
+    for the semi-amortized guide, whose data `Trainer`/`fit` checked once."""
+    if num_steps == 0:
+        return lam0
+    step_size = jnp.asarray(step_size)
+
+    def one(xi: jax.Array, lam: jax.Array, ki: jax.Array) -> jax.Array:
+        def step(carry, k):
+            lam, velocity = carry
+            grad = jax.grad(
+                lambda lam: local_elbo(
+                    model, params, xi, lam, k, family=family, num_samples=num_samples, site=site
+                )
+            )(lam)
+            if max_grad_norm is not None:
+                norm = jnp.sqrt(jnp.sum(grad**2))
+                grad = grad * jnp.minimum(1.0, max_grad_norm / (norm + 1e-12))
+            velocity = momentum * velocity + grad
+            return (lam + step_size * velocity, velocity), None
+
+        body = jax.checkpoint(step) if checkpoint else step
+        (lam, _), _ = jax.lax.scan(
+            body, (lam, jnp.zeros_like(lam)), jax.random.split(ki, num_steps)
+        )
+        return lam
+
+    if indices is None:
+        indices = jnp.arange(x.shape[0])
+    keys = datapoint_keys(key, indices)
+    return jax.vmap(one)(x, lam0, keys)

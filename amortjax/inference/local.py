@@ -52,12 +52,12 @@ from tqdm.auto import tqdm
 
 from amortjax.checks import check_float, check_int
 from amortjax.engine import datapoint_keys, map_datapoints
-from amortjax.evaluation.bounds import evaluate_bounds
+from amortjax.estimators import bounds_batch
 from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
-from amortjax.guides.local import given_params_guide
+from amortjax.guides.local import given_params_guide, local_elbo
 from amortjax.latents import Site, check_site, latent_size, log_joint_unconstrained
 from amortjax.sharding import active_mesh, check_divisible, replicate
-from amortjax.traces import check_data, log_weights
+from amortjax.traces import check_data
 
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
 _MIN_CURVATURE = 1e-3  # floor of the Newton step's curvature eigenvalues
@@ -66,6 +66,25 @@ DEFAULTS = {  # per method: (learning_rate, block_size)
     "adam": (3e-3, 50),
     "newton": (0.5, 10),
 }
+
+
+class QStarSettings(NamedTuple):
+    """The per-example optimizer's settings (`fit_local`'s keyword arguments of the same names
+    and defaults; see its docstring), as one value to pass around: `fit_local(...,
+    **settings._asdict())`, `PerExample(settings)`, `gap_decomposition(qstar=settings)`."""
+
+    method: str = "auto"
+    num_samples: int = 4
+    learning_rate: float | None = None
+    block_size: int | None = None
+    patience: int = 4
+    max_steps: int = 100_000
+    min_improvement: float = 0.0
+    lr_decay: float = 0.3
+    num_decays: int = 3
+    select_samples: int = 256
+    final_samples: int = 1000
+    batch_size: int = 100
 
 
 class LocalFit(NamedTuple):
@@ -128,38 +147,6 @@ class LocalFit(NamedTuple):
             f"on average (max {out['gain_max']:.4f})"
         )
         return out
-
-
-def local_elbo(
-    model: Callable,
-    params: dict,
-    x: jax.Array,
-    lam: jax.Array,
-    key: jax.Array,
-    *,
-    family: Family,
-    num_samples: int,
-    site: Site = "z",
-) -> jax.Array:
-    """S-sample reparameterized estimate of L(lambda; x) for ONE datapoint.
-
-    Args:
-        model: NumPyro model with local latents in the data plate.
-        params: model parameters theta.
-        x: one observation, `[x_dim]` (any per-datapoint shape).
-        lam: its variational parameters, `[num_params]`.
-        key: PRNG key.
-        family: the variational family of lam.
-        num_samples: S.
-        site: the model's local latents (a site name or a `LocalLatents`).
-
-    Returns:
-        A scalar, differentiable in lam and params.
-    """
-    xs = jnp.broadcast_to(x, (num_samples, *x.shape))
-    lams = jnp.broadcast_to(lam, (num_samples, *lam.shape))
-    guide = given_params_guide(family, site=site)
-    return log_weights(model, guide, params, xs, key, lams).mean()
 
 
 def _newton_one(
@@ -627,17 +614,19 @@ def fit_local(
     lam = np.where(moved[:, None], candidate, np.asarray(init))
     elbo = iwae = None
     if final_samples:
-        bounds = evaluate_bounds(
-            model,
-            given_params_guide(family, site=site),
+        elbo, iwae = map_datapoints(  # evaluate_bounds without its checks, made above
+            functools.partial(
+                bounds_batch,
+                model,
+                given_params_guide(family, site=site),
+                int(final_samples),
+                min(100, int(final_samples)),
+            ),
             params,
-            x,
             eval_key,
-            num_samples=final_samples,
+            [x, lam],
             batch_size=num_slots,
-            guide_args=(lam,),
         )
-        elbo, iwae = bounds.elbo, bounds.iwae
     busy, blocks = int(final.busy), int(final.blocks)
     return LocalFit(
         params=lam,

@@ -16,17 +16,29 @@ state.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from amortjax.checks import check_float, check_int
-from amortjax.engine import datapoint_keys
 from amortjax.families import Family
-from amortjax.inference.local import local_elbo
+from amortjax.guides.semi_amortized import refine_steps
 from amortjax.latents import Site, check_site
 from amortjax.traces import check_data
+
+
+class RefineSettings(NamedTuple):
+    """The refinement's settings (`refine`'s keyword arguments of the same names and defaults),
+    as one value: `refine(..., **settings._asdict())`, `SemiAmortized(encoder, settings)`."""
+
+    num_steps: int
+    step_size: float = 1.0
+    momentum: float = 0.5
+    max_grad_norm: float | None = 5.0
+    num_samples: int = 1
+    checkpoint: bool = True
 
 
 def _traced(*trees) -> bool:
@@ -114,43 +126,8 @@ def refine(
     if not _traced(x, params, lam0):
         x = check_data(model, params, x)
         check_site(model, params, x, site, "refine")
-    return refine_unchecked(
+    return refine_steps(
         model, params, x, lam0, key, family=family, num_steps=num_steps, step_size=step_size,
         momentum=momentum, max_grad_norm=max_grad_norm, num_samples=num_samples, site=site,
         checkpoint=checkpoint, indices=indices,
     )  # fmt: skip
-
-
-def refine_unchecked(model, params, x, lam0, key, *, family, num_steps, step_size=1.0,
-                     momentum=0.5, max_grad_norm=5.0, num_samples=1, site="z", checkpoint=True,
-                     indices=None):  # fmt: skip
-    """`refine` without its argument and data checks, for callers that made them once already
-    (the semi-amortized guide, whose data `Trainer`/`fit` checked)."""
-    if num_steps == 0:
-        return lam0
-    step_size = jnp.asarray(step_size)
-
-    def one(xi: jax.Array, lam: jax.Array, ki: jax.Array) -> jax.Array:
-        def step(carry, k):
-            lam, velocity = carry
-            grad = jax.grad(
-                lambda lam: local_elbo(
-                    model, params, xi, lam, k, family=family, num_samples=num_samples, site=site
-                )
-            )(lam)
-            if max_grad_norm is not None:
-                norm = jnp.sqrt(jnp.sum(grad**2))
-                grad = grad * jnp.minimum(1.0, max_grad_norm / (norm + 1e-12))
-            velocity = momentum * velocity + grad
-            return (lam + step_size * velocity, velocity), None
-
-        body = jax.checkpoint(step) if checkpoint else step
-        (lam, _), _ = jax.lax.scan(
-            body, (lam, jnp.zeros_like(lam)), jax.random.split(ki, num_steps)
-        )
-        return lam
-
-    if indices is None:
-        indices = jnp.arange(x.shape[0])
-    keys = datapoint_keys(key, indices)
-    return jax.vmap(one)(x, lam0, keys)

@@ -19,6 +19,7 @@ from amortjax.models.core import (
     check_observations,
     data_plate,
     get_likelihood,
+    simulate,
     with_fixed_params,
 )
 from amortjax.models.vae import conditional_vae_model, decode_mean, pack_condition, vae_model
@@ -35,6 +36,7 @@ __all__ = [
     "decode_mean",
     "get_likelihood",
     "pack_condition",
+    "simulate",
     "vae_model",
     "with_fixed_params",
 ]

@@ -27,8 +27,8 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from amortjax.data.synthetic import LinearGaussian
 from amortjax.models.core import data_plate
+from amortjax.models.linear_gaussian import LinearGaussian
 
 NOISE = ("diagonal", "isotropic")
 

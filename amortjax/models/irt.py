@@ -25,8 +25,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 
-from amortjax.models.core import data_plate
-from amortjax.traces import simulate
+from amortjax.models.core import data_plate, simulate
 
 QUESTIONS_PLATE = "questions"
 

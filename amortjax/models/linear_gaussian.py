@@ -16,14 +16,13 @@ Gaussian q is log p(x_i) - KL(q || p(z_i | x_i)).
 
 This module is the ground truth for every estimator and optimizer in the tests. The closed
 forms are computed in float64 with numpy (whatever JAX's precision), so that narrow posteriors
-(noise 1e-3) are testable. `linear_gaussian_vae` expresses the same model as the library's
-NumPyro VAE (a linear decoder with a Gaussian likelihood, a linear encoder), so that the code
-path the library uses on real data is what gets tested against them.
+(noise 1e-3) are testable. `amortjax.guides.linear_gaussian.linear_gaussian_vae` expresses the
+same model as the library's NumPyro VAE (a linear decoder with a Gaussian likelihood, a linear
+encoder), so that the code path the library uses on real data is what gets tested against them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -202,54 +201,3 @@ def make_linear_gaussian(
         weight = jax.random.normal(kw, (x_dim, z_dim))
         noise = noise_scale * jnp.exp(0.3 * jax.random.normal(kn, (x_dim,)))
     return LinearGaussian(weight=weight, bias=bias, noise_scale=noise)
-
-
-def linear_gaussian_vae(
-    lg: LinearGaussian, *, encoder: str = "best_diagonal"
-) -> tuple[Callable, Callable, dict]:
-    """The linear-Gaussian model as a `vae_model` with a linear decoder and Gaussian likelihood.
-
-    Args:
-        lg: the model.
-        encoder: what the (linear) amortized encoder outputs for each x_i: "best_diagonal" (mean
-            m_i and the best diagonal scales; the exact posterior when it is diagonal), or
-            "prior" (N(0, I) whatever x_i is).
-
-    Returns:
-        `(model, guide, params)`: a NumPyro model and amortized guide, and the parameters
-        (decoder, noise scale, encoder) that make them this model and this q.
-    """
-    # Imported here: the data package must not depend on the modelling layers at import time.
-    from amortjax.families import DiagonalGaussian
-    from amortjax.guides import amortized_guide
-    from amortjax.models import vae_model
-    from amortjax.nets import MLP
-
-    decoder = MLP(hidden_sizes=(), out_size=lg.x_dim)
-    enc = MLP(hidden_sizes=(), out_size=2 * lg.z_dim)
-    model = vae_model(decoder, z_dim=lg.z_dim, likelihood="gaussian")
-    guide = amortized_guide(enc, x_dim=lg.x_dim, family=DiagonalGaussian())
-
-    if encoder == "best_diagonal":
-        # m_i = (x_i - b) @ A with A = diag(psi)^-1 W S^T, affine in x_i (float64, then cast).
-        w, b, psi_sd = lg._f64()
-        a = np.linalg.solve(lg.posterior_precision(), (w / psi_sd[:, None] ** 2).T).T
-        loc_kernel, loc_bias = jnp.asarray(a, jnp.float32), jnp.asarray(-b @ a, jnp.float32)
-        _, scale = lg.best_diagonal(b[None])
-        scale = jnp.asarray(scale, jnp.float32)
-    elif encoder == "prior":
-        loc_kernel, loc_bias = jnp.zeros((lg.x_dim, lg.z_dim)), jnp.zeros(lg.z_dim)
-        scale = jnp.ones(lg.z_dim)
-    else:
-        raise ValueError(f"unknown encoder {encoder!r}; choose 'best_diagonal' or 'prior'")
-    params = {
-        "decoder$params": {"Dense_0": {"kernel": lg.weight.T, "bias": lg.bias}},
-        "log_noise_scale": jnp.log(lg.noise_scale),
-        "encoder$params": {
-            "Dense_0": {
-                "kernel": jnp.concatenate([loc_kernel, jnp.zeros_like(loc_kernel)], axis=1),
-                "bias": jnp.concatenate([loc_bias, jnp.log(scale.reshape(-1))]),
-            }
-        },
-    }
-    return model, guide, params

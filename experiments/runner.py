@@ -36,10 +36,12 @@ EXPERIMENTS_PACKAGE = "experiments"
 
 
 def available_experiments() -> list[str]:
-    """Names of the modules in the experiments package."""
+    """Names of the experiment modules in the experiments package (all but this runner)."""
     package = importlib.import_module(EXPERIMENTS_PACKAGE)
     return sorted(
-        m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")
+        m.name
+        for m in pkgutil.iter_modules(package.__path__)
+        if not m.name.startswith("_") and m.name != __name__.rpartition(".")[2]
     )
 
 

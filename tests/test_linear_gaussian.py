@@ -60,7 +60,7 @@ def test_closed_forms_are_float64_and_exact_for_narrow_posteriors():
     """Noise 1e-3: the float32 closed forms were off by up to 1.5 nats, or NaN at z_dim 50."""
     from scipy import stats
 
-    from amortjax.data.synthetic import make_linear_gaussian
+    from amortjax.models.linear_gaussian import make_linear_gaussian
 
     for x_dim, z_dim in ((10, 1), (60, 50)):
         lg = make_linear_gaussian(jax.random.key(5), x_dim=x_dim, z_dim=z_dim, noise_scale=1e-3)

@@ -1,0 +1,107 @@
+"""The regime objects: each produces the lambda its guide would, against the closed forms of
+the linear-Gaussian model, and the three train and infer through one loop."""
+
+import inspect
+
+import jax
+import numpy as np
+import pytest
+
+from amortjax.families import DiagonalGaussian
+from amortjax.guides.amortized import encode
+from amortjax.guides.linear_gaussian import linear_gaussian_vae
+from amortjax.inference.local import QStarSettings, fit_local
+from amortjax.inference.refine import RefineSettings, refine
+from amortjax.inference.training import Trainer, fit
+from amortjax.nets import MLP
+from amortjax.regimes import Amortized, PerExample, SemiAmortized
+
+
+@pytest.fixture(scope="module")
+def case(lg_correlated):
+    lg = lg_correlated
+    model, _, params = linear_gaussian_vae(lg)
+    x, _ = lg.sample(jax.random.key(7), 24)
+    encoder = MLP(hidden_sizes=(), out_size=2 * lg.z_dim)
+    return lg, model, params, np.asarray(x), encoder
+
+
+def _defaults(fn) -> dict:
+    return {
+        name: p.default
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def test_settings_types_carry_the_functions_own_defaults():
+    """QStarSettings() and RefineSettings(K) are fit_local's and refine's defaults, so a
+    regime built with them behaves as the functions called without those arguments."""
+    assert QStarSettings()._asdict().items() <= _defaults(fit_local).items()
+    refine_defaults = RefineSettings(num_steps=3)._asdict()
+    refine_defaults.pop("num_steps")
+    assert refine_defaults.items() <= _defaults(refine).items()
+
+
+def test_amortized_infers_the_encoders_output_the_exact_best_diagonal(case):
+    lg, model, params, x, encoder = case
+    inferred = Amortized(encoder).infer(model, params, x)
+    loc, scale = lg.best_diagonal(x)
+    np.testing.assert_allclose(inferred.params[:, :3], loc, atol=1e-4)
+    np.testing.assert_allclose(np.exp(inferred.params[:, 3:]), np.broadcast_to(scale, loc.shape),
+                               rtol=1e-4)  # fmt: skip
+    assert np.all(inferred.steps == 0) and inferred.seconds > 0
+
+
+def test_semi_amortized_infers_the_refined_encoder_output(case):
+    lg, model, params, x, encoder = case
+    settings = RefineSettings(num_steps=4, step_size=0.05)
+    key = jax.random.key(3)
+    inferred = SemiAmortized(encoder, settings, site="z").infer(model, params, x, key)
+    lam0 = encode(encoder, params, x)
+    expected = refine(model, params, x, lam0, key, family=DiagonalGaussian(), num_steps=4,
+                      step_size=0.05)  # fmt: skip
+    np.testing.assert_allclose(inferred.params, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(inferred.start, lam0, rtol=1e-6)
+    # from the prior (no encoder): K steps raise the exact ELBO above the prior's
+    prior = SemiAmortized(None, settings, site="z", z_dim=3).infer(model, params, x, key)
+    np.testing.assert_allclose(prior.start, 0.0)
+    elbo = lambda lam: lg.elbo(x, lam[:, :3], np.exp(lam[:, 3:]))  # noqa: E731
+    assert np.all(elbo(prior.params) > elbo(prior.start))
+    with pytest.raises(ValueError, match="unknown mode 'savae'"):
+        SemiAmortized(encoder, settings, mode="savae")
+    with pytest.raises(TypeError, match="RefineSettings"):
+        SemiAmortized(encoder, {"num_steps": 4})
+
+
+def test_per_example_infers_q_star_from_its_settings(case):
+    """From N(0, I), q* reaches the analytic best diagonal Gaussian within 0.01 nats."""
+    lg, model, params, x, _ = case
+    settings = QStarSettings(method="newton", final_samples=0, batch_size=8)
+    inferred = PerExample(settings, site="z", z_dim=3).infer(model, params, x, jax.random.key(1))
+    best = lg.elbo(x, *lg.best_diagonal(x))
+    reached = lg.elbo(x, inferred.params[:, :3], np.exp(inferred.params[:, 3:]))
+    assert np.all(best - reached < 0.01), (best - reached).max()
+    np.testing.assert_allclose(inferred.start, 0.0)
+    assert inferred.fit is not None and np.all(inferred.steps == inferred.fit.steps)
+
+
+def test_the_three_regimes_train_in_one_loop_and_infer_new_data(case):
+    lg, model, _, x, encoder = case
+    x_new = np.asarray(lg.sample(jax.random.key(8), 5)[0])
+    refine_settings = RefineSettings(num_steps=2, step_size=0.01)
+    regimes = [
+        Amortized(encoder),
+        PerExample(QStarSettings(final_samples=0, max_steps=200)),
+        SemiAmortized(encoder, refine_settings, mode="svi"),
+    ]
+    for regime in regimes:
+        trainer = Trainer(model, regime.guide(model, x), regime.optimizer(1e-2), n_data=24,
+                          batch_size=8)  # fmt: skip
+        result = fit(trainer, x, key=jax.random.key(0), epochs=3, progress=False)
+        losses = result.history["train_loss"][1]
+        assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], (regime.name, losses)
+        inferred = regime.infer(model, result.params, x_new, jax.random.key(2))
+        assert inferred.params.shape == (5, 6), regime.name
+        if isinstance(regime, PerExample):  # one trained row per training datapoint
+            assert regime.training_params(result.params).shape == (24, 6)
