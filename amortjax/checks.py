@@ -47,3 +47,31 @@ def check_float(
         span = f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
         hint = f"; {fix}" if fix else ""
         raise ValueError(f"{where}: {name} must be a finite number in {span}, got {value!r}{hint}")
+
+
+def resolve_settings(where: str, kind: type, settings: Any, overrides: dict[str, Any]) -> Any:
+    """An entry point's settings: `settings` (an instance of the NamedTuple `kind`, or None for
+    its defaults) with the keyword `overrides` applied, e.g. `fit_local(..., learning_rate=1e-3)`
+    or `fit_local(..., QStarSettings(...), max_steps=500)`.
+
+    Raises:
+        TypeError: settings of another type, or an override that is not a field of `kind`
+            (the message lists the fields), or a required field left out.
+    """
+    unknown = sorted(set(overrides) - set(kind._fields))
+    if unknown:
+        raise TypeError(
+            f"{where}: unknown setting(s) {unknown}; the settings ({kind.__name__}) are "
+            f"{list(kind._fields)}"
+        )
+    if settings is None:
+        try:
+            return kind(**overrides)
+        except TypeError as err:
+            raise TypeError(f"{where}: {kind.__name__} needs {err}") from None
+    if not isinstance(settings, kind):
+        raise TypeError(
+            f"{where}: settings must be a {kind.__name__}, got {type(settings).__name__} (build "
+            f"one with {kind.__name__}(...), or pass its fields as keyword arguments)"
+        )
+    return settings._replace(**overrides)

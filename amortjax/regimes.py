@@ -202,12 +202,12 @@ class PerExample:
             params,
             x,
             key,
+            self.settings,
             family=self.family,
             site=site,
             z_dim=self.z_dim,
             init=init,
             progress=progress,
-            **self.settings._asdict(),
         )
         seconds = time.perf_counter() - start
         lam0 = (
@@ -299,7 +299,7 @@ def _refine_jit(model, encoder, family, site, size, settings) -> Callable:
             lam0 = jnp.broadcast_to(standard, (x.shape[0], *standard.shape))
         else:
             lam0 = encode(encoder, params, x)
-        lam = refine(model, params, x, lam0, key, family=family, site=site, **settings._asdict())
+        lam = refine(model, params, x, lam0, key, settings, family=family, site=site)
         return lam0, lam
 
     return jax.jit(run)

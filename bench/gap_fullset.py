@@ -34,18 +34,19 @@ from amortjax.evaluation.bounds import evaluate_pair, mean_and_stderr
 from amortjax.evaluation.gaps import gap_decomposition
 from amortjax.evaluation.subsets import random_subset
 from amortjax.guides import encode
-from amortjax.inference.local import fit_local
+from amortjax.inference.local import QStarSettings, fit_local
 from amortjax.inference.training import fit
 from bench.common import RESULTS_DIR
 from experiments.amortization_gap import Config, _ais_settings, _qstar_settings, _Setup
 
 
-def _doubled(settings: dict) -> dict:
-    out = dict(settings)
-    for name in ("num_samples", "block_size", "patience", "num_decays", "max_steps"):
-        if name in out:
-            out[name] = 2 * out[name]
-    return out
+def _doubled(settings: QStarSettings) -> QStarSettings:
+    """Every budget of q* doubled: draws, block length, patience, step-size reductions, steps
+    (a None block length, the method's default, stays)."""
+    fields = ("num_samples", "block_size", "patience", "num_decays", "max_steps")
+    return settings._replace(
+        **{f: 2 * getattr(settings, f) for f in fields if getattr(settings, f) is not None}
+    )
 
 
 def _train(config: Config, family: str, data, model_dir: Path) -> tuple[_Setup, dict, float]:
@@ -71,9 +72,9 @@ def _doubling(config, setup, params, x, key) -> dict[str, Any]:
         start = time.perf_counter()
         q = fit_local(
             setup.model, params, x, key, family=setup.family, init=lam, final_samples=0,
-            batch_size=config.eval_batch_size, **settings,
+            batch_size=config.eval_batch_size, settings=settings,
         )  # fmt: skip
-        runs[name] = (q, time.perf_counter() - start, settings)
+        runs[name] = (q, time.perf_counter() - start, settings._asdict())
     pair = evaluate_pair(
         setup.model, params, x, runs["quick"][0].params, runs["doubled"][0].params,
         jax.random.fold_in(key, 1), family=setup.family, num_samples=5000,

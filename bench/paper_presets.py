@@ -30,18 +30,18 @@ from experiments.runner import load_experiment, resolve_config, run_experiment
 PROBES: dict[str, list[str]] = {
     "vae_mnist": ["epochs=2", "iwae_points=20", "valid_points=100"],
     "amortization_gap": (
-        "epochs=2 datasets=mnist train_points=5 test_points=5 ais=false "
-        "iwae_samples=10 qstar_max_steps=100 curve_points=5 curve_iwae_samples=10 "
+        "epochs=2 datasets=mnist train_points=5 test_points=5 run_ais=false "
+        "iwae_samples=10 qstar.max_steps=100 curve_points=5 curve_iwae_samples=10 "
         "curve_qstar_steps=100 frozen_decoder=false latent_figure=false"
     ).split(),
     "semi_amortized": ["epochs=2", "eval_points=20", "frontier_points=20"],
-    "item_response": ["epochs=2", "num_test=100", "qstar_max_steps=100", "grid_size=41"],
+    "item_response": ["epochs=2", "num_test=100", "qstar.max_steps=100", "grid_size=41"],
 }
 
 #: Quick mode (tests, smoke runs): the quick presets with one dataset and tiny evaluations.
 QUICK_PROBES: dict[str, list[str]] = {
     "item_response": (
-        "epochs=2 num_train=200 num_test=20 num_questions=10 batch_size=50 qstar_max_steps=20 "
+        "epochs=2 num_train=200 num_test=20 num_questions=10 batch_size=50 qstar.max_steps=20 "
         "elbo_samples=10 grid_size=101"
     ).split(),
 }

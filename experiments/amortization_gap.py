@@ -53,13 +53,14 @@ import numpy as np
 from amortjax import plotting
 from amortjax.data import DATASETS, load_data, split_sizes
 from amortjax.data.loading import dynamic_binarize
+from amortjax.evaluation.ais import AISSettings
 from amortjax.evaluation.gaps import AIS_STARTS, Gaps, gap_decomposition
 from amortjax.evaluation.subsets import random_subset
 from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
 from amortjax.flows import AffineCouplingFlow, FlowEncoder
 from amortjax.guides import amortized_guide, encode
 from amortjax.inference.local import METHODS as QSTAR_METHODS
-from amortjax.inference.local import fit_local
+from amortjax.inference.local import QStarSettings, fit_local
 from amortjax.inference.objectives import SCHEDULES as LR_SCHEDULES
 from amortjax.inference.objectives import make_optimizer
 from amortjax.inference.training import Trainer, fit, seconds_per_epoch
@@ -70,6 +71,7 @@ from experiments.runner import (
     check_at_most,
     check_choice,
     check_config,
+    check_set_elsewhere,
     config_to_dict,
     load_saved_result,
     write_json,
@@ -101,18 +103,20 @@ class Config:
     train_points: int | None = 100
     test_points: int | None = 100
     iwae_samples: int = 5000
-    ais: bool = True
-    ais_chains: int = 8
-    ais_temperatures: int = 200
-    ais_leapfrog: int = 5
+    run_ais: bool = True
+    ais: AISSettings = AISSettings(num_chains=8, num_temperatures=200, leapfrog_steps=5)
     ais_start: str = "qstar"
-    qstar_method: str = "adam"
-    qstar_learning_rate: float = 3e-3
-    qstar_samples: int = 4
-    qstar_block: int = 50
-    qstar_patience: int = 4
-    qstar_decays: int = 2
-    qstar_max_steps: int = 5000
+    # q* (method "auto": Newton steps with their own defaults for the Gaussian families, Adam
+    # with these rate, draws and blocks for the flow)
+    qstar: QStarSettings = QStarSettings(
+        method="adam",
+        num_samples=4,
+        learning_rate=3e-3,
+        block_size=50,
+        patience=4,
+        max_steps=5000,
+        num_decays=2,
+    )
     curve_every: int = 5
     curve_points: int = 50
     curve_iwae_samples: int = 500
@@ -133,7 +137,7 @@ class Config:
         check_choice("activation", self.activation, tuple(ACTIVATIONS))
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_choice("ais_start", self.ais_start, AIS_STARTS)
-        check_choice("qstar_method", self.qstar_method, QSTAR_METHODS)
+        check_choice("qstar.method", self.qstar.method, QSTAR_METHODS)
         if self.z_dim < 2 and "flow" in self.families:
             raise ValueError(
                 f"option z_dim={self.z_dim}: the flow family needs z_dim >= 2 (a coupling "
@@ -149,8 +153,30 @@ class Config:
             )
         # the curves' training points are the first curve_points of the train_points subset
         check_at_most("curve_points", self.curve_points, "train_points", self.train_points)
-        check_at_most("qstar_block", self.qstar_block, "qstar_max_steps", self.qstar_max_steps)
+        check_at_most(
+            "qstar.block_size", self.qstar.block_size, "qstar.max_steps", self.qstar.max_steps
+        )
+        check_set_elsewhere(
+            "qstar",
+            self.qstar,
+            {"batch_size": "eval_batch_size", "final_samples": "q* is scored with iwae_samples"},
+        )
 
+
+# Options of results folders made before the settings groups, read under their new names
+RENAMED_OPTIONS = {
+    "ais": "run_ais",
+    "ais_chains": "ais.num_chains",
+    "ais_temperatures": "ais.num_temperatures",
+    "ais_leapfrog": "ais.leapfrog_steps",
+    "qstar_method": "qstar.method",
+    "qstar_learning_rate": "qstar.learning_rate",
+    "qstar_samples": "qstar.num_samples",
+    "qstar_block": "qstar.block_size",
+    "qstar_patience": "qstar.patience",
+    "qstar_decays": "qstar.num_decays",
+    "qstar_max_steps": "qstar.max_steps",
+}
 
 PRESETS: dict[str, dict] = {
     "quick": {},
@@ -161,16 +187,16 @@ PRESETS: dict[str, dict] = {
         "kl_warmup_epochs": 100,
         "train_points": 1000,
         "test_points": None,
-        "ais_chains": 16,
-        "ais_temperatures": 1000,
-        "ais_leapfrog": 10,
-        "qstar_method": "auto",
-        "qstar_learning_rate": 1e-3,
-        "qstar_samples": 10,
-        "qstar_block": 100,
-        "qstar_patience": 10,
-        "qstar_decays": 3,
-        "qstar_max_steps": 100_000,
+        "ais.num_chains": 16,
+        "ais.num_temperatures": 1000,
+        "ais.leapfrog_steps": 10,
+        "qstar.method": "auto",
+        "qstar.learning_rate": 1e-3,
+        "qstar.num_samples": 10,
+        "qstar.block_size": 100,
+        "qstar.patience": 10,
+        "qstar.num_decays": 3,
+        "qstar.max_steps": 100_000,
         "curve_every": 100,
         "curve_points": 1000,
         "curve_iwae_samples": 5000,
@@ -205,35 +231,26 @@ def make_family_and_encoder(
     return family, encoder
 
 
-def _qstar_settings(config: Config, family) -> dict:
-    """fit_local's settings. qstar_method "auto": Newton steps with their own defaults for the
+def _qstar_settings(config: Config, family) -> QStarSettings:
+    """q*'s settings for a family. Method "auto": Newton steps with their own defaults for the
     Gaussian families, Adam with the configured rate, draws and blocks for the flow."""
-    method = config.qstar_method
+    settings = config.qstar
+    method = settings.method
     if method == "auto":
         method = "newton" if isinstance(family, DiagonalGaussian | FullRankGaussian) else "adam"
-    settings = dict(
-        method=method,
-        patience=config.qstar_patience,
-        num_decays=config.qstar_decays,
-        max_steps=config.qstar_max_steps,
-    )
-    if method == "adam":
-        settings.update(
-            learning_rate=config.qstar_learning_rate,
-            num_samples=config.qstar_samples,
-            block_size=config.qstar_block,
+    if method == "newton":
+        defaults = QStarSettings()
+        return settings._replace(
+            method=method,
+            learning_rate=None,
+            num_samples=defaults.num_samples,
+            block_size=None,
         )
-    return settings
+    return settings._replace(method=method)
 
 
-def _ais_settings(config: Config) -> dict | None:
-    if not config.ais:
-        return None
-    return dict(
-        num_chains=config.ais_chains,
-        num_temperatures=config.ais_temperatures,
-        leapfrog_steps=config.ais_leapfrog,
-    )
+def _ais_settings(config: Config) -> AISSettings | None:
+    return config.ais if config.run_ais else None
 
 
 class _Setup:
@@ -266,7 +283,7 @@ def _decompose(config, model, encoder, family, params, x, key, *, curve=False, p
     lam = np.asarray(encode(encoder, params, jnp.asarray(x)))
     qstar = _qstar_settings(config, family)
     if curve:  # a cheaper q* for the curves over training
-        qstar["max_steps"] = min(qstar["max_steps"], config.curve_qstar_steps)
+        qstar = qstar._replace(max_steps=min(qstar.max_steps, config.curve_qstar_steps))
     return gap_decomposition(
         model,
         params,
@@ -565,8 +582,8 @@ def _latent_figure(config, key, workdir, figures, progress) -> Path:
     ):
         lam = encode(encoder, p, xj)
         fitted = fit_local(
-            setup.model, params, x, jax.random.fold_in(key, 7002), family=family, init=lam,
-            final_samples=10, **_qstar_settings(small, family),
+            setup.model, params, x, jax.random.fold_in(key, 7002),
+            _qstar_settings(small, family), family=family, init=lam, final_samples=10,
         )  # fmt: skip
         qs[f"amortized {label}"] = (family, lam)
         qs[f"optimal {label}"] = (family, jnp.asarray(fitted.params))
@@ -644,10 +661,10 @@ def _table(entries: dict[str, dict], split: str) -> list[str]:
 def _report(config: Config, metrics: dict, figures: list[str]) -> str:
     models = metrics["models"]
     ais = (
-        f"AIS ({config.ais_chains} chains, {config.ais_temperatures} temperatures, "
-        f"{config.ais_leapfrog} leapfrog steps, started at {config.ais_start}, step sizes "
+        f"AIS ({config.ais.num_chains} chains, {config.ais.num_temperatures} temperatures, "
+        f"{config.ais.leapfrog_steps} leapfrog steps, started at {config.ais_start}, step sizes "
         "from a pilot pass)"
-        if config.ais
+        if config.run_ais
         else "no AIS"
     )
     lines = [
@@ -661,10 +678,11 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
         "",
         f"Nats per datapoint, mean ± standard error over datapoints. L[q] and L[q*] are ELBOs "
         f"with {config.iwae_samples} draws each, on common random numbers; q is the encoder's, "
-        f"q* the same family fitted to each datapoint (method `{config.qstar_method}`; Adam at "
-        f"rate {config.qstar_learning_rate}, S={config.qstar_samples}, blocks of "
-        f"{config.qstar_block} steps; after {config.qstar_patience} blocks without improvement "
-        f"the step size drops 0.3-fold, {config.qstar_decays} times, then q* has converged), "
+        f"q* the same family fitted to each datapoint (method `{config.qstar.method}`; Adam at "
+        f"rate {config.qstar.learning_rate}, S={config.qstar.num_samples}, blocks of "
+        f"{config.qstar.block_size} steps; after {config.qstar.patience} blocks without "
+        f"improvement the step size drops 0.3-fold, {config.qstar.num_decays} times, then q* "
+        "has converged), "
         f"started at the encoder's output and kept there where its end point is no better. "
         f"log p̂(x) is a lower bound per datapoint: the better (highest mean) of importance "
         f"sampling from (q + q*)/2 with {2 * config.iwae_samples} draws and {ais}.",

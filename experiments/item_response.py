@@ -57,8 +57,8 @@ REGIMES = ("amortized", "per_example", "semi_amortized")
 class Config:
     """Options of the experiment; the defaults are the quick preset.
 
-    `semi_step_size` is small because a trait's gradient sums over all D questions (Kim et
-    al.'s step size 1 is for a VAE's standardized latents and diverges here); `semi_samples`
+    `refine.step_size` is small because a trait's gradient sums over all D questions (Kim et
+    al.'s step size 1 is for a VAE's standardized latents and diverges here); `refine.num_samples`
     draws per refinement step (with one, the steps' noise costs more than they gain on this
     easy posterior).
     """
@@ -72,12 +72,10 @@ class Config:
     epochs: int = 60
     batch_size: int = 100
     learning_rate: float = 3e-2
-    semi_steps: int = 5
-    semi_step_size: float = 0.05
-    semi_samples: int = 10
-    qstar_learning_rate: float = 0.02
-    qstar_samples: int = 10
-    qstar_max_steps: int = 2000
+    refine: RefineSettings = RefineSettings(num_steps=5, step_size=0.05, num_samples=10)
+    qstar: QStarSettings = QStarSettings(
+        method="adam", learning_rate=0.02, num_samples=10, max_steps=2000, final_samples=10
+    )
     elbo_samples: int = 1000
     grid_size: int = 801
     checkpoint_every: int = 10
@@ -96,6 +94,16 @@ class Config:
         check_at_most("num_traits", self.num_traits, "num_questions", self.num_questions)
 
 
+# Options of results folders made before the settings groups, read under their new names
+RENAMED_OPTIONS = {
+    "semi_steps": "refine.num_steps",
+    "semi_step_size": "refine.step_size",
+    "semi_samples": "refine.num_samples",
+    "qstar_learning_rate": "qstar.learning_rate",
+    "qstar_samples": "qstar.num_samples",
+    "qstar_max_steps": "qstar.max_steps",
+}
+
 PRESETS: dict[str, dict] = {
     "quick": {},
     # No paper defines this benchmark; the larger preset is sized for a GPU: 20k people, 100
@@ -113,7 +121,7 @@ PRESETS: dict[str, dict] = {
         "batch_size": 500,
         "learning_rate": 1e-2,
         "grid_size": 401,
-        "qstar_max_steps": 10000,
+        "qstar.max_steps": 10000,
     },
 }
 
@@ -124,20 +132,8 @@ def _regime(name: str, config: Config, layout, encoder) -> Regime:
     if name == "amortized":
         return Amortized(encoder, site=layout)
     if name == "per_example":
-        settings = QStarSettings(
-            method="adam",
-            learning_rate=config.qstar_learning_rate,
-            num_samples=config.qstar_samples,
-            max_steps=config.qstar_max_steps,
-            final_samples=10,
-        )
-        return PerExample(settings, site=layout)
-    settings = RefineSettings(
-        num_steps=config.semi_steps,
-        step_size=config.semi_step_size,
-        num_samples=config.semi_samples,
-    )
-    return SemiAmortized(encoder, settings, site=layout)
+        return PerExample(config.qstar, site=layout)
+    return SemiAmortized(encoder, config.refine, site=layout)
 
 
 def _corr(a, b) -> float:
@@ -294,7 +290,7 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
         f"{d['num_questions']} questions, {d['num_traits']}-D traits (simulated 2PL model). "
         f"Local latents found: {metrics['layout']['local']}; global: "
         f"{metrics['layout']['global']} (AutoNormal). {config.epochs} epochs for every regime; "
-        f"semi-amortized K={config.semi_steps} steps of {config.semi_samples} draws. "
+        f"semi-amortized K={config.refine.num_steps} steps of {config.refine.num_samples} draws. "
         f"Log-likelihoods are nats per person, exact by quadrature on a {config.grid_size}-point "
         "grid per trait axis; ELBOs use "
         f"{config.elbo_samples} draws.",
@@ -316,8 +312,9 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
         f"— | 0 | {ref['trait_r2_exact_posterior']:.3f} | — | 1 | 1 | — | — |",
         "",
         "New people: amortized = one encoder pass; per-example = `fit_local` from N(0, I) "
-        f"(Adam, lr {config.qstar_learning_rate}, S={config.qstar_samples}, at most "
-        f"{config.qstar_max_steps} steps); semi-amortized = encoder + {config.semi_steps} steps.",
+        f"(Adam, lr {config.qstar.learning_rate}, S={config.qstar.num_samples}, at most "
+        f"{config.qstar.max_steps} steps); semi-amortized = encoder + {config.refine.num_steps} "
+        "steps.",
         "",
     ]
     semi = metrics["regimes"].get("semi_amortized")

@@ -81,13 +81,45 @@ def _parse_value(key: str, text: str, kind: Any) -> Any:
     )
 
 
+def _is_group(kind: Any) -> bool:
+    """A settings group: a NamedTuple type (e.g. `QStarSettings`) whose fields are options."""
+    return isinstance(kind, type) and issubclass(kind, tuple) and hasattr(kind, "_fields")
+
+
+def option_names(config_type: type) -> list[str]:
+    """Every option a config takes: its fields, and `group.field` for its settings groups."""
+    names = []
+    for name, kind in typing.get_type_hints(config_type).items():
+        if _is_group(kind):
+            names += [f"{name}.{field}" for field in kind._fields]
+        else:
+            names.append(name)
+    return names
+
+
+def _option_kind(config_type: type, key: str) -> Any:
+    hints = typing.get_type_hints(config_type)
+    group, _, field = key.partition(".")
+    if group in hints and _is_group(hints[group]):
+        if not field:
+            fields = ", ".join(f"{group}.{f}" for f in hints[group]._fields)
+            raise ValueError(f"option {group!r} is a group: set its fields ({fields})")
+        group_hints = typing.get_type_hints(hints[group])
+        if field in group_hints:
+            return group_hints[field]
+    elif key in hints and not field:
+        return hints[key]
+    raise ValueError(f"unknown option {key!r}; options are: {', '.join(option_names(config_type))}")
+
+
 def apply_overrides(config: Any, overrides: dict[str, Any] | Sequence[str]) -> Any:
-    """A copy of config with fields replaced.
+    """A copy of config with options replaced.
 
     Args:
-        config: a dataclass instance.
-        overrides: a dict of field values, or `key=value` strings parsed by the field's type
-            (tuples as `400,400`; booleans as true/false).
+        config: a dataclass instance; a field typed as a NamedTuple (a settings group such as
+            `QStarSettings`) takes `group.field` options.
+        overrides: a dict of option values, or `key=value` strings parsed by the option's type
+            (tuples as `400,400`; booleans as true/false; `qstar.learning_rate=1e-3`).
 
     Returns:
         The new config.
@@ -95,7 +127,7 @@ def apply_overrides(config: Any, overrides: dict[str, Any] | Sequence[str]) -> A
     Raises:
         ValueError: an unknown option (the known ones are listed) or an unparsable value.
     """
-    hints = typing.get_type_hints(type(config))
+    config_type = type(config)
     if not isinstance(overrides, dict):
         parsed = {}
         for item in overrides:
@@ -103,23 +135,48 @@ def apply_overrides(config: Any, overrides: dict[str, Any] | Sequence[str]) -> A
                 raise ValueError(f"override {item!r} is not of the form key=value")
             key, text = item.split("=", 1)
             key = key.strip()
-            if key not in hints:
-                raise ValueError(f"unknown option {key!r}; options are: {', '.join(hints)}")
-            parsed[key] = _parse_value(key, text, hints[key])
+            parsed[key] = _parse_value(key, text, _option_kind(config_type, key))
         overrides = parsed
-    unknown = [k for k in overrides if k not in hints]
-    if unknown:
-        raise ValueError(f"unknown options {unknown}; options are: {', '.join(hints)}")
-    return dataclasses.replace(config, **overrides)
+    plain, groups = {}, {}
+    hints = typing.get_type_hints(config_type)
+    for key, value in overrides.items():
+        if key in hints and _is_group(hints[key]) and isinstance(value, hints[key]):
+            plain[key] = value  # a whole settings group
+            continue
+        _option_kind(config_type, key)  # refuses unknown names
+        group, _, field = key.partition(".")
+        if field:
+            groups.setdefault(group, {})[field] = value
+        else:
+            plain[key] = value
+    config = dataclasses.replace(config, **plain)
+    return dataclasses.replace(
+        config, **{g: getattr(config, g)._replace(**fields) for g, fields in groups.items()}
+    )
 
 
 # Range rules by option name, checked for every experiment's Config before any data is loaded.
 # Integers (and the items of integer tuples) must be >= 1 unless named here.
-_MIN_ZERO_INTS = frozenset({"seed", "refine_steps", "semi_steps", "test_steps", "frontier_steps"})
+_MIN_ZERO_INTS = frozenset(
+    {"seed", "num_steps", "test_steps", "frontier_steps", "num_decays", "final_samples"}
+)
 # Floats must be finite, and > 0 when their name ends in one of these ...
-_POSITIVE_FLOATS = ("learning_rate", "step_size", "adam_eps", "max_grad_norm")
+_POSITIVE_FLOATS = ("learning_rate", "step_size", "adam_eps", "max_grad_norm", "sigmoid_delta")
 # ... or >= 0 when named here, or in [0, 1) for momentum.
-_MIN_ZERO_FLOATS = frozenset({"beta", "activity_threshold", "kl_warmup_epochs"})
+_MIN_ZERO_FLOATS = frozenset({"beta", "activity_threshold", "kl_warmup_epochs", "min_improvement"})
+
+
+def _options(config: Any) -> list[tuple[str, Any, Any]]:
+    """(name, type, value) of every option, `group.field` for the fields of settings groups."""
+    out = []
+    for name, kind in typing.get_type_hints(type(config)).items():
+        value = getattr(config, name)
+        if _is_group(kind):
+            group_hints = typing.get_type_hints(kind)
+            out += [(f"{name}.{f}", group_hints[f], getattr(value, f)) for f in kind._fields]
+        else:
+            out.append((name, kind, value))
+    return out
 
 
 def check_config(config: Any) -> None:
@@ -132,9 +189,7 @@ def check_config(config: Any) -> None:
     Raises:
         ValueError: naming the option, its value and what it must be.
     """
-    hints = typing.get_type_hints(type(config))
-    for name, kind in hints.items():
-        value = getattr(config, name)
+    for name, kind, value in _options(config):
         if value is None:
             continue
         origin = typing.get_origin(kind)
@@ -145,18 +200,19 @@ def check_config(config: Any) -> None:
             if origin in (typing.Union, types.UnionType):
                 kind = next(a for a in typing.get_args(kind) if a is not type(None))
         for item in items:
+            base = name.rpartition(".")[2]  # a group's field follows its own name's rules
             if kind is int:
-                low = 0 if name in _MIN_ZERO_INTS else 1
+                low = 0 if base in _MIN_ZERO_INTS else 1
                 if item < low:
                     raise ValueError(f"option {name}={value!r}: must be an integer >= {low}")
             elif kind is float:
                 if not math.isfinite(item):
                     raise ValueError(f"option {name}={value!r}: must be a finite number")
-                if name.endswith(_POSITIVE_FLOATS) and item <= 0:
+                if base.endswith(_POSITIVE_FLOATS) and item <= 0:
                     raise ValueError(f"option {name}={value!r}: must be > 0")
-                if name in _MIN_ZERO_FLOATS and item < 0:
+                if base in _MIN_ZERO_FLOATS and item < 0:
                     raise ValueError(f"option {name}={value!r}: must be >= 0")
-                if name.endswith("momentum") and not 0 <= item < 1:
+                if base.endswith("momentum") and not 0 <= item < 1:
                     raise ValueError(f"option {name}={value!r}: must be in [0, 1)")
         if origin is tuple and not value and not name.endswith("_hidden"):
             raise ValueError(f"option {name}=(): give at least one value")
@@ -186,6 +242,18 @@ def check_at_most(
         raise ValueError(f"option {name}={value} exceeds {limit_name}={limit}; {fix}")
 
 
+def check_set_elsewhere(group: str, settings: Any, fields: dict[str, str]) -> None:
+    """Refuses fields of a settings group that the experiment sets itself (`fields`: name ->
+    the option that sets it), so that they are never silently ignored."""
+    defaults = type(settings)()
+    for field, instead in fields.items():
+        if getattr(settings, field) != getattr(defaults, field):
+            raise ValueError(
+                f"option {group}.{field}={getattr(settings, field)!r}: this experiment sets it "
+                f"itself ({instead}); leave it out"
+            )
+
+
 def resolve_config(module: types.ModuleType, preset: str, overrides: Sequence[str] = ()) -> Any:
     """The experiment's config for a preset, with overrides applied and every option checked."""
     if preset not in module.PRESETS:
@@ -197,17 +265,42 @@ def resolve_config(module: types.ModuleType, preset: str, overrides: Sequence[st
 
 
 def config_to_dict(config: Any) -> dict:
-    return dataclasses.asdict(config)
+    """The config as JSON-ready data, a settings group as a dict of its fields."""
+    return {
+        f.name: value._asdict() if _is_group(type(value)) else value
+        for f in dataclasses.fields(config)
+        for value in [getattr(config, f.name)]
+    }
 
 
-def config_from_dict(cls: type, data: dict) -> Any:
-    """Rebuilds a config saved as JSON (lists back to tuples)."""
+def config_from_dict(cls: type, data: dict, renamed: dict[str, str] | None = None) -> Any:
+    """Rebuilds a config saved as JSON (lists back to tuples, groups back to their type).
+    Options saved under an experiment's earlier names (`renamed`, the module's
+    `RENAMED_OPTIONS`, e.g. "qstar_learning_rate" -> "qstar.learning_rate") are read under
+    their new ones (a saved group, a dict, is never renamed)."""
+    renamed = renamed or {}
     hints = typing.get_type_hints(cls)
-    unknown = [k for k in data if k not in hints]
+    values: dict[str, Any] = {}
+    groups: dict[str, dict] = {}
+    for key, value in data.items():
+        value = tuple(value) if isinstance(value, list) else value
+        if not isinstance(value, dict):
+            key = renamed.get(key, key)
+        group, _, field = key.partition(".")
+        if field:
+            groups.setdefault(group, {})[field] = value
+        elif key in hints and _is_group(hints[key]) and isinstance(value, dict):
+            groups.setdefault(key, {}).update(value)
+        else:
+            values[key] = value
+    unknown = [k for k in values if k not in hints] + [g for g in groups if g not in hints]
     if unknown:
         raise ValueError(f"saved config has options {unknown} that {cls.__qualname__} lacks")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return cls(**values)
+    config = cls(**values)
+    for group, fields in groups.items():
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        config = dataclasses.replace(config, **{group: getattr(config, group)._replace(**fields)})
+    return config
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -336,7 +429,9 @@ def run_experiment(
             f"cannot resume {workdir} as {name}: that folder holds a {record['experiment']} run "
             f"(python -m experiments {record['experiment']} --resume {workdir})"
         )
-    config = config_from_dict(module.Config, record["config"])
+    config = config_from_dict(
+        module.Config, record["config"], getattr(module, "RENAMED_OPTIONS", None)
+    )
     config = apply_overrides(config, list(overrides))
     check_config(config)
     # config.json keeps the original options and records each resume; it is rewritten only

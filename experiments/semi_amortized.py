@@ -49,7 +49,13 @@ from amortjax.inference.training import Trainer, fit
 from amortjax.models import check_observations, vae_model
 from amortjax.nets import ACTIVATIONS, MLP
 from amortjax.regimes import Amortized, Inferred, PerExample, Regime, SemiAmortized
-from experiments.runner import check_at_most, check_choice, check_config, write_json
+from experiments.runner import (
+    check_at_most,
+    check_choice,
+    check_config,
+    check_set_elsewhere,
+    write_json,
+)
 
 METHODS = ("vae", "svi", "vae_svi", "vae_svi_kl", "sa_vae")
 _MODES = {"svi": "svi", "vae_svi": "svi", "vae_svi_kl": "svi_kl", "sa_vae": "sa"}
@@ -68,17 +74,19 @@ class Config:
     epochs: int = 10
     batch_size: int = 100
     learning_rate: float = 1e-3
-    refine_steps: int = 5
-    refine_step_size: float = 0.01
-    refine_momentum: float = 0.5
-    refine_max_grad_norm: float = 5.0
+    refine: RefineSettings = RefineSettings(
+        num_steps=5, step_size=0.01, momentum=0.5, max_grad_norm=5.0
+    )
     eval_points: int | None = 500
     eval_samples: int = 100
     iwae_samples: int = 5000
     test_steps: tuple[int, ...] = (0, 1, 2, 5, 10, 20, 50, 100)
     frontier_steps: tuple[int, ...] = (1, 5, 20, 100, 500)
     frontier_points: int | None = 100
-    qstar_max_steps: int = 100_000
+    # the frontier's q* (its final ELBO draws are eval_samples)
+    qstar: QStarSettings = QStarSettings(
+        method="adam", num_samples=10, learning_rate=1e-2, max_steps=100_000
+    )
     checkpoint_every: int = 1
     seed: int = 0
 
@@ -95,9 +103,19 @@ class Config:
             split_sizes(self.dataset)["train"],
             fixed=True,
         )
+        check_set_elsewhere("qstar", self.qstar, {"final_samples": "eval_samples"})
         # the frontier's points are the first frontier_points of the eval_points subset
         check_at_most("frontier_points", self.frontier_points, "eval_points", self.eval_points)
 
+
+# Options of results folders made before the settings groups, read under their new names
+RENAMED_OPTIONS = {
+    "refine_steps": "refine.num_steps",
+    "refine_step_size": "refine.step_size",
+    "refine_momentum": "refine.momentum",
+    "refine_max_grad_norm": "refine.max_grad_norm",
+    "qstar_max_steps": "qstar.max_steps",
+}
 
 PRESETS: dict[str, dict] = {
     "quick": {},
@@ -106,7 +124,7 @@ PRESETS: dict[str, dict] = {
         "decoder_hidden": (500,),
         "z_dim": 32,
         "epochs": 100,
-        "refine_steps": 20,
+        "refine.num_steps": 20,
         "eval_points": None,
         "frontier_points": 1000,
         "checkpoint_every": 5,
@@ -149,12 +167,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     decoder = MLP(config.decoder_hidden, x_dim, config.activation)
     encoder = MLP(config.encoder_hidden, family.num_params(config.z_dim), config.activation)
     model = vae_model(decoder, z_dim=config.z_dim)
-    settings = RefineSettings(
-        num_steps=config.refine_steps,
-        step_size=config.refine_step_size,
-        momentum=config.refine_momentum,
-        max_grad_norm=config.refine_max_grad_norm,
-    )
+    settings = config.refine
     x_eval = jnp.asarray(data.test[random_subset(len(data.test), config.eval_points, config.seed)])
     n_eval = x_eval.shape[0]
     key = jax.random.key(config.seed)
@@ -318,13 +331,7 @@ def _frontier(config, model, encoder, trained, x_eval, key, settings, bounds) ->
             )
         out[name] = series
     q_star = PerExample(
-        QStarSettings(
-            method="adam",
-            num_samples=10,
-            learning_rate=1e-2,
-            final_samples=config.eval_samples,
-            max_steps=config.qstar_max_steps,
-        ),
+        config.qstar._replace(final_samples=config.eval_samples),
         site="z",
         z_dim=config.z_dim,
     ).infer(model, params, x_eval, jax.random.fold_in(key, 9))
@@ -347,9 +354,9 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
         "",
         f"`{config.dataset}`, encoder {list(config.encoder_hidden)} / decoder "
         f"{list(config.decoder_hidden)} {config.activation}, z={config.z_dim}, "
-        f"{config.epochs} epochs of batch {config.batch_size}, K={config.refine_steps} "
-        f"refinement steps (SGD, step {config.refine_step_size}, momentum "
-        f"{config.refine_momentum}, clip {config.refine_max_grad_norm}) in training and at test "
+        f"{config.epochs} epochs of batch {config.batch_size}, K={config.refine.num_steps} "
+        f"refinement steps (SGD, step {config.refine.step_size}, momentum "
+        f"{config.refine.momentum}, clip {config.refine.max_grad_norm}) in training and at test "
         "time.",
         "",
         f"Test split, {n} seeded random datapoints; nats per datapoint, mean ± standard error. "

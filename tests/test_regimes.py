@@ -1,8 +1,6 @@
 """The regime objects: each produces the lambda its guide would, against the closed forms of
 the linear-Gaussian model, and the three train and infer through one loop."""
 
-import inspect
-
 import jax
 import numpy as np
 import pytest
@@ -26,21 +24,22 @@ def case(lg_correlated):
     return lg, model, params, np.asarray(x), encoder
 
 
-def _defaults(fn) -> dict:
-    return {
-        name: p.default
-        for name, p in inspect.signature(fn).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-
-
-def test_settings_types_carry_the_functions_own_defaults():
-    """QStarSettings() and RefineSettings(K) are fit_local's and refine's defaults, so a
-    regime built with them behaves as the functions called without those arguments."""
-    assert QStarSettings()._asdict().items() <= _defaults(fit_local).items()
-    refine_defaults = RefineSettings(num_steps=3)._asdict()
-    refine_defaults.pop("num_steps")
-    assert refine_defaults.items() <= _defaults(refine).items()
+def test_evaluators_take_typed_settings_and_keyword_overrides(case):
+    """fit_local(settings) and fit_local(**fields) are the same call; an unknown name or a
+    settings value of the wrong type is refused with the valid fields."""
+    _, model, params, x, _ = case
+    settings = QStarSettings(method="newton", max_steps=40, final_samples=0)
+    a = fit_local(model, params, x[:4], jax.random.key(1), settings, z_dim=3)
+    b = fit_local(model, params, x[:4], jax.random.key(1), z_dim=3, method="newton",
+                  max_steps=40, final_samples=0)  # fmt: skip
+    np.testing.assert_array_equal(a.params, b.params)
+    with pytest.raises(TypeError, match=r"unknown setting\(s\) \['learning_rte'\].*num_decays"):
+        fit_local(model, params, x[:4], jax.random.key(1), z_dim=3, learning_rte=1e-3)
+    with pytest.raises(TypeError, match="settings must be a QStarSettings"):
+        fit_local(model, params, x[:4], jax.random.key(1), {"max_steps": 3}, z_dim=3)
+    with pytest.raises(TypeError, match="RefineSettings needs .*num_steps"):
+        refine(model, params, x[:4], np.zeros((4, 6)), jax.random.key(1),
+               family=DiagonalGaussian())  # fmt: skip
 
 
 def test_amortized_infers_the_encoders_output_the_exact_best_diagonal(case):

@@ -100,7 +100,7 @@ def test_amortization_gap_paper_preset_follows_cremer():
     assert paper.encoder_hidden == paper.decoder_hidden == (200, 200)
     assert paper.z_dim == 50 and paper.activation == "elu"
     assert paper.test_points is None  # the whole test set
-    assert paper.qstar_block == 100 and paper.qstar_patience == 10  # Cremer's stopping rule
+    assert paper.qstar.block_size == 100 and paper.qstar.patience == 10  # Cremer's stopping rule
 
 
 def _cli(*args, cwd):
@@ -189,14 +189,14 @@ def test_semi_amortized_runs_end_to_end(tmp_path):
         "encoder_hidden=32",
         "decoder_hidden=32",
         "z_dim=4",
-        "refine_steps=2",
+        "refine.num_steps=2",
         "eval_points=60",
         "eval_samples=4",
         "iwae_samples=16",
         "test_steps=0,3",
         "frontier_steps=1,4",
         "frontier_points=20",
-        "qstar_max_steps=200",
+        "qstar.max_steps=200",
     ]
     proc = _cli("semi_amortized", "--results", str(tmp_path), *tiny, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -227,12 +227,12 @@ TINY_GAP = [
     "train_points=12",
     "test_points=12",
     "iwae_samples=32",
-    "ais_chains=2",
-    "ais_temperatures=4",
-    "ais_leapfrog=2",
-    "qstar_block=10",
-    "qstar_patience=2",
-    "qstar_max_steps=40",
+    "ais.num_chains=2",
+    "ais.num_temperatures=4",
+    "ais.leapfrog_steps=2",
+    "qstar.block_size=10",
+    "qstar.patience=2",
+    "qstar.max_steps=40",
     "curve_every=1",
     "curve_points=6",
     "curve_iwae_samples=8",
@@ -312,7 +312,7 @@ def test_item_response_compares_the_three_regimes_against_exact_answers(tmp_path
             "num_test": 100,
             "num_questions": 20,
             "epochs": 15,
-            "qstar_max_steps": 300,
+            "qstar.max_steps": 300,
             "elbo_samples": 200,
             "grid_size": 401,
         },
@@ -371,11 +371,14 @@ def test_out_of_range_options_are_refused_when_the_config_is_resolved(override, 
         ("amortization_gap", "activation=swish", "unknown 'swish'; choose from relu"),
         ("amortization_gap", "lr_schedule=cosine", "lr_schedule='cosine': unknown"),
         ("amortization_gap", "ais_start=posterior", "ais_start='posterior': unknown"),
-        ("amortization_gap", "qstar_method=lbfgs", "qstar_method='lbfgs': unknown"),
+        ("amortization_gap", "qstar.method=lbfgs", "qstar.method='lbfgs': unknown"),
         ("amortization_gap", "z_dim=1", "z_dim=1: the flow family needs z_dim >= 2"),
         ("amortization_gap", "batch_size=60000", "exceeds mnist's training rows=50000"),
         ("amortization_gap", "curve_points=200", "curve_points=200 exceeds train_points=100"),
-        ("amortization_gap", "qstar_block=9000", "qstar_block=9000 exceeds qstar_max_steps"),
+        ("amortization_gap", "qstar.block_size=9000", "block_size=9000 exceeds qstar.max_steps"),
+        ("amortization_gap", "qstar.batch_size=50", "qstar.batch_size=50: this experiment sets"),
+        ("amortization_gap", "qstar.learning_rte=1", "unknown option 'qstar.learning_rte'"),
+        ("amortization_gap", "qstar=1", "option 'qstar' is a group: set its fields"),
         ("vae_mnist", "dataset=emnist", "dataset='emnist': unknown"),
         ("vae_mnist", "binarization=dynamic", "'dynamic' does not fit dataset 'binarized_mnist'"),
         ("vae_mnist", "likelihood=poisson", "likelihood='poisson': unknown"),
@@ -519,3 +522,19 @@ def test_cli_ends_expected_failures_with_a_message_and_a_status(tmp_path):
     assert not (tmp_path / "vae_mnist").exists()  # refused before any folder was made
     preset = _cli("vae_mnist", "--resume", str(tmp_path), "--preset", "paper", cwd=ROOT)
     assert preset.returncode == 2 and "--preset does not apply with --resume" in preset.stderr
+
+
+def test_settings_groups_take_dotted_options_and_old_folders_resume():
+    """`qstar.max_steps=700` sets one field of a settings group; config.json stores the group
+    as a dict; a folder saved before the groups (qstar_max_steps, ais_chains, ais=true) reads
+    back as the same config."""
+    module = load_experiment("amortization_gap")
+    config = resolve_config(module, "quick", ["qstar.max_steps=700", "ais.num_chains=3"])
+    assert config.qstar.max_steps == 700 and config.qstar.patience == 4
+    assert config.ais.num_chains == 3 and config.ais.num_temperatures == 200
+    saved = json.loads(json.dumps(config_to_dict(config)))
+    assert saved["qstar"]["max_steps"] == 700 and saved["ais"]["num_chains"] == 3
+    assert config_from_dict(module.Config, saved) == config
+    legacy = {k: v for k, v in saved.items() if k not in ("qstar", "ais", "run_ais")}
+    legacy.update(ais=True, ais_chains=3, qstar_max_steps=700, qstar_method="adam")
+    assert config_from_dict(module.Config, legacy, module.RENAMED_OPTIONS) == config

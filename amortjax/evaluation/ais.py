@@ -122,13 +122,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
+from amortjax.checks import resolve_settings
 from amortjax.engine import map_datapoints
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.inference import hmc
@@ -783,29 +784,55 @@ def _kernels(
 # Public API.
 
 
+class AISSettings(NamedTuple):
+    """AIS's settings, shared by `ais`, `reverse_ais` and `bdmc` (`ais(..., settings)`); each of
+    them also takes any field as a keyword.
+
+    Attributes:
+        num_chains: C, independent chains per datapoint in the estimating run.
+        num_temperatures: T >= 1, the weight increments (and HMC transitions) per chain.
+        schedule: "sigmoid" or "linear" (see `annealing_schedule`).
+        sigmoid_delta: steepness of the sigmoid schedule.
+        leapfrog_steps: L, leapfrog steps per HMC transition.
+        step_size: the global step size eps: a float or one per datapoint `[N]`, the pilot's
+            start (or, with `adapt_step_size=False`, the step size of every transition); or a
+            complete schedule `[N, T]` (e.g. an earlier run's `step_size`, with its
+            `step_scale`), used as is without a pilot.
+        step_scale: the per-dimension scales s of the leapfrog step (a diagonal mass matrix
+            diag(s)^-2): "q0" (q0's standard deviation per dimension, estimated from 256 draws
+            of q0 per datapoint), `[D]` or `[N, D]`, positive.
+        target_accept: the acceptance probability that the pilot's adaptation aims at.
+        adapt_step_size: run the pilot (True) or use `step_size` as given (False).
+        pilot_chains: chains per datapoint in the pilot (at most num_chains are used).
+    """
+
+    num_chains: int = 16
+    num_temperatures: int = 500
+    schedule: str = "sigmoid"
+    sigmoid_delta: float = 4.0
+    leapfrog_steps: int = 10
+    step_size: float | np.ndarray | jax.Array = 0.1
+    step_scale: str | np.ndarray | jax.Array = "q0"
+    target_accept: float = 0.65
+    adapt_step_size: bool = True
+    pilot_chains: int = 4
+
+
 def ais(
     model: Callable,
     params: dict,
     x: np.ndarray | jax.Array,
     key: jax.Array,
+    settings: AISSettings | None = None,
     *,
     z_dim: int | None = None,
     family: Family | None = None,
     init_params: np.ndarray | jax.Array | None = None,
     site: Site = "z",
-    num_chains: int = 16,
-    num_temperatures: int = 500,
-    schedule: str = "sigmoid",
-    sigmoid_delta: float = 4.0,
-    leapfrog_steps: int = 10,
-    step_size: float | np.ndarray | jax.Array = 0.1,
-    step_scale: str | np.ndarray | jax.Array = "q0",
-    target_accept: float = 0.65,
-    adapt_step_size: bool = True,
-    pilot_chains: int = 4,
     pilot_key: jax.Array | None = None,
     batch_size: int = 100,
     progress: bool | str = False,
+    **overrides: Any,
 ) -> AISResult:
     """Forward AIS estimates of log p(x_i) (stochastic lower bounds) for every datapoint.
 
@@ -827,26 +854,14 @@ def ais(
             encoder's output, `amortjax.guides.encode`, or q*'s parameters). A q0 close to the
             posterior needs far fewer temperatures, and sets the step scales (`step_scale`).
         site: the model's local latents (a site name or a `LocalLatents`).
-        num_chains: C, independent chains per datapoint in the estimating run.
-        num_temperatures: T >= 1, the weight increments (and HMC transitions) per chain.
-        schedule: "sigmoid" or "linear" (see `annealing_schedule`).
-        sigmoid_delta: steepness of the sigmoid schedule.
-        leapfrog_steps: L, leapfrog steps per HMC transition.
-        step_size: the global step size eps: a float or one per datapoint `[N]`, the pilot's
-            start (or, with `adapt_step_size=False`, the step size of every transition); or a
-            complete schedule `[N, T]` (e.g. an earlier run's `step_size`, with its
-            `step_scale`), used as is without a pilot.
-        step_scale: the per-dimension scales s of the leapfrog step (a diagonal mass matrix
-            diag(s)^-2): "q0" (q0's standard deviation per dimension, estimated from 256 draws
-            of q0 per datapoint), `[D]` or `[N, D]`, positive.
-        target_accept: the acceptance probability that the pilot's adaptation aims at.
-        adapt_step_size: run the pilot (True) or use `step_size` as given (False).
-        pilot_chains: chains per datapoint in the pilot (at most num_chains are used).
+        settings: the AIS settings (`AISSettings`; None: its defaults).
         pilot_key: the pilot's PRNG key (and that of q0's draws for step_scale="q0"); None
             derives it from `key`. With the same pilot_key, runs with different keys use the
             same kernels.
         batch_size: datapoints per compiled call (B * C chains run at once).
         progress: show a progress bar over batches (a string gives its description).
+        **overrides: fields of `AISSettings` replacing those of `settings` (e.g.
+            `num_chains=8`).
 
     Returns:
         `AISResult` with `[N]`, `[N, C]`, `[N, T]` and `[N, D]` numpy arrays. An `AISWarning` is
@@ -857,6 +872,9 @@ def ais(
         ValueError: naming the invalid input (unknown schedule, T < 1, shapes of x, init_params,
             step_size or step_scale, unknown site, z_dim mismatch, settings out of range).
     """
+    settings = resolve_settings("ais", AISSettings, settings, overrides)
+    num_chains, num_temperatures, schedule, sigmoid_delta, leapfrog_steps = settings[:5]
+    step_size, step_scale, target_accept, adapt_step_size, pilot_chains = settings[5:]
     betas = annealing_schedule(schedule, num_temperatures, sigmoid_delta=sigmoid_delta)
     x, family, lam, z_dim = _prepare(
         model, params, x, z_dim, family, init_params, site, num_chains, leapfrog_steps,
@@ -924,24 +942,16 @@ def reverse_ais(
     x: np.ndarray | jax.Array,
     z: np.ndarray | jax.Array,
     key: jax.Array,
+    settings: AISSettings | None = None,
     *,
     z_dim: int | None = None,
     family: Family | None = None,
     init_params: np.ndarray | jax.Array | None = None,
     site: Site = "z",
-    num_chains: int = 16,
-    num_temperatures: int = 500,
-    schedule: str = "sigmoid",
-    sigmoid_delta: float = 4.0,
-    leapfrog_steps: int = 10,
-    step_size: float | np.ndarray | jax.Array = 0.1,
-    step_scale: str | np.ndarray | jax.Array = "q0",
-    target_accept: float = 0.65,
-    adapt_step_size: bool = True,
-    pilot_chains: int = 4,
     pilot_key: jax.Array | None = None,
     batch_size: int = 100,
     progress: bool | str = False,
+    **overrides: Any,
 ) -> AISResult:
     """Reverse AIS from exact posterior samples: stochastic upper bounds of log p(x_i).
 
@@ -959,10 +969,8 @@ def reverse_ais(
     Args:
         model, params, x, key: as in `ais`.
         z: the exact posterior samples, `[N, z_dim]`.
-        z_dim, family, init_params, site, num_chains, num_temperatures, schedule,
-            sigmoid_delta, leapfrog_steps, step_size, step_scale, target_accept,
-            adapt_step_size, pilot_chains, pilot_key, batch_size, progress: as in `ais`; a
-            `[N, T]` step_size is a forward schedule.
+        settings, z_dim, family, init_params, site, pilot_key, batch_size, progress,
+            **overrides: as in `ais`; a `[N, T]` step_size is a forward schedule.
 
     Returns:
         `AISResult` whose `log_px` is the upper bound -(logsumexp_c(log w'_c) - log C), whose
@@ -972,6 +980,9 @@ def reverse_ais(
     Raises:
         ValueError: as `ais`, and for z of the wrong shape.
     """
+    settings = resolve_settings("reverse_ais", AISSettings, settings, overrides)
+    num_chains, num_temperatures, schedule, sigmoid_delta, leapfrog_steps = settings[:5]
+    step_size, step_scale, target_accept, adapt_step_size, pilot_chains = settings[5:]
     betas = annealing_schedule(schedule, num_temperatures, sigmoid_delta=sigmoid_delta)
     x, family, lam, z_dim = _prepare(
         model, params, x, z_dim, family, init_params, site, num_chains, leapfrog_steps,
@@ -1041,7 +1052,8 @@ def bdmc(
     x: np.ndarray | jax.Array,
     z: np.ndarray | jax.Array,
     key: jax.Array,
-    **settings,
+    settings: AISSettings | None = None,
+    **options: Any,
 ) -> BDMCResult:
     """Bidirectional Monte Carlo (Grosse et al. 2015): a stochastic bracket of log p(x_i).
 
@@ -1055,7 +1067,9 @@ def bdmc(
         model, params, x, key: as in `ais`; the forward run uses `split(key)[0]` (so it is
             `ais` with that key), the reverse run `split(key)[1]`.
         z: the latents that generated x, `[N, z_dim]`.
-        **settings: the keyword arguments of `ais`, used by both directions.
+        settings: the AIS settings (`AISSettings`) of both directions.
+        **options: any other keyword argument of `ais` (z_dim, family, init_params, site,
+            pilot_key, batch_size, progress) or field of `AISSettings`, used by both.
 
     Returns:
         `BDMCResult` with `[N]` arrays lower, upper and gap, both runs, the fraction of
@@ -1068,12 +1082,12 @@ def bdmc(
     _check_z(
         z,
         x.shape[0],
-        _latent_dim(model, params, x, settings.get("site", "z"), settings.get("z_dim")),
+        _latent_dim(model, params, x, options.get("site", "z"), options.get("z_dim")),
     )
     key_forward, key_reverse = jax.random.split(key)
-    forward = ais(model, params, x, key_forward, **settings)
+    forward = ais(model, params, x, key_forward, settings, **options)
     kernels = {"step_size": forward.step_size, "step_scale": forward.step_scale}
-    reverse = reverse_ais(model, params, x, z, key_reverse, **{**settings, **kernels})
+    reverse = reverse_ais(model, params, x, z, key_reverse, settings, **{**options, **kernels})
     width = reverse.log_px - forward.log_px
     ordered_fraction, width_se = float(np.mean(width >= 0)), _width_se(forward, reverse)
     return BDMCResult(

@@ -42,7 +42,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from amortjax.evaluation.ais import ais
+from amortjax.checks import resolve_settings
+from amortjax.evaluation.ais import AISSettings, ais
 from amortjax.evaluation.bounds import evaluate_pair, mean_and_stderr
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.inference.local import LocalFit, QStarSettings
@@ -157,16 +158,10 @@ def best_lower_bound(estimates: dict[str, np.ndarray]) -> tuple[str, np.ndarray]
 
 
 def _qstar_settings(qstar: QStarSettings | dict[str, Any] | None) -> QStarSettings:
-    """`qstar` as a `QStarSettings`, a dict's unknown names refused with the valid ones."""
-    if isinstance(qstar, QStarSettings):
-        return qstar
-    unknown = sorted(set(qstar or {}) - set(QStarSettings._fields))
-    if unknown:
-        raise ValueError(
-            f"qstar: unknown setting(s) {unknown}; the per-example optimizer's settings are "
-            f"{list(QStarSettings._fields)}"
-        )
-    return QStarSettings(**(qstar or {}))
+    """`qstar` as a `QStarSettings` (a dict's unknown names refused with the valid ones)."""
+    if isinstance(qstar, dict):
+        return resolve_settings("gap_decomposition (qstar)", QStarSettings, None, qstar)
+    return resolve_settings("gap_decomposition (qstar)", QStarSettings, qstar, {})
 
 
 def gap_decomposition(
@@ -180,7 +175,7 @@ def gap_decomposition(
     site: Site = "z",
     iwae_samples: int = 5000,
     qstar: QStarSettings | dict[str, Any] | None = None,
-    ais_settings: dict[str, Any] | None = None,
+    ais_settings: AISSettings | dict[str, Any] | None = None,
     ais_start: str = "qstar",
     batch_size: int = 100,
     progress: bool | str = False,
@@ -201,7 +196,7 @@ def gap_decomposition(
         qstar: the per-example optimizer's settings, a `QStarSettings` or a dict of its fields
             (method, learning_rate, num_samples, block_size, patience, max_steps, ...); q* is
             `PerExample(qstar).infer(...)` started at the encoder's output.
-        ais_settings: keyword arguments of `amortjax.evaluation.ais.ais` (num_chains,
+        ais_settings: AIS's settings, an `AISSettings` or a dict of its fields (num_chains,
             num_temperatures, leapfrog_steps, ...), or None to skip AIS.
         ais_start: AIS's initial distribution: "qstar" (default: each datapoint's q*, the
             closest to its posterior), "encoder" or "prior".
@@ -225,6 +220,11 @@ def gap_decomposition(
     k_pair, k_fit, k_ais = jax.random.split(key, 3)
 
     settings = _qstar_settings(qstar)._replace(final_samples=0, batch_size=batch_size)
+    if ais_settings is not None:
+        given = ais_settings if isinstance(ais_settings, AISSettings) else None
+        overrides = {} if given is not None else dict(ais_settings)
+        ais_settings = resolve_settings("gap_decomposition (ais_settings)", AISSettings, given,
+                                        overrides)  # fmt: skip
     seconds = {}
     start = time.perf_counter()
     # q* started at the encoder's output; final_samples=0: scored below, with q, on common
@@ -260,12 +260,12 @@ def gap_decomposition(
             params,
             x,
             k_ais,
+            ais_settings,
             family=family,
             init_params=init_params,
             site=site,
             batch_size=batch_size,
             progress=f"{prefix}AIS" if show else False,
-            **ais_settings,
         )
         ais_px = result.log_px
         estimates["ais"] = ais_px
@@ -283,7 +283,7 @@ def gap_decomposition(
         "family": family.name,
         "iwae_samples": iwae_samples,
         "qstar": {**settings._asdict(), "init": "encoder"},
-        "ais": None if ais_settings is None else {**ais_settings, "start": ais_start},
+        "ais": None if ais_settings is None else {**ais_settings._asdict(), "start": ais_start},
         "estimates_mean": {k: float(np.mean(v)) for k, v in estimates.items()},
         "ais_diagnostics": ais_diagnostics,
         "seconds": seconds,

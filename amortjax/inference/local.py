@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from amortjax.checks import check_float, check_int
+from amortjax.checks import check_float, check_int, resolve_settings
 from amortjax.engine import datapoint_keys, map_datapoints
 from amortjax.estimators import bounds_batch
 from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
@@ -69,9 +69,32 @@ DEFAULTS = {  # per method: (learning_rate, block_size)
 
 
 class QStarSettings(NamedTuple):
-    """The per-example optimizer's settings (`fit_local`'s keyword arguments of the same names
-    and defaults; see its docstring), as one value to pass around: `fit_local(...,
-    **settings._asdict())`, `PerExample(settings)`, `gap_decomposition(qstar=settings)`."""
+    """The per-example optimizer's settings: `fit_local(..., settings)`, `PerExample(settings)`,
+    `gap_decomposition(qstar=settings)`; `fit_local` also takes any field as a keyword.
+
+    Attributes:
+        method: "adam" (any family), "newton" (damped Newton / natural-gradient steps, for the
+            Gaussian families: see `_newton_one`; each step costs a Hessian of log p in z, about
+            `z_dim` gradients, and makes the correlated and narrow posteriors easy), or "auto"
+            (newton for the diagonal and full-rank Gaussians, adam otherwise).
+        num_samples: S, draws per datapoint per step.
+        learning_rate: the initial step size: Adam's (default 3e-3) or the Newton step's
+            damping a in (0, 1] (default 0.5).
+        block_size: steps per block of the stopping rule (default 50 for adam, 10 for newton).
+        patience: blocks without improvement of the block average before the step size is
+            reduced (or, after `num_decays` reductions, before the datapoint stops).
+        max_steps: cap on the Adam steps of any datapoint.
+        min_improvement: nats a block average must gain over the best to count as improvement.
+        lr_decay: factor of each step-size reduction, in (0, 1).
+        num_decays: step-size reductions before convergence (0: Cremer et al.'s rule, stop at
+            the first plateau).
+        select_samples: draws of the final comparison of the start with the end (common
+            random numbers), which keeps the better of the two.
+        final_samples: fresh draws for the reported ELBO and IWAE of the fitted q; 0 skips them
+            (when the caller scores q* itself, as `gap_decomposition` does).
+        batch_size: slots optimized at once (bounds memory); waiting datapoints take the slots
+            of finished ones.
+    """
 
     method: str = "auto"
     num_samples: int = 4
@@ -463,24 +486,14 @@ def fit_local(
     params: dict,
     x: np.ndarray | jax.Array,
     key: jax.Array,
+    settings: QStarSettings | None = None,
     *,
     family: Family | None = None,
     site: Site = "z",
     z_dim: int | None = None,
     init: np.ndarray | jax.Array | None = None,
-    method: str = "auto",
-    num_samples: int = 4,
-    learning_rate: float | None = None,
-    block_size: int | None = None,
-    patience: int = 4,
-    max_steps: int = 100_000,
-    min_improvement: float = 0.0,
-    lr_decay: float = 0.3,
-    num_decays: int = 3,
-    select_samples: int = 256,
-    final_samples: int = 1000,
-    batch_size: int = 100,
     progress: bool | str = False,
+    **overrides: Any,
 ) -> LocalFit:
     """Fits q(z_i; lambda_i) to each datapoint by maximizing its local ELBO (q*).
 
@@ -498,33 +511,19 @@ def fit_local(
             site is a name (a `LocalLatents` knows its size).
         init: starting lambda `[N, num_params]` (e.g. an encoder's output, to refine it), or
             None for N(0, I).
-        method: "adam" (any family), "newton" (damped Newton / natural-gradient steps, for the
-            Gaussian families: see `_newton_one`; each step costs a Hessian of log p in z, about
-            `z_dim` gradients, and makes the correlated and narrow posteriors easy), or "auto"
-            (newton for the diagonal and full-rank Gaussians, adam otherwise).
-        num_samples: S, draws per datapoint per step.
-        learning_rate: the initial step size: Adam's (default 3e-3) or the Newton step's
-            damping a in (0, 1] (default 0.5).
-        block_size: steps per block of the stopping rule (default 50 for adam, 10 for newton).
-        patience: blocks without improvement of the block average before the step size is
-            reduced (or, after `num_decays` reductions, before the datapoint stops).
-        max_steps: cap on the Adam steps of any datapoint.
-        min_improvement: nats a block average must gain over the best to count as improvement.
-        lr_decay: factor of each step-size reduction, in (0, 1).
-        num_decays: step-size reductions before convergence (0: Cremer et al.'s rule, stop at
-            the first plateau).
-        select_samples: draws of the final comparison of the start with the end (common
-            random numbers), which keeps the better of the two.
-        final_samples: fresh draws for the reported ELBO and IWAE of the fitted q; 0 skips them
-            (when the caller scores q* itself, as `gap_decomposition` does).
-        batch_size: slots optimized at once (bounds memory); waiting datapoints take the slots
-            of finished ones.
+        settings: the optimizer's settings (`QStarSettings`; None: its defaults).
         progress: show a progress bar over datapoints (a string gives its description).
+        **overrides: fields of `QStarSettings` replacing those of `settings` (e.g.
+            `learning_rate=1e-3`).
 
     Returns:
         `LocalFit` with the parameters, the convergence record and (unless final_samples=0) the
         final ELBO and IWAE of every datapoint.
     """
+    settings = resolve_settings("fit_local", QStarSettings, settings, overrides)
+    method, num_samples, learning_rate, block_size = settings[:4]
+    patience, max_steps, min_improvement, lr_decay, num_decays = settings[4:9]
+    select_samples, final_samples, batch_size = settings[9:]
     family = family or DiagonalGaussian()
     gaussian = isinstance(family, DiagonalGaussian | FullRankGaussian)
     if method not in METHODS:

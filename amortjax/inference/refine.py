@@ -16,13 +16,13 @@ state.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.checks import check_float, check_int
+from amortjax.checks import check_float, check_int, resolve_settings
 from amortjax.families import Family
 from amortjax.guides.semi_amortized import refine_steps
 from amortjax.latents import Site, check_site
@@ -30,8 +30,18 @@ from amortjax.traces import check_data
 
 
 class RefineSettings(NamedTuple):
-    """The refinement's settings (`refine`'s keyword arguments of the same names and defaults),
-    as one value: `refine(..., **settings._asdict())`, `SemiAmortized(encoder, settings)`."""
+    """The K refinement steps: `refine(..., settings)`, `SemiAmortized(encoder, settings)`;
+    `refine` also takes any field as a keyword.
+
+    Attributes:
+        num_steps: K (0 returns the start).
+        step_size: scalar or `[num_params]` per-parameter step sizes (per datapoint: the
+            loss is each datapoint's own ELBO, not a minibatch mean).
+        momentum: SGD momentum.
+        max_grad_norm: clip each datapoint's gradient to this Euclidean norm (None: no clip).
+        num_samples: S, draws per step per datapoint.
+        checkpoint: recompute each step in the backward pass instead of storing it.
+    """
 
     num_steps: int
     step_size: float = 1.0
@@ -83,16 +93,12 @@ def refine(
     x: jax.Array,
     lam0: jax.Array,
     key: jax.Array,
+    settings: RefineSettings | None = None,
     *,
     family: Family,
-    num_steps: int,
-    step_size: float | jax.Array = 1.0,
-    momentum: float = 0.5,
-    max_grad_norm: float | None = 5.0,
-    num_samples: int = 1,
     site: Site = "z",
-    checkpoint: bool = True,
     indices: jax.Array | None = None,
+    **overrides: Any,
 ) -> jax.Array:
     """Refines a batch of variational parameters by K steps on their local ELBOs.
 
@@ -104,15 +110,13 @@ def refine(
         key: PRNG key; datapoint i draws from `fold_in(key, indices[i])`, its own key, so
             its refinement does not depend on the batch it is in.
         family: variational family of lambda.
-        num_steps: K (0 returns lam0).
-        step_size: scalar or `[num_params]` per-parameter step sizes.
-        momentum: SGD momentum.
-        max_grad_norm: clip each datapoint's gradient to this Euclidean norm (None: no clip).
-        num_samples: S, draws per step per datapoint.
+        settings: the K steps (`RefineSettings`; None: built from the keyword overrides, which
+            must then give num_steps).
         site: the model's local latents (a site name or a `LocalLatents`).
-        checkpoint: recompute each step in the backward pass instead of storing it.
         indices: the datapoints' indices in their dataset, `[batch]` (default: their positions
             in x).
+        **overrides: fields of `RefineSettings` replacing those of `settings` (e.g.
+            `num_steps=20, step_size=0.01`).
 
     Returns:
         lambda_K, `[batch, num_params]`.
@@ -122,6 +126,8 @@ def refine(
             (when called outside a transformation, on concrete arrays) data the model cannot
             score; each message names the argument and the fix.
     """
+    settings = resolve_settings("refine", RefineSettings, settings, overrides)
+    num_steps, step_size, momentum, max_grad_norm, num_samples, checkpoint = settings
     _check_arguments(x, lam0, step_size, indices, num_steps, momentum, max_grad_norm, num_samples)
     if not _traced(x, params, lam0):
         x = check_data(model, params, x)
