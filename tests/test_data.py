@@ -25,6 +25,8 @@ from amortjax.data import (
     load_data,
     load_images,
     raw_data_dir,
+    resolve_binarization,
+    threshold_binarize,
 )
 from amortjax.data import builders as builders_module
 from amortjax.data.builders import _read_idx, host_reachable
@@ -150,6 +152,24 @@ def test_dynamic_convention_binarizes_evaluation_once_and_keeps_train_grey():
     # Pixels that are 0 or 1 in grey level must stay so after the Bernoulli draw.
     assert np.all(data.test[grey.test == 0.0] == 0.0)
     assert np.all(data.test[grey.test == 1.0] == 1.0)
+
+
+def test_threshold_binarize_against_a_hand_computed_example():
+    """Pixel > 0.5 becomes 1: grey levels k/255 split between k = 127 and k = 128."""
+    x = np.array([[0.0, 0.5, 127 / 255, 128 / 255, 0.9, 1.0]])
+    np.testing.assert_array_equal(threshold_binarize(x), [[0, 0, 0, 1, 1, 1]])
+    assert threshold_binarize(x).dtype == np.float32
+
+
+@needs_raw
+def test_threshold_convention_binarizes_every_split_once():
+    """Cremer et al.'s Fashion-MNIST: every split is the grey levels thresholded at 0.5."""
+    data = load_data("fashion_mnist", binarization="threshold")
+    grey = load_data("fashion_mnist", binarization="none")
+    assert data.binarization == "threshold" and not data.dynamic_binarization
+    for split in ("train", "valid", "test"):
+        np.testing.assert_array_equal(getattr(data, split), getattr(grey, split) > 0.5)
+    assert resolve_binarization("binarized_mnist", "threshold") == "static"  # 0/1 already
 
 
 def test_dynamic_binarize_is_seeded_jittable_and_unbiased():

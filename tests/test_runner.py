@@ -101,6 +101,10 @@ def test_amortization_gap_paper_preset_follows_cremer():
     assert paper.z_dim == 50 and paper.activation == "elu"
     assert paper.test_points is None  # the whole test set
     assert paper.qstar.block_size == 100 and paper.qstar.patience == 10  # Cremer's stopping rule
+    # Larochelle's static MNIST and Fashion-MNIST thresholded at 0.5; a 100-epoch warm-up
+    assert paper.datasets == ("binarized_mnist", "fashion_mnist")
+    assert paper.binarization == "threshold" and paper.kl_warmup_epochs == 100
+    assert paper.adam_eps == 1e-4 and paper.batch_size == 100
 
 
 def _cli(*args, cwd):

@@ -25,6 +25,7 @@ from amortjax.data.loading import (
     load_images,
     resolve_binarization,
     split_sizes,
+    threshold_binarize,
 )
 
 __all__ = [
@@ -44,4 +45,5 @@ __all__ = [
     "raw_data_dir",
     "resolve_binarization",
     "split_sizes",
+    "threshold_binarize",
 ]

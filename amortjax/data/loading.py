@@ -36,13 +36,13 @@ DATASETS = ("mnist", "fashion_mnist", "binarized_mnist")
 SPLITS = ("train", "valid", "test")
 """Splits accepted by `load_images`."""
 
-BINARIZATIONS = ("auto", "static", "dynamic", "none")
+BINARIZATIONS = ("auto", "static", "dynamic", "threshold", "none")
 """Options for `load_data`'s ``binarization``."""
 
 _ALLOWED_BINARIZATIONS = {
-    "mnist": ("auto", "dynamic", "none"),
-    "fashion_mnist": ("auto", "dynamic", "none"),
-    "binarized_mnist": ("auto", "static"),
+    "mnist": ("auto", "dynamic", "threshold", "none"),
+    "fashion_mnist": ("auto", "dynamic", "threshold", "none"),
+    "binarized_mnist": ("auto", "static", "threshold"),
 }
 _AUTO_BINARIZATION = {"mnist": "dynamic", "fashion_mnist": "dynamic", "binarized_mnist": "static"}
 
@@ -74,7 +74,8 @@ class Data:
 
     Attributes:
         name: Dataset name, one of `DATASETS`.
-        binarization: The resolved option: ``"static"``, ``"dynamic"`` or ``"none"``.
+        binarization: The resolved option: ``"static"``, ``"dynamic"``, ``"threshold"`` or
+            ``"none"``.
         train: ``[N_train, 784]`` float32 in [0, 1]; grey levels when ``binarization`` is
             ``"dynamic"`` (the trainer binarizes afresh each epoch) or ``"none"``, 0/1 when
             ``"static"``.
@@ -123,7 +124,10 @@ def resolve_binarization(name: str, binarization: str) -> str:
             f"binarization={binarization!r} does not fit dataset {name!r}; "
             f"valid for it: {', '.join(allowed)}."
         )
-    return _AUTO_BINARIZATION[name] if binarization == "auto" else binarization
+    if binarization == "auto" or (name == "binarized_mnist" and binarization == "threshold"):
+        # Larochelle's pixels are 0/1 already: thresholding them changes nothing
+        return _AUTO_BINARIZATION[name]
+    return binarization
 
 
 def _check_name(name: str) -> None:
@@ -294,7 +298,9 @@ def load_data(
         binarization: ``"static"`` (binarized_mnist only: Larochelle's fixed binarization),
             ``"dynamic"`` (mnist / fashion_mnist: train stays grey levels, to be binarized afresh
             each epoch with `dynamic_binarize`; valid and test are binarized once by a seeded
-            Bernoulli draw so evaluation is fixed), ``"none"`` (mnist / fashion_mnist: grey
+            Bernoulli draw so evaluation is fixed), ``"threshold"`` (every split binarized once
+            by `threshold_binarize`, pixel > 0.5: Cremer et al.'s Fashion-MNIST protocol; for
+            binarized_mnist the same as static), ``"none"`` (mnist / fashion_mnist: grey
             levels in [0, 1] everywhere), or ``"auto"`` (static for binarized_mnist, dynamic
             otherwise).
         validation_size: Examples of the official training set held out as ``valid``
@@ -319,6 +325,8 @@ def load_data(
     if resolved == "dynamic":
         valid = _bernoulli_numpy(valid, np.random.default_rng((seed, 1)))
         test = _bernoulli_numpy(test, np.random.default_rng(_TEST_BINARIZATION_SEED))
+    elif resolved == "threshold":
+        train, valid, test = (threshold_binarize(split) for split in (train, valid, test))
     return Data(
         name=name,
         binarization=resolved,
@@ -329,6 +337,20 @@ def load_data(
         valid_labels=valid_labels,
         test_labels=test_labels,
     )
+
+
+def threshold_binarize(x: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """A fixed binarization of grey levels: 1 where a pixel exceeds `threshold`, else 0
+    (Cremer et al. 2018's Fashion-MNIST: grey levels / 255, thresholded at 0.5).
+
+    Args:
+        x: ``[..., D]`` grey levels in [0, 1].
+        threshold: the cut; a pixel equal to it becomes 0.
+
+    Returns:
+        float32 array of ``x``'s shape, values in {0, 1}.
+    """
+    return (np.asarray(x) > threshold).astype(np.float32)
 
 
 def dynamic_binarize(key: jax.Array, x: jax.Array) -> jax.Array:
