@@ -30,6 +30,11 @@ NESTED_PLATE_FIX = (
 )
 
 
+class ModelStructureError(ValueError):
+    """A model whose structure amortjax cannot handle (e.g. a plate nested in the data plate
+    with dim=-1); its message names the fix."""
+
+
 def _is_plate_collision(err: BaseException) -> bool:
     """NumPyro's bare AssertionError for a plate whose dim another plate holds already."""
     frames = traceback.extract_tb(err.__traceback__)
@@ -49,7 +54,7 @@ def explained_model_errors(where: str) -> Iterator[None]:
         yield
     except AssertionError as err:
         if _is_plate_collision(err):
-            raise ValueError(
+            raise ModelStructureError(
                 f"{where}: two plates of the model ask for the same batch dimension (a plate "
                 f"nested in the data plate with dim=-1?). {NESTED_PLATE_FIX}"
             ) from err
@@ -249,9 +254,9 @@ def check_data(model: Callable, params: dict, x, *, chunk: int = 1000, **model_k
         try:
             with explained_model_errors("the model cannot run"):
                 sites = _support_rows(model, params, jnp.asarray(part), kwargs)
+        except ModelStructureError:
+            raise
         except ValueError as err:
-            if "two plates of the model" in str(err):
-                raise
             raise ValueError(
                 f"the model cannot run on x of shape {arr.shape} (per datapoint "
                 f"{arr.shape[1:]}): {type(err).__name__}: {err}. Check x's shape against the "

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amortjax import plotting
-from amortjax.data import BINARIZATIONS, DATASETS, load_data, resolve_binarization, split_sizes
+from amortjax.data import BINARIZATIONS, DATASETS, load_data, resolve_binarization
 from amortjax.data.loading import dynamic_binarize
 from amortjax.evaluation.ais import AISSettings
 from amortjax.evaluation.gaps import AIS_STARTS, Gaps, gap_decomposition
@@ -77,6 +77,7 @@ from amortjax.nets import ACTIVATIONS, MLP
 from amortjax.traces import log_joint
 from experiments.runner import (
     check_at_most,
+    check_batch_fits,
     check_choice,
     check_config,
     check_set_elsewhere,
@@ -159,13 +160,7 @@ class Config:
                 "layer splits z in two); raise z_dim or drop flow from families"
             )
         for dataset in self.datasets:
-            check_at_most(
-                "batch_size",
-                self.batch_size,
-                f"{dataset}'s training rows",
-                split_sizes(dataset)["train"],
-                fixed=True,
-            )
+            check_batch_fits(self.batch_size, dataset)
         # the curves' training points are the first curve_points of the train_points subset
         check_at_most("curve_points", self.curve_points, "train_points", self.train_points)
         check_at_most(

@@ -10,7 +10,8 @@ An experiment is a module `experiments/<name>.py` with
 `run_experiment` resolves the config (preset, then `key=value` overrides, checked against the
 dataclass's field types), makes a fresh results folder, saves the resolved config there before
 anything runs, and calls `run`. Resuming a folder reuses its saved config, and the experiment's
-trainer picks up its last checkpoint. This module knows nothing of models or data.
+trainer picks up its last checkpoint. This module knows nothing of models, and of data only
+the split sizes (to refuse a minibatch larger than a training set).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from amortjax.data import split_sizes
 
 CONFIG_FILE = "config.json"
 EXPERIMENTS_PACKAGE = "experiments"
@@ -240,6 +243,14 @@ def check_at_most(
     if value is not None and limit is not None and value > limit:
         fix = f"lower {name}" if fixed else f"lower {name} or raise {limit_name}"
         raise ValueError(f"option {name}={value} exceeds {limit_name}={limit}; {fix}")
+
+
+def check_batch_fits(batch_size: int, dataset: str) -> None:
+    """Refuses a minibatch larger than the dataset's training split."""
+    check_at_most(
+        "batch_size", batch_size, f"{dataset}'s training rows", split_sizes(dataset)["train"],
+        fixed=True,
+    )  # fmt: skip
 
 
 def check_set_elsewhere(group: str, settings: Any, fields: dict[str, str]) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 import numpyro.distributions as dist
 
 from amortjax import plotting
-from amortjax.data import DATASETS, load_data, split_sizes
+from amortjax.data import DATASETS, load_data
 from amortjax.evaluation.bounds import evaluate_bounds, mean_and_stderr
 from amortjax.evaluation.subsets import random_subset
 from amortjax.families import DiagonalGaussian
@@ -51,6 +51,7 @@ from amortjax.nets import ACTIVATIONS, MLP
 from amortjax.regimes import Amortized, Inferred, PerExample, Regime, SemiAmortized
 from experiments.runner import (
     check_at_most,
+    check_batch_fits,
     check_choice,
     check_config,
     check_set_elsewhere,
@@ -96,13 +97,7 @@ class Config:
         check_choice("dataset", self.dataset, DATASETS)
         check_choice("methods", self.methods, METHODS)
         check_choice("activation", self.activation, tuple(ACTIVATIONS))
-        check_at_most(
-            "batch_size",
-            self.batch_size,
-            f"{self.dataset}'s training rows",
-            split_sizes(self.dataset)["train"],
-            fixed=True,
-        )
+        check_batch_fits(self.batch_size, self.dataset)
         check_set_elsewhere("qstar", self.qstar, {"final_samples": "eval_samples"})
         # the frontier's points are the first frontier_points of the eval_points subset
         check_at_most("frontier_points", self.frontier_points, "eval_points", self.eval_points)

@@ -40,7 +40,6 @@ from amortjax.data import (
     load_data,
     load_images,
     resolve_binarization,
-    split_sizes,
 )
 from amortjax.data.loading import dynamic_binarize
 from amortjax.evaluation.activity import BURDA_THRESHOLD, latent_activity
@@ -53,7 +52,12 @@ from amortjax.inference.objectives import SCHEDULES as LR_SCHEDULES
 from amortjax.inference.training import Trainer, fit, seconds_per_epoch
 from amortjax.models import LIKELIHOODS, check_observations, decode_mean, vae_model
 from amortjax.nets import ACTIVATIONS, MLP
-from experiments.runner import check_at_most, check_choice, check_config, write_json
+from experiments.runner import (
+    check_batch_fits,
+    check_choice,
+    check_config,
+    write_json,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,13 +120,7 @@ class Config:
                 f"option kl_warmup_epochs={self.kl_warmup_epochs} is the length of the 'linear' "
                 f"schedule; with kl_schedule={self.kl_schedule!r} leave it at 0"
             )
-        check_at_most(
-            "batch_size",
-            self.batch_size,
-            f"{self.dataset}'s training rows",
-            split_sizes(self.dataset)["train"],
-            fixed=True,
-        )
+        check_batch_fits(self.batch_size, self.dataset)
 
 
 PRESETS: dict[str, dict] = {
