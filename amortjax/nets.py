@@ -98,12 +98,16 @@ class MLP(nn.Module):
             an encoder of raw counts (values in the hundreds) starts with an infinite loss
             unless its input is brought near unit scale, e.g. by "log1p". Part of the network,
             so every use of the encoder (training, `encode`, new data) applies it.
+        output_bias: the output layer's initial bias, `out_size` numbers (a tuple, so the
+            module stays hashable), or None for zeros; e.g. a Bernoulli decoder started at the
+            logits of the training pixel means (Burda et al. 2016).
     """
 
     hidden_sizes: Sequence[int]
     out_size: int
     activation: str = "relu"
     input_transform: InputTransform = "identity"
+    output_bias: tuple[float, ...] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -111,4 +115,11 @@ class MLP(nn.Module):
         x = input_transform_fn(self.input_transform)(x)
         for width in self.hidden_sizes:
             x = act(nn.Dense(width)(x))
-        return nn.Dense(self.out_size)(x)
+        if self.output_bias is None:
+            return nn.Dense(self.out_size)(x)
+        if len(self.output_bias) != self.out_size:
+            raise ValueError(
+                f"MLP: output_bias has {len(self.output_bias)} values for out_size {self.out_size}"
+            )
+        bias = jnp.asarray(self.output_bias, jnp.float32)
+        return nn.Dense(self.out_size, bias_init=lambda *_: bias)(x)

@@ -245,12 +245,11 @@ def check_at_most(
         raise ValueError(f"option {name}={value} exceeds {limit_name}={limit}; {fix}")
 
 
-def check_batch_fits(batch_size: int, dataset: str) -> None:
-    """Refuses a minibatch larger than the dataset's training split."""
-    check_at_most(
-        "batch_size", batch_size, f"{dataset}'s training rows", split_sizes(dataset)["train"],
-        fixed=True,
-    )  # fmt: skip
+def check_batch_fits(batch_size: int, dataset: str, **split_options: Any) -> None:
+    """Refuses a minibatch larger than the dataset's training split (`split_options`: those of
+    `split_sizes`, e.g. validation_size)."""
+    rows = split_sizes(dataset, **split_options)["train"]
+    check_at_most("batch_size", batch_size, f"{dataset}'s training rows", rows, fixed=True)
 
 
 def check_set_elsewhere(group: str, settings: Any, fields: dict[str, str]) -> None:

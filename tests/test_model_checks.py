@@ -166,3 +166,14 @@ def test_raw_counts_into_an_encoder_are_explained_and_an_input_transform_fixes_t
                                          big[:5]), plain, rtol=1e-6)  # fmt: skip
     with pytest.raises(ValueError, match="unknown input_transform 'sqrt'"):
         MLP((), 4, input_transform="sqrt").init(jax.random.key(0), big[:2])
+
+
+def test_mlp_output_bias_starts_the_decoder_at_given_logits():
+    """Burda et al.'s decoder init: the output bias at logit(mean pixel); a wrong length is
+    refused."""
+    bias = (-2.0, 0.0, 3.0)
+    net = aj.MLP((4,), 3, output_bias=bias)
+    params = net.init(jax.random.key(0), jnp.zeros((1, 5)))
+    np.testing.assert_allclose(params["params"]["Dense_1"]["bias"], bias)
+    with pytest.raises(ValueError, match="output_bias has 2 values for out_size 3"):
+        aj.MLP((4,), 3, output_bias=(0.0, 1.0)).init(jax.random.key(0), jnp.zeros((1, 5)))

@@ -107,6 +107,23 @@ def test_amortization_gap_paper_preset_follows_cremer():
     assert paper.adam_eps == 1e-4 and paper.batch_size == 100
 
 
+def test_vae_mnist_paper_preset_follows_burda():
+    """Burda et al. (2016), yburda/iwae: dynamic MNIST on 59,600 training images, 784-200-200-50
+    tanh, batch 20, Adam beta1 0.99 eps 1e-4 with the 3^i schedule over 3280 epochs, output bias
+    at the logits of the pixel means, active units on the first 500 training images."""
+    paper = resolve_config(load_experiment("vae_mnist"), "paper")
+    assert (paper.dataset, paper.binarization, paper.validation_size) == ("mnist", "dynamic", 400)
+    assert paper.encoder_hidden == paper.decoder_hidden == (200, 200)
+    assert (paper.activation, paper.z_dim, paper.batch_size) == ("tanh", 50, 20)
+    assert (paper.adam_b1, paper.adam_eps, paper.lr_schedule) == (0.99, 1e-4, "iwae")
+    assert paper.epochs == 3280 and paper.iwae_points is None and paper.iwae_samples == 5000
+    assert paper.output_bias == "data_mean"
+    assert (paper.activity_split, paper.activity_points) == ("train", 500)
+    from amortjax.data import split_sizes
+
+    assert split_sizes("mnist", paper.validation_size)["train"] == 59_600
+
+
 def _cli(*args, cwd):
     return subprocess.run(
         [sys.executable, "-m", "experiments", *args],
@@ -136,6 +153,9 @@ def test_vae_mnist_runs_end_to_end_and_resumes(tmp_path):
         "iwae_samples=20",
         "iwae_points=50",
         "eval_every=1",
+        "output_bias=data_mean",  # Burda et al.'s decoder start
+        "activity_split=train",  # active units counted on the first 100 training images
+        "activity_points=100",
     ]
     proc = _cli("vae_mnist", "--results", str(tmp_path), *tiny, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -153,10 +173,12 @@ def test_vae_mnist_runs_end_to_end_and_resumes(tmp_path):
         assert (workdir / "figures" / f"{name}.png").stat().st_size > 1000
     report = (workdir / "report.md").read_text()
     assert "IWAE-20" in report and "| test | 50 |" in report
-    # Active units and the KL per dimension on the whole test set: the per-dimension KLs add
-    # up to the KL term, which is what separates the ELBO from the reconstruction term.
+    # Active units and the KL per dimension on the first 100 training images: the
+    # per-dimension KLs add up to the KL term, which is what separates the ELBO from the
+    # reconstruction term.
     a = metrics["activity"]
-    assert a["points"] == 10_000 and len(a["variance"]) == len(a["kl"]) == 2
+    assert a["points"] == 100 and a["split"] == "train"
+    assert len(a["variance"]) == len(a["kl"]) == 2
     assert a["num_active"] == sum(a["active"]) == sum(v > 0.01 for v in a["variance"])
     assert a["kl_total"] == pytest.approx(sum(a["kl"])) and a["kl_total"] > 0
     assert metrics["kl_weight"] is None  # the plain ELBO by default
@@ -387,6 +409,8 @@ def test_out_of_range_options_are_refused_when_the_config_is_resolved(override, 
         ("vae_mnist", "binarization=dynamic", "'dynamic' does not fit dataset 'binarized_mnist'"),
         ("vae_mnist", "likelihood=poisson", "likelihood='poisson': unknown"),
         ("vae_mnist", "objective=vimco", "objective='vimco': unknown"),
+        ("vae_mnist", "validation_size=400", "binarized_mnist has Larochelle's fixed"),
+        ("vae_mnist", "output_bias=mean", "output_bias='mean': unknown"),
         ("semi_amortized", "methods=vae,savae", "unknown 'savae'"),
         ("semi_amortized", "frontier_points=600", "frontier_points=600 exceeds eval_points=500"),
         ("item_response", "num_traits=3", "num_traits=3: must be 1 or 2"),
