@@ -96,6 +96,10 @@ def test_kl_schedules_at_known_steps():
         [float(kl_schedule("linear", warmup_steps=4)(s)) for s in steps],
     )
     assert float(kl_schedule("linear", beta=3.0)(0)) == 3.0  # no warm-up
+    # Kim et al.'s warm-up starts at 0.1: 0.1 + 0.9 (s + 1) / 4
+    kim = kl_schedule("linear", warmup_steps=4, start=0.1)
+    np.testing.assert_allclose([float(kim(s)) for s in range(5)], [0.325, 0.55, 0.775, 1, 1],
+                               rtol=1e-6)  # fmt: skip
     # Fu et al.: 2 cycles of 4 steps, each ramping 0 -> beta over its first half; beta from
     # total_steps on.
     cyc = kl_schedule("cyclical", beta=2.0, cycles=2, total_steps=8)

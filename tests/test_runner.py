@@ -124,6 +124,18 @@ def test_vae_mnist_paper_preset_follows_burda():
     assert split_sizes("mnist", paper.validation_size)["train"] == 59_600
 
 
+def test_semi_amortized_paper_preset_follows_kim():
+    """Kim et al. (2018), harvardnlp/sa-vae train_img.py: K=20, momentum 0.5, clipping at 5 in
+    the refinement and on the model's gradient, Adam 1e-3, batch 50, the KL weight from 0.1 to
+    1 over 10 epochs, 100 epochs."""
+    paper = resolve_config(load_experiment("semi_amortized"), "paper")
+    assert (paper.refine.num_steps, paper.refine.momentum, paper.refine.max_grad_norm) == (
+        20, 0.5, 5.0
+    )  # fmt: skip
+    assert (paper.learning_rate, paper.max_grad_norm, paper.batch_size) == (1e-3, 5.0, 50)
+    assert (paper.kl_warmup_epochs, paper.kl_warmup_start, paper.epochs) == (10, 0.1, 100)
+
+
 def _cli(*args, cwd):
     return subprocess.run(
         [sys.executable, "-m", "experiments", *args],
@@ -216,6 +228,9 @@ def test_semi_amortized_runs_end_to_end(tmp_path):
         "decoder_hidden=32",
         "z_dim=4",
         "refine.num_steps=2",
+        "kl_warmup_epochs=1",  # Kim et al.'s warm-up from 0.1, and their gradient clipping
+        "kl_warmup_start=0.1",
+        "max_grad_norm=5",
         "eval_points=60",
         "eval_samples=4",
         "iwae_samples=16",

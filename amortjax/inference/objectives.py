@@ -92,6 +92,7 @@ def kl_schedule(
     cycles: int = 1,
     total_steps: int | None = None,
     ratio: float = 0.5,
+    start: float = 0.0,
 ) -> Callable[[jax.Array], jax.Array]:
     """A KL weight as a function of the optimizer step, for `kl_weighted` / `Trainer`.
 
@@ -99,8 +100,9 @@ def kl_schedule(
 
     - "constant": w(s) = beta. beta > 1 is the beta-VAE (Higgins et al. 2017), beta < 1 weakens
       the KL; beta = 1 is the plain ELBO.
-    - "linear": w(s) = beta min(1, (s + 1) / warmup_steps), the KL warm-up (Bowman et al. 2016,
-      Sonderby et al. 2016); beta from the first step when warmup_steps = 0.
+    - "linear": w(s) = beta (start + (1 - start) min(1, (s + 1) / warmup_steps)), the KL
+      warm-up (Bowman et al. 2016, Sonderby et al. 2016; Kim et al. 2018 start at 0.1); beta
+      from the first step when warmup_steps = 0.
     - "cyclical": Fu et al. (2019)'s cyclical annealing: total_steps split into `cycles` periods
       of P = total_steps / cycles steps; with tau = (s mod P) / P the position in the current
       period, w(s) = beta min(1, tau / ratio): a ramp from 0 to beta over the first `ratio` of
@@ -113,6 +115,7 @@ def kl_schedule(
         cycles: number of periods ("cyclical" only), >= 1.
         total_steps: length of the cyclical schedule in steps ("cyclical" only, required).
         ratio: fraction of each period spent ramping up ("cyclical" only), in (0, 1].
+        start: the weight's starting fraction of beta ("linear" only), in [0, 1].
 
     Returns:
         `weight(step) -> float32 scalar`, traceable by jax (step may be a traced int array).
@@ -127,6 +130,10 @@ def kl_schedule(
         raise ValueError(f"beta must be finite and >= 0, got {beta}")
     if warmup_steps and kind != "linear":
         raise ValueError(f"warmup_steps={warmup_steps} is for the 'linear' schedule, not {kind!r}")
+    if start and kind != "linear":
+        raise ValueError(f"start={start} is for the 'linear' schedule, not {kind!r}")
+    if not 0 <= start <= 1:
+        raise ValueError(f"start must be in [0, 1], got {start}")
     if (cycles != 1 or total_steps is not None) and kind != "cyclical":
         raise ValueError(f"cycles and total_steps are for the 'cyclical' schedule, not {kind!r}")
     beta_ = jnp.float32(beta)
@@ -139,7 +146,10 @@ def kl_schedule(
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if warmup_steps == 0:
             return lambda step: jnp.full((), beta_)
-        return lambda step: beta_ * jnp.minimum(1.0, (jnp.asarray(step) + 1) / warmup_steps)
+        start_ = jnp.float32(start)
+        return lambda step: beta_ * (
+            start_ + (1.0 - start_) * jnp.minimum(1.0, (jnp.asarray(step) + 1) / warmup_steps)
+        )
 
     if total_steps is None or total_steps < 1:
         raise ValueError(f"the 'cyclical' schedule needs total_steps >= 1, got {total_steps}")
