@@ -62,6 +62,7 @@ from amortjax import plotting
 from amortjax.data import BINARIZATIONS, DATASETS, load_data, resolve_binarization
 from amortjax.data.loading import dynamic_binarize
 from amortjax.evaluation.ais import AISSettings
+from amortjax.evaluation.bounds import format_estimate
 from amortjax.evaluation.gaps import AIS_STARTS, Gaps, gap_decomposition
 from amortjax.evaluation.subsets import random_subset
 from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
@@ -635,10 +636,6 @@ def _latent_figure(config, key, workdir, figures, progress) -> Path:
     return plotting.save_figure(fig, figures / "latent_posteriors.png")
 
 
-def _fmt(stat: dict) -> str:
-    return f"{stat['mean']:.2f} ± {stat['se']:.2f}"
-
-
 def _table(entries: dict[str, dict], split: str) -> list[str]:
     names = list(entries)
     head = "| quantity | " + " | ".join(
@@ -655,7 +652,9 @@ def _table(entries: dict[str, dict], split: str) -> list[str]:
     )
     for label, key in quantities:
         rows.append(
-            f"| {label} | " + " | ".join(_fmt(entries[n][split][key]) for n in names) + " |"
+            f"| {label} | "
+            + " | ".join(format_estimate(entries[n][split][key]) for n in names)
+            + " |"
         )
     rows.append(
         "| log p̂(x) from | "

@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from amortjax import plotting
-from amortjax.evaluation.bounds import evaluate_bounds, mean_and_stderr
+from amortjax.evaluation.bounds import evaluate_bounds, format_estimate, mean_and_stderr
 from amortjax.families import DiagonalGaussian
 from amortjax.guides import fix_globals, given_params_guide, global_guide
 from amortjax.inference.local import QStarSettings
@@ -277,10 +277,6 @@ def _traits_figure(estimates: dict, truth: np.ndarray, reference: np.ndarray) ->
     return fig
 
 
-def _pm(pair) -> str:
-    return f"{pair[0]:.3f} ± {pair[1]:.3f}"
-
-
 def _report(config: Config, metrics: dict, figures: list[str]) -> str:
     d, ref = metrics["data"], metrics["reference"]
     lines = [
@@ -301,14 +297,16 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
     ]
     for regime, m in metrics["regimes"].items():
         lines.append(
-            f"| {regime} | {_pm(m['heldout_log_px_learned_questions'])} | "
-            f"{_pm(m['heldout_elbo'])} | {_pm(m['inference_gap_heldout'])} | "
+            f"| {regime} | {format_estimate(m['heldout_log_px_learned_questions'], 3)} | "
+            f"{format_estimate(m['heldout_elbo'], 3)} | "
+            f"{format_estimate(m['inference_gap_heldout'], 3)} | "
             f"{m['trait_r2_heldout']:.3f} | {m['trait_r2_train']:.3f} | "
             f"{m['difficulty_corr']:.3f} | {m['discrimination_corr']:.3f} | "
             f"{m['train_seconds']:.1f} | {m['inference_ms_per_person']:.3f} |"
         )
     lines += [
-        f"| true questions, exact posterior | {_pm(ref['heldout_log_px_true_questions'])} | "
+        "| true questions, exact posterior | "
+        f"{format_estimate(ref['heldout_log_px_true_questions'], 3)} | "
         f"— | 0 | {ref['trait_r2_exact_posterior']:.3f} | — | 1 | 1 | — | — |",
         "",
         "New people: amortized = one encoder pass; per-example = `fit_local` from N(0, I) "
@@ -321,7 +319,8 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
     if semi is not None:
         lines.append(
             "Semi-amortized held-out ELBO of the encoder's q before the K steps: "
-            f"{_pm(semi['heldout_elbo_before_refinement'])} (after: {_pm(semi['heldout_elbo'])})."
+            f"{format_estimate(semi['heldout_elbo_before_refinement'], 3)} "
+            f"(after: {format_estimate(semi['heldout_elbo'], 3)})."
         )
         lines.append("")
     lines += [f"![{Path(f).stem}]({f})" for f in figures]

@@ -47,12 +47,12 @@ import numpyro.distributions as dist
 
 from amortjax import plotting
 from amortjax.data import DATASETS, load_data
-from amortjax.evaluation.bounds import evaluate_bounds, mean_and_stderr
+from amortjax.evaluation.bounds import evaluate_bounds, format_estimate, mean_and_stderr
 from amortjax.evaluation.subsets import random_subset
 from amortjax.families import DiagonalGaussian
 from amortjax.guides import given_params_guide
 from amortjax.inference.local import QStarSettings
-from amortjax.inference.objectives import kl_schedule
+from amortjax.inference.objectives import epoch_kl_schedule
 from amortjax.inference.refine import RefineSettings
 from amortjax.inference.training import Trainer, fit
 from amortjax.models import check_observations, vae_model
@@ -214,13 +214,12 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             regime.optimizer(config.learning_rate, clip_norm=config.max_grad_norm),
             n_data=n_train,
             batch_size=config.batch_size,
-            kl_schedule=kl_schedule(
+            kl_schedule=epoch_kl_schedule(
                 "linear",
-                warmup_steps=round(config.kl_warmup_epochs * steps_per_epoch),
+                steps_per_epoch=steps_per_epoch,
+                warmup_epochs=config.kl_warmup_epochs,
                 start=config.kl_warmup_start,
-            )
-            if config.kl_warmup_epochs
-            else None,
+            ),
         )
         if progress:
             print(f"[{i + 1}/{len(config.methods)}] training {method}")
@@ -369,10 +368,6 @@ def _frontier(config, model, encoder, trained, x_eval, key, settings, bounds) ->
     return method, out
 
 
-def _fmt(pair) -> str:
-    return "—" if pair is None else f"{pair[0]:.2f} ± {pair[1]:.2f}"
-
-
 def _report(config: Config, metrics: dict, figures: list[str]) -> str:
     n = metrics["eval_points"]
     lines = [
@@ -396,8 +391,9 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
     ]
     for method, r in metrics["methods"].items():
         lines.append(
-            f"| {method} | {_fmt(r['encoder_elbo'])} | {_fmt(r['refined_elbo'])} | "
-            f"{_fmt(r['iwae'])} | {_fmt(r['kl'])} | {r['train_loss']:.2f} | "
+            f"| {method} | {format_estimate(r['encoder_elbo'])} | "
+            f"{format_estimate(r['refined_elbo'])} | "
+            f"{format_estimate(r['iwae'])} | {format_estimate(r['kl'])} | {r['train_loss']:.2f} | "
             f"{r['train_seconds']:.0f} | {r['encoder_ms_per_datapoint']:.3f} | "
             f"{r['refine_ms_per_datapoint']:.3f} |"
         )

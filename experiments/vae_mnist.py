@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -42,10 +41,8 @@ import numpy as np
 from amortjax import plotting
 from amortjax.data import (
     DATASETS,
-    Data,
-    DataNotFoundError,
+    labels_of_test_split,
     load_data,
-    load_images,
     resolve_binarization,
     split_sizes,
 )
@@ -55,7 +52,12 @@ from amortjax.evaluation.bounds import evaluate_bounds, mean_and_stderr
 from amortjax.evaluation.subsets import random_subset
 from amortjax.families import DiagonalGaussian
 from amortjax.guides import amortized_guide, encode
-from amortjax.inference.objectives import KL_SCHEDULES, OBJECTIVES, kl_schedule, make_optimizer
+from amortjax.inference.objectives import (
+    KL_SCHEDULES,
+    OBJECTIVES,
+    epoch_kl_schedule,
+    make_optimizer,
+)
 from amortjax.inference.objectives import SCHEDULES as LR_SCHEDULES
 from amortjax.inference.training import Trainer, fit, seconds_per_epoch
 from amortjax.models import LIKELIHOODS, check_observations, decode_mean, vae_model
@@ -201,38 +203,6 @@ def _curves(history: dict, weighted: bool = False) -> dict:
     return {name: (epochs, [-v for v in losses]), **curves}
 
 
-def _kl_schedule(config: Config, steps_per_epoch: int) -> Callable[[jax.Array], jax.Array] | None:
-    """The Trainer's `kl_schedule` for the config, or None for the plain ELBO."""
-    if config.kl_schedule == "cyclical":
-        return kl_schedule(
-            "cyclical",
-            beta=config.beta,
-            cycles=config.kl_cycles,
-            total_steps=config.epochs * steps_per_epoch,
-        )
-    warmup_steps = round(config.kl_warmup_epochs * steps_per_epoch)
-    if warmup_steps == 0 and config.beta == 1.0:
-        return None
-    return kl_schedule("linear", beta=config.beta, warmup_steps=warmup_steps)
-
-
-def _test_labels(data: Data) -> np.ndarray | None:
-    """Digit labels of the test split (to colour the embedding), or None if there are none."""
-    if data.test_labels is not None:
-        return data.test_labels
-    if data.name != "binarized_mnist":
-        return None
-    # Larochelle's binarized test split is MNIST's test split sorted by digit: matching each of
-    # its 10,000 images to the most likely MNIST test image (Bernoulli likelihood of the grey
-    # levels) gave labels equal to the sorted MNIST labels at all 10,000 positions.
-    try:
-        _, labels = load_images("mnist", "test")
-    except DataNotFoundError:
-        return None
-    labels = np.sort(labels)
-    return labels if len(labels) == len(data.test) else None
-
-
 def _kl_description(config: Config) -> str:
     if config.kl_schedule == "cyclical":
         how = f"in {config.kl_cycles} cycles (0 -> beta over the first half of each, then flat)"
@@ -335,7 +305,14 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         eps=config.adam_eps,
         b1=config.adam_b1,
     )
-    schedule = _kl_schedule(config, steps_per_epoch)
+    schedule = epoch_kl_schedule(
+        config.kl_schedule,
+        steps_per_epoch=steps_per_epoch,
+        beta=config.beta,
+        warmup_epochs=config.kl_warmup_epochs,
+        cycles=config.kl_cycles,
+        epochs=config.epochs,
+    )
     trainer = Trainer(
         model,
         guide,
@@ -470,7 +447,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         return np.asarray(decode_mean(decoder, params, z, likelihood=config.likelihood))
 
     by_activity = np.argsort(-activity.variance, kind="stable")
-    labels = _test_labels(data)
+    labels = labels_of_test_split(data)
     saved = [
         plotting.save_figure(
             plotting.reconstructions_figure(shown, np.asarray(recon)),

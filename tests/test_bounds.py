@@ -137,3 +137,11 @@ def test_pair_scores_share_their_draws_and_the_mixture_is_a_bound(correlated_cas
     again = evaluate_pair(model, params, x, best, wide, jax.random.key(4), family=fam,
                           num_samples=2000, batch_size=40)  # fmt: skip
     np.testing.assert_allclose(again.mixture, pair.mixture, atol=1e-4)
+
+
+def test_format_estimate_reads_pairs_dicts_and_none():
+    from amortjax.evaluation.bounds import format_estimate
+
+    assert format_estimate((-91.2345, 0.456)) == "-91.23 ± 0.46"
+    assert format_estimate({"mean": 1.0, "se": 0.25}, 3) == "1.000 ± 0.250"
+    assert format_estimate(None) == "—"

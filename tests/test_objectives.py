@@ -170,3 +170,19 @@ def test_trainer_applies_the_schedule_at_each_global_step(lg_correlated):
 def test_trainer_takes_a_warm_up_or_a_schedule_not_both():
     with pytest.raises(ValueError, match="not both"):
         _linear_vae_trainer(64, kl_warmup_epochs=1, kl_schedule=kl_schedule("constant"))
+
+
+def test_epoch_kl_schedule_counts_in_epochs():
+    """Lengths in epochs become lengths in optimizer steps; the plain ELBO is None."""
+    from amortjax.inference.objectives import epoch_kl_schedule
+
+    warm = epoch_kl_schedule("linear", steps_per_epoch=3, warmup_epochs=2, start=0.1)
+    ref = kl_schedule("linear", warmup_steps=6, start=0.1)
+    np.testing.assert_allclose(
+        [float(warm(s)) for s in range(8)], [float(ref(s)) for s in range(8)]
+    )
+    assert epoch_kl_schedule("linear", steps_per_epoch=3) is None
+    assert float(epoch_kl_schedule("constant", steps_per_epoch=3, beta=4.0)(5)) == 4.0
+    cyc = epoch_kl_schedule("cyclical", steps_per_epoch=2, cycles=2, epochs=4)
+    ref = kl_schedule("cyclical", cycles=2, total_steps=8)
+    np.testing.assert_allclose([float(cyc(s)) for s in range(9)], [float(ref(s)) for s in range(9)])

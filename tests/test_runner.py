@@ -204,15 +204,23 @@ def test_vae_mnist_runs_end_to_end_and_resumes(tmp_path):
 
 
 def test_vae_mnist_kl_options_map_to_schedules():
+    from amortjax.inference.objectives import epoch_kl_schedule
+
+    def schedule(c, steps_per_epoch):  # as vae_mnist.run builds the Trainer's kl_schedule
+        return epoch_kl_schedule(
+            c.kl_schedule, steps_per_epoch=steps_per_epoch, beta=c.beta,
+            warmup_epochs=c.kl_warmup_epochs, cycles=c.kl_cycles, epochs=c.epochs,
+        )  # fmt: skip
+
     module = load_experiment("vae_mnist")
     config = module.Config()
-    assert module._kl_schedule(config, 500) is None  # the plain ELBO: the default is unchanged
-    beta = module._kl_schedule(dataclasses.replace(config, beta=4.0), 500)
+    assert schedule(config, 500) is None  # the plain ELBO: the default is unchanged
+    beta = schedule(dataclasses.replace(config, beta=4.0), 500)
     assert float(beta(0)) == float(beta(10**6)) == 4.0
-    warm = module._kl_schedule(dataclasses.replace(config, kl_warmup_epochs=2.0), 500)
+    warm = schedule(dataclasses.replace(config, kl_warmup_epochs=2.0), 500)
     assert float(warm(499)) == pytest.approx(0.5) and float(warm(999)) == 1.0
     cyc = dataclasses.replace(config, kl_schedule="cyclical", kl_cycles=4, epochs=8, beta=0.5)
-    cyclical = module._kl_schedule(cyc, 500)  # 4 cycles of 1000 steps over 8 epochs
+    cyclical = schedule(cyc, 500)  # 4 cycles of 1000 steps over 8 epochs
     assert [float(cyclical(s)) for s in (0, 250, 500, 999, 1000)] == [0, 0.25, 0.5, 0.5, 0]
     with pytest.raises(ValueError, match="kl_schedule='cosine': unknown 'cosine'"):
         check_config(dataclasses.replace(config, kl_schedule="cosine"))

@@ -339,6 +339,23 @@ def load_data(
     )
 
 
+def labels_of_test_split(data: Data) -> np.ndarray | None:
+    """Digit labels of the test split (to colour the embedding), or None if there are none."""
+    if data.test_labels is not None:
+        return data.test_labels
+    if data.name != "binarized_mnist":
+        return None
+    # Larochelle's binarized test split is MNIST's test split sorted by digit: matching each of
+    # its 10,000 images to the most likely MNIST test image (Bernoulli likelihood of the grey
+    # levels) gave labels equal to the sorted MNIST labels at all 10,000 positions.
+    try:
+        _, labels = load_images("mnist", "test")
+    except DataNotFoundError:
+        return None
+    labels = np.sort(labels)
+    return labels if len(labels) == len(data.test) else None
+
+
 def threshold_binarize(x: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """A fixed binarization of grey levels: 1 where a pixel exceeds `threshold`, else 0
     (Cremer et al. 2018's Fashion-MNIST: grey levels / 255, thresholded at 0.5).

@@ -112,6 +112,15 @@ def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values)))
 
 
+def format_estimate(estimate, digits: int = 2) -> str:
+    """ "mean ± se" for a report: from `(mean, se)` (as `mean_and_stderr` gives), a dict with
+    "mean" and "se", or None (printed as a dash)."""
+    if estimate is None:
+        return "—"
+    mean, se = (estimate["mean"], estimate["se"]) if isinstance(estimate, dict) else estimate
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
 class PairBounds(NamedTuple):
     """Two variational distributions q_a and q_b of every datapoint scored on common draws.
 

@@ -73,6 +73,41 @@ def kl_weighted(fn: Callable) -> Callable:
     return wrapped
 
 
+def epoch_kl_schedule(
+    kind: str,
+    *,
+    steps_per_epoch: int,
+    beta: float = 1.0,
+    warmup_epochs: float = 0.0,
+    start: float = 0.0,
+    cycles: int = 1,
+    epochs: int | None = None,
+) -> Callable[[jax.Array], jax.Array] | None:
+    """`kl_schedule` with its lengths in epochs, for `Trainer(kl_schedule=...)`; None (the
+    plain ELBO) for a constant weight of 1.
+
+    Args:
+        kind: "constant", "linear" (a warm-up over `warmup_epochs`, from `start` beta to beta)
+            or "cyclical" (`cycles` cycles over `epochs`).
+        steps_per_epoch: optimizer steps per epoch.
+        beta, start, cycles: as in `kl_schedule`.
+        warmup_epochs: length of the linear warm-up in epochs (0: none).
+        epochs: the run's length ("cyclical" only).
+    """
+    if kind == "cyclical":
+        if epochs is None:
+            raise ValueError("the 'cyclical' KL schedule needs epochs (the run's length)")
+        return kl_schedule(
+            "cyclical", beta=beta, cycles=cycles, total_steps=epochs * steps_per_epoch
+        )
+    warmup_steps = round(warmup_epochs * steps_per_epoch) if kind == "linear" else 0
+    if warmup_steps == 0 and beta == 1.0:
+        return None
+    if kind == "constant":
+        return kl_schedule("constant", beta=beta)
+    return kl_schedule("linear", beta=beta, warmup_steps=warmup_steps, start=start)
+
+
 def kl_warmup_weight(step: jax.Array, warmup_steps: int) -> jax.Array:
     """beta rising linearly from 0 to 1 over warmup_steps optimizer steps (1 if no warm-up).
 
@@ -147,8 +182,9 @@ def kl_schedule(
         if warmup_steps == 0:
             return lambda step: jnp.full((), beta_)
         start_ = jnp.float32(start)
-        return lambda step: beta_ * (
-            start_ + (1.0 - start_) * jnp.minimum(1.0, (jnp.asarray(step) + 1) / warmup_steps)
+        return lambda step: (
+            beta_
+            * (start_ + (1.0 - start_) * jnp.minimum(1.0, (jnp.asarray(step) + 1) / warmup_steps))
         )
 
     if total_steps is None or total_steps < 1:
