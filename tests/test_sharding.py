@@ -99,12 +99,14 @@ def test_training_on_four_devices_matches_one(runs):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow  # shares the ~75 s fixture of two fresh processes (1 and 4 XLA devices)
 def test_bounds_on_four_devices_match_one(runs):
     one, four = runs["one"], runs["four"]
     np.testing.assert_allclose(four["elbo"], one["elbo"], rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(four["iwae"], one["iwae"], rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow  # the same fixture
 def test_local_optimizer_and_ais_on_four_devices_match_one(runs):
     one, four = runs["one"], runs["four"]
     np.testing.assert_allclose(four["qstar"], one["qstar"], rtol=1e-4, atol=1e-4)
