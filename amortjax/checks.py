@@ -50,14 +50,17 @@ def check_float(
 
 
 def resolve_settings(where: str, kind: type, settings: Any, overrides: dict[str, Any]) -> Any:
-    """An entry point's settings: `settings` (an instance of the NamedTuple `kind`, or None for
-    its defaults) with the keyword `overrides` applied, e.g. `fit_local(..., learning_rate=1e-3)`
-    or `fit_local(..., QStarSettings(...), max_steps=500)`.
+    """An entry point's settings: `settings` (an instance of the NamedTuple `kind`, a dict of its
+    fields, or None for its defaults) with the keyword `overrides` applied, e.g.
+    `fit_local(..., learning_rate=1e-3)`, `fit_local(..., QStarSettings(...), max_steps=500)` or
+    `gap_decomposition(..., qstar={"max_steps": 500})`.
 
     Raises:
         TypeError: settings of another type, or an override that is not a field of `kind`
             (the message lists the fields), or a required field left out.
     """
+    if isinstance(settings, dict):
+        settings, overrides = None, {**settings, **overrides}
     unknown = sorted(set(overrides) - set(kind._fields))
     if unknown:
         raise TypeError(
@@ -71,7 +74,8 @@ def resolve_settings(where: str, kind: type, settings: Any, overrides: dict[str,
             raise TypeError(f"{where}: {kind.__name__} needs {err}") from None
     if not isinstance(settings, kind):
         raise TypeError(
-            f"{where}: settings must be a {kind.__name__}, got {type(settings).__name__} (build "
-            f"one with {kind.__name__}(...), or pass its fields as keyword arguments)"
+            f"{where}: settings must be a {kind.__name__} or a dict of its fields, got "
+            f"{type(settings).__name__} (build one with {kind.__name__}(...), or pass its fields "
+            "as keyword arguments)"
         )
     return settings._replace(**overrides)

@@ -35,8 +35,10 @@ def test_evaluators_take_typed_settings_and_keyword_overrides(case):
     np.testing.assert_array_equal(a.params, b.params)
     with pytest.raises(TypeError, match=r"unknown setting\(s\) \['learning_rte'\].*num_decays"):
         fit_local(model, params, x[:4], jax.random.key(1), z_dim=3, learning_rte=1e-3)
-    with pytest.raises(TypeError, match="settings must be a QStarSettings"):
-        fit_local(model, params, x[:4], jax.random.key(1), {"max_steps": 3}, z_dim=3)
+    c = fit_local(model, params, x[:4], jax.random.key(1), settings._asdict(), z_dim=3)
+    np.testing.assert_array_equal(a.params, c.params)  # a dict of the fields is the same
+    with pytest.raises(TypeError, match="settings must be a QStarSettings or a dict"):
+        fit_local(model, params, x[:4], jax.random.key(1), [40], z_dim=3)
     with pytest.raises(TypeError, match="RefineSettings needs .*num_steps"):
         refine(model, params, x[:4], np.zeros((4, 6)), jax.random.key(1),
                family=DiagonalGaussian())  # fmt: skip

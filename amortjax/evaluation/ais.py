@@ -873,8 +873,11 @@ def ais(
             step_size or step_scale, unknown site, z_dim mismatch, settings out of range).
     """
     settings = resolve_settings("ais", AISSettings, settings, overrides)
-    num_chains, num_temperatures, schedule, sigmoid_delta, leapfrog_steps = settings[:5]
-    step_size, step_scale, target_accept, adapt_step_size, pilot_chains = settings[5:]
+    num_chains, num_temperatures = settings.num_chains, settings.num_temperatures
+    schedule, leapfrog_steps = settings.schedule, settings.leapfrog_steps
+    step_size, step_scale = settings.step_size, settings.step_scale
+    target_accept, adapt_step_size = settings.target_accept, settings.adapt_step_size
+    pilot_chains, sigmoid_delta = settings.pilot_chains, settings.sigmoid_delta
     betas = annealing_schedule(schedule, num_temperatures, sigmoid_delta=sigmoid_delta)
     x, family, lam, z_dim = _prepare(
         model, params, x, z_dim, family, init_params, site, num_chains, leapfrog_steps,
@@ -981,8 +984,11 @@ def reverse_ais(
         ValueError: as `ais`, and for z of the wrong shape.
     """
     settings = resolve_settings("reverse_ais", AISSettings, settings, overrides)
-    num_chains, num_temperatures, schedule, sigmoid_delta, leapfrog_steps = settings[:5]
-    step_size, step_scale, target_accept, adapt_step_size, pilot_chains = settings[5:]
+    num_chains, num_temperatures = settings.num_chains, settings.num_temperatures
+    schedule, leapfrog_steps = settings.schedule, settings.leapfrog_steps
+    step_size, step_scale = settings.step_size, settings.step_scale
+    target_accept, adapt_step_size = settings.target_accept, settings.adapt_step_size
+    pilot_chains, sigmoid_delta = settings.pilot_chains, settings.sigmoid_delta
     betas = annealing_schedule(schedule, num_temperatures, sigmoid_delta=sigmoid_delta)
     x, family, lam, z_dim = _prepare(
         model, params, x, z_dim, family, init_params, site, num_chains, leapfrog_steps,

@@ -157,13 +157,6 @@ def best_lower_bound(estimates: dict[str, np.ndarray]) -> tuple[str, np.ndarray]
     return name, np.asarray(estimates[name])
 
 
-def _qstar_settings(qstar: QStarSettings | dict[str, Any] | None) -> QStarSettings:
-    """`qstar` as a `QStarSettings` (a dict's unknown names refused with the valid ones)."""
-    if isinstance(qstar, dict):
-        return resolve_settings("gap_decomposition (qstar)", QStarSettings, None, qstar)
-    return resolve_settings("gap_decomposition (qstar)", QStarSettings, qstar, {})
-
-
 def gap_decomposition(
     model: Callable,
     params: dict,
@@ -219,12 +212,12 @@ def gap_decomposition(
     show = bool(progress)
     k_pair, k_fit, k_ais = jax.random.split(key, 3)
 
-    settings = _qstar_settings(qstar)._replace(final_samples=0, batch_size=batch_size)
+    settings = resolve_settings("gap_decomposition (qstar)", QStarSettings, qstar, {})
+    settings = settings._replace(final_samples=0, batch_size=batch_size)
     if ais_settings is not None:
-        given = ais_settings if isinstance(ais_settings, AISSettings) else None
-        overrides = {} if given is not None else dict(ais_settings)
-        ais_settings = resolve_settings("gap_decomposition (ais_settings)", AISSettings, given,
-                                        overrides)  # fmt: skip
+        ais_settings = resolve_settings(
+            "gap_decomposition (ais_settings)", AISSettings, ais_settings, {}
+        )
     seconds = {}
     start = time.perf_counter()
     # q* started at the encoder's output; final_samples=0: scored below, with q, on common

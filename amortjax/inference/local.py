@@ -521,9 +521,11 @@ def fit_local(
         final ELBO and IWAE of every datapoint.
     """
     settings = resolve_settings("fit_local", QStarSettings, settings, overrides)
-    method, num_samples, learning_rate, block_size = settings[:4]
-    patience, max_steps, min_improvement, lr_decay, num_decays = settings[4:9]
-    select_samples, final_samples, batch_size = settings[9:]
+    method, learning_rate, block_size = settings.method, settings.learning_rate, settings.block_size
+    num_samples, patience, max_steps = settings.num_samples, settings.patience, settings.max_steps
+    min_improvement, lr_decay = settings.min_improvement, settings.lr_decay
+    num_decays, select_samples = settings.num_decays, settings.select_samples
+    final_samples, batch_size = settings.final_samples, settings.batch_size
     family = family or DiagonalGaussian()
     gaussian = isinstance(family, DiagonalGaussian | FullRankGaussian)
     if method not in METHODS:

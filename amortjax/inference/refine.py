@@ -127,13 +127,15 @@ def refine(
             score; each message names the argument and the fix.
     """
     settings = resolve_settings("refine", RefineSettings, settings, overrides)
-    num_steps, step_size, momentum, max_grad_norm, num_samples, checkpoint = settings
-    _check_arguments(x, lam0, step_size, indices, num_steps, momentum, max_grad_norm, num_samples)
+    s = settings
+    _check_arguments(
+        x, lam0, s.step_size, indices, s.num_steps, s.momentum, s.max_grad_norm, s.num_samples
+    )
     if not _traced(x, params, lam0):
         x = check_data(model, params, x)
         check_site(model, params, x, site, "refine")
     return refine_steps(
-        model, params, x, lam0, key, family=family, num_steps=num_steps, step_size=step_size,
-        momentum=momentum, max_grad_norm=max_grad_norm, num_samples=num_samples, site=site,
-        checkpoint=checkpoint, indices=indices,
+        model, params, x, lam0, key, family=family, num_steps=s.num_steps,
+        step_size=s.step_size, momentum=s.momentum, max_grad_norm=s.max_grad_norm,
+        num_samples=s.num_samples, site=site, checkpoint=s.checkpoint, indices=indices,
     )  # fmt: skip
