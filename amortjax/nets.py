@@ -100,7 +100,7 @@ class MLP(nn.Module):
             so every use of the encoder (training, `encode`, new data) applies it.
         output_bias: the output layer's initial bias, `out_size` numbers (a tuple, so the
             module stays hashable), or None for zeros; e.g. a Bernoulli decoder started at the
-            logits of the training pixel means (Burda et al. 2016).
+            logits of the training pixel means, `mean_logits(x_train)` (Burda et al. 2016).
     """
 
     hidden_sizes: Sequence[int]
@@ -123,3 +123,26 @@ class MLP(nn.Module):
             )
         bias = jnp.asarray(self.output_bias, jnp.float32)
         return nn.Dense(self.out_size, bias_init=lambda *_: bias)(x)
+
+
+def mean_logits(x: np.ndarray, clip: float = 1e-3) -> tuple[float, ...]:
+    """Burda et al.'s (2016) initial output bias of a Bernoulli decoder: the logit of each
+    feature's mean over the training data, b_d = log m_d - log(1 - m_d) with
+    m_d = clip(mean_i x_id, clip, 1 - clip), so that the untrained decoder predicts every pixel's
+    mean (computed in float64).
+
+    Args:
+        x: training data in [0, 1] (binary, or grey levels that are binarized later),
+            `[N, D]`.
+        clip: keeps the logits finite for features that are always 0 or always 1.
+
+    Returns:
+        D floats (a tuple: `MLP(..., output_bias=mean_logits(x))`).
+    """
+    arr = np.asarray(x, np.float64)
+    if arr.ndim != 2 or arr.shape[0] < 1:
+        raise ValueError(f"mean_logits: x must be [N, D] with N >= 1, got shape {arr.shape}")
+    if not 0.0 < clip < 0.5:
+        raise ValueError(f"mean_logits: clip must be in (0, 0.5), got {clip}")
+    mean = np.clip(arr.mean(0), clip, 1 - clip)
+    return tuple(float(v) for v in np.log(mean) - np.log1p(-mean))

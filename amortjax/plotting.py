@@ -1,7 +1,7 @@
 """Matplotlib figures for inspecting trained VAEs: image grids, reconstructions, prior samples,
 training curves, 2-D latent manifolds, latent traversals, the activity of latent units, 2-D
-embeddings of the latent means, the inference gaps (bands over training, stacked bars) and 2-D
-posterior densities, plus a helper to save them as PNG.
+embeddings of the latent means, the inference gaps (bands over training, stacked bars), 2-D
+posterior densities and the recovery of simulated latents, plus a helper to save them as PNG.
 
 What this module is for: turning arrays that the rest of amortjax already computed (pixel means,
 metric histories) into `matplotlib.figure.Figure` objects that a notebook displays and an
@@ -862,6 +862,53 @@ def density_panels_figure(
                 ax.set_ylabel(points[i])
     if title is not None:
         fig.suptitle(title)
+    return fig
+
+
+def recovery_figure(
+    estimates: Mapping[str, np.ndarray],
+    truth: np.ndarray,
+    *,
+    scores: Mapping[str, float] | None = None,
+    score_name: str = "R²",
+    dim: int = 0,
+    xlabel: str = "true value",
+    ylabel: str = "estimate",
+) -> Figure:
+    """Estimates of a simulated latent against its true values, one scatter panel per
+    estimator, with the identity line (e.g. each regime's posterior mean of the traits of
+    held-out people in an item-response model).
+
+    Args:
+        estimates: panel title -> `[N, d]` (or `[N]`) estimates of the same N latents.
+        truth: the true latents, `[N, d]` (or `[N]`).
+        scores: panel title -> a number shown in its title (e.g. the R^2 of the recovery).
+        score_name: what the scores are, shown before them.
+        dim: the latent dimension plotted.
+        xlabel, ylabel: axis labels.
+
+    Returns:
+        A Figure with one row of `len(estimates)` axes.
+
+    Raises:
+        ValueError: an empty `estimates`, or an estimate whose shape differs from truth's.
+    """
+    if not estimates:
+        raise ValueError("estimates is empty: give at least one panel")
+    truth = np.asarray(truth, dtype=np.float64).reshape(len(truth), -1)
+    fig = Figure(figsize=(3.2 * len(estimates), 3.2), layout="constrained")
+    axes = np.asarray(fig.subplots(1, len(estimates), squeeze=False))[0]
+    lim = float(np.abs(truth[:, dim]).max()) * 1.05
+    for ax, (name, est) in zip(axes, estimates.items(), strict=True):
+        est = np.asarray(est, dtype=np.float64).reshape(len(est), -1)
+        if est.shape != truth.shape:
+            raise ValueError(f"estimates[{name!r}] has shape {est.shape}; truth has {truth.shape}")
+        ax.scatter(truth[:, dim], est[:, dim], s=4, alpha=0.5)
+        ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8)
+        score = "" if scores is None or name not in scores else f": {score_name} {scores[name]:.3f}"
+        ax.set_title(f"{name}{score}", fontsize=9)
+        ax.set_xlabel(xlabel)
+    axes[0].set_ylabel(ylabel)
     return fig
 
 

@@ -37,7 +37,7 @@ from amortjax.guides import encode
 from amortjax.inference.local import QStarSettings, fit_local
 from amortjax.inference.training import fit
 from bench.common import RESULTS_DIR
-from experiments.amortization_gap import Config, _ais_settings, _qstar_settings, _Setup
+from experiments.amortization_gap import Config, _ais_settings, _Setup
 
 
 def _doubled(settings: QStarSettings) -> QStarSettings:
@@ -66,7 +66,7 @@ def _train(config: Config, family: str, data, model_dir: Path) -> tuple[_Setup, 
 
 def _doubling(config, setup, params, x, key) -> dict[str, Any]:
     lam = np.asarray(encode(setup.encoder, params, jnp.asarray(x)))
-    base_settings = _qstar_settings(config, setup.family)
+    base_settings = config.qstar.for_family(setup.family)
     runs = {}
     for name, settings in (("quick", base_settings), ("doubled", _doubled(base_settings))):
         start = time.perf_counter()
@@ -138,7 +138,7 @@ def run(
     lam = np.asarray(encode(setup.encoder, params, jnp.asarray(x)))
     gaps = gap_decomposition(
         setup.model, params, x, lam, jax.random.key(config.seed + 22), family=setup.family,
-        iwae_samples=config.iwae_samples, qstar=_qstar_settings(config, setup.family),
+        iwae_samples=config.iwae_samples, qstar=config.qstar.for_family(setup.family),
         ais_settings=_ais_settings(config), batch_size=config.eval_batch_size, progress="fullset",
     )  # fmt: skip
     wall = time.perf_counter() - start

@@ -64,8 +64,9 @@ from amortjax.data.loading import dynamic_binarize
 from amortjax.evaluation.ais import AISSettings
 from amortjax.evaluation.bounds import format_estimate
 from amortjax.evaluation.gaps import AIS_STARTS, Gaps, gap_decomposition
+from amortjax.evaluation.posterior_grid import posterior_grid
 from amortjax.evaluation.subsets import random_subset
-from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
+from amortjax.families import DiagonalGaussian, Family
 from amortjax.flows import AffineCouplingFlow, FlowEncoder
 from amortjax.guides import amortized_guide, encode
 from amortjax.inference.local import METHODS as QSTAR_METHODS
@@ -75,7 +76,6 @@ from amortjax.inference.objectives import make_optimizer
 from amortjax.inference.training import Trainer, fit, seconds_per_epoch
 from amortjax.models import check_observations, vae_model, with_fixed_params
 from amortjax.nets import ACTIVATIONS, MLP
-from amortjax.traces import log_joint
 from experiments.runner import (
     check_at_most,
     check_batch_fits,
@@ -244,24 +244,6 @@ def make_family_and_encoder(
     return family, encoder
 
 
-def _qstar_settings(config: Config, family) -> QStarSettings:
-    """q*'s settings for a family. Method "auto": Newton steps with their own defaults for the
-    Gaussian families, Adam with the configured rate, draws and blocks for the flow."""
-    settings = config.qstar
-    method = settings.method
-    if method == "auto":
-        method = "newton" if isinstance(family, DiagonalGaussian | FullRankGaussian) else "adam"
-    if method == "newton":
-        defaults = QStarSettings()
-        return settings._replace(
-            method=method,
-            learning_rate=None,
-            num_samples=defaults.num_samples,
-            block_size=None,
-        )
-    return settings._replace(method=method)
-
-
 def _ais_settings(config: Config) -> AISSettings | None:
     return config.ais if config.run_ais else None
 
@@ -294,7 +276,7 @@ class _Setup:
 
 def _decompose(config, model, encoder, family, params, x, key, *, curve=False, progress=False):
     lam = np.asarray(encode(encoder, params, jnp.asarray(x)))
-    qstar = _qstar_settings(config, family)
+    qstar = config.qstar.for_family(family)
     if curve:  # a cheaper q* for the curves over training
         qstar = qstar._replace(max_steps=min(qstar.max_steps, config.curve_qstar_steps))
     return gap_decomposition(
@@ -435,22 +417,13 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     )
     if config.latent_figure:
         saved_figures.append(_latent_figure(config, key, workdir, figures, progress))
-    bars = {
-        f"{r['dataset']} {_LABEL[r['family']]} {split}": (
-            r[split]["approximation_gap"]["mean"],
-            r[split]["amortization_gap"]["mean"],
-        )
-        for r in results.values()
-        for split in ("train", "test")
-    }
-    errors = {
-        f"{r['dataset']} {_LABEL[r['family']]} {split}": (
-            r[split]["approximation_gap"]["se"],
-            r[split]["amortization_gap"]["se"],
-        )
-        for r in results.values()
-        for split in ("train", "test")
-    }
+    bars, errors = {}, {}  # the approximation and amortization gaps, and their errors
+    for r in results.values():
+        for split in ("train", "test"):
+            label = f"{r['dataset']} {_LABEL[r['family']]} {split}"
+            gaps = (r[split]["approximation_gap"], r[split]["amortization_gap"])
+            bars[label] = tuple(g["mean"] for g in gaps)
+            errors[label] = tuple(g["se"] for g in gaps)
     saved_figures.insert(
         0,
         plotting.save_figure(
@@ -596,7 +569,7 @@ def _latent_figure(config, key, workdir, figures, progress) -> Path:
         lam = encode(encoder, p, xj)
         fitted = fit_local(
             setup.model, params, x, jax.random.fold_in(key, 7002),
-            _qstar_settings(small, family), family=family, init=lam, final_samples=10,
+            small.qstar.for_family(family), family=family, init=lam, final_samples=10,
         )  # fmt: skip
         qs[f"amortized {label}"] = (family, lam)
         qs[f"optimal {label}"] = (family, jnp.asarray(fitted.params))
@@ -605,32 +578,10 @@ def _latent_figure(config, key, workdir, figures, progress) -> Path:
     loc_star, log_scale_star = jnp.split(qs["optimal FFG"][1], 2, axis=-1)
     _, log_scale_q = jnp.split(qs["amortized FFG"][1], 2, axis=-1)
     half = 4.0 * jnp.maximum(jnp.exp(log_scale_star), jnp.exp(log_scale_q)).max(-1)
-    m = 60
-    ticks = jnp.linspace(-1.0, 1.0, m)
-    g1, g2 = jnp.meshgrid(ticks, ticks)
-    unit = jnp.stack([g1, g2], -1)  # [m, m, 2]
-    grids = loc_star[:, None, None, :] + half[:, None, None, None] * unit  # [4, m, m, 2]
-    flat = grids.reshape(4, m * m, 2)
-    cell = (2.0 * half / (m - 1)) ** 2  # [4]
-
-    def normalize(logd):  # [4, m*m] -> densities summing to 1 / cell area
-        logd = logd - jax.nn.logsumexp(logd, axis=1, keepdims=True)
-        return np.asarray(jnp.exp(logd) / cell[:, None]).reshape(4, m, m)
-
-    true_log = jax.vmap(
-        lambda xi, zs: log_joint(
-            setup.model, params, jnp.broadcast_to(xi, (m * m, x_dim)), {"z": zs}
-        )
-    )(xj, flat)
-    densities = {"true posterior": normalize(true_log)}
-    for label, (family, lam) in qs.items():
-        logq = jax.vmap(lambda li, zs, family=family: family.distribution(li).log_prob(zs))(
-            lam, flat
-        )
-        densities[label] = normalize(logq)
+    grid = posterior_grid(setup.model, params, x, qs, center=loc_star, half_width=half)
     fig = plotting.density_panels_figure(
-        np.asarray(grids),
-        densities,
+        grid.grids,
+        grid.densities,
         title=f"{dataset}, z=2: true posterior and approximations of four test points",
     )
     return plotting.save_figure(fig, figures / "latent_posteriors.png")

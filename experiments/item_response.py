@@ -28,7 +28,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
 import numpy as np
 
 from amortjax import plotting
@@ -249,32 +248,21 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             "inference_ms_per_person": 1e3 * infer_seconds / config.num_test,
         }
     write_json(workdir / "metrics.json", metrics)
-    figure = _traits_figure(estimates, test_traits, reference_means)
+    panels = {**{k.replace("_", "-"): v for k, v in estimates.items()},
+              "exact posterior": reference_means}  # fmt: skip
+    figure = plotting.recovery_figure(
+        panels,
+        test_traits,
+        scores={k: trait_recovery(v, test_traits) for k, v in panels.items()},
+        xlabel="true trait",
+        ylabel="posterior mean of q",
+    )
     saved = [plotting.save_figure(figure, workdir / "figures" / "traits.png")]
     report = _report(config, metrics, [str(p.relative_to(workdir)) for p in saved])
     (workdir / "report.md").write_text(report)
     if progress:
         print(report)
     return metrics
-
-
-def _traits_figure(estimates: dict, truth: np.ndarray, reference: np.ndarray) -> plt.Figure:
-    """Held-out people: estimated vs true first trait, one panel per regime and the exact
-    posterior mean."""
-    panels = {
-        **{k.replace("_", "-"): v for k, v in estimates.items()},
-        "exact posterior": reference,
-    }
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2), squeeze=False)
-    lim = float(np.abs(truth[:, 0]).max()) * 1.05
-    for ax, (name, est) in zip(axes[0], panels.items(), strict=True):
-        ax.scatter(truth[:, 0], est[:, 0], s=4, alpha=0.5)
-        ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8)
-        ax.set_title(f"{name}: R² {trait_recovery(est, truth):.3f}", fontsize=9)
-        ax.set_xlabel("true trait")
-    axes[0, 0].set_ylabel("posterior mean of q")
-    fig.tight_layout()
-    return fig
 
 
 def _report(config: Config, metrics: dict, figures: list[str]) -> str:

@@ -61,7 +61,7 @@ from amortjax.inference.objectives import (
 from amortjax.inference.objectives import SCHEDULES as LR_SCHEDULES
 from amortjax.inference.training import Trainer, fit, seconds_per_epoch
 from amortjax.models import LIKELIHOODS, check_observations, decode_mean, vae_model
-from amortjax.nets import ACTIVATIONS, MLP
+from amortjax.nets import ACTIVATIONS, MLP, mean_logits
 from experiments.runner import (
     check_at_most,
     check_batch_fits,
@@ -180,15 +180,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _output_bias(config: Config, x_train: np.ndarray) -> tuple[float, ...] | None:
-    """The decoder's initial output bias: None (zeros) or the logits of the training pixel
-    means, clipped to [1e-3, 1 - 1e-3] (Burda et al. 2016)."""
-    if config.output_bias == "zero":
-        return None
-    mean = np.clip(np.asarray(x_train, np.float64).mean(0), 1e-3, 1 - 1e-3)
-    return tuple(float(v) for v in np.log(mean) - np.log1p(-mean))
-
-
 def _per_epoch(epoch_seconds: list[float]) -> str:
     per_epoch = seconds_per_epoch(epoch_seconds)
     return "" if per_epoch is None else f" ({per_epoch:.2f} s per epoch after the first)"
@@ -292,8 +283,8 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
 
     family = DiagonalGaussian()
     encoder = MLP(config.encoder_hidden, family.num_params(config.z_dim), config.activation)
-    decoder = MLP(config.decoder_hidden, x_dim, config.activation,
-                  output_bias=_output_bias(config, data.train))  # fmt: skip
+    bias = None if config.output_bias == "zero" else mean_logits(data.train)
+    decoder = MLP(config.decoder_hidden, x_dim, config.activation, output_bias=bias)
     model = vae_model(decoder, z_dim=config.z_dim, likelihood=config.likelihood)
     guide = amortized_guide(encoder, x_dim=x_dim, family=family)
     n_train = data.train.shape[0]
@@ -408,18 +399,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             "iwae_points": len(iwae_idx),
             "elbo_on_iwae_points": float(test_iwae.elbo.mean()),
         },
-        "activity": {
-            "split": config.activity_split,
-            "points": len(activity.means),
-            "z_dim": config.z_dim,
-            "threshold": activity.threshold,
-            "num_active": activity.num_active,
-            "variance": activity.variance.tolist(),
-            "kl": activity.kl.tolist(),
-            "active": activity.active.tolist(),
-            "kl_total": float(activity.kl.sum()),
-            "kl_active": float(activity.kl[activity.active].sum()),
-        },
+        "activity": {"split": config.activity_split, **activity.summary()},
         "kl_weight": None
         if schedule is None
         else {

@@ -108,6 +108,10 @@ def test_latent_activity_encodes_in_batches_and_finds_collapsed_units():
     np.testing.assert_array_equal(act.active, [True, False, True, False, True])
     assert act.num_active == 3
     np.testing.assert_allclose(act.variance[[1, 3]], 0.0, atol=1e-12)
+    s = act.summary()  # the JSON record the experiments save
+    assert (s["points"], s["z_dim"], s["num_active"]) == (n, z_dim, 3)
+    assert s["kl_total"] == pytest.approx(float(act.kl.sum()))
+    assert s["kl_active"] == pytest.approx(float(act.kl[[0, 2, 4]].sum()))
     # A family whose KL does not split over dimensions: means and activity, no KL.
     full = FullRankGaussian()
     encoder_fr = MLP((), full.num_params(3))

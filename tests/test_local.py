@@ -210,3 +210,18 @@ def test_the_start_is_kept_when_the_optimizer_cannot_beat_it(case):
     # where the comparison (256 draws, common random numbers) took the end, it lost little
     loss = lg.elbo(x[:10], *lg.best_diagonal(x[:10])) - _exact_elbo(lg, x[:10], fit.params)
     assert loss.max() < 0.02, loss
+
+
+def test_settings_for_a_family_resolve_auto_and_give_newton_its_own_step():
+    """One settings object for a table of families: Newton (with its own rate, blocks and
+    draws) for the Gaussians, Adam with the given ones for a flow; an explicit adam stays."""
+    from amortjax.flows import AffineCouplingFlow
+    from amortjax.inference.local import QStarSettings
+
+    adam = QStarSettings(method="auto", learning_rate=3e-3, block_size=50, num_samples=10)
+    for family in (DiagonalGaussian(), FullRankGaussian()):
+        s = adam.for_family(family)
+        assert (s.method, s.learning_rate, s.block_size, s.num_samples) == ("newton", None, None, 4)
+    s = adam.for_family(AffineCouplingFlow(num_layers=1, hidden=4))
+    assert (s.method, s.learning_rate, s.block_size, s.num_samples) == ("adam", 3e-3, 50, 10)
+    assert adam._replace(method="adam").for_family(DiagonalGaussian()).learning_rate == 3e-3

@@ -177,3 +177,14 @@ def test_mlp_output_bias_starts_the_decoder_at_given_logits():
     np.testing.assert_allclose(params["params"]["Dense_1"]["bias"], bias)
     with pytest.raises(ValueError, match="output_bias has 2 values for out_size 3"):
         aj.MLP((4,), 3, output_bias=(0.0, 1.0)).init(jax.random.key(0), jnp.zeros((1, 5)))
+
+
+def test_mean_logits_are_the_logits_of_the_clipped_pixel_means():
+    """By hand: means 0.25, 0.5, 0 (clipped to 1e-3) and 1 (clipped to 1 - 1e-3)."""
+    from amortjax.nets import mean_logits
+
+    x = np.array([[1, 1, 0, 1], [0, 0, 0, 1], [0, 1, 0, 1], [0, 0, 0, 1]], np.float32)
+    expected = (np.log(1 / 3), 0.0, np.log(1e-3 / 0.999), np.log(0.999 / 1e-3))
+    np.testing.assert_allclose(mean_logits(x), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"x must be \[N, D\]"):
+        mean_logits(np.zeros(4))

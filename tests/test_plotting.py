@@ -455,3 +455,15 @@ def test_embedding_figure_continuous_labels_colorbar_and_errors(rng) -> None:
         plotting.embedding_figure(means, np.zeros(19))
     with pytest.raises(ValueError, match="finite"):
         plotting.embedding_figure(np.full((3, 2), np.nan))
+
+
+def test_recovery_figure_scatters_each_estimate_against_the_truth(rng) -> None:
+    truth = rng.normal(size=(30, 2))
+    estimates = {"a": truth + 0.1, "b": -truth}
+    fig = plotting.recovery_figure(estimates, truth, scores={"a": 0.99}, dim=1)
+    ax_a, ax_b = fig.axes
+    np.testing.assert_allclose(ax_a.collections[0].get_offsets(), truth[:, [1, 1]] + [0, 0.1])
+    np.testing.assert_allclose(ax_b.collections[0].get_offsets()[:, 1], -truth[:, 1])
+    assert ax_a.get_title() == "a: R² 0.990" and ax_b.get_title() == "b"
+    with pytest.raises(ValueError, match=r"estimates\['a'\] has shape \(29, 2\)"):
+        plotting.recovery_figure({"a": truth[:29]}, truth)

@@ -77,6 +77,23 @@ class LatentActivity(NamedTuple):
     threshold: float
     kl: np.ndarray | None
 
+    def summary(self) -> dict:
+        """A JSON-ready record: datapoints, z_dim, threshold, num_active, the per-unit variance,
+        KL and activity (lists), and the KL in total and in the active units (None without a
+        per-dimension KL)."""
+        kl = None if self.kl is None else np.asarray(self.kl)
+        return {
+            "points": len(self.means),
+            "z_dim": len(self.variance),
+            "threshold": self.threshold,
+            "num_active": self.num_active,
+            "variance": np.asarray(self.variance).tolist(),
+            "kl": None if kl is None else kl.tolist(),
+            "active": np.asarray(self.active).tolist(),
+            "kl_total": None if kl is None else float(kl.sum()),
+            "kl_active": None if kl is None else float(kl[self.active].sum()),
+        }
+
 
 def _check_matrix(values, name: str) -> np.ndarray:
     """values as a float64 `[N, D]` array with N >= 1, D >= 1 and every entry finite."""

@@ -109,6 +109,25 @@ class QStarSettings(NamedTuple):
     final_samples: int = 1000
     batch_size: int = 100
 
+    def for_family(self, family: Family) -> QStarSettings:
+        """Settings written for Adam, as `family` should run them, so that one settings object
+        serves a table of several families (as `amortization_gap`'s does): method "auto" is
+        resolved (Newton steps for the diagonal and full-rank Gaussians, Adam otherwise), and
+        where the method is Newton, `learning_rate`, `block_size` and `num_samples` (Adam's
+        here) are set back to Newton's own defaults."""
+        method = self.method
+        if method == "auto":
+            gaussian = isinstance(family, DiagonalGaussian | FullRankGaussian)
+            method = "newton" if gaussian else "adam"
+        if method == "newton":
+            return self._replace(
+                method=method,
+                learning_rate=None,
+                block_size=None,
+                num_samples=QStarSettings().num_samples,
+            )
+        return self._replace(method=method)
+
 
 class LocalFit(NamedTuple):
     """Result of `fit_local`, one row per datapoint.
