@@ -105,6 +105,16 @@ def test_amortization_gap_paper_preset_follows_cremer():
     assert paper.datasets == ("binarized_mnist", "fashion_mnist")
     assert paper.binarization == "threshold" and paper.kl_warmup_epochs == 100
     assert paper.adam_eps == 1e-4 and paper.batch_size == 100
+    # 50k / 10k Fashion split (cc); the companion code's 55k / 5k is an option, which
+    # Larochelle's fixed MNIST split refuses
+    assert paper.validation_size == 10_000
+    from amortjax.data import split_sizes
+
+    module = load_experiment("amortization_gap")
+    lx = resolve_config(module, "paper", ["datasets=fashion_mnist", "validation_size=5000"])
+    assert split_sizes("fashion_mnist", lx.validation_size)["train"] == 55_000
+    with pytest.raises(ValueError, match="not supported for binarized_mnist.*leave validation"):
+        resolve_config(module, "paper", ["validation_size=5000"])
 
 
 def test_vae_mnist_paper_preset_follows_burda():
@@ -423,6 +433,7 @@ def test_out_of_range_options_are_refused_when_the_config_is_resolved(override, 
         ("amortization_gap", "qstar.method=lbfgs", "qstar.method='lbfgs': unknown"),
         ("amortization_gap", "z_dim=1", "z_dim=1: the flow family needs z_dim >= 2"),
         ("amortization_gap", "batch_size=60000", "exceeds mnist's training rows=50000"),
+        ("amortization_gap", "validation_size=60000", "validation_size=60000 out of range"),
         ("amortization_gap", "curve_points=200", "curve_points=200 exceeds train_points=100"),
         ("amortization_gap", "qstar.block_size=9000", "block_size=9000 exceeds qstar.max_steps"),
         ("amortization_gap", "qstar.batch_size=50", "qstar.batch_size=50: this experiment sets"),

@@ -55,9 +55,11 @@ _OFFICIAL_SIZES = {  # (train, valid, test) as published; only binarized_mnist h
 
 
 def split_sizes(name: str, validation_size: int = DEFAULT_VALIDATION_SIZE) -> dict[str, int]:
-    """Rows of each split `load_data(name, validation_size=...)` returns, without loading it."""
+    """Rows of each split `load_data(name, validation_size=...)` returns, without loading it
+    (a validation_size that `load_data` would refuse is refused here, with the same message)."""
     _check_name(name)
     train, valid, test = _OFFICIAL_SIZES[name]
+    _check_validation_size(name, validation_size, train)
     if not valid:
         train, valid = train - validation_size, validation_size
     return {"train": train, "valid": valid, "test": test}
@@ -143,7 +145,8 @@ def _check_validation_size(name: str, validation_size: int, num_official_train: 
         if validation_size != DEFAULT_VALIDATION_SIZE:
             raise ValueError(
                 f"validation_size={validation_size} is not supported for binarized_mnist, whose "
-                f"validation split is the published one of {DEFAULT_VALIDATION_SIZE} examples."
+                f"validation split is the published one of {DEFAULT_VALIDATION_SIZE} examples; "
+                f"leave validation_size at {DEFAULT_VALIDATION_SIZE} for it."
             )
         return
     if not 0 < validation_size < num_official_train:
