@@ -70,6 +70,7 @@ from amortjax.evaluation.subsets import random_subset
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.flows import AffineCouplingFlow, FlowEncoder
 from amortjax.guides import amortized_guide, encode
+from amortjax.inference.local import DEFAULTS as QSTAR_DEFAULTS
 from amortjax.inference.local import METHODS as QSTAR_METHODS
 from amortjax.inference.local import QStarSettings, fit_local
 from amortjax.inference.objectives import SCHEDULES as LR_SCHEDULES
@@ -632,6 +633,35 @@ def _table(entries: dict[str, dict], split: str) -> list[str]:
     return rows
 
 
+def _data_text(config: Config) -> str:
+    return ", ".join(
+        f"{d} ({resolve_binarization(d, config.binarization)} binarization)"
+        for d in config.datasets
+    )
+
+
+def _warmup_text(config: Config) -> str:
+    if not config.kl_warmup_epochs:
+        return ""
+    return f"; the KL weight rises linearly from 0 to 1 over {config.kl_warmup_epochs:g} epochs"
+
+
+def _qstar_text(config: Config) -> str:
+    """How q* was fitted for each family of the run, as `fit_local` ran it."""
+    parts = []
+    for name in config.families:
+        family, _ = make_family_and_encoder(config, name, (), config.z_dim)
+        s = config.qstar.for_family(family)
+        rate, block = QSTAR_DEFAULTS[s.method]
+        rate = rate if s.learning_rate is None else s.learning_rate
+        block = block if s.block_size is None else s.block_size
+        how = (
+            f"Newton steps damped by {rate:g}" if s.method == "newton" else f"Adam at rate {rate:g}"
+        )
+        parts.append(f"{_LABEL[name]}: {how}, S={s.num_samples}, blocks of {block} steps")
+    return "; ".join(parts)
+
+
 def _report(config: Config, metrics: dict, figures: list[str]) -> str:
     models = metrics["models"]
     ais = (
@@ -648,15 +678,13 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
         f"{config.activation}, z={config.z_dim}, {config.epochs} epochs of batch "
         f"{config.batch_size} (schedule `{config.lr_schedule}`). Flow: {config.flow_layers} "
         f"affine coupling layers of {config.flow_hidden} hidden units, context "
-        f"{config.flow_context}.",
+        f"{config.flow_context}. Data: {_data_text(config)}{_warmup_text(config)}.",
         "",
         f"Nats per datapoint, mean ± standard error over datapoints. L[q] and L[q*] are ELBOs "
         f"with {config.iwae_samples} draws each, on common random numbers; q is the encoder's, "
-        f"q* the same family fitted to each datapoint (method `{config.qstar.method}`; Adam at "
-        f"rate {config.qstar.learning_rate}, S={config.qstar.num_samples}, blocks of "
-        f"{config.qstar.block_size} steps; after {config.qstar.patience} blocks without "
-        f"improvement the step size drops 0.3-fold, {config.qstar.num_decays} times, then q* "
-        "has converged), "
+        f"q* the same family fitted to each datapoint ({_qstar_text(config)}; after "
+        f"{config.qstar.patience} blocks without improvement the step size is multiplied by "
+        f"{config.qstar.lr_decay:g}, {config.qstar.num_decays} times, then q* has converged), "
         f"started at the encoder's output and kept there where its end point is no better. "
         f"log p̂(x) is a lower bound per datapoint: the better (highest mean) of importance "
         f"sampling from (q + q*)/2 with {2 * config.iwae_samples} draws and {ais}.",
