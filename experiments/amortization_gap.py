@@ -715,7 +715,8 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
         for n, r in models.items()
     )
     lines += [
-        f"Wall time {metrics['wall_seconds'] / 60:.1f} min on {metrics['device']} ({timing}).",
+        f"Wall time {metrics['wall_seconds'] / 60:.1f} min on {metrics['device']} (this "
+        f"invocation; a resumed run's earlier ones not included). Whole run: {timing}.",
         "",
     ]
     lines += [f"![{Path(f).stem}]({f})" for f in figures]
