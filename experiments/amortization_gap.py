@@ -70,7 +70,6 @@ from amortjax.evaluation.subsets import random_subset
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.flows import AffineCouplingFlow, FlowEncoder
 from amortjax.guides import amortized_guide, encode
-from amortjax.inference.local import DEFAULTS as QSTAR_DEFAULTS
 from amortjax.inference.local import METHODS as QSTAR_METHODS
 from amortjax.inference.local import QStarSettings, fit_local
 from amortjax.inference.objectives import SCHEDULES as LR_SCHEDULES
@@ -225,6 +224,15 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def _load(config: Config, dataset: str):
+    return load_data(
+        dataset,
+        binarization=config.binarization,
+        validation_size=config.validation_size,
+        seed=config.seed,
+    )
+
+
 def _flow(config: Config) -> AffineCouplingFlow:
     return AffineCouplingFlow(num_layers=config.flow_layers, hidden=config.flow_hidden)
 
@@ -317,12 +325,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     curves_by_model: dict[str, dict] = {}
     trained: dict[str, tuple[_Setup, dict, Any]] = {}
     for d_i, dataset in enumerate(config.datasets):
-        data = load_data(
-            dataset,
-            binarization=config.binarization,
-            validation_size=config.validation_size,
-            seed=config.seed,
-        )
+        data = _load(config, dataset)
         x_dim = data.train.shape[1]
         check_observations(
             data.train, x_dim=x_dim, likelihood="bernoulli", grey_ok=data.dynamic_binarization
@@ -546,12 +549,7 @@ def _frozen_decoder(config, trained, key, workdir, progress) -> dict:
 def _latent_figure(config, key, workdir, figures, progress) -> Path:
     """Cremer et al.'s figure 2 for a z=2 model on the first dataset."""
     dataset = config.datasets[0]
-    data = load_data(
-        dataset,
-        binarization=config.binarization,
-        validation_size=config.validation_size,
-        seed=config.seed,
-    )
+    data = _load(config, dataset)
     x_dim = data.train.shape[1]
     small = dataclasses.replace(config, z_dim=2, epochs=config.latent_epochs)
     setup = _Setup(small, "diagonal", x_dim, data.train.shape[0], data.dynamic_binarization)
@@ -652,9 +650,7 @@ def _qstar_text(config: Config) -> str:
     for name in config.families:
         family, _ = make_family_and_encoder(config, name, (), config.z_dim)
         s = config.qstar.for_family(family)
-        rate, block = QSTAR_DEFAULTS[s.method]
-        rate = rate if s.learning_rate is None else s.learning_rate
-        block = block if s.block_size is None else s.block_size
+        rate, block = s.step_and_block()
         how = (
             f"Newton steps damped by {rate:g}" if s.method == "newton" else f"Adam at rate {rate:g}"
         )

@@ -115,10 +115,7 @@ class QStarSettings(NamedTuple):
         resolved (Newton steps for the diagonal and full-rank Gaussians, Adam otherwise), and
         where the method is Newton, `learning_rate`, `block_size` and `num_samples` (Adam's
         here) are set back to Newton's own defaults."""
-        method = self.method
-        if method == "auto":
-            gaussian = isinstance(family, DiagonalGaussian | FullRankGaussian)
-            method = "newton" if gaussian else "adam"
+        method = _method_for(self.method, family)
         if method == "newton":
             return self._replace(
                 method=method,
@@ -127,6 +124,19 @@ class QStarSettings(NamedTuple):
                 num_samples=QStarSettings().num_samples,
             )
         return self._replace(method=method)
+
+    def step_and_block(self) -> tuple[float, int]:
+        """The step size and block length the method runs with (its defaults where None)."""
+        default_rate, default_block = DEFAULTS[self.method]
+        rate = default_rate if self.learning_rate is None else self.learning_rate
+        return rate, default_block if self.block_size is None else self.block_size
+
+
+def _method_for(method: str, family: Family) -> str:
+    """Method "auto" resolved for `family`: Newton for the Gaussian families, Adam otherwise."""
+    if method != "auto":
+        return method
+    return "newton" if isinstance(family, DiagonalGaussian | FullRankGaussian) else "adam"
 
 
 class LocalFit(NamedTuple):
@@ -540,7 +550,7 @@ def fit_local(
         final ELBO and IWAE of every datapoint.
     """
     settings = resolve_settings("fit_local", QStarSettings, settings, overrides)
-    method, learning_rate, block_size = settings.method, settings.learning_rate, settings.block_size
+    method = settings.method
     num_samples, patience, max_steps = settings.num_samples, settings.patience, settings.max_steps
     min_improvement, lr_decay = settings.min_improvement, settings.lr_decay
     num_decays, select_samples = settings.num_decays, settings.select_samples
@@ -549,16 +559,13 @@ def fit_local(
     gaussian = isinstance(family, DiagonalGaussian | FullRankGaussian)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-    if method == "auto":
-        method = "newton" if gaussian else "adam"
+    method = _method_for(method, family)
     if method == "newton" and not gaussian:
         raise ValueError(
             f"method='newton' needs a Gaussian family (diagonal or full_rank); family "
             f"{family.name!r} takes method='adam'"
         )
-    default_rate, default_block = DEFAULTS[method]
-    learning_rate = default_rate if learning_rate is None else learning_rate
-    block_size = default_block if block_size is None else block_size
+    learning_rate, block_size = settings._replace(method=method).step_and_block()
     if method == "newton" and not 0.0 < learning_rate <= 1.0:
         raise ValueError(f"the Newton step's learning_rate must be in (0, 1], got {learning_rate}")
     _check_settings(
