@@ -37,7 +37,7 @@ from amortjax.guides import encode
 from amortjax.inference.local import QStarSettings, fit_local
 from amortjax.inference.training import fit
 from bench.common import RESULTS_DIR
-from experiments.amortization_gap import Config, _ais_settings, _Setup
+from experiments.amortization_gap import Config, _ais_settings, _Setup, qstar_settings
 
 
 def _doubled(settings: QStarSettings) -> QStarSettings:
@@ -66,7 +66,7 @@ def _train(config: Config, family: str, data, model_dir: Path) -> tuple[_Setup, 
 
 def _doubling(config, setup, params, x, key) -> dict[str, Any]:
     lam = np.asarray(encode(setup.encoder, params, jnp.asarray(x)))
-    base_settings = config.qstar.for_family(setup.family)
+    base_settings = qstar_settings(config, setup.family)
     runs = {}
     for name, settings in (("quick", base_settings), ("doubled", _doubled(base_settings))):
         start = time.perf_counter()
@@ -111,7 +111,7 @@ def run(
 
     Args:
         quick: small sizes (20 and 200 digits).
-        points: digits of the doubling check (default 200; 20 when quick).
+        points: digits of the doubling check (default 100; 20 when quick).
         fullset: digits of the decomposition (default all 10,000; 200 when quick).
         out_dir: the results folder; the trained models are checkpointed in its
             `gap_fullset_models/` (not committed).
@@ -120,7 +120,7 @@ def run(
         The result dict with `wall_seconds`, `stages`, `qstar_stopped_fraction`, `doubling` and
         a `table`.
     """
-    points = points or (20 if quick else 200)
+    points = points or (20 if quick else 100)
     config = Config(datasets=("mnist",))
     data = load_data("mnist", seed=config.seed)
     test = np.asarray(data.test, np.float32)
@@ -138,7 +138,7 @@ def run(
     lam = np.asarray(encode(setup.encoder, params, jnp.asarray(x)))
     gaps = gap_decomposition(
         setup.model, params, x, lam, jax.random.key(config.seed + 22), family=setup.family,
-        iwae_samples=config.iwae_samples, qstar=config.qstar.for_family(setup.family),
+        iwae_samples=config.iwae_samples, qstar=qstar_settings(config, setup.family),
         ais_settings=_ais_settings(config), batch_size=config.eval_batch_size, progress="fullset",
     )  # fmt: skip
     wall = time.perf_counter() - start

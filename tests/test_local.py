@@ -204,6 +204,7 @@ def test_the_start_is_kept_when_the_optimizer_cannot_beat_it(case):
         learning_rate=0.3,
         max_steps=100,
         final_samples=0,
+        stl=False,  # (its gradient is quiet enough at the optimum to survive such steps)
     )  # a step size far too large: the end points are no better than the start
     assert fit.moved.mean() < 0.5
     np.testing.assert_array_equal(fit.params[~fit.moved], np.asarray(at_optimum)[~fit.moved])
@@ -225,3 +226,40 @@ def test_settings_for_a_family_resolve_auto_and_give_newton_its_own_step():
     s = adam.for_family(AffineCouplingFlow(num_layers=1, hidden=4))
     assert (s.method, s.learning_rate, s.block_size, s.num_samples) == ("adam", 3e-3, 50, 10)
     assert adam._replace(method="adam").for_family(DiagonalGaussian()).learning_rate == 3e-3
+
+
+def _gradients(model, params, x, lam, family, *, stl, draws):
+    """Per-draw gradients in lambda of the one-draw local ELBO, `[draws, num_params]`."""
+    keys = jax.random.split(jax.random.key(11), draws)
+
+    def one(key):
+        return jax.grad(
+            lambda lam: local_elbo(
+                model, params, x, lam, key, family=family, num_samples=1, stl=stl
+            )
+        )(lam)
+
+    return np.asarray(jax.jit(jax.vmap(one))(keys), np.float64)
+
+
+def test_the_stl_gradient_is_unbiased_and_vanishes_at_the_exact_posterior(case):
+    """'Sticking the landing' (q*'s Adam gradient): the same expectation as the plain
+    reparameterization gradient away from the optimum, and no noise at all where q is the
+    posterior (a full-rank Gaussian on the linear-Gaussian model), where the plain one has."""
+    lg, model, params, x = case
+    family = FullRankGaussian()
+    loc, cov = lg.posterior(x[:1])
+    tril = jnp.linalg.cholesky(jnp.asarray(cov, jnp.float32))
+    exact = family.pack(jnp.asarray(loc[0], jnp.float32), tril)
+    at_optimum_stl = _gradients(model, params, x[0], exact, family, stl=True, draws=4000)
+    at_optimum_plain = _gradients(model, params, x[0], exact, family, stl=False, draws=4000)
+    assert np.abs(at_optimum_stl).max() < 1e-3, np.abs(at_optimum_stl).max()
+    assert at_optimum_plain.std(0).max() > 0.3, at_optimum_plain.std(0).max()
+    # Away from it: both estimate the same gradient (means within 4 standard errors).
+    away = exact + 0.3 * jax.random.normal(jax.random.key(3), exact.shape)
+    stl = _gradients(model, params, x[0], away, family, stl=True, draws=4000)
+    plain = _gradients(model, params, x[0], away, family, stl=False, draws=4000)
+    diff = stl - plain
+    se = diff.std(0) / np.sqrt(len(diff))
+    assert np.all(np.abs(diff.mean(0)) < 4 * se + 1e-4), (diff.mean(0), se)
+    assert np.abs(stl.mean(0)).max() > 0.1  # the point is away from the optimum

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from amortjax.families import DiagonalGaussian
+from amortjax.flows import AffineCouplingFlow
 from experiments.runner import (
     apply_overrides,
     available_experiments,
@@ -101,6 +103,14 @@ def test_amortization_gap_paper_preset_follows_cremer():
     assert paper.z_dim == 50 and paper.activation == "elu"
     assert paper.test_points is None  # the whole test set
     assert paper.qstar.block_size == 100 and paper.qstar.patience == 10  # Cremer's stopping rule
+    module = load_experiment("amortization_gap")
+    ffg, flow = DiagonalGaussian(), AffineCouplingFlow()
+    assert module.qstar_settings(paper, ffg).method == "newton"
+    assert module.qstar_settings(paper, flow)[:3] == ("adam", 10, 1e-3)  # Cremer's Flow q*
+    quick = module.Config()  # the Flow's own, quieter q* gradients; STL for both
+    assert module.qstar_settings(quick, ffg).num_samples == 4
+    assert module.qstar_settings(quick, flow).num_samples == 16
+    assert module.qstar_settings(quick, flow).stl and module.qstar_settings(quick, ffg).stl
     # Larochelle's static MNIST and Fashion-MNIST thresholded at 0.5; a 100-epoch warm-up
     assert paper.datasets == ("binarized_mnist", "fashion_mnist")
     assert paper.binarization == "threshold" and paper.kl_warmup_epochs == 100
@@ -238,6 +248,8 @@ def test_vae_mnist_kl_options_map_to_schedules():
         check_config(dataclasses.replace(cyc, kl_warmup_epochs=1.0))
 
 
+@pytest.mark.slow  # ~95 s: the whole experiment (its table, frontier and figures) runs in
+# make test-slow; its guide, refinement and training are tested in tests/test_semi_amortized.py
 def test_semi_amortized_runs_end_to_end(tmp_path):
     tiny = [
         "epochs=1",

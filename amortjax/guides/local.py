@@ -23,7 +23,13 @@ import numpyro
 
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.guides.global_latents import draw_globals
-from amortjax.latents import Site, latent_size, resolve_site, sample_local
+from amortjax.latents import (
+    Site,
+    latent_size,
+    log_joint_unconstrained,
+    resolve_site,
+    sample_local,
+)
 from amortjax.models import data_plate
 from amortjax.traces import log_weights
 
@@ -145,8 +151,22 @@ def local_elbo(
     family: Family,
     num_samples: int,
     site: Site = "z",
+    stl: bool = False,
 ) -> jax.Array:
-    """S-sample reparameterized estimate of L(lambda; x) for ONE datapoint.
+    """S-sample reparameterized estimate of L(lambda; x) for ONE datapoint,
+
+        L(lambda; x) ~= (1/S) sum_s [log p(x, z_s) - log q(z_s; lambda)],
+        z_s = T_lambda(eps_s), eps_s ~ base.
+
+    With `stl=True` ("sticking the landing", Roeder, Wu & Duvenaud 2017) log q is evaluated
+    with lambda held fixed, log q(z_s; stop_gradient(lambda)), so the gradient in lambda keeps
+    only the path through z_s and drops the score term (1/S) sum_s d/dlambda log q(z; lambda)
+    at z = z_s, whose expectation under q is 0: the value is the same estimator, the gradient
+    stays unbiased, and its variance vanishes where q equals the posterior (log p(x, z) -
+    log q(z) is then constant in z). The per-example optimizer uses it: near q* the gradient
+    noise, not the step size, limits how close Adam settles (a flow's thousands of parameters
+    per datapoint, especially). z_s are the family's draws in the unconstrained space of the
+    local latents (`latents.log_joint_unconstrained`), as in `amortjax.evaluation.bounds`.
 
     Args:
         model: NumPyro model with local latents in the data plate.
@@ -157,10 +177,16 @@ def local_elbo(
         family: the variational family of lam.
         num_samples: S.
         site: the model's local latents (a site name or a `LocalLatents`).
+        stl: drop the score term from the gradient in lambda (see above).
 
     Returns:
         A scalar, differentiable in lam and params.
     """
+    if stl:
+        u = family.distribution(lam).sample(key, (num_samples,))
+        log_q = family.distribution(jax.lax.stop_gradient(lam)).log_prob(u)
+        xs = jnp.broadcast_to(x, (num_samples, *x.shape))
+        return jnp.mean(log_joint_unconstrained(model, params, xs, u, site) - log_q)
     xs = jnp.broadcast_to(x, (num_samples, *x.shape))
     lams = jnp.broadcast_to(lam, (num_samples, *lam.shape))
     guide = given_params_guide(family, site=site)
