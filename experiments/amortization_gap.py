@@ -27,7 +27,7 @@ Presets:
         decoder with z=50, 20 epochs of batch 100, gaps on 100 training and 100 test points with
         IWAE-5000, AIS (8 chains, 200 temperatures, 5 leapfrog steps, from q*) and q* by Adam
         on the sticking-the-landing gradient (S=4 draws for the FFG, 16 for the Flow, rate
-        3e-3, blocks of 50 steps, patience 4, two step-size reductions). About 15 minutes on 2
+        3e-3, blocks of 50 steps, patience 4, two step-size reductions). About 18 minutes on 2
         CPU cores.
     paper: Cremer et al.'s protocol: Larochelle's statically binarized MNIST (50k / 10k / 10k)
         and Fashion-MNIST thresholded at 0.5 (`binarization=threshold`, fixed; 50k train / 10k
