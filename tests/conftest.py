@@ -21,6 +21,11 @@ import pytest
 from amortjax.models.linear_gaussian import make_linear_gaussian
 
 jax.config.update("jax_enable_x64", False)
+# Synchronous dispatch on the CPU: with asynchronous dispatch a test process has twice sat
+# forever with every thread idle in BlockUntilReady (py-spy: `map_datapoints`' wait for a
+# compiled call inside `fit_local`), the hang of jax-ml/jax#25861, whose workaround this is.
+# Tests wait for every result anyway.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 @pytest.fixture(scope="session")
