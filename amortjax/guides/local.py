@@ -182,12 +182,11 @@ def local_elbo(
     Returns:
         A scalar, differentiable in lam and params.
     """
+    xs = jnp.broadcast_to(x, (num_samples, *x.shape))
     if stl:
         u = family.distribution(lam).sample(key, (num_samples,))
         log_q = family.distribution(jax.lax.stop_gradient(lam)).log_prob(u)
-        xs = jnp.broadcast_to(x, (num_samples, *x.shape))
         return jnp.mean(log_joint_unconstrained(model, params, xs, u, site) - log_q)
-    xs = jnp.broadcast_to(x, (num_samples, *x.shape))
     lams = jnp.broadcast_to(lam, (num_samples, *lam.shape))
     guide = given_params_guide(family, site=site)
     return log_weights(model, guide, params, xs, key, lams).mean()
