@@ -3,12 +3,15 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro
+import numpyro.distributions as dist
 import pytest
 
 from amortjax.families import DiagonalGaussian, FullRankGaussian
 from amortjax.guides.linear_gaussian import linear_gaussian_vae
 from amortjax.guides.local import local_elbo
-from amortjax.inference.local import fit_local
+from amortjax.inference.local import _newton_one, fit_local
+from amortjax.models import data_plate
 from amortjax.models.linear_gaussian import make_linear_gaussian
 
 
@@ -263,3 +266,32 @@ def test_the_stl_gradient_is_unbiased_and_vanishes_at_the_exact_posterior(case):
     se = diff.std(0) / np.sqrt(len(diff))
     assert np.all(np.abs(diff.mean(0)) < 4 * se + 1e-4), (diff.mean(0), se)
     assert np.abs(stl.mean(0)).max() > 0.1  # the point is away from the optimum
+
+
+def _upward_bump(x, n_data=None):
+    """log p(z) = z_0^2 - z_1^2 / 2: curves upward along z_0 (as a non-concave likelihood can)."""
+    with data_plate(x, n_data):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        numpyro.factor("bump", 1.5 * z[..., 0] ** 2)
+
+
+@pytest.mark.parametrize(
+    ("family", "mean_step"),
+    [(DiagonalGaussian(), [0.05, -0.15]), (FullRankGaussian(), [0.1 / 1.5, -0.15])],
+)
+def test_a_newton_step_along_upward_curvature_climbs_by_gradient_over_its_size(family, mean_step):
+    """Saddle-free Newton: the curvature -hess = diag(-2, 1) is used as diag(2, 1). From q =
+    N((0.1, 0.3), I), gradient g = (0.2, -0.3), step a = 0.5: the precision moves halfway to
+    |w|, to (1.5, 1); the mean moves by a g / |w| (FFG) or a g / precision (full rank, its
+    natural-gradient step). Clipping -2 at the floor 1e-3 instead moved the FFG's mean_0 by 100
+    and left precision_0 at 0.5."""
+    loc, scale = jnp.array([0.1, 0.3]), jnp.ones(2)
+    lam = family.pack(loc, scale if isinstance(family, DiagonalGaussian) else jnp.diag(scale))
+    new, elbo = _newton_one(
+        _upward_bump, family, "z", 4, {}, jnp.zeros(2), lam, jax.random.key(0), jnp.float32(0.5)
+    )
+    np.testing.assert_allclose(family.mean(new) - loc, mean_step, rtol=1e-4)
+    q = family.distribution(new)
+    cov = q.covariance_matrix if hasattr(q, "covariance_matrix") else jnp.diag(q.variance)
+    np.testing.assert_allclose(np.linalg.inv(np.asarray(cov)), np.diag([1.5, 1.0]), atol=1e-5)
+    assert np.isfinite(elbo)

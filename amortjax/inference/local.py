@@ -224,8 +224,10 @@ def _newton_one(
     With S draws z_s = mu + L eps_s, g = mean_s grad log p(x, z_s) and
     H = mean_s hess log p(x, z_s) are unbiased estimates of the ELBO's gradient and Hessian in
     mu (Bonnet's and Price's theorems; the draws come in antithetic pairs). A = -H with its
-    eigenvalues clipped at `_MIN_CURVATURE` (a positive-definite curvature) gives, with step
-    a in (0, 1]:
+    eigenvalues replaced by their absolute values, floored at `_MIN_CURVATURE` (saddle-free
+    Newton, Dauphin et al. 2014: where a non-concave likelihood makes log p curve upward, the
+    step still climbs, by g / |curvature|, rather than jumping by g / floor into another basin),
+    gives, with step a in (0, 1]:
 
         precision  Lambda <- (1 - a) Lambda + a A       (full rank; its diagonal for the FFG)
         mean       mu     <- mu + a A^-1 g              (full Newton: correlated posteriors)
@@ -261,7 +263,10 @@ def _newton_one(
     hess = 0.5 * (hess + hess.T)
     g = grads.mean(0)
     w, v = jnp.linalg.eigh(-hess)
-    curvature = (v * jnp.maximum(w, _MIN_CURVATURE)) @ v.T
+    # |eigenvalues|: clipping negative ones at the floor made 1000-fold jumps along them; on the
+    # quick MNIST FFG model (100 test digits, from the encoder) that left Newton's L[q*] 0.58 +-
+    # 0.17 nats below Adam's (10 digits by 2-8 nats); with |w|, 0.09 +- 0.07 (one by 6.8).
+    curvature = (v * jnp.maximum(jnp.abs(w), _MIN_CURVATURE)) @ v.T
     # The ELBO signal of the plateau rule, with the quadratic term as a control variate:
     # exact on a quadratic log p (it only steers the stopping rule; nothing reported uses it).
     quad = 0.5 * jnp.einsum("si,ij,sj->s", offsets, hess, offsets)
