@@ -132,7 +132,7 @@ def _setup(spec: dict[str, Any]) -> dict[str, Any]:
     from amortjax.evaluation.bounds import evaluate_bounds
     from amortjax.families import DiagonalGaussian
     from amortjax.guides.local import given_params_guide
-    from amortjax.inference.local import _optimize, fit_local
+    from amortjax.inference.local import QStarSettings, _optimize, fit_local
     from amortjax.models import vae_model
     from amortjax.nets import MLP
     from bench.common import load_binarized
@@ -190,9 +190,9 @@ def _setup(spec: dict[str, Any]) -> dict[str, Any]:
         def analysis():
             lam0 = jnp.zeros((batch, family.num_params(z_dim)))
             fit = _optimize.lower(
-                model, family, "z", "adam", samples, steps, batch, False, params, x[:batch],
-                lam0, key, jnp.float32(lr), jnp.int32(2**30), jnp.int32(steps),
-                jnp.float32(0.0), jnp.float32(0.3), jnp.int32(0),
+                model, family, "z", "adam", samples, steps, batch, False, QStarSettings().stl,
+                params, x[:batch], lam0, key, jnp.float32(lr), jnp.int32(2**30),
+                jnp.int32(steps), jnp.float32(0.0), jnp.float32(0.3), jnp.int32(0),
             ).compile()  # fmt: skip
             keys = datapoint_keys(key, jnp.arange(batch))
             final_eval = bounds_batch.lower(
