@@ -8,9 +8,9 @@ PRESET ?= quick
 ARGS ?=
 # Test processes (pytest-xdist); 2 suits the 2-core CI machine.
 TEST_WORKERS ?= 2
-# A test process that hangs (the CPU runtime's rare deadlock of jax-ml/jax#25861, seen twice
-# before tests/conftest.py made dispatch synchronous) is stopped after 15 minutes, its stacks
-# printed, and its test run once more in a fresh process. Only such crashed processes are
+# A test process that hangs (a rare deadlock in JAX's CPU runtime: batched LAPACK kernels that
+# block every thread of XLA's pool, see amortjax/__init__.py) is stopped after 15 minutes, its
+# stacks printed, and its test run once more in a fresh process. Only such crashed processes are
 # rerun: the --only-rerun pattern (?!) matches no error, so a failing test fails once.
 HANG_GUARD ?= --timeout 900 --timeout-method thread --reruns 1 --only-rerun "(?!)"
 # The second environment: the newest Python (3.12 or 3.13) the machine has, with the newest

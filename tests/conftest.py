@@ -21,10 +21,10 @@ import pytest
 from amortjax.models.linear_gaussian import make_linear_gaussian
 
 jax.config.update("jax_enable_x64", False)
-# Synchronous dispatch on the CPU: with asynchronous dispatch a test process has twice sat
-# forever with every thread idle in BlockUntilReady (py-spy: `map_datapoints`' wait for a
-# compiled call inside `fit_local`), the hang of jax-ml/jax#25861, whose workaround this is.
-# Tests wait for every result anyway.
+# Synchronous dispatch on the CPU (tests wait for every result anyway). It was the first guess
+# at a hang with every thread idle in BlockUntilReady inside `fit_local`; the hang recurred with
+# it, and gdb showed the cause: batched LAPACK kernels blocking every thread of XLA's CPU pool,
+# which `import amortjax` now avoids (NPROC, see amortjax/__init__.py).
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
