@@ -15,37 +15,25 @@ informative likelihood, and the quality of BDMC brackets.
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
-import numpyro.distributions as dist
 import pytest
-from scipy.special import gammaln
 
 from amortjax.evaluation.ais import AISWarning, ais, bdmc
 from amortjax.families import DiagonalGaussian
 from amortjax.guides.linear_gaussian import linear_gaussian_vae
 from amortjax.latents import find_local_latents
-from amortjax.models import data_plate, simulate
+from amortjax.models import simulate
+from amortjax.models.gamma_poisson import gamma_poisson_log_marginal as log_marginal
+from amortjax.models.gamma_poisson import gamma_poisson_model
 from amortjax.models.linear_gaussian import make_linear_gaussian
 
 ALPHA, BETA, M = 1.5, 0.5, 3
 
 
-def gamma_poisson(x, *, n_data=None):
-    with data_plate(x, n_data):
-        rate = numpyro.sample("rate", dist.Gamma(ALPHA, BETA))
-        numpyro.sample("x", dist.Poisson(rate[..., None]).to_event(1), obs=x)
+gamma_poisson = gamma_poisson_model(ALPHA, BETA)
 
 
 def gamma_poisson_log_marginal(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    s = x.sum(-1)
-    return (
-        gammaln(ALPHA + s)
-        - gammaln(ALPHA)
-        + ALPHA * np.log(BETA)
-        - (ALPHA + s) * np.log(BETA + M)
-        - gammaln(x + 1).sum(-1)
-    )
+    return log_marginal(x, ALPHA, BETA)
 
 
 def test_ais_is_a_lower_bound_within_its_error_on_a_gamma_poisson_model():

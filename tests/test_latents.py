@@ -31,26 +31,18 @@ from amortjax.latents import (
     log_joint_unconstrained,
 )
 from amortjax.models import data_plate
+from amortjax.models.gamma_poisson import gamma_poisson_log_marginal as log_marginal
+from amortjax.models.gamma_poisson import gamma_poisson_model
 from amortjax.traces import log_joint, sample_guide
 
 ALPHA, BETA, D = 3.0, 1.5, 6
 
 
-def gamma_poisson(x, *, n_data=None):
-    with data_plate(x, n_data):
-        rate = numpyro.sample("rate", dist.Gamma(ALPHA, BETA))
-        numpyro.sample("x", dist.Poisson(rate[..., None]).to_event(1), obs=x)
+gamma_poisson = gamma_poisson_model(ALPHA, BETA)
 
 
 def gamma_poisson_log_marginal(x):
-    s = x.sum(-1)
-    return (
-        gammaln(ALPHA + s)
-        - gammaln(ALPHA)
-        + ALPHA * jnp.log(BETA)
-        - (ALPHA + s) * jnp.log(BETA + D)
-        - gammaln(x + 1).sum(-1)
-    )
+    return log_marginal(x, ALPHA, BETA)
 
 
 def best_lognormal_elbo(x):

@@ -32,7 +32,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.special import gammaln
 from scipy.stats import multivariate_normal
 
 from amortjax.evaluation.ais import AISWarning, ais, bdmc
@@ -43,6 +42,7 @@ from amortjax.guides.linear_gaussian import linear_gaussian_vae
 from amortjax.inference.local import fit_local
 from amortjax.latents import find_local_latents
 from amortjax.models import simulate
+from amortjax.models.gamma_poisson import gamma_poisson_log_marginal, gamma_poisson_model
 from amortjax.models.linear_gaussian import make_linear_gaussian
 from amortjax.nets import MLP
 
@@ -104,23 +104,11 @@ def correlated_posterior(n=60) -> dict:
 
 
 def ais_exact_marginals() -> dict:
-    import numpyro
-    import numpyro.distributions as dist
-
-    from amortjax.models import data_plate
-
     a, b, m, n = 1.5, 0.5, 3, 400
-
-    def gamma_poisson(x, *, n_data=None):
-        with data_plate(x, n_data):
-            rate = numpyro.sample("rate", dist.Gamma(a, b))
-            numpyro.sample("x", dist.Poisson(rate[..., None]).to_event(1), obs=x)
-
+    gamma_poisson = gamma_poisson_model(a, b)
     rng = np.random.default_rng(0)
     x = rng.poisson(rng.gamma(a, 1 / b, n)[:, None], (n, m)).astype(np.float32)
-    s = x.sum(-1, dtype=np.float64)
-    exact = (gammaln(a + s) - gammaln(a) + a * np.log(b) - (a + s) * np.log(b + m)
-             - gammaln(x.astype(np.float64) + 1).sum(-1))  # fmt: skip
+    exact = gamma_poisson_log_marginal(x, a, b)
     layout = find_local_latents(gamma_poisson, jnp.asarray(x))
     run = ais(gamma_poisson, {}, x, jax.random.key(1), site=layout, num_chains=16,
               num_temperatures=200, batch_size=n)  # fmt: skip

@@ -3,6 +3,8 @@
 - `core`: the data plate, likelihoods, input checks, `with_fixed_params` (shared by all).
 - `vae`: the VAE and the conditional VAE.
 - `factor_analysis`: factor analysis / probabilistic PCA, with exact log p(x) and posterior.
+- `gamma_poisson`: a Gamma rate with Poisson counts, with exact log p(x) (a skewed, positive
+  latent).
 - `irt`: an item-response model (people answering binary questions), with global question
   latents beside the local traits.
 
