@@ -119,7 +119,18 @@ class Config:
     test_points: int | None = 100
     iwae_samples: int = 5000
     run_ais: bool = True
-    ais: AISSettings = AISSettings(num_chains=8, num_temperatures=200, leapfrog_steps=5)
+    # AIS from q*: a 1-chain pilot through every 4th temperature aiming at acceptance 0.9 (on
+    # 300 MNIST digits of the quick FFG model: log p-hat 0.045 +- 0.015 nats higher than with
+    # the 4-chain, every-temperature pilot at 0.65, and the pilot 1/32 of the run, not 1/2)
+    ais: AISSettings = AISSettings(
+        num_chains=8,
+        num_temperatures=200,
+        leapfrog_steps=5,
+        step_size=0.3,
+        target_accept=0.9,
+        pilot_chains=1,
+        pilot_temperatures=50,
+    )
     ais_start: str = "qstar"
     # q* (method "auto": Newton steps with their own defaults for the Gaussian families, Adam
     # with these rate, draws and blocks for the flow)
@@ -210,6 +221,10 @@ PRESETS: dict[str, dict] = {
         "ais.num_chains": 16,
         "ais.num_temperatures": 1000,
         "ais.leapfrog_steps": 10,
+        "ais.step_size": 0.1,
+        "ais.target_accept": 0.65,
+        "ais.pilot_chains": 4,
+        "ais.pilot_temperatures": None,
         "qstar.method": "auto",
         "qstar.learning_rate": 1e-3,
         "qstar.num_samples": 10,
@@ -680,7 +695,9 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
     ais = (
         f"AIS ({config.ais.num_chains} chains, {config.ais.num_temperatures} temperatures, "
         f"{config.ais.leapfrog_steps} leapfrog steps, started at {config.ais_start}, step sizes "
-        "from a pilot pass)"
+        f"from a pilot pass of {min(config.ais.pilot_chains, config.ais.num_chains)} chain(s) "
+        f"through {config.ais.pilot_temperatures or config.ais.num_temperatures} of the "
+        f"temperatures aiming at acceptance {config.ais.target_accept:g}, then frozen)"
         if config.run_ais
         else "no AIS"
     )

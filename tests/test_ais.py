@@ -281,6 +281,17 @@ def test_the_estimating_run_uses_kernels_fixed_by_the_pilot(case):
     # adapt_step_size=False: the given step size at every transition.
     fixed = ais(model, params, x, jax.random.key(2), adapt_step_size=False, step_size=0.3, **SHORT)
     np.testing.assert_array_equal(fixed.step_size, np.full((N, 50), 0.3, np.float32))
+    # A pilot through every 5th temperature: its adaptation path at transitions 5, 10, ..., 50
+    # (those targeting its temperatures), log-linear in between, its first step size before.
+    coarse = ais(model, params, x, jax.random.key(2), pilot_temperatures=10, **SHORT)
+    knots = coarse.step_size[:, 4::5]
+    np.testing.assert_allclose(knots[:, 0], 0.1)
+    ratios = knots[:, 1:] / knots[:, :-1]
+    assert np.all(np.isclose(ratios, 1.02, rtol=1e-5) | np.isclose(ratios, 0.98, rtol=1e-5))
+    np.testing.assert_allclose(coarse.step_size[:, :5], 0.1)
+    log_eps = np.log(coarse.step_size[:, 4:]).reshape(N, 46)
+    steps = np.diff(log_eps, axis=1).reshape(N, 9, 5)  # 5 equal steps between two knots
+    np.testing.assert_allclose(steps, steps[:, :, :1].repeat(5, axis=2), atol=1e-5)
     # reverse_ais on its own runs the same forward pilot and uses its kernels in reverse order.
     rev = reverse_ais(model, params, x, z, jax.random.key(8), pilot_key=pilot, **SHORT)
     np.testing.assert_array_equal(rev.step_size, reverse_step_sizes(first.step_size))
@@ -346,6 +357,7 @@ def test_invalid_inputs_raise_clear_errors(case):
         ),
         ({"step_scale": np.array([1.0, 0.0, 1.0])}, "step_scale must be positive and finite"),
         ({"pilot_chains": 0}, "pilot_chains must be an integer >= 1"),
+        ({"pilot_temperatures": 0}, "pilot_temperatures must be None"),
         ({"init_params": np.zeros((N, 5))}, r"init_params must be \[6\] or \[num_datapoints=12"),
         ({"init_params": np.zeros((N, 6)), "family": FullRankGaussian()}, r"must be \[9\]"),
         ({"z_dim": 4}, "z_dim=4 but the model's site 'z' has z_dim=3"),

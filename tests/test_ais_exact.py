@@ -36,7 +36,16 @@ def gamma_poisson_log_marginal(x: np.ndarray) -> np.ndarray:
     return log_marginal(x, ALPHA, BETA)
 
 
-def test_ais_is_a_lower_bound_within_its_error_on_a_gamma_poisson_model():
+# The default pilot (4 chains through every temperature, acceptance 0.65) and the quick
+# amortization_gap preset's (1 chain through every 4th temperature, interpolated, aiming at 0.9).
+PILOTS = {
+    "default": {},
+    "coarse": {"pilot_chains": 1, "pilot_temperatures": 50, "target_accept": 0.9, "step_size": 0.3},
+}
+
+
+@pytest.mark.parametrize("pilot", PILOTS.values(), ids=PILOTS.keys())
+def test_ais_is_a_lower_bound_within_its_error_on_a_gamma_poisson_model(pilot):
     n = 400
     rng = np.random.default_rng(0)
     x = rng.poisson(rng.gamma(ALPHA, 1 / BETA, n)[:, None], (n, M)).astype(np.float32)
@@ -44,17 +53,21 @@ def test_ais_is_a_lower_bound_within_its_error_on_a_gamma_poisson_model():
     layout = find_local_latents(gamma_poisson, jnp.asarray(x))
     run = ais(
         gamma_poisson, {}, x, jax.random.key(1), site=layout, num_chains=16,
-        num_temperatures=200, batch_size=n,
+        num_temperatures=200, batch_size=n, **pilot,
     )  # fmt: skip
     err = run.log_px - exact
     se = err.std(ddof=1) / np.sqrt(n)
     # E[p-hat] = p(x): log p-hat is a lower bound up to its Monte Carlo error. An estimate
     # biased upward by the 0.026 nats that adapting the step sizes on the estimating chains
     # gave on a Gamma/Beta model would fail here (5 standard errors).
-    assert err.mean() <= 2 * se, (err.mean(), se)  # measured -0.011 +- 0.005
+    assert err.mean() <= 2 * se, (err.mean(), se)
     assert abs(err.mean()) < 0.05, err.mean()
     assert np.abs(err).max() < 1.0, err  # measured 0.50
-    assert run.warnings == () and np.all(run.acceptance > 0.5)  # measured 0.69 to 0.97
+    # measured: default -0.011 +- 0.005, acceptance 0.69 to 0.86; coarse -0.004 +- 0.005,
+    # acceptance 0.47 to 0.98 (one chain's acceptance steers the pilot: noisier step sizes)
+    assert np.all(run.acceptance > (0.4 if pilot else 0.5))
+    # aiming at 0.9, a few 1-d posteriors end above the band's 0.97 (and are warned about)
+    assert run.warnings == () or pilot, run.warnings
     assert run.step_size.shape == (n, 200) and run.step_scale.shape == (n, 1)
 
 

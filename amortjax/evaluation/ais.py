@@ -563,11 +563,18 @@ def _check_z(z, n: int, z_dim: int) -> jax.Array:
     return z
 
 
-def _check_pilot_chains(pilot_chains: int) -> None:
+def _check_pilot(pilot_chains: int, pilot_temperatures: int | None) -> None:
     if not isinstance(pilot_chains, int | np.integer) or pilot_chains < 1:
         raise ValueError(
             f"pilot_chains must be an integer >= 1 (the chains per datapoint that adapt the "
             f"step sizes before the estimating run; 4 is plenty), got {pilot_chains!r}"
+        )
+    if pilot_temperatures is not None and (
+        not isinstance(pilot_temperatures, int | np.integer) or pilot_temperatures < 1
+    ):
+        raise ValueError(
+            f"pilot_temperatures must be None (the pilot anneals through all num_temperatures) "
+            f"or an integer >= 1 (that many of them, evenly spaced), got {pilot_temperatures!r}"
         )
 
 
@@ -726,37 +733,41 @@ def _kernels(
     params: dict,
     x: jax.Array,
     key: jax.Array,
+    settings: AISSettings,
     *,
     family: Family,
     site: Site,
     lam: jax.Array,
     z_dim: int,
     betas: np.ndarray,
-    num_chains: int,
-    leapfrog_steps: int,
-    step_size,
-    step_scale,
-    target_accept: float,
-    adapt_step_size: bool,
-    pilot_chains: int,
     batch_size: int,
     progress: bool | str,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The estimating run's kernels, fixed before it starts: `(step sizes [N, T], scales
     [N, D])` for the forward temperatures `betas`; the pilot (and q0's draws for the scales)
-    use `key` only."""
+    use `key` only.
+
+    The pilot runs `pilot_chains` chains through `pilot_temperatures` of the temperatures
+    (evenly spaced indices into `betas`, the last one b_T), with as many chains per compiled
+    call as the estimating run (so more datapoints per call). Its step size at each of its
+    transitions is assigned to the transition that targets the same b; the transitions in
+    between take the log-linear interpolation of their neighbours' (those before its first
+    target take its first step size)."""
     n, num_temperatures = x.shape[0], len(betas) - 1
-    _check_pilot_chains(pilot_chains)
-    eps, is_schedule = _ais_step_size(step_size, n, num_temperatures)
-    scale = _check_step_scale(step_scale, n, z_dim)
+    _check_pilot(settings.pilot_chains, settings.pilot_temperatures)
+    eps, is_schedule = _ais_step_size(settings.step_size, n, num_temperatures)
+    scale = _check_step_scale(settings.step_scale, n, z_dim)
     pilot_key, scale_key = jax.random.split(key)
     if scale is None:
         scale = _q0_scale(family, lam, scale_key, batch_size)
     if is_schedule:
         return np.array(eps), scale
-    if not adapt_step_size:
+    if not settings.adapt_step_size:
         return np.array(np.broadcast_to(eps[:, None], (n, num_temperatures))), scale
-    chains = min(pilot_chains, num_chains)
+    chains = min(settings.pilot_chains, settings.num_chains)
+    pilot_temperatures = min(settings.pilot_temperatures or num_temperatures, num_temperatures)
+    index = np.unique(np.round(np.linspace(0, num_temperatures, pilot_temperatures + 1)))
+    index = index.astype(int)
     _, _, _, schedule, _ = _run(
         model,
         params,
@@ -766,18 +777,24 @@ def _kernels(
         site=site,
         lam=lam,
         z0=None,
-        betas=betas,
+        betas=betas[index],
         num_chains=chains,
-        leapfrog_steps=leapfrog_steps,
+        leapfrog_steps=settings.leapfrog_steps,
         step_size=np.broadcast_to(eps[:, None], (n, chains)),
         scale=scale,
-        target_accept=target_accept,
+        target_accept=settings.target_accept,
         mode="adapt",
-        batch_size=batch_size,
+        batch_size=min(n, batch_size * max(1, settings.num_chains // chains)),
         progress=f"{progress} (pilot)" if isinstance(progress, str) else progress,
-        desc=f"AIS pilot T={num_temperatures}",
+        desc=f"AIS pilot T={len(index) - 1}",
     )
-    return schedule, scale
+    if len(index) - 1 == num_temperatures:
+        return schedule, scale
+    # transition t (1..T) targets b_t; the pilot's transition j targeted b_{index[j + 1]}
+    log_eps = np.log(np.asarray(schedule, np.float64))
+    positions = np.arange(1, num_temperatures + 1)
+    full = np.stack([np.interp(positions, index[1:], row) for row in log_eps])
+    return np.exp(full).astype(np.float32), scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -804,6 +821,11 @@ class AISSettings(NamedTuple):
         target_accept: the acceptance probability that the pilot's adaptation aims at.
         adapt_step_size: run the pilot (True) or use `step_size` as given (False).
         pilot_chains: chains per datapoint in the pilot (at most num_chains are used).
+        pilot_temperatures: how many of the temperatures the pilot anneals through (evenly
+            spaced, ending at b = 1); None: all of them. The step sizes of the transitions it
+            skips are interpolated log-linearly between those of its neighbours. The pilot
+            costs pilot_chains * pilot_temperatures / (num_chains * num_temperatures) of the
+            estimating run.
     """
 
     num_chains: int = 16
@@ -816,6 +838,7 @@ class AISSettings(NamedTuple):
     target_accept: float = 0.65
     adapt_step_size: bool = True
     pilot_chains: int = 4
+    pilot_temperatures: int | None = None
 
 
 def ais(
@@ -875,13 +898,10 @@ def ais(
     settings = resolve_settings("ais", AISSettings, settings, overrides)
     num_chains, num_temperatures = settings.num_chains, settings.num_temperatures
     schedule, leapfrog_steps = settings.schedule, settings.leapfrog_steps
-    step_size, step_scale = settings.step_size, settings.step_scale
-    target_accept, adapt_step_size = settings.target_accept, settings.adapt_step_size
-    pilot_chains, sigmoid_delta = settings.pilot_chains, settings.sigmoid_delta
-    betas = annealing_schedule(schedule, num_temperatures, sigmoid_delta=sigmoid_delta)
+    betas = annealing_schedule(schedule, num_temperatures, sigmoid_delta=settings.sigmoid_delta)
     x, family, lam, z_dim = _prepare(
         model, params, x, z_dim, family, init_params, site, num_chains, leapfrog_steps,
-        target_accept, batch_size,
+        settings.target_accept, batch_size,
     )  # fmt: skip
     run_key, kernel_key = jax.random.split(key)
     eps, scale = _kernels(
@@ -889,18 +909,12 @@ def ais(
         params,
         x,
         kernel_key if pilot_key is None else pilot_key,
+        settings,
         family=family,
         site=site,
         lam=lam,
         z_dim=z_dim,
         betas=betas,
-        num_chains=num_chains,
-        leapfrog_steps=leapfrog_steps,
-        step_size=step_size,
-        step_scale=step_scale,
-        target_accept=target_accept,
-        adapt_step_size=adapt_step_size,
-        pilot_chains=pilot_chains,
         batch_size=batch_size,
         progress=progress,
     )
@@ -918,7 +932,7 @@ def ais(
         leapfrog_steps=leapfrog_steps,
         step_size=eps,
         scale=scale,
-        target_accept=target_accept,
+        target_accept=settings.target_accept,
         mode="schedule",
         batch_size=batch_size,
         progress=progress,
@@ -986,13 +1000,10 @@ def reverse_ais(
     settings = resolve_settings("reverse_ais", AISSettings, settings, overrides)
     num_chains, num_temperatures = settings.num_chains, settings.num_temperatures
     schedule, leapfrog_steps = settings.schedule, settings.leapfrog_steps
-    step_size, step_scale = settings.step_size, settings.step_scale
-    target_accept, adapt_step_size = settings.target_accept, settings.adapt_step_size
-    pilot_chains, sigmoid_delta = settings.pilot_chains, settings.sigmoid_delta
-    betas = annealing_schedule(schedule, num_temperatures, sigmoid_delta=sigmoid_delta)
+    betas = annealing_schedule(schedule, num_temperatures, sigmoid_delta=settings.sigmoid_delta)
     x, family, lam, z_dim = _prepare(
         model, params, x, z_dim, family, init_params, site, num_chains, leapfrog_steps,
-        target_accept, batch_size,
+        settings.target_accept, batch_size,
     )  # fmt: skip
     z = _check_z(z, x.shape[0], z_dim)
     run_key, kernel_key = jax.random.split(key)
@@ -1001,18 +1012,12 @@ def reverse_ais(
         params,
         x,
         kernel_key if pilot_key is None else pilot_key,
+        settings,
         family=family,
         site=site,
         lam=lam,
         z_dim=z_dim,
         betas=betas,
-        num_chains=num_chains,
-        leapfrog_steps=leapfrog_steps,
-        step_size=step_size,
-        step_scale=step_scale,
-        target_accept=target_accept,
-        adapt_step_size=adapt_step_size,
-        pilot_chains=pilot_chains,
         batch_size=batch_size,
         progress=progress,
     )
@@ -1031,7 +1036,7 @@ def reverse_ais(
         leapfrog_steps=leapfrog_steps,
         step_size=reverse_step_sizes(eps),
         scale=scale,
-        target_accept=target_accept,
+        target_accept=settings.target_accept,
         mode="schedule",
         batch_size=batch_size,
         progress=progress,
