@@ -12,7 +12,8 @@ experiment does (`experiments.amortization_gap._Setup`), checkpointed under
   (`evaluate_pair`), so the change of mean L[q*] is resolved to a few hundredths of a nat. Target
   (the "Trustworthy estimates" issue): below 0.05 nats for the FFG, 0.1 for the Flow.
 - the full decomposition (`gap_decomposition` with the quick preset's q*, IWAE-5000 and AIS
-  8 x 200 x 5 from q*) on all 10,000 test digits of the FFG model: wall time, each stage's
+  8 x 200 x 5 from q* after the preset's 1-chain pilot through 50 of the temperatures) on all
+  10,000 test digits of the FFG model: wall time, each stage's
   seconds and share, the fraction of q* compute spent on empty slots. Target: 20 minutes on
   2 CPU cores.
 
