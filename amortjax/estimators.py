@@ -24,6 +24,11 @@ import jax.numpy as jnp
 
 from amortjax.traces import log_weights
 
+SAMPLE_CHUNK = 50
+"""Draws per datapoint evaluated at once by default: with 100 datapoints per call, 5,000 decoder
+rows per compiled step. IWAE-5000 of Cremer et al.'s MNIST decoder on a 2-core CPU took 1.55 s at
+50, 1.65 s at 100 and 2.11 s at 200 (100 datapoints, one run); the numbers do not depend on it."""
+
 
 def bounds_one(
     model: Callable,

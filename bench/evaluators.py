@@ -15,7 +15,9 @@ and, in the same run, each estimator's hand-written floor: the same decoder as t
 matmuls with the Bernoulli log-density written out, in plain JAX (`_floors`):
 
 - IWAE floor: z = mu + sigma eps, log p(x, z) - log q(z), log-sum-exp over k, in chunks of
-  `sample_chunk` draws (what `evaluate_bounds` computes, without NumPyro);
+  `sample_chunk` draws (what `evaluate_bounds` computes, without NumPyro; 100, its fastest
+  measured: 1.39 s against 1.44 at 50 and 1.49 at 25 for N 100, k 5000; the library runs at
+  its own default chunk, `amortjax.estimators.SAMPLE_CHUNK`, 50, its fastest);
 - AIS floor: a `lax.scan` of `value_and_grad` of sum_m log p(x_m, z_m) over the N C rows, one
   per leapfrog step (the decoder work of AIS, without its schedule, momenta, accept test or
   log q0).
@@ -39,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amortjax.estimators import SAMPLE_CHUNK
 from amortjax.evaluation.ais import ais
 from amortjax.evaluation.bounds import evaluate_bounds
 from amortjax.families import DiagonalGaussian
@@ -146,7 +149,8 @@ def run(
         quick: small problems and one repeat, for tests and smoke runs.
         datapoints: N (default 100, quick 10).
         iwae_samples: k (default 5000, quick 50).
-        sample_chunk: draws per compiled IWAE chunk.
+        sample_chunk: draws per compiled chunk of the IWAE floor and ceilings (the library
+            runs at its default, `SAMPLE_CHUNK`).
         ais_chains, ais_temperatures, ais_leapfrog: C, T, L (default 16, 100, 10; quick 2, 5).
         hidden, z_dim, x_dim: the decoder z_dim-hidden-x_dim.
         repeats: timed calls after the warm-up (default 3, quick 1).
@@ -177,7 +181,7 @@ def run(
     def iwae():
         return evaluate_bounds(
             model, guide, params, x, jax.random.key(seed + 1), num_samples=k,
-            batch_size=n, sample_chunk=min(sample_chunk, k), guide_args=(lam,),
+            batch_size=n, sample_chunk=min(SAMPLE_CHUNK, k), guide_args=(lam,),
         ).iwae  # fmt: skip
 
     floor_steps = min(temps * ais_leapfrog, 50 if quick else 200)
@@ -239,8 +243,8 @@ def run(
             {
                 "estimator": name,
                 "work": {
-                    "IWAE": f"N={n}, k={k}",
-                    "IWAE floor": f"N={n}, k={k}, hand-written",
+                    "IWAE": f"N={n}, k={k}, chunks of {min(SAMPLE_CHUNK, k)}",
+                    "IWAE floor": f"N={n}, k={k}, chunks of {min(sample_chunk, k)}, hand-written",
                     "AIS": f"N={n}, C={chains}, T={temps}, L={ais_leapfrog}",
                     "AIS floor": f"{n * chains} rows x {floor_steps} gradient steps, hand-written",
                     "ceiling: matmuls": "IWAE floor's decoder, no activation or likelihood",

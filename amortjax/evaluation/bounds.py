@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amortjax.engine import map_datapoints
-from amortjax.estimators import bounds_batch
+from amortjax.estimators import SAMPLE_CHUNK, bounds_batch
 from amortjax.families import Family
 from amortjax.latents import Site, check_site, log_joint_unconstrained
 from amortjax.traces import check_data
@@ -52,7 +52,7 @@ def evaluate_bounds(
     *,
     num_samples: int = 5000,
     batch_size: int = 100,
-    sample_chunk: int = 100,
+    sample_chunk: int = SAMPLE_CHUNK,
     guide_args: tuple = (),
     progress: bool | str = False,
 ) -> Bounds:
@@ -68,7 +68,8 @@ def evaluate_bounds(
         num_samples: k, the draws per datapoint.
         batch_size: datapoints per compiled call.
         sample_chunk: draws evaluated at once per datapoint (bounds memory to
-            `sample_chunk * batch_size` decoder evaluations).
+            `sample_chunk * batch_size` decoder evaluations; `estimators.SAMPLE_CHUNK`, 50, was
+            the fastest measured). The numbers do not depend on it.
         guide_args: per-datapoint inputs of the guide besides x, each `[num_datapoints, ...]`,
             batched with x (e.g. the lambdas of `given_params_guide`).
         progress: show a progress bar (a string gives its description).
@@ -204,7 +205,7 @@ def evaluate_pair(
     site: Site = "z",
     num_samples: int = 5000,
     batch_size: int = 100,
-    sample_chunk: int = 50,
+    sample_chunk: int = SAMPLE_CHUNK,
     progress: bool | str = False,
 ) -> PairBounds:
     """Scores two members of a family per datapoint on common random numbers.
@@ -231,9 +232,8 @@ def evaluate_pair(
         num_samples: k, draws from each distribution.
         batch_size: datapoints per compiled call.
         sample_chunk: draws of each distribution evaluated at once per datapoint, so
-            2 * sample_chunk decoder evaluations (50: as many rows per compiled step as
-            `evaluate_bounds`' 100; twice that ran about 1.4 times slower on a 2-core CPU,
-            its rows no longer fitting the cache). The numbers do not depend on it.
+            2 * sample_chunk decoder evaluations (at 100, about 1.4 times slower on a 2-core
+            CPU than at 50). The numbers do not depend on it.
         progress: show a progress bar (a string gives its description).
 
     Returns:

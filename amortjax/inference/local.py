@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from amortjax.checks import check_float, check_int, resolve_settings
 from amortjax.engine import datapoint_keys, map_datapoints
-from amortjax.estimators import bounds_batch
+from amortjax.estimators import SAMPLE_CHUNK, bounds_batch
 from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
 from amortjax.guides.local import given_params_guide, local_elbo
 from amortjax.latents import Site, check_site, latent_size, log_joint_unconstrained
@@ -665,7 +665,7 @@ def fit_local(
                 model,
                 given_params_guide(family, site=site),
                 int(final_samples),
-                min(100, int(final_samples)),
+                min(SAMPLE_CHUNK, int(final_samples)),
             ),
             params,
             eval_key,
