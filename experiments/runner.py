@@ -439,8 +439,10 @@ def run_experiment(
             f"cannot resume {workdir} as {name}: that folder holds a {record['experiment']} run "
             f"(python -m experiments {record['experiment']} --resume {workdir})"
         )
+    # an experiment whose options changed meaning upgrades an older folder's config first
+    upgrade = getattr(module, "upgrade_saved_config", lambda data: data)
     config = config_from_dict(
-        module.Config, record["config"], getattr(module, "RENAMED_OPTIONS", None)
+        module.Config, upgrade(record["config"]), getattr(module, "RENAMED_OPTIONS", None)
     )
     config = apply_overrides(config, list(overrides))
     check_config(config)
