@@ -50,6 +50,17 @@ def _doubled(settings: QStarSettings) -> QStarSettings:
     )
 
 
+MODEL_DIR = RESULTS_DIR / "gap_fullset_models"
+"""Where `run` (with the default out_dir) and the tools checkpoint the trained quick models."""
+
+
+def seeded_test_digits(config: Config, data, n: int) -> np.ndarray:
+    """`n` seeded random MNIST test digits, those of the benchmark (and of the tools that
+    reuse its models), `[n, 784]` float32."""
+    test = np.asarray(data.test, np.float32)
+    return test[random_subset(len(test), min(n, len(test)), config.seed + 13)]
+
+
 def _train(config: Config, family: str, data, model_dir: Path) -> tuple[_Setup, dict, float]:
     setup = _Setup(config, family, data.train.shape[1], data.train.shape[0], True)
     key = jax.random.fold_in(jax.random.key(config.seed), 0 if family == "diagonal" else 1)
@@ -124,17 +135,16 @@ def run(
     points = points or (20 if quick else 100)
     config = Config(datasets=("mnist",))
     data = load_data("mnist", seed=config.seed)
-    test = np.asarray(data.test, np.float32)
-    fullset = min(fullset or (200 if quick else len(test)), len(test))
-    model_dir = Path(out_dir) / "gap_fullset_models"
+    fullset = min(fullset or (200 if quick else len(data.test)), len(data.test))
+    model_dir = Path(out_dir) / MODEL_DIR.name
     trained = {f: _train(config, f, data, model_dir) for f in ("diagonal", "flow")}
-    x_check = test[random_subset(len(test), points, config.seed + 13)]
+    x_check = seeded_test_digits(config, data, points)
     doubling = {
         f: _doubling(config, setup, params, x_check, jax.random.key(config.seed + 21))
         for f, (setup, params, _) in trained.items()
     }
     setup, params, _ = trained["diagonal"]
-    x = test[random_subset(len(test), fullset, config.seed + 13)]
+    x = seeded_test_digits(config, data, fullset)
     start = time.perf_counter()
     lam = np.asarray(encode(setup.encoder, params, jnp.asarray(x)))
     gaps = gap_decomposition(

@@ -29,34 +29,30 @@ import jax.numpy as jnp
 import numpy as np
 
 from amortjax.data import load_data
-from amortjax.evaluation.ais import AISWarning, ais
+from amortjax.evaluation.ais import AISSettings, AISWarning, ais
 from amortjax.evaluation.bounds import mean_and_stderr
-from amortjax.evaluation.subsets import random_subset
 from amortjax.guides import encode
 from amortjax.inference.local import fit_local
 from bench.common import RESULTS_DIR
-from bench.gap_fullset import _train
+from bench.gap_fullset import MODEL_DIR, _train, seeded_test_digits
 from experiments.amortization_gap import Config, qstar_settings
 
 OUT = RESULTS_DIR / "ais_pilot_check.json"
 
+PILOT_FIELDS = ("pilot_chains", "pilot_temperatures", "target_accept", "step_size")
+DEFAULT_PILOT = {k: getattr(AISSettings(), k) for k in PILOT_FIELDS}
 PILOTS = {
-    "4 chains, all T, 0.65": {
-        "pilot_chains": 4, "pilot_temperatures": None, "target_accept": 0.65, "step_size": 0.1,
-    },
-    "1 chain, all T, 0.65": {
-        "pilot_chains": 1, "pilot_temperatures": None, "target_accept": 0.65, "step_size": 0.1,
-    },
+    "4 chains, all T, 0.65": DEFAULT_PILOT,
+    "1 chain, all T, 0.65": {**DEFAULT_PILOT, "pilot_chains": 1},
     "1 chain, T/4, 0.9 (preset)": {},
-}  # fmt: skip
+}
 
 
 def main(points: int = 300) -> dict:
     config = Config(datasets=("mnist",))
     data = load_data("mnist", seed=config.seed)
-    test = np.asarray(data.test, np.float32)
-    setup, params, _ = _train(config, "diagonal", data, RESULTS_DIR / "gap_fullset_models")
-    x = test[random_subset(len(test), points, config.seed + 13)]
+    setup, params, _ = _train(config, "diagonal", data, MODEL_DIR)
+    x = seeded_test_digits(config, data, points)
     lam = np.asarray(encode(setup.encoder, params, jnp.asarray(x)))
     qstar = fit_local(
         setup.model, params, x, jax.random.key(1), family=setup.family, init=lam,
@@ -81,11 +77,7 @@ def main(points: int = 300) -> dict:
         first = next(iter(runs.values()))
         diff, se = mean_and_stderr(run.log_px - first)
         out["pilots"][name] = {
-            "settings": {
-                k: v
-                for k, v in settings._asdict().items()
-                if k.startswith(("pilot", "target", "step_size"))
-            },
+            "settings": {k: getattr(settings, k) for k in PILOT_FIELDS},
             "seconds": seconds,
             "log_px_mean": float(np.mean(run.log_px)),
             "minus_first": {"mean": diff, "se": se},

@@ -14,25 +14,22 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amortjax.data import load_data
-from amortjax.evaluation.subsets import random_subset
 from bench.common import RESULTS_DIR
-from bench.gap_fullset import _doubling, _train
+from bench.gap_fullset import MODEL_DIR, _doubling, _train, seeded_test_digits
 from experiments.amortization_gap import Config
 
 
 def main(points: int = 100) -> dict:
     config = Config(datasets=("mnist",))
     data = load_data("mnist", seed=config.seed)
-    test = np.asarray(data.test, np.float32)
-    x = test[random_subset(len(test), points, config.seed + 13)]
+    x = seeded_test_digits(config, data, points)
     out = {}
     for family in ("diagonal", "flow"):
-        setup, params, _ = _train(config, family, data, Path(RESULTS_DIR) / "gap_fullset_models")
+        setup, params, _ = _train(config, family, data, MODEL_DIR)
         start = time.perf_counter()
         d = out[family] = _doubling(config, setup, params, x, jax.random.key(config.seed + 21))
         print(

@@ -796,10 +796,13 @@ def _kernels(
     )
     if len(index) - 1 == num_temperatures:
         return schedule, scale
-    # transition t (1..T) targets b_t; the pilot's transition j targeted b_{index[j + 1]}
+    # Transition t (1..T) targets b_t, the pilot's transition j targeted b_{index[j + 1]}: t sits
+    # at the fractional pilot transition f (clamped to the first one), the same for every row.
     log_eps = np.log(np.asarray(schedule, np.float64))
-    positions = np.arange(1, num_temperatures + 1)
-    full = np.stack([np.interp(positions, index[1:], row) for row in log_eps])
+    f = np.interp(np.arange(1, num_temperatures + 1), index[1:], np.arange(len(index) - 1))
+    lo = np.floor(f).astype(int)
+    hi, w = np.minimum(lo + 1, len(index) - 2), f - lo
+    full = log_eps[:, lo] * (1.0 - w) + log_eps[:, hi] * w
     return np.exp(full).astype(np.float32), scale
 
 
