@@ -128,9 +128,10 @@ def test_local_optimizer_fields(local_result):
     assert _positive_finite(local_result["matmul"]["round_gflops"])
     assert _positive_finite(local_result["loop_dispatch_us_per_call"])
     rows = local_result["results"]
-    # library and floor for each (B, S), the loop for each S
+    # library and both floors for each (B, S), the loop for each S
     assert sorted((r["variant"], r["num_samples"]) for r in rows) == [
         ("floor", 2),
+        ("floor_value", 2),
         ("library", 2),
         ("loop", 2),
     ]
@@ -139,7 +140,35 @@ def test_local_optimizer_fields(local_result):
             assert _positive_finite(row[key]), key
         if row["variant"] == "library":
             assert _positive_finite(row["over_loop"]) and _positive_finite(row["over_floor"])
+            assert _positive_finite(row["over_floor_value"])
+        if row["variant"] == "floor_value":
+            assert _positive_finite(row["over_floor"])
     assert len(local_result["table"]["rows"]) == len(rows) + 2
+
+
+def test_floor_with_values_takes_the_same_steps():
+    """Returning the per-step ELBO values leaves the floor's optimization untouched, and the
+    values are the ELBO estimates of the iterates it passes through."""
+    import jax
+    import jax.numpy as jnp
+
+    from amortjax.models import vae_model
+    from amortjax.nets import MLP
+    from bench.local_optimizer import HandLocal, decoder_params
+
+    model = vae_model(MLP((16,), 784, "relu"), z_dim=3, likelihood="bernoulli")
+    x = (jax.random.uniform(jax.random.key(0), (5, 784)) < 0.3).astype(jnp.float32)
+    params = decoder_params(model, x=x[:2], x_dim=784, hidden=16, z_dim=3, seed=0)
+    lam0 = jnp.zeros((5, 6))
+    kwargs = dict(num_samples=2, learning_rate=0.05, steps=40)
+    plain = HandLocal(params, **kwargs).fit(x, lam0, jax.random.key(1))
+    lam, _ = HandLocal(params, **kwargs, with_value=True).fit(x, lam0, jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(lam))
+    # one step: its value is the ELBO estimate at the start, on the step's own draws
+    one = HandLocal(params, **{**kwargs, "steps": 1}, with_value=True)
+    key = jax.random.key(2)
+    eps = jax.random.normal(jax.random.split(key, 1)[0], (5, 2, 3))
+    np.testing.assert_allclose(one.fit(x, lam0, key)[1], one.elbos(lam0, x, eps), rtol=1e-6)
 
 
 def test_loop_and_fit_local_optimize_the_same_objective(local_result):
