@@ -731,6 +731,24 @@ def _qstar_text(config: Config) -> str:
     return "; ".join(parts)
 
 
+def _ais_diagnostics_text(diag: dict | None) -> str:
+    """One line on an AIS run's health for the report: acceptance, the chains' log-weight
+    spread (see `amortjax.evaluation.ais`), and its warnings, or that it issued none."""
+    if not diag:
+        return ""
+    low, high = diag["acceptance_range"]
+    text = f"AIS acceptance {low:.2f}-{high:.2f}"
+    if "log_weight_sd_median" in diag:  # folders saved before 2026-12-05 lack it
+        text += (
+            f", log-weight spread over chains {diag['log_weight_sd_median']:.2f} nats (median; "
+            f"warned above 1), ESS {diag['ess_median']:.1f} of {diag['num_chains']} chains"
+        )
+    warned = diag.get("warnings") or []
+    if not warned:
+        return text + "; no warning."
+    return text + "; " + " ".join(f"**Warning:** {w}" for w in warned)
+
+
 def _report(config: Config, metrics: dict, figures: list[str]) -> str:
     models = metrics["models"]
     ais = (
@@ -764,6 +782,9 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
             conv = model[split].get("qstar_convergence")
             if conv:
                 lines.append(f"- {name}, {split}: {conv['text']}.")
+            ais_text = _ais_diagnostics_text(model[split].get("info", {}).get("ais_diagnostics"))
+            if ais_text:
+                lines.append(f"- {name}, {split}: {ais_text}")
     lines.append("")
     for split, what in (("train", "training"), ("test", "held-out test")):
         lines += [f"## Gaps on {what} points", "", *_table(models, split), ""]

@@ -268,6 +268,9 @@ def gap_decomposition(
                 float(np.min(result.acceptance)),
                 float(np.max(result.acceptance)),
             ],
+            "log_weight_sd_median": float(np.median(np.std(result.log_weights, axis=1, ddof=1))),
+            "ess_median": float(np.median(result.ess)),
+            "num_chains": result.num_chains,
             "warnings": list(result.warnings),
         }
         seconds["ais"] = time.perf_counter() - start
