@@ -337,6 +337,14 @@ def test_amortization_gap_runs_end_to_end_and_resume_reuses_results(tmp_path):
         assert (workdir / "figures" / f"{name}.png").stat().st_size > 1000
     report = (workdir / "report.md").read_text()
     assert "## Gaps on held-out test points" in report and "fashion_mnist Flow" in report
+    # Each AIS run's health is in the report: acceptance, log-weight spread, its warnings.
+    for name, r in metrics["models"].items():
+        for split in ("train", "test"):
+            diag = r[split]["info"]["ais_diagnostics"]
+            start = f"- {name}, {split}: AIS"
+            line = next(ln for ln in report.splitlines() if ln.startswith(start))
+            assert f"spread over chains {diag['log_weight_sd_median']:.2f} nats" in line
+            assert ("**Warning:**" in line) == bool(diag["warnings"]), line
 
     # A resumed run reuses each finished model's saved results instead of recomputing them.
     saved = workdir / "models" / "fashion_mnist_flow.json"
