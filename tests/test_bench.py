@@ -303,6 +303,7 @@ def test_evaluators_benchmark_counts_work_and_reports_rates(tmp_path):
     assert iwae["flops_per_evaluation"] == forward
     assert ais["flops_per_evaluation"] == 2 * forward
     assert result["results"]["IWAE floor"]["decoder_evaluations"] == 3 * 8
+    assert result["results"]["IWAE floor, per-draw keys"]["decoder_evaluations"] == 3 * 8
     assert result["results"]["AIS floor"]["decoder_evaluations"] == 3 * 2 * 6
     for ceiling in ("ceiling: matmuls", "ceiling: matmuls + ELU"):
         assert result["results"][ceiling]["decoder_evaluations"] == 3 * 8
