@@ -702,7 +702,21 @@ def _acceptance_warnings(acceptance: np.ndarray, what: str) -> tuple[str, ...]:
         f"e.g. the encoder's output or q*, whose spread then sets the step per dimension with "
         f"step_scale='q0'); or step_scale set to the posterior's per-dimension scales."
     )
-    warnings.warn(message, AISWarning, stacklevel=3)
+    return _issue(message)
+
+
+def log_weight_spread(log_w: np.ndarray) -> np.ndarray:
+    """sd_c(log w_c) per datapoint, the chains' log-weight spread (module docstring): `[N, C]`
+    -> `[N]` (NaN for one chain)."""
+    log_w = np.asarray(log_w, np.float64)
+    if log_w.shape[1] < 2:
+        return np.full(log_w.shape[0], np.nan)
+    return np.std(log_w, axis=1, ddof=1)
+
+
+def _issue(message: str) -> tuple[str, ...]:
+    """Issues an `AISWarning` at the caller of `ais`/`reverse_ais`/`bdmc`; returns the message."""
+    warnings.warn(message, AISWarning, stacklevel=4)
     return (message,)
 
 
@@ -712,7 +726,7 @@ def _spread_warnings(log_w: np.ndarray, what: str, bound: str) -> tuple[str, ...
     num_chains = log_w.shape[1]
     if num_chains < 2:
         return ()
-    spread = np.std(np.asarray(log_w, np.float64), axis=1, ddof=1)
+    spread = log_weight_spread(log_w)
     median = float(np.median(spread))
     if not median > LOG_WEIGHT_SPREAD:  # NaN is left to the acceptance warning
         return ()
@@ -727,8 +741,7 @@ def _spread_warnings(log_w: np.ndarray, what: str, bound: str) -> tuple[str, ...
         f"to the posterior (init_params from q*); num_chains lowers the estimate's noise more "
         f"than its bias."
     )
-    warnings.warn(message, AISWarning, stacklevel=3)
-    return (message,)
+    return _issue(message)
 
 
 def _width_se(forward: AISResult, reverse: AISResult) -> float:
@@ -759,8 +772,7 @@ def _bracket_warnings(
         f"(data simulated with amortjax.models.simulate and the same params); then use more "
         f"temperatures and chains (num_temperatures, num_chains)."
     )
-    warnings.warn(message, AISWarning, stacklevel=3)
-    return (message,)
+    return _issue(message)
 
 
 def _prepare(

@@ -43,7 +43,7 @@ import jax
 import numpy as np
 
 from amortjax.checks import resolve_settings
-from amortjax.evaluation.ais import AISSettings, ais
+from amortjax.evaluation.ais import AISSettings, ais, log_weight_spread
 from amortjax.evaluation.bounds import evaluate_pair, mean_and_stderr
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.inference.local import LocalFit, QStarSettings
@@ -268,7 +268,7 @@ def gap_decomposition(
                 float(np.min(result.acceptance)),
                 float(np.max(result.acceptance)),
             ],
-            "log_weight_sd_median": float(np.median(np.std(result.log_weights, axis=1, ddof=1))),
+            "log_weight_sd_median": float(np.median(log_weight_spread(result.log_weights))),
             "ess_median": float(np.median(result.ess)),
             "num_chains": result.num_chains,
             "warnings": list(result.warnings),
