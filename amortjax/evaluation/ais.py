@@ -724,11 +724,9 @@ def _spread_warnings(log_w: np.ndarray, what: str, bound: str) -> tuple[str, ...
     """An `AISWarning` (issued, and returned as its message) when the median over datapoints of
     the chains' log-weight standard deviation exceeds LOG_WEIGHT_SPREAD (module docstring)."""
     num_chains = log_w.shape[1]
-    if num_chains < 2:
-        return ()
     spread = log_weight_spread(log_w)
     median = float(np.median(spread))
-    if not median > LOG_WEIGHT_SPREAD:  # NaN is left to the acceptance warning
+    if not median > LOG_WEIGHT_SPREAD:  # NaN (one chain, or NaN weights): no spread to judge
         return ()
     message = (
         f"{what}: the chains' final log-weights spread by a median of {median:.3g} nats "
