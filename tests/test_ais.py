@@ -16,6 +16,7 @@ from amortjax.evaluation.ais import (
     ais,
     annealing_schedule,
     bdmc,
+    log_weight_spread,
     reverse_ais,
     reverse_step_sizes,
     run_hmc,
@@ -411,3 +412,11 @@ def test_bdmc_does_not_depend_on_batch_size(case):
     np.testing.assert_allclose(batched.lower, whole.lower, atol=1e-3)
     np.testing.assert_allclose(batched.upper, whole.upper, atol=1e-3)
     assert np.abs(whole.upper - whole.lower).mean() > 1e-3  # a bracket with some width
+
+
+def test_log_weight_spread_is_the_chains_standard_deviation():
+    log_w = np.array([[0.0, 2.0], [1.0, 1.0]])
+    np.testing.assert_allclose(log_weight_spread(log_w), [np.sqrt(2.0), 0.0])
+    assert np.isnan(log_weight_spread(np.zeros((3, 1)))).all()  # one chain: no spread to judge
+    with pytest.raises(ValueError, match=r"log-weights \[N, C\].*got shape \(4,\)"):
+        log_weight_spread(np.zeros(4))

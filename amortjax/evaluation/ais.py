@@ -709,6 +709,11 @@ def log_weight_spread(log_w: np.ndarray) -> np.ndarray:
     """sd_c(log w_c) per datapoint, the chains' log-weight spread (module docstring): `[N, C]`
     -> `[N]` (NaN for one chain)."""
     log_w = np.asarray(log_w, np.float64)
+    if log_w.ndim != 2:
+        raise ValueError(
+            f"log_weight_spread takes the chains' log-weights [N, C] (an AISResult's "
+            f"log_weights), got shape {log_w.shape}"
+        )
     if log_w.shape[1] < 2:
         return np.full(log_w.shape[0], np.nan)
     return np.std(log_w, axis=1, ddof=1)
