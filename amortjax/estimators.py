@@ -22,6 +22,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from amortjax.engine import compact_threefry, draw_keys
 from amortjax.traces import log_weights
 
 SAMPLE_CHUNK = 50
@@ -40,9 +41,12 @@ def bounds_one(
     num_samples: int,
     sample_chunk: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """ELBO estimate and IWAE-k for ONE datapoint x `[...]` with its own key; two scalars."""
+    """ELBO estimate and IWAE-k for ONE datapoint x `[...]` with its own key; two scalars.
+
+    Draw s comes from `fold_in(key, s)` (`amortjax.engine.draw_keys`), so `sample_chunk` never
+    changes a number and the first k draws of IWAE-2k are IWAE-k's."""
     num_chunks = -(-num_samples // sample_chunk)
-    keys = jax.random.split(key, num_chunks * sample_chunk).reshape(num_chunks, sample_chunk)
+    keys = draw_keys(key, num_chunks * sample_chunk).reshape(num_chunks, sample_chunk)
     valid = (jnp.arange(num_chunks * sample_chunk) < num_samples).reshape(keys.shape)
     x1 = x[None]
     args1 = tuple(a[None] for a in guide_args)
@@ -59,6 +63,7 @@ def bounds_one(
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@compact_threefry
 def bounds_batch(model, guide, num_samples, sample_chunk, params, keys, x, *guide_args):
     """`bounds_one` for a chunk of datapoints, each with its own key; two `[B]` arrays."""
     return jax.vmap(

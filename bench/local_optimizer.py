@@ -101,34 +101,38 @@ class HandLocal:
         with_value: bool = False,
     ):
         dec = params["decoder$params"]
-        self.w1, self.b1 = dec["Dense_0"]["kernel"], dec["Dense_0"]["bias"]
-        self.w2, self.b2 = dec["Dense_1"]["kernel"], dec["Dense_1"]["bias"]
+        # The weights are arguments of the compiled fit, as the library's are: closed over, they
+        # would be constants that XLA lays out for free (and whose zero biases it folds away).
+        self.weights = tuple(dec[f"Dense_{i}"][n] for i in (0, 1) for n in ("kernel", "bias"))
         self.num_samples, self.steps, self.with_value = num_samples, steps, with_value
         self.tx = optax.adam(learning_rate)
-        self.fit = jax.jit(self._fit)
+        self._fit_jit = jax.jit(self._fit)
 
-    def elbos(self, lam: jax.Array, x: jax.Array, eps: jax.Array) -> jax.Array:
+    def fit(self, x: jax.Array, lam: jax.Array, key: jax.Array) -> Any:
+        """`steps` Adam steps from lam `[B, 2 z_dim]` on x `[B, x_dim]`: the final lam (and, with
+        `with_value`, the mean over steps of each datapoint's per-step ELBO value)."""
+        return self._fit_jit(self.weights, x, lam, key)
+
+    def elbos(self, lam: jax.Array, x: jax.Array, eps: jax.Array, weights=None) -> jax.Array:
         """The B datapoints' S-sample local ELBOs (up to a constant), `[B]`."""
+        w1, b1, w2, b2 = self.weights if weights is None else weights
         loc, log_scale = jnp.split(lam, 2, axis=-1)
         z = loc[:, None] + jnp.exp(log_scale)[:, None] * eps
-        logits = jax.nn.relu(z @ self.w1 + self.b1) @ self.w2 + self.b2
+        logits = jax.nn.relu(z @ w1 + b1) @ w2 + b2
         log_px = hand_bernoulli_log_px(x[:, None], logits)
         log_pz_minus_log_qz = jnp.sum(0.5 * (eps**2 - z**2) + log_scale[:, None], axis=-1)
         return jnp.mean(log_px + log_pz_minus_log_qz, axis=1)
 
-    def elbo_sum(self, lam: jax.Array, x: jax.Array, eps: jax.Array) -> jax.Array:
-        """The sum over datapoints of their S-sample local ELBOs (up to a constant)."""
-        return jnp.sum(self.elbos(lam, x, eps))
-
-    def _fit(self, x: jax.Array, lam: jax.Array, key: jax.Array) -> Any:
+    def _fit(self, weights: tuple, x: jax.Array, lam: jax.Array, key: jax.Array) -> Any:
         def step(carry, k):
             lam, opt_state = carry
             eps = jax.random.normal(k, (lam.shape[0], self.num_samples, lam.shape[1] // 2))
             if self.with_value:
-                values, vjp = jax.vjp(lambda lam: self.elbos(lam, x, eps), lam)
+                values, vjp = jax.vjp(lambda lam: self.elbos(lam, x, eps, weights), lam)
                 (grad,) = vjp(jnp.ones_like(values))
             else:
-                values, grad = None, jax.grad(self.elbo_sum)(lam, x, eps)
+                elbo_sum = lambda lam: jnp.sum(self.elbos(lam, x, eps, weights))  # noqa: E731
+                values, grad = None, jax.grad(elbo_sum)(lam)
             updates, opt_state = self.tx.update(-grad, opt_state, lam)
             return (lam + updates, opt_state), values
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.engine import map_datapoints
+from amortjax.engine import compact_threefry, draw_keys, map_datapoints
 from amortjax.estimators import SAMPLE_CHUNK, bounds_batch
 from amortjax.families import Family
 from amortjax.latents import Site, check_site, log_joint_unconstrained
@@ -148,7 +148,7 @@ def _pair_one(model, family, site, num_samples, sample_chunk, params, x, lam_a, 
     """`PairBounds`' five numbers for ONE datapoint; draw s of q_a and of q_b share its key."""
     q_a, q_b = family.distribution(lam_a), family.distribution(lam_b)
     num_chunks = -(-num_samples // sample_chunk)
-    keys = jax.random.split(key, num_chunks * sample_chunk).reshape(num_chunks, sample_chunk)
+    keys = draw_keys(key, num_chunks * sample_chunk).reshape(num_chunks, sample_chunk)
     valid = (jnp.arange(num_chunks * sample_chunk) < num_samples).reshape(keys.shape)
     x2 = jnp.broadcast_to(x, (2, *x.shape))
 
@@ -185,6 +185,7 @@ def _pair_one(model, family, site, num_samples, sample_chunk, params, x, lam_a, 
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+@compact_threefry
 def _pair_batch(model, family, site, num_samples, sample_chunk, params, keys, x, lam_a, lam_b):
     return jax.vmap(
         lambda xi, ki, a, b: _pair_one(
