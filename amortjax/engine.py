@@ -67,6 +67,19 @@ def draw_keys(key: jax.Array, num_draws: int) -> jax.Array:
     return datapoint_keys(key, jnp.arange(num_draws))
 
 
+def chunked_draw_keys(key: jax.Array, num_draws: int, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """`draw_keys(key, ...)` laid out in chunks of `chunk` draws, the last one padded.
+
+    Returns:
+        `(keys [num_chunks, chunk], valid [num_chunks, chunk])`, where valid is False on the
+        padding (draws num_draws.. of the last chunk), num_chunks = ceil(num_draws / chunk).
+    """
+    num_chunks = -(-num_draws // chunk)
+    keys = draw_keys(key, num_chunks * chunk).reshape(num_chunks, chunk)
+    valid = (jnp.arange(num_chunks * chunk) < num_draws).reshape(num_chunks, chunk)
+    return keys, valid
+
+
 def map_datapoints(
     batch_fn: Callable[..., Any],
     params: Any,

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from amortjax.engine import compact_threefry, draw_keys
+from amortjax.engine import chunked_draw_keys, compact_threefry
 from amortjax.traces import log_weights
 
 SAMPLE_CHUNK = 50
@@ -45,9 +45,7 @@ def bounds_one(
 
     Draw s comes from `fold_in(key, s)` (`amortjax.engine.draw_keys`), so `sample_chunk` never
     changes a number and the first k draws of IWAE-2k are IWAE-k's."""
-    num_chunks = -(-num_samples // sample_chunk)
-    keys = draw_keys(key, num_chunks * sample_chunk).reshape(num_chunks, sample_chunk)
-    valid = (jnp.arange(num_chunks * sample_chunk) < num_samples).reshape(keys.shape)
+    keys, valid = chunked_draw_keys(key, num_samples, sample_chunk)
     x1 = x[None]
     args1 = tuple(a[None] for a in guide_args)
 

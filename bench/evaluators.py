@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.engine import compact_threefry, datapoint_keys, draw_keys
+from amortjax.engine import chunked_draw_keys, compact_threefry, datapoint_keys
 from amortjax.estimators import SAMPLE_CHUNK
 from amortjax.evaluation.ais import ais
 from amortjax.evaluation.bounds import evaluate_bounds
@@ -121,9 +121,9 @@ def _floors(params: dict, x: jax.Array, mu: jax.Array, log_scale: jax.Array, *, 
         num_chunks = num_samples // chunk_size
         if num_chunks * chunk_size != num_samples:
             raise ValueError(f"k={num_samples} is not a multiple of SAMPLE_CHUNK={chunk_size}")
-        keys_by_draw = jax.vmap(
-            lambda k: draw_keys(k, num_chunks * chunk_size).reshape(num_chunks, -1)
-        )(datapoint_keys(key, jnp.arange(mu.shape[0])))
+        keys_by_draw = jax.vmap(lambda k: chunked_draw_keys(k, num_samples, chunk_size)[0])(
+            datapoint_keys(key, jnp.arange(mu.shape[0]))
+        )
 
         def chunk(_, keys):
             normal = jax.vmap(jax.vmap(lambda k: jax.random.normal(k, mu.shape[-1:])))

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.engine import compact_threefry, draw_keys, map_datapoints
+from amortjax.engine import chunked_draw_keys, compact_threefry, map_datapoints
 from amortjax.estimators import SAMPLE_CHUNK, bounds_batch
 from amortjax.families import Family
 from amortjax.latents import Site, check_site, log_joint_unconstrained
@@ -147,9 +147,7 @@ class PairBounds(NamedTuple):
 def _pair_one(model, family, site, num_samples, sample_chunk, params, x, lam_a, lam_b, key):
     """`PairBounds`' five numbers for ONE datapoint; draw s of q_a and of q_b share its key."""
     q_a, q_b = family.distribution(lam_a), family.distribution(lam_b)
-    num_chunks = -(-num_samples // sample_chunk)
-    keys = draw_keys(key, num_chunks * sample_chunk).reshape(num_chunks, sample_chunk)
-    valid = (jnp.arange(num_chunks * sample_chunk) < num_samples).reshape(keys.shape)
+    keys, valid = chunked_draw_keys(key, num_samples, sample_chunk)
     x2 = jnp.broadcast_to(x, (2, *x.shape))
 
     def draw(k):
