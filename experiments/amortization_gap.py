@@ -218,21 +218,37 @@ RENAMED_OPTIONS = {
 
 
 def upgrade_saved_config(data: dict) -> dict:
-    """A config saved before the `flow_qstar` group (2026-12-05) ran the Flow's q* with the
-    `qstar` group's settings and `flow_qstar_samples` draws per step: read it as that
-    `flow_qstar`, not as today's default, so that a resumed folder keeps its own settings."""
-    if "flow_qstar_samples" not in data or "flow_qstar" in data:
-        return data
+    """An older folder's config read as what it ran, not as today's defaults, so that a
+    resumed folder keeps its own settings:
+
+    - saved before the `flow_qstar` group (2026-12-05), the Flow's q* ran the `qstar` group's
+      settings with `flow_qstar_samples` draws per step: read as that `flow_qstar`;
+    - saved before q* had `monitor_samples` (2026-12-05), its Adam's stopping rule averaged
+      the per-step ELBO values of each block: a q* group without the field reads as
+      monitor_samples=0 (the default now scores the FFG's blocks with a 32-draw monitor).
+    """
     data = dict(data)
-    samples = data.pop("flow_qstar_samples")
-    qstar = data.get("qstar")
-    if not isinstance(qstar, dict):  # saved before the groups: flat qstar_* options
-        qstar = {
-            RENAMED_OPTIONS[k].partition(".")[2]: v
-            for k, v in data.items()
-            if RENAMED_OPTIONS.get(k, "").startswith("qstar.")
+    flat = not isinstance(data.get("qstar"), dict)  # saved before the groups: qstar_* options
+    if "flow_qstar_samples" in data and "flow_qstar" not in data:
+        samples = data.pop("flow_qstar_samples")
+        qstar = data.get("qstar")
+        if flat:
+            qstar = {
+                RENAMED_OPTIONS[k].partition(".")[2]: v
+                for k, v in data.items()
+                if RENAMED_OPTIONS.get(k, "").startswith("qstar.")
+            }
+        data["flow_qstar"] = {
+            **Config().qstar._asdict(),
+            "monitor_samples": 0,
+            **qstar,
+            "num_samples": samples,
         }
-    data["flow_qstar"] = {**Config().qstar._asdict(), **qstar, "num_samples": samples}
+    if flat:
+        data["qstar.monitor_samples"] = 0
+    for group in ("qstar", "flow_qstar"):
+        if isinstance(data.get(group), dict) and "monitor_samples" not in data[group]:
+            data[group] = {**data[group], "monitor_samples": 0}
     return data
 
 
@@ -266,6 +282,7 @@ PRESETS: dict[str, dict] = {
                 "patience": 10,
                 "num_decays": 3,
                 "max_steps": 100_000,
+                "monitor_samples": 0,  # Cremer's rule: the block's per-step ELBO average
             }.items()
         },
         "curve_every": 100,
@@ -720,11 +737,19 @@ def _qstar_text(config: Config) -> str:
             else f"Adam at rate {rate:g}" + (" on the sticking-the-landing gradient" * s.stl)
         )
         parts.append(
-            f"{_LABEL[name]}: {how}, S={s.num_samples}, blocks of {block} steps; after "
+            f"{_LABEL[name]}: {how}, S={s.num_samples}, blocks of {block} steps"
+            f"{_score_text(s, family)}; after "
             f"{s.patience} blocks without improvement the step size is multiplied by "
             f"{s.lr_decay:g}, {s.num_decays} times, then q* has converged"
         )
     return "; ".join(parts)
+
+
+def _score_text(s: QStarSettings, family) -> str:
+    monitor = s.monitor_for(family)
+    if not monitor:
+        return ", each scored by the average of its steps' ELBO estimates"
+    return f", each scored by the ELBO of its averaged iterate with {monitor} draws fixed per point"
 
 
 def _ais_diagnostics_text(diag: dict | None) -> str:

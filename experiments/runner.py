@@ -161,7 +161,15 @@ def apply_overrides(config: Any, overrides: dict[str, Any] | Sequence[str]) -> A
 # Range rules by option name, checked for every experiment's Config before any data is loaded.
 # Integers (and the items of integer tuples) must be >= 1 unless named here.
 _MIN_ZERO_INTS = frozenset(
-    {"seed", "num_steps", "test_steps", "frontier_steps", "num_decays", "final_samples"}
+    {
+        "seed",
+        "num_steps",
+        "test_steps",
+        "frontier_steps",
+        "num_decays",
+        "final_samples",
+        "monitor_samples",
+    }
 )
 # Floats must be finite, and > 0 when their name ends in one of these ...
 _POSITIVE_FLOATS = ("learning_rate", "step_size", "adam_eps", "max_grad_norm", "sigmoid_delta")

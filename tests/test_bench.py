@@ -133,6 +133,7 @@ def test_local_optimizer_fields(local_result):
         ("floor", 2),
         ("floor_value", 2),
         ("library", 2),
+        ("library_values", 2),
         ("loop", 2),
     ]
     for row in rows:
@@ -140,6 +141,7 @@ def test_local_optimizer_fields(local_result):
             assert _positive_finite(row[key]), key
         if row["variant"] == "library":
             assert _positive_finite(row["over_loop"]) and _positive_finite(row["over_floor"])
+        if row["variant"] == "library_values":
             assert _positive_finite(row["over_floor_value"])
         if row["variant"] == "floor_value":
             assert _positive_finite(row["over_floor"])

@@ -621,6 +621,22 @@ def test_settings_groups_take_dotted_options_and_old_folders_resume():
     legacy = {k: v for k, v in saved.items() if k not in ("qstar", "flow_qstar", "ais", "run_ais")}
     legacy.update(ais=True, ais_chains=3, qstar_max_steps=700, qstar_method="adam")
     assert config_from_dict(module.Config, legacy, module.RENAMED_OPTIONS) == config
+    # Saved before q* had monitor_samples, its Adam's stopping rule averaged each block's
+    # per-step ELBO values: such a folder resumes with monitor_samples=0.
+    assert config.qstar.monitor_samples is None is config.flow_qstar.monitor_samples
+    ran = dataclasses.replace(
+        config,
+        qstar=config.qstar._replace(monitor_samples=0),
+        flow_qstar=config.flow_qstar._replace(monitor_samples=0),
+    )
+    groups = {
+        g: {k: v for k, v in saved[g].items() if k != "monitor_samples"}
+        for g in ("qstar", "flow_qstar")
+    }
+    assert config_from_dict(module.Config, module.upgrade_saved_config({**saved, **groups})) == ran
+    flat = module.upgrade_saved_config({**legacy, "flow_qstar": groups["flow_qstar"]})
+    assert config_from_dict(module.Config, flat, module.RENAMED_OPTIONS) == ran
+    assert config_from_dict(module.Config, module.upgrade_saved_config(saved)) == config
     # Saved before the flow_qstar group: the Flow's q* ran the qstar group's settings with its
     # own draws per step, and is read back as such, not as today's flow_qstar.
     older = {**{k: v for k, v in saved.items() if k != "flow_qstar"}, "flow_qstar_samples": 16}
