@@ -22,9 +22,9 @@ never interact):
   common random numbers two blocks' scores differ by what the iterate gained, plus noise that
   grows with the distance it moved and with the dimension it moved in, where independent draws
   add fresh noise to every block and can end a slow climb as if it were a plateau. The
-  monitor is the default for the Gaussian families and the per-step average for the others:
+  monitor is Adam's default for the Gaussian families, the per-step average for the others:
   measured (with Adam, S = 4), on a correlated posterior (factor analysis, x_dim 8, z_dim 3, 40
-  points, three seeds) the diagonal Gaussian's q* ended 0.044-0.055 nats below the best
+  points, three keys) the diagonal Gaussian's q* ended 0.044-0.055 nats below the best
   diagonal Gaussian on average (0.22-0.27 at worst) with the per-step average, 0.0064-0.0069
   (0.036-0.054) with a 32-draw monitor; on the quick MNIST FFG model (100 test digits, from the
   encoder) both reached the same L[q*] (+0.000 nats), the monitor in 0.80 of the time (its steps
