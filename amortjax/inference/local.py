@@ -420,6 +420,14 @@ def _optimize(
         )  # fmt: skip
         return jnp.where(jnp.isfinite(score), score, -jnp.inf)
 
+    start_all = None
+    if monitor_samples:  # every start scored up front: no block is spent on it
+        start_all = jax.lax.map(
+            lambda a: monitor(*a), (x_all, init_all, jnp.arange(n)), batch_size=num_slots
+        )
+    fresh = functools.partial(_fresh, x_all=x_all, init_all=init_all, lr0=learning_rate,
+                              start_all=start_all)  # fmt: skip
+
     def elbos(lam, x, keys):
         return jax.vmap(
             lambda xi, li, ki: local_elbo(
@@ -556,13 +564,6 @@ def _optimize(
         out_hit=jnp.zeros(n, bool),
         out_gain=jnp.zeros(n, dtype),
     )
-    start_all = None
-    if monitor_samples:  # every start scored up front: no block is spent on it
-        start_all = jax.lax.map(
-            lambda a: monitor(*a), (x_all, init_all, jnp.arange(n)), batch_size=num_slots
-        )
-    fresh = functools.partial(_fresh, x_all=x_all, init_all=init_all, lr0=learning_rate,
-                              start_all=start_all)  # fmt: skip
     init = fresh(init, first_idx < n, first_idx)
     return jax.lax.while_loop(lambda s: (s.idx < n).any(), block, init)
 
