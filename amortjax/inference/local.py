@@ -458,7 +458,7 @@ def _optimize(
             # part of the likelihood's work only they need).
             if monitor_samples:
                 grad = jax.grad(lambda lam: elbos(lam, s.x, keys).sum())(lam)
-                per_point = jnp.zeros(lam.shape[0], dtype)
+                per_point = None  # (the scan then stacks no values)
             else:
                 per_point, vjp = jax.vjp(lambda lam: elbos(lam, s.x, keys), lam)
                 (grad,) = vjp(jnp.ones_like(per_point))
