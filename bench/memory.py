@@ -190,7 +190,9 @@ def _setup(spec: dict[str, Any]) -> dict[str, Any]:
         def analysis():
             lam0 = jnp.zeros((batch, family.num_params(z_dim)))
             fit = _optimize.lower(
-                model, family, "z", "adam", samples, steps, batch, False, QStarSettings().stl,
+                model, family, "z", "adam", samples, steps,
+                QStarSettings(method="adam").monitor_for(family), batch, False,
+                QStarSettings().stl,
                 params, x[:batch], lam0, key, jnp.float32(lr), jnp.int32(2**30),
                 jnp.int32(steps), jnp.float32(0.0), jnp.float32(0.3), jnp.int32(0),
             ).compile()  # fmt: skip
