@@ -131,6 +131,7 @@ def test_local_optimizer_fields(local_result):
     # library and both floors for each (B, S), the loop for each S
     assert sorted((r["variant"], r["num_samples"]) for r in rows) == [
         ("floor", 2),
+        ("floor_monitor", 2),
         ("floor_value", 2),
         ("library", 2),
         ("library_values", 2),
@@ -141,9 +142,9 @@ def test_local_optimizer_fields(local_result):
             assert _positive_finite(row[key]), key
         if row["variant"] == "library":
             assert _positive_finite(row["over_loop"]) and _positive_finite(row["over_floor"])
-        if row["variant"] == "library_values":
-            assert _positive_finite(row["over_floor_value"])
-        if row["variant"] == "floor_value":
+        if row["variant"] in ("library", "library_values"):
+            assert _positive_finite(row["over_floor_signal"])
+        if row["variant"] in ("floor_value", "floor_monitor"):
             assert _positive_finite(row["over_floor"])
     assert len(local_result["table"]["rows"]) == len(rows) + 2
 
@@ -171,6 +172,15 @@ def test_floor_with_values_takes_the_same_steps():
     key = jax.random.key(2)
     eps = jax.random.normal(jax.random.split(key, 1)[0], (5, 2, 3))
     np.testing.assert_allclose(one.fit(x, lam0, key)[1], one.elbos(lam0, x, eps), rtol=1e-6)
+    # The monitor (its steps gradient-only) takes the same steps too; with one block of one
+    # step its best score is the better of the start's and the end's on the monitor's draws.
+    lam_m, _ = HandLocal(params, **kwargs, monitor=4, block=10).fit(x, lam0, jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(lam_m))
+    mon = HandLocal(params, **{**kwargs, "steps": 1}, monitor=4, block=1)
+    end, best = mon.fit(x, lam0, key)
+    eps_m = mon.monitor_draws(key, lam0.shape)
+    expected = np.maximum(mon.elbos(lam0, x, eps_m), mon.elbos(end, x, eps_m))
+    np.testing.assert_allclose(best, expected, rtol=1e-6)
 
 
 def test_loop_and_fit_local_optimize_the_same_objective(local_result):
