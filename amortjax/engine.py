@@ -1,8 +1,9 @@
 """The per-datapoint engine: map a batched computation over datapoints.
 
 Every evaluator computes something for ONE datapoint and batches it with `jax.vmap`; this
-module runs that batch function over N datapoints in fixed-size chunks (the last one padded, so
-it compiles once), splits each chunk over the devices of the active data mesh, shows a progress
+module runs that batch function over N datapoints in equal chunks of at most `batch_size` (as
+few chunks as that allows, the last one padded, so it compiles once and pads little), splits
+each chunk over the devices of the active data mesh, shows a progress
 bar, and hands every datapoint its own PRNG key,
 
     key_i = fold_in(key, i),    i = the datapoint's index in x,
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from amortjax.sharding import active_mesh, check_divisible, replicate, shard_rows
+from amortjax.sharding import DATA_AXIS, active_mesh, check_divisible, replicate, shard_rows
 
 
 def datapoint_keys(key: jax.Array, indices: jax.Array) -> jax.Array:
@@ -80,6 +81,15 @@ def chunked_draw_keys(key: jax.Array, num_draws: int, chunk: int) -> tuple[jax.A
     return keys, valid
 
 
+def even_chunk(n: int, most: int, multiple: int = 1) -> int:
+    """The chunk size that covers n items in the fewest chunks of at most `most` (a multiple
+    of `multiple`, which divides `most`), with the least padding: ceil(n / ceil(n / most)),
+    rounded up to a multiple of `multiple`."""
+    chunks = -(-n // most)
+    size = -(-n // chunks)
+    return -(-size // multiple) * multiple
+
+
 def map_datapoints(
     batch_fn: Callable[..., Any],
     params: Any,
@@ -99,8 +109,10 @@ def map_datapoints(
         params: anything the function needs whole on every device (e.g. model parameters).
         key: the base PRNG key; datapoint i gets `fold_in(key, i)`.
         rows: per-datapoint inputs, each `[N, ...]` with the same N.
-        batch_size: datapoints per call (B); inside `amortjax.sharding.data_parallel()` it must
-            split evenly over the devices.
+        batch_size: the most datapoints per call; the N datapoints go in the fewest calls
+            that allows, of equal size (N = 500 at 400 per call: two calls of 250, not 400 and
+            a padded 100 that computes 300 copies); inside `amortjax.sharding.data_parallel()`
+            it must split evenly over the devices (and so does every call).
         progress: show a progress bar (a string gives its description).
         desc: the bar's default description.
 
@@ -115,11 +127,13 @@ def map_datapoints(
         raise ValueError(f"every per-datapoint input needs {n} rows; got {[r.shape for r in rows]}")
     if not isinstance(batch_size, int | np.integer) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    batch_size = min(batch_size, n)
     mesh = active_mesh()
+    devices = 1
     if mesh is not None:
         check_divisible(batch_size, mesh)
         params = replicate(mesh, params)
+        devices = mesh.shape[DATA_AXIS]
+    batch_size = even_chunk(n, batch_size, devices)
     starts = range(0, n, batch_size)
     if progress:
         starts = tqdm(starts, desc=progress if isinstance(progress, str) else desc, unit="batch")

@@ -118,6 +118,9 @@ def test_best_lower_bound_and_bad_input():
             jax.random.key(0),
             family=DiagonalGaussian(),
         )
+    with pytest.raises(ValueError, match=r"gap_decomposition: ais_batch_size must be an integer"):
+        gap_decomposition(None, {}, np.zeros((4, 8)), np.zeros((4, 6)), jax.random.key(0),
+                          ais_batch_size=0)  # fmt: skip
 
 
 @pytest.mark.parametrize(
