@@ -285,6 +285,31 @@ class TorchLoopLocal:
         return np.stack(lams)
 
 
+def library_chunk(
+    model: Callable,
+    params: dict,
+    x: jax.Array,
+    *,
+    samples: int,
+    steps: int,
+    monitor: int,
+    learning_rate: float,
+    key: jax.Array,
+) -> Callable[[], Any]:
+    """A thunk running `fit_local`'s compiled chunk (`_optimize`) on x `[B, x_dim]` from
+    N(0, I): B slots, S = `samples` draws per step, exactly `steps` Adam steps in blocks of
+    min(100, steps) (patience too large to stop), the plain reparameterization gradient, the
+    stopping signal's `monitor` draws (0: per-step values); returns the fitted lambdas."""
+    family = DiagonalGaussian()
+    batch = x.shape[0]
+    lam0 = jnp.zeros((batch, family.num_params(_z_dim(params))))
+    return lambda: _optimize(
+        model, family, "z", "adam", samples, min(100, steps), monitor, batch, False, False,
+        params, x, lam0, key, jnp.float32(learning_rate), jnp.int32(2**30), jnp.int32(steps),
+        jnp.float32(0.0), jnp.float32(0.3), jnp.int32(0),
+    ).out_lam  # fmt: skip
+
+
 def _torch_available() -> bool:
     try:
         import torch  # noqa: F401
@@ -400,16 +425,10 @@ def run(
 
     # The variants: name -> (config -> (thunk, datapoint-steps per call)).
     def library(batch: int, samples: int, steps: int, monitor: int = MONITOR) -> Callable[[], Any]:
-        block = min(100, steps)
-        x = x_all[:batch]
-        lam0 = jnp.zeros((batch, num_params))
-        key = jax.random.key(seed + 1)
-        return lambda: _optimize(
-            model, family, "z", "adam", samples, block, monitor, batch, False, False, params,
-            x, lam0, key,
-            jnp.float32(learning_rate), jnp.int32(2**30), jnp.int32(steps), jnp.float32(0.0),
-            jnp.float32(0.3), jnp.int32(0),
-        ).out_lam  # fmt: skip
+        return library_chunk(
+            model, params, x_all[:batch], samples=samples, steps=steps, monitor=monitor,
+            learning_rate=learning_rate, key=jax.random.key(seed + 1),
+        )  # fmt: skip
 
     def floor(
         batch: int, samples: int, steps: int, with_value: bool = False, monitor: int = 0

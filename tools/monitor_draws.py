@@ -29,14 +29,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amortjax.families import DiagonalGaussian
 from amortjax.guides.linear_gaussian import linear_gaussian_vae
-from amortjax.inference.local import _optimize, fit_local
+from amortjax.inference.local import fit_local
 from amortjax.models import vae_model
 from amortjax.models.linear_gaussian import make_linear_gaussian
 from amortjax.nets import MLP
 from bench.common import RESULTS_DIR, median, time_call
-from bench.local_optimizer import HandLocal, decoder_params, load_test
+from bench.local_optimizer import HandLocal, decoder_params, library_chunk, load_test
 
 DRAWS = (4, 8, 16, 32)
 
@@ -69,14 +68,11 @@ def cost(samples: tuple[int, ...] = (1, 4), rounds: int = 3, batch: int = 100) -
     x = jnp.asarray(load_test(batch, 784, "binarized_mnist", 0)[0])
     model = vae_model(MLP((400,), 784, "relu"), z_dim=20, likelihood="bernoulli")
     params = decoder_params(model, x=x[:2], x_dim=784, hidden=400, z_dim=20, seed=0)
-    family, lam0 = DiagonalGaussian(), jnp.zeros((batch, 40))
+    lam0 = jnp.zeros((batch, 40))
 
     def library(s, m):
-        return lambda: _optimize(
-            model, family, "z", "adam", s, 100, m, batch, False, False, params, x, lam0,
-            jax.random.key(1), jnp.float32(1e-3), jnp.int32(2**30), jnp.int32(steps_of[s]),
-            jnp.float32(0.0), jnp.float32(0.3), jnp.int32(0),
-        ).out_lam  # fmt: skip
+        return library_chunk(model, params, x, samples=s, steps=steps_of[s], monitor=m,
+                             learning_rate=1e-3, key=jax.random.key(1))  # fmt: skip
 
     jobs = {}
     for s in samples:
