@@ -43,10 +43,10 @@ from experiments.amortization_gap import Config, _ais_settings, _Setup, qstar_se
 
 def _doubled(settings: QStarSettings) -> QStarSettings:
     """Every budget of q* doubled: draws (per step and of the stopping rule's monitor), block
-    length, patience, step-size reductions, steps (a None block length, the method's default,
-    stays)."""
+    length, patience, step-size reductions, steps, and the polishing stage's steps and draws
+    (a None block length, the method's default, stays)."""
     fields = ("num_samples", "monitor_samples", "block_size", "patience", "num_decays",
-              "max_steps")  # fmt: skip
+              "max_steps", "polish_steps", "polish_samples")  # fmt: skip
     return settings._replace(
         **{f: 2 * getattr(settings, f) for f in fields if getattr(settings, f) is not None}
     )

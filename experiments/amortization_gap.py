@@ -151,10 +151,15 @@ class Config:
     # 100 (with 4 draws doubling every budget moved its L[q*] by 0.47 nats; with 16, 0.15) and
     # a longer run: rate 1e-2 with three reductions and patience 6 (first 50 doubling digits:
     # L[q*] +0.028 +- 0.005 over rate 3e-3, two reductions, patience 4; doubling then moves it
-    # by 0.093 +- 0.004, against 0.157; 1.3 times the time)
+    # by 0.093 +- 0.004, against 0.157; 1.3 times the time). Its end is noise-limited
+    # (`tools/qstar_continuation.py`), so a polishing stage follows: 1,000 steps of 64 draws at
+    # rate 3e-3 (first 50 doubling digits: L[q*] +0.065 +- 0.003 at 1.9 times the time, where
+    # 32 draws throughout gained +0.050 at 2.0 times; doubling then moves it by 0.060 +- 0.003
+    # instead of 0.092 +- 0.005)
     flow_qstar: QStarSettings = _QSTAR._replace(
-        num_samples=16, learning_rate=1e-2, patience=6, num_decays=3
-    )
+        num_samples=16, learning_rate=1e-2, patience=6, num_decays=3, polish_steps=1000,
+        polish_samples=64, polish_learning_rate=3e-3,
+    )  # fmt: skip
     curve_every: int = 5
     curve_points: int = 50
     curve_iwae_samples: int = 500
@@ -225,7 +230,9 @@ def upgrade_saved_config(data: dict) -> dict:
       settings with `flow_qstar_samples` draws per step: read as that `flow_qstar`;
     - saved before q* had `monitor_samples` (2026-12-05), its Adam's stopping rule averaged
       the per-step ELBO values of each block: a q* group without the field reads as
-      monitor_samples=0 (the default now scores the FFG's blocks with a 32-draw monitor).
+      monitor_samples=0 (the default now scores the FFG's blocks with a 32-draw monitor);
+    - saved before q*'s polishing stage (2026-12-05), no q* was polished: a group without
+      `polish_steps` reads as polish_steps=0 (the Flow's q* polishes by default now).
     """
     data = dict(data)
     flat = not isinstance(data.get("qstar"), dict)  # saved before the groups: qstar_* options
@@ -247,8 +254,8 @@ def upgrade_saved_config(data: dict) -> dict:
     if flat:
         data["qstar.monitor_samples"] = 0
     for group in ("qstar", "flow_qstar"):
-        if isinstance(data.get(group), dict) and "monitor_samples" not in data[group]:
-            data[group] = {**data[group], "monitor_samples": 0}
+        if isinstance(data.get(group), dict):
+            data[group] = {"monitor_samples": 0, "polish_steps": 0, **data[group]}
     return data
 
 
@@ -283,6 +290,7 @@ PRESETS: dict[str, dict] = {
                 "num_decays": 3,
                 "max_steps": 100_000,
                 "monitor_samples": 0,  # Cremer's rule: the block's per-step ELBO average
+                "polish_steps": 0,  # (and no polishing stage)
             }.items()
         },
         "curve_every": 100,
@@ -368,8 +376,10 @@ class _Setup:
 def _decompose(config, model, encoder, family, params, x, key, *, curve=False, progress=False):
     lam = np.asarray(encode(encoder, params, jnp.asarray(x)))
     qstar = qstar_settings(config, family)
-    if curve:  # a cheaper q* for the curves over training
-        qstar = qstar._replace(max_steps=min(qstar.max_steps, config.curve_qstar_steps))
+    if curve:  # a cheaper q* for the curves over training (no polishing stage)
+        qstar = qstar._replace(
+            max_steps=min(qstar.max_steps, config.curve_qstar_steps), polish_steps=0
+        )
     return gap_decomposition(
         model,
         params,

@@ -169,6 +169,7 @@ _MIN_ZERO_INTS = frozenset(
         "num_decays",
         "final_samples",
         "monitor_samples",
+        "polish_steps",
     }
 )
 # Floats must be finite, and > 0 when their name ends in one of these ...

@@ -111,6 +111,9 @@ def test_amortization_gap_paper_preset_follows_cremer():
     assert module.qstar_settings(quick, ffg)[:3] == ("adam", 4, 3e-3)
     assert module.qstar_settings(quick, flow)[:3] == ("adam", 16, 1e-2)
     assert module.qstar_settings(quick, flow).patience == 6
+    # the quick Flow's q* ends with a polishing stage; Cremer's rule (paper) has none
+    assert module.qstar_settings(quick, flow)[-3:] == (1000, 64, 3e-3)
+    assert module.qstar_settings(paper, flow).polish_steps == 0 == paper.qstar.polish_steps
     assert module.qstar_settings(quick, flow).stl and module.qstar_settings(quick, ffg).stl
     # Larochelle's static MNIST and Fashion-MNIST thresholded at 0.5; a 100-epoch warm-up
     assert paper.datasets == ("binarized_mnist", "fashion_mnist")
@@ -637,6 +640,16 @@ def test_settings_groups_take_dotted_options_and_old_folders_resume():
     flat = module.upgrade_saved_config({**legacy, "flow_qstar": groups["flow_qstar"]})
     assert config_from_dict(module.Config, flat, module.RENAMED_OPTIONS) == ran
     assert config_from_dict(module.Config, module.upgrade_saved_config(saved)) == config
+    # Saved before q*'s polishing stage: no q* was polished, whatever today's default.
+    assert config.flow_qstar.polish_steps > 0
+    unpolished = {k: v for k, v in saved["flow_qstar"].items() if not k.startswith("polish")}
+    read = config_from_dict(
+        module.Config, module.upgrade_saved_config({**saved, "flow_qstar": unpolished})
+    )
+    assert read.flow_qstar.polish_steps == 0
+    assert read == dataclasses.replace(
+        config, flow_qstar=config.flow_qstar._replace(polish_steps=0)
+    )
     # Saved before the flow_qstar group: the Flow's q* ran the qstar group's settings with its
     # own draws per step, and is read back as such, not as today's flow_qstar.
     older = {**{k: v for k, v in saved.items() if k != "flow_qstar"}, "flow_qstar_samples": 16}
