@@ -751,6 +751,12 @@ def _qstar_text(config: Config) -> str:
             f"{_score_text(s, family)}; after "
             f"{s.patience} blocks without improvement the step size is multiplied by "
             f"{s.lr_decay:g}, {s.num_decays} times, then q* has converged"
+            + (
+                f", and {s.polish_steps:,} polishing steps follow at rate "
+                f"{s.polish_learning_rate:g} with S={s.polish_samples}, the average of their "
+                "last tenth a further candidate"
+            )
+            * bool(s.polish_steps)
         )
     return "; ".join(parts)
 

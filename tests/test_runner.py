@@ -114,6 +114,11 @@ def test_amortization_gap_paper_preset_follows_cremer():
     # the quick Flow's q* ends with a polishing stage; Cremer's rule (paper) has none
     assert module.qstar_settings(quick, flow)[-3:] == (1000, 64, 3e-3)
     assert module.qstar_settings(paper, flow).polish_steps == 0 == paper.qstar.polish_steps
+    assert "Flow: Adam" in module._qstar_text(quick)
+    assert (
+        module._qstar_text(quick).count("1,000 polishing steps follow at rate 0.003 with S=64") == 1
+    )
+    assert "polishing" not in module._qstar_text(paper)
     assert module.qstar_settings(quick, flow).stl and module.qstar_settings(quick, ffg).stl
     # Larochelle's static MNIST and Fashion-MNIST thresholded at 0.5; a 100-epoch warm-up
     assert paper.datasets == ("binarized_mnist", "fashion_mnist")
