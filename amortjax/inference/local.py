@@ -812,16 +812,17 @@ def fit_local(
         )  # fmt: skip
     # The start against the end(s), on common random numbers (independent of every other
     # draw): q* is never worse than where it started, beyond this comparison's small noise.
+    candidates = np.stack(candidates, axis=1)  # [N, C, P]
     scores = map_datapoints(
         functools.partial(_duel_batch, model, family, site, int(select_samples)),
         params,
         select_key,
-        [x, np.stack(candidates, axis=1)],
+        [x, candidates],
         batch_size=num_slots,
     )
     scores = np.where(np.isnan(scores), -np.inf, scores)  # (argmax would pick a NaN)
     choice = np.argmax(scores, axis=1)  # ties keep the earlier candidate (the start first)
-    lam = np.take_along_axis(np.stack(candidates, axis=1), choice[:, None, None], 1)[:, 0]
+    lam = candidates[np.arange(n), choice]
     elbo = iwae = None
     if final_samples:
         elbo, iwae = map_datapoints(  # evaluate_bounds without its checks, made above
