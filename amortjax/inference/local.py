@@ -604,15 +604,15 @@ def _optimize(
     return jax.lax.while_loop(lambda s: (s.idx < n).any(), block, init)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
 def _polish_batch(
-    model, family, site, num_samples, num_steps, average_steps, stl, params, keys, x, lam,
-    learning_rate,
+    model, family, site, num_samples, num_steps, stl, params, keys, x, lam, learning_rate
 ):  # fmt: skip
     """The polishing stage for a chunk of datapoints: `num_steps` Adam steps at the fixed
     `learning_rate` from `lam` `[B, P]`, `num_samples` draws per step (step j of datapoint i
-    draws from `fold_in(keys[i], j)`); returns the average of the last `average_steps`
-    iterates, `[B, P]`."""
+    draws from `fold_in(keys[i], j)`); returns the average of the last tenth of the iterates
+    (at least one), `[B, P]`."""
+    average_steps = max(num_steps // 10, 1)
     first_averaged = num_steps - average_steps
 
     def one(xi, ki, lam0):
@@ -764,8 +764,8 @@ def fit_local(
     if mesh is not None:
         check_divisible(num_slots, mesh)
         params, x, init = replicate(mesh, (params, x, init))
+    desc = progress if isinstance(progress, str) else "q*"
     if progress:
-        desc = progress if isinstance(progress, str) else "q*"
         _PROGRESS[0] = tqdm(total=n, desc=desc, unit="pt")
     try:
         final = _optimize(
@@ -798,17 +798,16 @@ def fit_local(
         _PROGRESS[0] = None
     candidates = [np.asarray(init), np.asarray(final.out_lam)]
     if settings.polish_steps:
-        steps = int(settings.polish_steps)
         polish = functools.partial(
-            _polish_batch, model, family, site, int(settings.polish_samples), steps,
-            max(steps // 10, 1), bool(settings.stl),
+            _polish_batch, model, family, site, int(settings.polish_samples),
+            int(settings.polish_steps), bool(settings.stl),
             learning_rate=jnp.float32(settings.polish_learning_rate),
         )  # fmt: skip
-        desc = f"{progress if isinstance(progress, str) else 'q*'} (polishing)"
         polish_key = jax.random.fold_in(fit_key, jnp.uint32(2**32 - 2))  # no datapoint's index
+        bar = f"{desc} (polishing)" if progress else False
         candidates.append(
             map_datapoints(polish, params, polish_key, [x, candidates[1]],
-                           batch_size=num_slots, progress=desc if progress else False)
+                           batch_size=num_slots, progress=bar)
         )  # fmt: skip
     # The start against the end(s), on common random numbers (independent of every other
     # draw): q* is never worse than where it started, beyond this comparison's small noise.
