@@ -864,6 +864,88 @@ def _kernels(
     return np.exp(full).astype(np.float32), scale
 
 
+def _anneal(
+    model: Callable,
+    params: dict,
+    x,
+    z,
+    key: jax.Array,
+    settings: AISSettings,
+    *,
+    z_dim: int | None,
+    family: Family | None,
+    init_params,
+    site: Site,
+    pilot_key: jax.Array | None,
+    batch_size: int,
+    progress: bool | str,
+) -> AISResult:
+    """`ais` (z None: chains start from q0 and anneal b = 0 -> 1) or `reverse_ais` (chains start
+    at the exact posterior samples z and anneal b = 1 -> 0 with the forward kernels in reverse
+    order); both fix their kernels with `_kernels` before the estimating run."""
+    num_chains, num_temperatures = settings.num_chains, settings.num_temperatures
+    schedule, leapfrog_steps = settings.schedule, settings.leapfrog_steps
+    betas = annealing_schedule(schedule, num_temperatures, sigmoid_delta=settings.sigmoid_delta)
+    x, family, lam, z_dim = _prepare(
+        model, params, x, z_dim, family, init_params, site, num_chains, leapfrog_steps,
+        settings.target_accept, batch_size,
+    )  # fmt: skip
+    reverse = z is not None
+    if reverse:
+        z = _check_z(z, x.shape[0], z_dim)
+    run_key, kernel_key = jax.random.split(key)
+    eps, scale = _kernels(
+        model,
+        params,
+        x,
+        kernel_key if pilot_key is None else pilot_key,
+        settings,
+        family=family,
+        site=site,
+        lam=lam,
+        z_dim=z_dim,
+        betas=betas,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    what = "reverse AIS" if reverse else "AIS"
+    log_w, acceptance, _, eps, _ = _run(
+        model,
+        params,
+        x,
+        run_key,
+        family=family,
+        site=site,
+        lam=lam,
+        z0=jnp.broadcast_to(z[:, None, :], (x.shape[0], num_chains, z_dim)) if reverse else None,
+        betas=betas[::-1].copy() if reverse else betas,
+        num_chains=num_chains,
+        leapfrog_steps=leapfrog_steps,
+        step_size=reverse_step_sizes(eps) if reverse else eps,
+        scale=scale,
+        target_accept=settings.target_accept,
+        mode="schedule",
+        batch_size=batch_size,
+        progress=progress,
+        desc=f"{what} T={num_temperatures}",
+    )
+    log_mean_w = _log_mean_exp(log_w)
+    return AISResult(
+        log_px=-log_mean_w if reverse else log_mean_w,
+        log_weights=log_w,
+        acceptance=acceptance,
+        ess=_ess(log_w),
+        step_size=eps,
+        step_scale=np.asarray(scale),
+        num_chains=num_chains,
+        num_temperatures=num_temperatures,
+        schedule=schedule,
+        leapfrog_steps=leapfrog_steps,
+        warnings=_acceptance_warnings(acceptance, what)
+        + _spread_warnings(log_w, what, "high" if reverse else "low"),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Public API.
 
@@ -964,61 +1046,11 @@ def ais(
             step_size or step_scale, unknown site, z_dim mismatch, settings out of range).
     """
     settings = resolve_settings("ais", AISSettings, settings, overrides)
-    num_chains, num_temperatures = settings.num_chains, settings.num_temperatures
-    schedule, leapfrog_steps = settings.schedule, settings.leapfrog_steps
-    betas = annealing_schedule(schedule, num_temperatures, sigmoid_delta=settings.sigmoid_delta)
-    x, family, lam, z_dim = _prepare(
-        model, params, x, z_dim, family, init_params, site, num_chains, leapfrog_steps,
-        settings.target_accept, batch_size,
+    return _anneal(
+        model, params, x, None, key, settings, z_dim=z_dim, family=family,
+        init_params=init_params, site=site, pilot_key=pilot_key, batch_size=batch_size,
+        progress=progress,
     )  # fmt: skip
-    run_key, kernel_key = jax.random.split(key)
-    eps, scale = _kernels(
-        model,
-        params,
-        x,
-        kernel_key if pilot_key is None else pilot_key,
-        settings,
-        family=family,
-        site=site,
-        lam=lam,
-        z_dim=z_dim,
-        betas=betas,
-        batch_size=batch_size,
-        progress=progress,
-    )
-    log_w, acceptance, _, eps, _ = _run(
-        model,
-        params,
-        x,
-        run_key,
-        family=family,
-        site=site,
-        lam=lam,
-        z0=None,
-        betas=betas,
-        num_chains=num_chains,
-        leapfrog_steps=leapfrog_steps,
-        step_size=eps,
-        scale=scale,
-        target_accept=settings.target_accept,
-        mode="schedule",
-        batch_size=batch_size,
-        progress=progress,
-        desc=f"AIS T={num_temperatures}",
-    )
-    return AISResult(
-        log_px=_log_mean_exp(log_w),
-        log_weights=log_w,
-        acceptance=acceptance,
-        ess=_ess(log_w),
-        step_size=eps,
-        step_scale=np.asarray(scale),
-        num_chains=num_chains,
-        num_temperatures=num_temperatures,
-        schedule=schedule,
-        leapfrog_steps=leapfrog_steps,
-        warnings=_acceptance_warnings(acceptance, "AIS") + _spread_warnings(log_w, "AIS", "low"),
-    )
 
 
 def reverse_ais(
@@ -1066,64 +1098,11 @@ def reverse_ais(
         ValueError: as `ais`, and for z of the wrong shape.
     """
     settings = resolve_settings("reverse_ais", AISSettings, settings, overrides)
-    num_chains, num_temperatures = settings.num_chains, settings.num_temperatures
-    schedule, leapfrog_steps = settings.schedule, settings.leapfrog_steps
-    betas = annealing_schedule(schedule, num_temperatures, sigmoid_delta=settings.sigmoid_delta)
-    x, family, lam, z_dim = _prepare(
-        model, params, x, z_dim, family, init_params, site, num_chains, leapfrog_steps,
-        settings.target_accept, batch_size,
+    return _anneal(
+        model, params, x, z, key, settings, z_dim=z_dim, family=family,
+        init_params=init_params, site=site, pilot_key=pilot_key, batch_size=batch_size,
+        progress=progress,
     )  # fmt: skip
-    z = _check_z(z, x.shape[0], z_dim)
-    run_key, kernel_key = jax.random.split(key)
-    eps, scale = _kernels(
-        model,
-        params,
-        x,
-        kernel_key if pilot_key is None else pilot_key,
-        settings,
-        family=family,
-        site=site,
-        lam=lam,
-        z_dim=z_dim,
-        betas=betas,
-        batch_size=batch_size,
-        progress=progress,
-    )
-    z0 = jnp.broadcast_to(z[:, None, :], (x.shape[0], num_chains, z_dim))
-    log_w, acceptance, _, eps, _ = _run(
-        model,
-        params,
-        x,
-        run_key,
-        family=family,
-        site=site,
-        lam=lam,
-        z0=z0,
-        betas=betas[::-1].copy(),
-        num_chains=num_chains,
-        leapfrog_steps=leapfrog_steps,
-        step_size=reverse_step_sizes(eps),
-        scale=scale,
-        target_accept=settings.target_accept,
-        mode="schedule",
-        batch_size=batch_size,
-        progress=progress,
-        desc=f"reverse AIS T={num_temperatures}",
-    )
-    return AISResult(
-        log_px=-_log_mean_exp(log_w),
-        log_weights=log_w,
-        acceptance=acceptance,
-        ess=_ess(log_w),
-        step_size=eps,
-        step_scale=np.asarray(scale),
-        num_chains=num_chains,
-        num_temperatures=num_temperatures,
-        schedule=schedule,
-        leapfrog_steps=leapfrog_steps,
-        warnings=_acceptance_warnings(acceptance, "reverse AIS")
-        + _spread_warnings(log_w, "reverse AIS", "high"),
-    )
 
 
 def bdmc(
