@@ -57,7 +57,11 @@ never interact):
 Continuous batching: the `[B]` rows are slots, not datapoints. All datapoints wait in a queue on
 the device; when a datapoint finishes, its result is written out and the next waiting datapoint
 takes its slot (its parameters and optimizer state replace the finished row) inside the one
-compiled `lax.while_loop`, so no slot idles while others catch up, except at the very end.
+compiled `lax.while_loop`, so no slot idles while others catch up. Once the queue is empty, the
+loop stops when half of its slots are empty, and the busy datapoints go on in half as many slots
+(down to `MIN_SLOTS`; each size compiled once): on the quick MNIST Flow model's 100 test digits
+in 100 slots the share of slot-steps spent on empty slots fell from 40% to 9%, and the first
+stage took 89 s instead of 129 s (warm).
 Every draw of datapoint i comes from `fold_in(fold_in(key, i), step)` (its monitor's from
 `fold_in(fold_in(key, 2**32 - 1), i)`, its polishing steps' from `fold_in(fold_in(fold_in(key,
 2**32 - 2), i), step)`): its result depends on the seed and its index only, not on the slot, the
@@ -81,7 +85,7 @@ from amortjax.estimators import SAMPLE_CHUNK, bounds_batch
 from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
 from amortjax.guides.local import given_params_guide, local_elbo
 from amortjax.latents import Site, check_site, latent_size, log_joint_unconstrained
-from amortjax.sharding import active_mesh, check_divisible, replicate
+from amortjax.sharding import DATA_AXIS, active_mesh, check_divisible, replicate
 from amortjax.traces import check_data
 
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
@@ -380,7 +384,7 @@ class _Slots(NamedTuple):
     baseline: jax.Array  # [B] True during the block that evaluates the start
     next: jax.Array  # [] next datapoint to load
     busy: jax.Array  # [] slot-blocks that held a datapoint
-    blocks: jax.Array  # [] blocks run
+    capacity: jax.Array  # [] slot-blocks run (blocks times the slots they ran on)
     out_lam: jax.Array  # [N, P]
     out_steps: jax.Array  # [N]
     out_converged: jax.Array  # [N]
@@ -426,7 +430,18 @@ def _fresh(
     )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9))
+_PER_SLOT = ("idx", "x", "lam", "m", "v", "t", "lr", "best", "stage_start", "stale", "decays",
+             "steps", "baseline")  # fmt: skip
+MIN_SLOTS = 4  # the loop shrinks its slots by halves while half of them would be at least this
+
+
+def _shrunk(slots: _Slots, keep: np.ndarray) -> _Slots:
+    """The state with only the slots `keep` (every busy slot among them): per-slot fields taken
+    at those rows, the outputs and counters unchanged."""
+    return slots._replace(**{name: getattr(slots, name)[keep] for name in _PER_SLOT})
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10))
 def _optimize(
     model: Callable,
     family: Family,
@@ -436,6 +451,7 @@ def _optimize(
     block_size: int,
     monitor_samples: int,
     num_slots: int,
+    shrink_at: int,
     report: bool,
     stl: bool,
     params: dict,
@@ -448,7 +464,11 @@ def _optimize(
     min_improvement: jax.Array,
     lr_decay: jax.Array,
     num_decays: jax.Array,
+    state: _Slots | None = None,
 ) -> _Slots:
+    """Runs the blocks from `state` (None: the first `num_slots` datapoints loaded, the
+    monitor's start scores computed) until every datapoint has finished, or until the queue is
+    empty and at most `shrink_at` slots are busy (-1: never); returns the state."""
     n, num_params = init_all.shape
     dtype = init_all.dtype
     monitor_root = jax.random.fold_in(key, jnp.uint32(2**32 - 1))  # no datapoint's index
@@ -462,7 +482,7 @@ def _optimize(
         return jnp.where(jnp.isfinite(score), score, -jnp.inf)
 
     start_all = None
-    if monitor_samples:  # every start scored up front: no block is spent on it
+    if monitor_samples and state is None:  # every start scored up front: no block on it
         start_all = jax.lax.map(
             lambda a: monitor(*a), (x_all, init_all, jnp.arange(n)), batch_size=num_slots
         )
@@ -554,7 +574,7 @@ def _optimize(
             steps=steps,
             baseline=s.baseline & ~valid,
             busy=s.busy + valid.sum(),
-            blocks=s.blocks + 1,
+            capacity=s.capacity + num_slots,
         )
         # Finished datapoints write their results (the last block's averaged iterate) and
         # hand their slots to waiting ones.
@@ -573,6 +593,12 @@ def _optimize(
             jax.debug.callback(_report_progress, s.next - (s.idx < n).sum())
         return s
 
+    def running(s: _Slots) -> jax.Array:
+        busy = (s.idx < n).sum()
+        return (busy > 0) & ((s.next < n) | (busy > shrink_at))
+
+    if state is not None:  # (the queue is empty: `fresh` only empties finished slots)
+        return jax.lax.while_loop(running, block, state)
     first_idx = jnp.minimum(jnp.arange(num_slots), n)
     src = jnp.minimum(first_idx, n - 1)
     zeros = jnp.zeros((num_slots, num_params), dtype)
@@ -593,7 +619,7 @@ def _optimize(
         baseline=jnp.zeros(num_slots, bool),
         next=jnp.minimum(jnp.int32(num_slots), n),
         busy=jnp.int32(0),
-        blocks=jnp.int32(0),
+        capacity=jnp.int32(0),
         out_lam=jnp.array(init_all),
         out_steps=jnp.zeros(n, jnp.int32),
         out_converged=jnp.zeros(n, bool),
@@ -601,7 +627,7 @@ def _optimize(
         out_gain=jnp.zeros(n, dtype),
     )
     init = fresh(init, first_idx < n, first_idx)
-    return jax.lax.while_loop(lambda s: (s.idx < n).any(), block, init)
+    return jax.lax.while_loop(running, block, init)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
@@ -768,7 +794,8 @@ def fit_local(
     if progress:
         _PROGRESS[0] = tqdm(total=n, desc=desc, unit="pt")
     try:
-        final = _optimize(
+        optimize = functools.partial(
+            _optimize,
             model,
             family,
             site,
@@ -776,13 +803,8 @@ def fit_local(
             int(num_samples),
             int(block_size),
             int(monitor_samples),
-            int(num_slots),
-            bool(progress),
-            bool(settings.stl),
-            params,
-            x,
-            init,
-            fit_key,
+        )
+        numbers = (
             jnp.float32(learning_rate),
             jnp.int32(patience),
             jnp.int32(max_steps),
@@ -790,6 +812,21 @@ def fit_local(
             jnp.float32(lr_decay),
             jnp.int32(num_decays),
         )
+        # Once the queue is empty, the loop stops when half of its slots are empty, and goes on
+        # with the busy ones in half as many slots (compiled once per size): the tail of the
+        # slowest datapoints runs on small arrays instead of idle rows.
+        final, slots = None, num_slots
+        while final is None or bool(np.any(np.asarray(final.idx) < n)):
+            if final is not None:
+                busy = np.asarray(final.idx) < n
+                final = _shrunk(final, np.argsort(~busy, kind="stable")[:slots])
+            half = slots // 2
+            can_shrink = half >= MIN_SLOTS and (mesh is None or half % mesh.shape[DATA_AXIS] == 0)
+            final = optimize(
+                slots, half if can_shrink else -1, bool(progress), bool(settings.stl),
+                params, x, init, fit_key, *numbers, final,
+            )  # fmt: skip
+            slots = half
         final = jax.block_until_ready(final)
     finally:
         if _PROGRESS[0] is not None:
@@ -837,7 +874,6 @@ def fit_local(
             [x, lam],
             batch_size=num_slots,
         )
-    busy, blocks = int(final.busy), int(final.blocks)
     return LocalFit(
         params=lam,
         elbo=elbo,
@@ -848,6 +884,6 @@ def fit_local(
         gain=np.asarray(final.out_gain),
         moved=choice > 0,
         num_samples=final_samples,
-        stopped_fraction=1.0 - busy / max(blocks * num_slots, 1),
+        stopped_fraction=1.0 - int(final.busy) / max(int(final.capacity), 1),
         polished=(choice == 2) if settings.polish_steps else None,
     )
