@@ -197,7 +197,10 @@ def test_doubling_every_budget_moves_q_star_by_less_than_0_02_nats(collinear):
 
 
 @pytest.mark.parametrize("method", ["adam", "newton", "adam+polish"])
-def test_a_datapoints_q_star_does_not_depend_on_the_batch(case, method):
+def test_a_datapoints_q_star_does_not_depend_on_the_batch(case, method, monkeypatch):
+    from amortjax.inference import local
+
+    monkeypatch.setattr(local, "SHRINK_SECONDS", 0.0)  # batch 12 shrinks to 6 slots; 5 cannot
     _, model, params, x = case
     method, _, polish = method.partition("+")
     kwargs = dict(z_dim=3, method=method, max_steps=400, final_samples=50)
@@ -279,17 +282,22 @@ def test_continuous_batching_keeps_the_slots_busy(case):
     assert fit.converged.all()
 
 
-def test_the_tail_shrinks_to_the_busy_slots(case):
-    """With nothing left in the queue, the slowest datapoints go on in half as many slots:
-    the compute spent on empty slots is well below that of one fixed set of slots."""
+def test_a_long_tail_shrinks_to_the_busy_slots_and_a_short_one_does_not(case, monkeypatch):
+    """With nothing left in the queue, the slowest datapoints go on in half as many slots
+    where the tail runs long enough to pay for compiling them (SHRINK_SECONDS): the compute
+    spent on empty slots is then well below that of one fixed set of slots."""
+    from amortjax.inference import local
+
     _, model, params, x = case
-    fit = fit_local(
-        model, params, x[:32], jax.random.key(5), z_dim=3, batch_size=32, final_samples=0,
-        method="adam", num_samples=1,
-    )  # fmt: skip
+    kwargs = dict(z_dim=3, batch_size=32, final_samples=0, method="adam", num_samples=1)
+    short = fit_local(model, params, x[:32], jax.random.key(5), **kwargs)  # a sub-second tail
+    monkeypatch.setattr(local, "SHRINK_SECONDS", 0.0)
+    fit = fit_local(model, params, x[:32], jax.random.key(5), **kwargs)
     fixed = 1.0 - fit.steps.sum() / (len(fit.steps) * fit.steps.max())  # one set of 32 slots
     assert fixed > 0.3, fixed  # (steps differ enough for the tail to matter)
+    assert abs(short.stopped_fraction - fixed) < 0.05, (short.stopped_fraction, fixed)
     assert fit.stopped_fraction < 0.5 * fixed, (fit.stopped_fraction, fixed)
+    np.testing.assert_allclose(fit.params, short.params, atol=1e-5)
 
 
 def test_the_start_is_kept_when_the_optimizer_cannot_beat_it(case):

@@ -58,10 +58,13 @@ Continuous batching: the `[B]` rows are slots, not datapoints. All datapoints wa
 the device; when a datapoint finishes, its result is written out and the next waiting datapoint
 takes its slot (its parameters and optimizer state replace the finished row) inside the one
 compiled `lax.while_loop`, so no slot idles while others catch up. Once the queue is empty, the
-loop stops when half of its slots are empty, and the busy datapoints go on in half as many slots
-(down to `MIN_SLOTS`; each size compiled once): on the quick MNIST Flow model's 100 test digits
-in 100 slots the share of slot-steps spent on empty slots fell from 40% to 9%, and the first
-stage took 89 s instead of 129 s (warm).
+loop stops when half of its slots are empty; where its tail (the blocks since the queue
+emptied) ran for `SHRINK_SECONDS` to that point, the busy datapoints go on in half as many slots,
+and so on at every halving down to `MIN_SLOTS` (each size compiled once, a few seconds); a
+shorter tail goes on in the same slots (one compiled loop). On the quick MNIST Flow model's 100
+test digits in 100 slots the share of slot-steps spent on empty slots fell from 40% to 9% and
+the first stage from 129 s to 89 s (warm); the quick FFG model's fit of the same digits (7 s)
+does not shrink, since its compiles would cost more than they save (13 s more, cold).
 Every draw of datapoint i comes from `fold_in(fold_in(key, i), step)` (its monitor's from
 `fold_in(fold_in(key, 2**32 - 1), i)`, its polishing steps' from `fold_in(fold_in(fold_in(key,
 2**32 - 2), i), step)`): its result depends on the seed and its index only, not on the slot, the
@@ -71,6 +74,7 @@ batch size or the number of devices.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -385,11 +389,13 @@ class _Slots(NamedTuple):
     next: jax.Array  # [] next datapoint to load
     busy: jax.Array  # [] slot-blocks that held a datapoint
     capacity: jax.Array  # [] slot-blocks run (blocks times the slots they ran on)
+    tail_blocks: jax.Array  # [] blocks run with the queue empty
     out_lam: jax.Array  # [N, P]
     out_steps: jax.Array  # [N]
     out_converged: jax.Array  # [N]
     out_hit: jax.Array  # [N]
     out_gain: jax.Array  # [N]
+    start_score: jax.Array  # [N] the monitor's score of each start (zeros without the monitor)
 
 
 _PROGRESS: list[Any] = [None]  # the open progress bar, updated from inside the compiled loop
@@ -433,6 +439,7 @@ def _fresh(
 _PER_SLOT = ("idx", "x", "lam", "m", "v", "t", "lr", "best", "stage_start", "stale", "decays",
              "steps", "baseline")  # fmt: skip
 MIN_SLOTS = 4  # the loop shrinks its slots by halves while half of them would be at least this
+SHRINK_SECONDS = 10.0  # ... where its tail (queue empty) ran this long to the first halving
 
 
 def _shrunk(slots: _Slots, keep: np.ndarray) -> _Slots:
@@ -441,7 +448,68 @@ def _shrunk(slots: _Slots, keep: np.ndarray) -> _Slots:
     return slots._replace(**{name: getattr(slots, name)[keep] for name in _PER_SLOT})
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _initial_slots(
+    model, family, site, monitor_samples, num_slots, params, x_all, init_all, key, learning_rate
+):  # fmt: skip
+    """`_optimize`'s first state: the first `num_slots` datapoints loaded and, with the
+    monitor, every datapoint's start scored up front (no block is spent on it)."""
+    n, num_params = init_all.shape
+    dtype = init_all.dtype
+    start_all = None
+    if monitor_samples:
+        monitor = functools.partial(_monitor_score, model, family, site, monitor_samples, params,
+                                    key)  # fmt: skip
+        start_all = jax.lax.map(
+            lambda a: monitor(*a), (x_all, init_all, jnp.arange(n)), batch_size=num_slots
+        )
+    first_idx = jnp.minimum(jnp.arange(num_slots), n)
+    src = jnp.minimum(first_idx, n - 1)
+    zeros = jnp.zeros((num_slots, num_params), dtype)
+    ints = jnp.zeros(num_slots, jnp.int32)
+    init = _Slots(
+        idx=first_idx,
+        x=x_all[src],
+        lam=zeros,
+        m=zeros,
+        v=zeros,
+        t=ints,
+        lr=jnp.zeros(num_slots, dtype),
+        best=jnp.zeros(num_slots, dtype),
+        stage_start=jnp.zeros(num_slots, dtype),
+        stale=ints,
+        decays=ints,
+        steps=ints,
+        baseline=jnp.zeros(num_slots, bool),
+        next=jnp.minimum(jnp.int32(num_slots), n),
+        busy=jnp.int32(0),
+        capacity=jnp.int32(0),
+        tail_blocks=jnp.int32(0),
+        out_lam=jnp.array(init_all),
+        out_steps=jnp.zeros(n, jnp.int32),
+        out_converged=jnp.zeros(n, bool),
+        out_hit=jnp.zeros(n, bool),
+        out_gain=jnp.zeros(n, dtype),
+        start_score=jnp.zeros(n, dtype) if start_all is None else start_all,
+    )
+    return _fresh(
+        init, first_idx < n, first_idx, x_all=x_all, init_all=init_all, lr0=learning_rate,
+        start_all=start_all,
+    )  # fmt: skip
+
+
+def _monitor_score(model, family, site, monitor_samples, params, key, x, lam, idx):
+    """ONE datapoint's score: the ELBO of lam with its M draws, the same all run (from
+    `fold_in(fold_in(key, 2**32 - 1), idx)`); -inf where not finite."""
+    root = jax.random.fold_in(key, jnp.uint32(2**32 - 1))  # no datapoint's index
+    score = local_elbo(
+        model, params, x, lam, jax.random.fold_in(root, idx.astype(jnp.uint32)),
+        family=family, num_samples=monitor_samples, site=site,
+    )  # fmt: skip
+    return jnp.where(jnp.isfinite(score), score, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5, 6, 7, 8, 9))
 def _optimize(
     model: Callable,
     family: Family,
@@ -451,7 +519,6 @@ def _optimize(
     block_size: int,
     monitor_samples: int,
     num_slots: int,
-    shrink_at: int,
     report: bool,
     stl: bool,
     params: dict,
@@ -464,30 +531,23 @@ def _optimize(
     min_improvement: jax.Array,
     lr_decay: jax.Array,
     num_decays: jax.Array,
+    shrink_at: jax.Array | int = -1,
     state: _Slots | None = None,
 ) -> _Slots:
-    """Runs the blocks from `state` (None: the first `num_slots` datapoints loaded, the
-    monitor's start scores computed) until every datapoint has finished, or until the queue is
-    empty and at most `shrink_at` slots are busy (-1: never); returns the state."""
-    n, num_params = init_all.shape
-    dtype = init_all.dtype
-    monitor_root = jax.random.fold_in(key, jnp.uint32(2**32 - 1))  # no datapoint's index
-
-    def monitor(x, lam, idx):
-        """ONE datapoint's score: the ELBO of lam with its M draws, the same all run."""
-        score = local_elbo(
-            model, params, x, lam, jax.random.fold_in(monitor_root, idx.astype(jnp.uint32)),
-            family=family, num_samples=monitor_samples, site=site,
+    """Runs the blocks from `state` (None: `_initial_slots`) until every datapoint has
+    finished, or until the queue is empty and at most `shrink_at` slots are busy (-1: never);
+    returns the state."""
+    n = init_all.shape[0]
+    if state is None:
+        state = _initial_slots(
+            model, family, site, monitor_samples, num_slots, params, x_all, init_all, key,
+            learning_rate,
         )  # fmt: skip
-        return jnp.where(jnp.isfinite(score), score, -jnp.inf)
-
-    start_all = None
-    if monitor_samples and state is None:  # every start scored up front: no block on it
-        start_all = jax.lax.map(
-            lambda a: monitor(*a), (x_all, init_all, jnp.arange(n)), batch_size=num_slots
-        )
-    fresh = functools.partial(_fresh, x_all=x_all, init_all=init_all, lr0=learning_rate,
-                              start_all=start_all)  # fmt: skip
+    monitor = functools.partial(_monitor_score, model, family, site, monitor_samples, params, key)
+    fresh = functools.partial(
+        _fresh, x_all=x_all, init_all=init_all, lr0=learning_rate,
+        start_all=state.start_score if monitor_samples else None,
+    )  # fmt: skip
 
     def elbos(lam, x, keys):
         return jax.vmap(
@@ -575,6 +635,7 @@ def _optimize(
             baseline=s.baseline & ~valid,
             busy=s.busy + valid.sum(),
             capacity=s.capacity + num_slots,
+            tail_blocks=s.tail_blocks + (s.next >= n),
         )
         # Finished datapoints write their results (the last block's averaged iterate) and
         # hand their slots to waiting ones.
@@ -597,37 +658,7 @@ def _optimize(
         busy = (s.idx < n).sum()
         return (busy > 0) & ((s.next < n) | (busy > shrink_at))
 
-    if state is not None:  # (the queue is empty: `fresh` only empties finished slots)
-        return jax.lax.while_loop(running, block, state)
-    first_idx = jnp.minimum(jnp.arange(num_slots), n)
-    src = jnp.minimum(first_idx, n - 1)
-    zeros = jnp.zeros((num_slots, num_params), dtype)
-    ints = jnp.zeros(num_slots, jnp.int32)
-    init = _Slots(
-        idx=first_idx,
-        x=x_all[src],
-        lam=zeros,
-        m=zeros,
-        v=zeros,
-        t=ints,
-        lr=jnp.zeros(num_slots, dtype),
-        best=jnp.zeros(num_slots, dtype),
-        stage_start=jnp.zeros(num_slots, dtype),
-        stale=ints,
-        decays=ints,
-        steps=ints,
-        baseline=jnp.zeros(num_slots, bool),
-        next=jnp.minimum(jnp.int32(num_slots), n),
-        busy=jnp.int32(0),
-        capacity=jnp.int32(0),
-        out_lam=jnp.array(init_all),
-        out_steps=jnp.zeros(n, jnp.int32),
-        out_converged=jnp.zeros(n, bool),
-        out_hit=jnp.zeros(n, bool),
-        out_gain=jnp.zeros(n, dtype),
-    )
-    init = fresh(init, first_idx < n, first_idx)
-    return jax.lax.while_loop(running, block, init)
+    return jax.lax.while_loop(running, block, state)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
@@ -812,21 +843,34 @@ def fit_local(
             jnp.float32(lr_decay),
             jnp.int32(num_decays),
         )
-        # Once the queue is empty, the loop stops when half of its slots are empty, and goes on
-        # with the busy ones in half as many slots (compiled once per size): the tail of the
-        # slowest datapoints runs on small arrays instead of idle rows.
-        final, slots = None, num_slots
-        while final is None or bool(np.any(np.asarray(final.idx) < n)):
-            if final is not None:
-                busy = np.asarray(final.idx) < n
-                final = _shrunk(final, np.argsort(~busy, kind="stable")[:slots])
+        # Once the queue is empty, the loop stops when half of its slots are empty. Where the
+        # tail (the blocks since the queue emptied) has run for SHRINK_SECONDS, the slowest
+        # datapoints are slow enough to pay for compiling smaller loops (a few seconds each):
+        # the busy ones go on in half as many slots, and so on at every halving; a shorter
+        # tail goes on in the same slots to the end (one compiled loop).
+        final = _initial_slots(
+            model, family, site, int(monitor_samples), int(num_slots), params, x, init,
+            fit_key, numbers[0],
+        )  # fmt: skip
+        slots, shrink, busy = num_slots, None, np.ones(1, bool)
+        while busy.any():
             half = slots // 2
-            can_shrink = half >= MIN_SLOTS and (mesh is None or half % mesh.shape[DATA_AXIS] == 0)
+            can = shrink is not False and half >= MIN_SLOTS
+            can = can and (mesh is None or half % mesh.shape[DATA_AXIS] == 0)
+            start, before = time.perf_counter(), int(final.tail_blocks)
             final = optimize(
-                slots, half if can_shrink else -1, bool(progress), bool(settings.stl),
-                params, x, init, fit_key, *numbers, final,
+                slots, bool(progress), bool(settings.stl), params, x, init, fit_key, *numbers,
+                jnp.int32(half if can else -1), final,
             )  # fmt: skip
-            slots = half
+            busy = np.asarray(final.idx) < n
+            if busy.any():  # (stopped at half: the queue is empty)
+                if shrink is None:  # decided once, at the first halving
+                    blocks = max(int(final.capacity) // slots, 1)
+                    tail = (int(final.tail_blocks) - before) / blocks
+                    shrink = (time.perf_counter() - start) * tail >= SHRINK_SECONDS
+                if shrink:
+                    final = _shrunk(final, np.argsort(~busy, kind="stable")[:half])
+                    slots = half
         final = jax.block_until_ready(final)
     finally:
         if _PROGRESS[0] is not None:
