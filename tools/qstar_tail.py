@@ -4,8 +4,8 @@ preset's MNIST FFG and Flow models (trained, or reloaded from `bench/results/gap
 polishing stage, which has no slots), each fitted twice in one process with the tail never
 shrunk and twice with the library's rule, in turns. In the first ("cold") pair the never-shrunk
 fit compiles the 100-slot loop and the library's fit only the smaller loops it shrinks to; the
-second pair compiles nothing. The fitted parameters must agree (the results depend on no slot). Writes
-`bench/results/qstar_tail.json` and prints one line per fit.
+second pair compiles nothing. The fitted parameters must agree (the results depend on no
+slot). Writes `bench/results/qstar_tail.json` and prints one line per fit.
 
     python tools/qstar_tail.py
 """
