@@ -63,7 +63,7 @@ emptied) ran for `SHRINK_SECONDS` to that point, the busy datapoints go on in ha
 and so on at every halving down to `MIN_SLOTS` (each size compiled once, a few seconds); a
 shorter tail goes on in the same slots (one compiled loop). On the quick MNIST Flow model's 100
 test digits in 100 slots the share of slot-steps spent on empty slots fell from 40% to 9% and
-the first stage from 129 s to 89 s (warm); the quick FFG model's fit of the same digits (7 s)
+the first stage from 129 s to 93 s (warm; `tools/qstar_tail.py`); the quick FFG model's fit (7 s)
 does not shrink, since its compiles would cost more than they save (13 s more, cold).
 Every draw of datapoint i comes from `fold_in(fold_in(key, i), step)` (its monitor's from
 `fold_in(fold_in(key, 2**32 - 1), i)`, its polishing steps' from `fold_in(fold_in(fold_in(key,
