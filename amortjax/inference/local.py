@@ -127,7 +127,7 @@ class QStarSettings(NamedTuple):
         final_samples: fresh draws for the reported ELBO and IWAE of the fitted q; 0 skips them
             (when the caller scores q* itself, as `gap_decomposition` does).
         batch_size: slots optimized at once (bounds memory); waiting datapoints take the slots
-            of finished ones.
+            of finished ones, and a long tail goes on in fewer slots (`SHRINK_SECONDS`).
         stl: Adam's gradient drops the score term of log q ("sticking the landing", see
             `guides.local.local_elbo`): unbiased, with less noise near q*, so Adam settles
             closer to it (measured on the quick MNIST Flow model: +0.4 nats of L[q*] at the
