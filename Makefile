@@ -42,12 +42,12 @@ $(NEWEST_VENV)/.installed: pyproject.toml
 	touch $@
 
 lint: setup
-	$(VENV)/bin/ruff check amortjax experiments tests bench notebooks
-	$(VENV)/bin/ruff format --check amortjax experiments tests bench notebooks
+	$(VENV)/bin/ruff check amortjax experiments tests bench notebooks tools
+	$(VENV)/bin/ruff format --check amortjax experiments tests bench notebooks tools
 
 format: setup
-	$(VENV)/bin/ruff check --fix amortjax experiments tests bench notebooks
-	$(VENV)/bin/ruff format amortjax experiments tests bench notebooks
+	$(VENV)/bin/ruff check --fix amortjax experiments tests bench notebooks tools
+	$(VENV)/bin/ruff format amortjax experiments tests bench notebooks tools
 
 test: lint
 	$(PY) -m pytest -m "not slow" -n $(TEST_WORKERS) --dist worksteal --durations=15 $(HANG_GUARD)
