@@ -182,6 +182,22 @@ def test_full_rank_q_star_reaches_the_exact_posterior(collinear):
     assert kl.mean() < 0.01 and kl.max() < 0.05, (kl.mean(), kl.max())
 
 
+@pytest.mark.parametrize("noise", [1e-2, 1e-3])
+def test_full_rank_q_star_reaches_a_narrow_correlated_posterior(noise):
+    """x_dim 4 < z_dim 8 at noise 1e-3: the posterior precision's condition number is some
+    1e7, past float32's. With the Newton step's Hessian taken in z's frame q* stayed 2.62 nats
+    short of the posterior on average (KL, 2.96 at worst; 0.0002 at noise 1e-2); taken in q's
+    whitened frame, 2e-7 (1e-6 at worst; 7e-9 at noise 1e-2)."""
+    lg = make_linear_gaussian(jax.random.key(11), x_dim=4, z_dim=8, noise_scale=noise)
+    model, _, params = linear_gaussian_vae(lg)
+    x, _ = lg.sample(jax.random.key(12), 40)
+    family = FullRankGaussian()
+    fit = fit_local(model, params, x, jax.random.key(2), family=family, z_dim=8, final_samples=0)
+    loc, tril = family.split(jnp.asarray(fit.params))
+    kl = lg.gaussian_kl_to_posterior(x, np.asarray(loc), np.asarray(tril))
+    assert kl.mean() < 0.01 and kl.max() < 0.05, (kl.mean(), kl.max())
+
+
 def test_doubling_every_budget_moves_q_star_by_less_than_0_02_nats(collinear):
     lg, model, params, x = collinear
     settings = dict(z_dim=5, final_samples=0, num_samples=4, patience=4, block_size=10)
