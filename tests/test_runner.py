@@ -112,7 +112,10 @@ def test_amortization_gap_paper_preset_follows_cremer():
     assert module.qstar_settings(quick, flow)[:3] == ("adam", 16, 1e-2)
     assert module.qstar_settings(quick, flow).patience == 6
     # the quick Flow's q* ends with a polishing stage; Cremer's rule (paper) has none
-    assert module.qstar_settings(quick, flow)[-3:] == (1000, 64, 3e-3)
+    polish = module.qstar_settings(quick, flow)
+    assert (polish.polish_steps, polish.polish_samples, polish.polish_learning_rate) == (
+        1000, 64, 3e-3,
+    )  # fmt: skip
     assert module.qstar_settings(paper, flow).polish_steps == 0 == paper.qstar.polish_steps
     assert "Flow: Adam" in module._qstar_text(quick)
     assert (
