@@ -62,7 +62,8 @@ never interact):
   correlated posterior (noise 1e-2, x_dim 4 < z_dim 8) plateaued 122 nats short on average
   and its last-stage gain was no signal either (extra step-size reductions drove it below 0.25
   nats with q* as far); the certificate read 121.7 (exact: 121.7). On the quick MNIST FFG
-  model's converged q* it reads 0.009 nats on average (max 0.06; 100 test digits, 32 draws).
+  model's converged q* it reads 0.009 nats on average (max 0.06; 100 test digits, 32 draws),
+  on the paper-length MNIST FFG model's -0.001 (max 0.09; z = 50).
   Flows have no such certificate; their budget-doubling check is `tools/qstar_doubling.py`.
 
 Continuous batching: the `[B]` rows are slots, not datapoints. All datapoints wait in a queue on
@@ -168,7 +169,10 @@ class QStarSettings(NamedTuple):
             best of its family by the Newton model, exact on a linear-Gaussian model; it costs
             about `z_dim` gradients per draw and datapoint, once. 0: none.
         certify_tol: nats; a Gaussian q* whose certificate exceeds this is not converged,
-            whatever its stopping rule said.
+            whatever its stopping rule said. The certificate's own noise sets it: on converged
+            q* (100 test digits each, 32 draws) it read at most 0.06 on the quick MNIST FFG
+            model (0.009 on average) and 0.09 on the paper-length one (z = 50; -0.001 on
+            average), against 122 nats for a stalled Adam (see the module docstring).
     """
 
     method: str = "auto"
@@ -189,7 +193,7 @@ class QStarSettings(NamedTuple):
     polish_samples: int = 64
     polish_learning_rate: float = 3e-3
     certify_samples: int = 32
-    certify_tol: float = 0.1
+    certify_tol: float = 0.25
 
     def for_family(self, family: Family) -> QStarSettings:
         """Settings written for Adam, as `family` should run them, so that one settings object
