@@ -49,7 +49,7 @@ from amortjax.guides.local import LOCAL_PARAMS, local_guide
 from amortjax.guides.semi_amortized import MODES, semi_amortized_guide
 from amortjax.inference.local import LocalFit, QStarSettings, fit_local
 from amortjax.inference.objectives import make_optimizer
-from amortjax.inference.refine import RefineSettings, refine
+from amortjax.inference.refine import RefineSettings, check_refinement, refine
 from amortjax.inference.sparse import make_local_optimizer
 from amortjax.latents import Site, latent_size, resolve_site
 from amortjax.traces import check_data
@@ -285,6 +285,9 @@ class SemiAmortized:
         start = time.perf_counter()
         lam0, lam = jax.block_until_ready(run(params, x, key))
         seconds = time.perf_counter() - start
+        if self.settings.num_steps:  # (warns where the steps lowered the ELBO)
+            check_refinement(model, params, x, lam0, lam, key, self.settings,
+                             family=self.family, site=site)  # fmt: skip
         steps = np.full(x.shape[0], self.settings.num_steps, np.int32)
         return Inferred(np.asarray(lam), np.asarray(lam0), steps, seconds)
 

@@ -55,7 +55,7 @@ def semi_amortized_guide(
     z_dim: int | None = None,
     mode: str = "sa",
     family: Family | None = None,
-    step_size: float | jax.Array = 1.0,
+    step_size: float | jax.Array = 0.01,
     momentum: float = 0.5,
     max_grad_norm: float | None = 5.0,
     num_samples: int = 1,
@@ -162,7 +162,7 @@ def semi_amortized_guide(
     return guide
 
 
-def refine_steps(model, params, x, lam0, key, *, family, num_steps, step_size=1.0,
+def refine_steps(model, params, x, lam0, key, *, family, num_steps, step_size=0.01,
                      momentum=0.5, max_grad_norm=5.0, num_samples=1, site="z", checkpoint=True,
                      indices=None):  # fmt: skip
     """K steps of SGD with momentum on every datapoint's local ELBO, differentiable in the
