@@ -401,3 +401,22 @@ def test_bad_settings_and_shapes():
         FlowEncoder(z_dim=3, family=family, context_dim=-1).init(
             jax.random.key(0), jnp.ones((1, 4))
         )
+
+
+def test_a_flow_without_init_starts_at_the_diagonal_q_star_and_climbs_from_there():
+    """A narrow correlated posterior (noise 1e-2, x_dim = z_dim = 4, correlation 0.99+): from
+    N(0, I) the flow's q* ended 161 nats below the best diagonal Gaussian on average (20 of
+    20 points), its stopping rule saying converged; started, as now, at the diagonal Gaussian's
+    Newton q* (identity coupling layers), it ends above it on every point (measured +0.80)."""
+    lg = make_linear_gaussian(jax.random.key(30), x_dim=4, z_dim=4, noise_scale=1e-2)
+    model, _, params = linear_gaussian_vae(lg)
+    x, _ = lg.sample(jax.random.key(31), 12)
+    best_diagonal = np.asarray(lg.elbo(x, *lg.best_diagonal(x)))
+    family = AffineCouplingFlow()
+    fit = fit_local(model, params, x, jax.random.key(3), family=family, z_dim=4,
+                    final_samples=5000)  # fmt: skip
+    assert np.all(fit.elbo > best_diagonal - 0.05), fit.elbo - best_diagonal
+    assert np.mean(fit.elbo - best_diagonal) > 0.1
+    assert np.all(fit.elbo < np.asarray(lg.log_marginal(x)) + 0.05)
+    _, log_scale, _ = family.split(jnp.asarray(fit.params))
+    assert np.all(np.asarray(log_scale) < -1.0)  # (the base: the narrow diagonal q*)
