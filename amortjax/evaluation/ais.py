@@ -138,7 +138,12 @@ decoder (big matmuls); log p is separable over rows, so the gradient of its sum 
 own gradient. The anneal is one `lax.scan` over temperatures, compiled once per batch shape
 (the last batch is padded). Every datapoint draws its randomness from its own key,
 `fold_in(key, i)` for datapoint i, so the results depend neither on `batch_size` nor on what
-else runs, and the same key gives the same numbers.
+else runs, and the same key gives the same numbers, up to float32 rounding: XLA may round a
+batch of another shape differently in the last bit, and over a long anneal an accept test
+near its threshold can turn that into another path of the chain, an equally valid draw
+(measured on the item-response model, 40 students, batch 7 against 64: identical to 6e-7 at
+10 and 50 temperatures; at 200, 4 of 640 chains' log-weights differed by more than 0.01 and
+log p(x) by up to 0.0056 nats).
 """
 
 from __future__ import annotations
