@@ -374,12 +374,10 @@ def _newton_one(
     # of noise 1e-3 with x_dim 4 < z_dim 8 (condition number 3e7) the prior's eigenvalues 1
     # came out 0.6-1.5 and q* stayed 2.3 nats short of the exact posterior. The diagonal step
     # keeps z's frame (its precision is a diagonal, which float32 holds at any condition).
-    def log_p_u(u):
-        return log_p(loc + (u * jnp.exp(log_scale) if diagonal else frame @ u))
-
-    f = log_p if diagonal else log_p_u
+    f = log_p if diagonal else (lambda u: log_p(loc + frame @ u))
     points = loc + eps * jnp.exp(log_scale) if diagonal else eps
-    lp, g, hess = _moments(f, points)
+    lp, grads, hess = _moments(f, points)
+    g = grads.mean(0)
     w, v = jnp.linalg.eigh(-hess)
     # |eigenvalues|: clipping negative ones at the floor made 1000-fold jumps along them; on the
     # quick MNIST FFG model (100 test digits, from the encoder) that left Newton's L[q*] 0.58 +-
@@ -432,10 +430,10 @@ def _log_p(model, params, x, site):
 
 
 def _moments(f, points):
-    """`(f [S], mean gradient [d], symmetrized mean Hessian [d, d])` of f at `points` [S, d]."""
+    """`(f [S], gradients [S, d], symmetrized mean Hessian [d, d])` of f at `points` [S, d]."""
     lp, grads = jax.vmap(jax.value_and_grad(f))(points)
     hess = jax.vmap(jax.hessian(f))(points).mean(0)
-    return lp, grads.mean(0), 0.5 * (hess + hess.T)
+    return lp, grads, 0.5 * (hess + hess.T)
 
 
 def _newton_gap_one(model, family, site, num_samples, params, x, lam, key):
@@ -457,10 +455,7 @@ def _newton_gap_one(model, family, site, num_samples, params, x, lam, key):
     eps = _antithetic(key, num_samples, loc.shape[-1], lam.dtype)
     frame = _scale_matrix(family, lam)
     log_p = _log_p(model, params, x, site)
-    f = lambda u: log_p(loc + frame @ u)  # noqa: E731
-    grads = jax.vmap(jax.grad(f))(eps)
-    hess = jax.vmap(jax.hessian(f))(eps).mean(0)
-    hess = 0.5 * (hess + hess.T)
+    _, grads, hess = _moments(lambda u: log_p(loc + frame @ u), eps)
     w, v = jnp.linalg.eigh(-hess)
     # (No floor at _MIN_CURVATURE here: a q too narrow along the posterior's long axis has
     # eigenvalues far below it, and their -log w is the gap; only float32's resolution.)
