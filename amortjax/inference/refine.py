@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amortjax.checks import check_float, check_int, resolve_settings
-from amortjax.engine import datapoint_keys
+from amortjax.engine import datapoint_keys, map_datapoints
 from amortjax.families import Family
 from amortjax.guides.local import local_elbo
 from amortjax.guides.semi_amortized import refine_steps
@@ -157,11 +157,15 @@ def refine(
 
 CHECK_SAMPLES = 16  # draws per datapoint of `check_refinement`'s comparison
 CHECK_MARGIN = 1.0  # nats an ELBO may fall before `check_refinement` warns
+CHECK_CHUNK = 100  # datapoints per compiled call of the check
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _start_and_end(model, family, site, params, x, lam0, lam, keys):
-    """ELBOs of lam0 and lam per datapoint on the same CHECK_SAMPLES draws: `([B], [B])`."""
+def _start_and_end(model, family, site, params_and_root, _, x, lam0, lam, indices):
+    """ELBOs of lam0 and lam per datapoint of a chunk on the same CHECK_SAMPLES draws, from
+    `fold_in(root, index)`: `([B], [B])`."""
+    params, root = params_and_root
+    keys = datapoint_keys(jax.random.wrap_key_data(root), indices)
 
     def one(xi, a, b, ki):
         def elbo(lam):
@@ -199,10 +203,13 @@ def check_refinement(
     if indices is None:
         indices = jnp.arange(jnp.shape(x)[0])
     root = jax.random.fold_in(key, jnp.uint32(2**32 - 1))  # no datapoint's index
-    start, end = _start_and_end(
-        model, family, site, params, x, lam0, lam, datapoint_keys(root, indices)
+    start, end = map_datapoints(  # (in chunks: memory bounded by the chunk, not by N)
+        functools.partial(_start_and_end, model, family, site),
+        (params, jax.random.key_data(root)),
+        root,  # (unused: each datapoint's key comes from its index)
+        [x, lam0, lam, indices],
+        batch_size=CHECK_CHUNK,
     )
-    start, end = np.asarray(start), np.asarray(end)
     worse = ~(end >= start - CHECK_MARGIN)
     if worse.any():
         drop = np.where(np.isfinite(end), start - end, np.inf)[worse].max()
