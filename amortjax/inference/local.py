@@ -363,9 +363,6 @@ def _newton_one(
     z_dim = loc.shape[-1]
     eps = _antithetic(key, num_samples, z_dim, lam.dtype)
     diagonal = isinstance(family, DiagonalGaussian)
-    frame = _scale_matrix(family, lam)
-    if diagonal:
-        _, log_scale = family.split(lam)
     log_p = _log_p(model, params, x, site)
 
     # The full-rank step works in q's whitened frame, z = mu + L u: there g_u = L^T g and
@@ -374,11 +371,18 @@ def _newton_one(
     # of noise 1e-3 with x_dim 4 < z_dim 8 (condition number 3e7) the prior's eigenvalues 1
     # came out 0.6-1.5 and q* stayed 2.3 nats short of the exact posterior. The diagonal step
     # keeps z's frame (its precision is a diagonal, which float32 holds at any condition).
-    f = log_p if diagonal else (lambda u: log_p(loc + frame @ u))
-    # (offsets: the draws' displacement in the frame the Hessian is taken in.)
-    offsets = jnp.exp(log_scale) * eps if diagonal else eps
-    points = loc + offsets if diagonal else eps
-    lp, grads, hess = _moments(f, points)
+    # (offsets: the draws' displacement in the frame the Hessian is taken in; cov: q's
+    # covariance in that frame.)
+    if diagonal:
+        _, log_scale = family.split(lam)
+        offsets = jnp.exp(log_scale) * eps
+        lp, grads, hess = _moments(log_p, loc + offsets)
+        cov = jnp.diag(jnp.exp(2 * log_scale))
+    else:
+        _, frame = family.split(lam)
+        offsets = eps
+        lp, grads, hess = _moments(lambda u: log_p(loc + frame @ u), eps)
+        cov = jnp.eye(z_dim, dtype=lam.dtype)
     g = grads.mean(0)
     w, v = jnp.linalg.eigh(-hess)
     # |eigenvalues|: clipping negative ones at the floor made 1000-fold jumps along them; on the
@@ -388,7 +392,6 @@ def _newton_one(
     curvature = (v * jnp.maximum(jnp.abs(w), _MIN_CURVATURE)) @ v.T
     # The ELBO signal of the plateau rule, with the quadratic term as a control variate:
     # exact on a quadratic log p (it only steers the stopping rule; nothing reported uses it).
-    cov = jnp.diag(jnp.exp(2 * log_scale)) if diagonal else jnp.eye(z_dim, dtype=lam.dtype)
     quad = 0.5 * jnp.einsum("si,ij,sj->s", offsets, hess, offsets)
     elbo = jnp.mean(lp - quad) + 0.5 * jnp.sum(hess * cov) + q.entropy()
     if diagonal:
@@ -951,10 +954,11 @@ def fit_local(
                 "fit_local needs z_dim when init is None (pass z_dim=, or site= a LocalLatents "
                 "from find_local_latents, or init= the starting parameters)"
             )
-        init = jnp.broadcast_to(family.standard_params(z_dim), (n, family.num_params(z_dim)))
         if isinstance(family, AffineCouplingFlow):
             init = _diagonal_start(model, params, x, key, family, site, z_dim, settings,
                                    progress)  # fmt: skip
+        else:
+            init = jnp.broadcast_to(family.standard_params(z_dim), (n, family.num_params(z_dim)))
     init = jnp.asarray(init, jnp.float32)
     if init.ndim != 2 or init.shape[0] != n:
         raise ValueError(f"init must have shape [{n}, num_params]; got {init.shape}")
