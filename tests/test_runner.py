@@ -316,9 +316,15 @@ TINY_GAP = [
     "qstar.block_size=10",
     "qstar.patience=2",
     "qstar.max_steps=40",
+    "flow_qstar.block_size=10",
+    "flow_qstar.patience=2",
+    "flow_qstar.max_steps=40",
+    "flow_qstar.polish_steps=20",
+    "flow_qstar.polish_samples=4",
     "curve_every=1",
     "curve_points=6",
     "curve_iwae_samples=8",
+    "curve_qstar_steps=20",
 ]
 
 
