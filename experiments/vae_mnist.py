@@ -136,6 +136,14 @@ class Config:
                 f"option kl_warmup_epochs={self.kl_warmup_epochs} is the length of the 'linear' "
                 f"schedule; with kl_schedule={self.kl_schedule!r} leave it at 0"
             )
+        weighted = self.beta != 1.0 or self.kl_warmup_epochs or self.kl_schedule == "cyclical"
+        if self.objective == "iwae" and weighted:
+            raise ValueError(
+                f"options objective=iwae and a KL weight (beta={self.beta}, kl_schedule="
+                f"{self.kl_schedule}, kl_warmup_epochs={self.kl_warmup_epochs}): IWAE has no KL "
+                "term to weight; use objective=elbo for a KL schedule, or leave beta=1, "
+                "kl_schedule=linear and kl_warmup_epochs=0"
+            )
         check_choice("output_bias", self.output_bias, OUTPUT_BIASES)
         check_choice("activity_split", self.activity_split, ("train", "test"))
         if not 0 <= self.adam_b1 < 1:

@@ -258,6 +258,10 @@ def test_vae_mnist_kl_options_map_to_schedules():
         check_config(dataclasses.replace(config, kl_schedule="cosine"))
     with pytest.raises(ValueError, match="kl_warmup_epochs=1.0 is the length"):
         check_config(dataclasses.replace(cyc, kl_warmup_epochs=1.0))
+    check_config(dataclasses.replace(config, objective="iwae"))  # IWAE without a KL weight
+    for weighted in ({"beta": 0.5}, {"kl_warmup_epochs": 2.0}, {"kl_schedule": "cyclical"}):
+        with pytest.raises(ValueError, match="objective=iwae and a KL weight"):
+            check_config(dataclasses.replace(config, objective="iwae", **weighted))
 
 
 @pytest.mark.slow  # ~95 s: the whole experiment (its table, frontier and figures) runs in

@@ -189,3 +189,13 @@ def test_fit_refuses_data_outside_the_likelihood_after_preprocessing():
     nan[5, 3] = np.nan
     with pytest.raises(ValueError, match=r"NaN or infinite values in 1 of 64 rows \(first: row 5"):
         fit(plain, nan, key=jax.random.key(0), epochs=1, progress=False)
+
+
+def test_iwae_refuses_a_kl_weight():
+    """IWAE has no KL term: a weight on the latent sites inside its log-mean-exp is no bound."""
+    from amortjax.inference.objectives import kl_schedule
+
+    opt = make_optimizer(1e-3)
+    for kwargs in ({"kl_warmup_epochs": 1.0}, {"kl_schedule": kl_schedule("constant", beta=0.5)}):
+        with pytest.raises(ValueError, match="objective='iwae' has no KL term"):
+            Trainer(None, None, opt, n_data=10, batch_size=5, objective="iwae", **kwargs)

@@ -128,7 +128,12 @@ s^2 is small against C, that is wherever the bracket is good. On a linear-Gaussi
 such brackets. What does indicate a fault (kernels that are not fixed, z that are not exact
 posterior draws) is a systematic inversion, a mean width significantly below 0. `BDMCResult`
 reports the fraction of ordered brackets and the mean width with its standard error, and warns
-when fewer than 90% are ordered and the mean width is more than 3 standard errors below 0.
+when fewer than 90% are ordered and the mean width is more than 3 standard errors below 0, or
+when more brackets are inverted by over 2t = 6 nats than correct bounds allow: a bracket can
+invert by 2t only if the lower bound overshoots log p(x) by t or the upper one undershoots it by
+t, each of probability at most e^-t (Markov's inequality on p-hat and on 1 / p-hat), so at most
+a fraction 2 e^-3 = 0.0996 of the datapoints do on average (this check ignores the spread of
+the widths, which one wild bound inflates; a NaN bound counts as inverted).
 
 `run_hmc` runs the same kernel at one fixed b, adapting the step size during the run (it is a
 sampler, not an estimator): at b = 1 its chains sample the posterior p(z | x_i).
@@ -171,6 +176,7 @@ SCALE_DRAWS = 256  # draws of q0 per datapoint behind step_scale="q0"
 ACCEPTANCE_BAND = (0.2, 0.97)  # mean acceptance outside it: an AISWarning
 LOG_WEIGHT_SPREAD = 1.0  # median over datapoints of sd_c(log w_c) above it: an AISWarning
 MIN_ORDERED_FRACTION = 0.9  # BDMC: fewer ordered brackets than this: an AISWarning
+WIDE_INVERSION = 6.0  # BDMC: nats; correct bounds invert by more for < 2 e^-3 of datapoints
 
 
 class AISWarning(UserWarning):
@@ -586,7 +592,8 @@ def _check_z(z, n: int, z_dim: int) -> jax.Array:
     z = jnp.asarray(z, jnp.float32)
     if z.shape != (n, z_dim):
         raise ValueError(
-            f"z must be [num_datapoints={n}, z_dim={z_dim}] (the latents that generated x), "
+            f"z must be [num_datapoints={n}, z_dim={z_dim}] (the latents that generated x, in "
+            f"the site's unconstrained layout; or the dict of latents that simulate returns), "
             f"got shape {z.shape}"
         )
     return z
@@ -670,7 +677,8 @@ def _log_mean_exp(log_w: np.ndarray) -> np.ndarray:
     """log (1/C) sum_c exp(log_w_c) per row, in float64, `[N, C] -> [N]`."""
     log_w = np.asarray(log_w, np.float64)
     top = log_w.max(1, keepdims=True)
-    return top[:, 0] + np.log(np.exp(log_w - top).mean(1))
+    with np.errstate(invalid="ignore"):  # a row of -inf or NaN stays so (and is warned about)
+        return top[:, 0] + np.log(np.exp(log_w - top).mean(1))
 
 
 def _ess(log_w: np.ndarray) -> np.ndarray:
@@ -766,19 +774,70 @@ def _width_se(forward: AISResult, reverse: AISResult) -> float:
 def _bracket_warnings(
     width: np.ndarray, ordered_fraction: float, width_se: float
 ) -> tuple[str, ...]:
-    """An `AISWarning` when fewer than MIN_ORDERED_FRACTION of the brackets are ordered and the
-    mean width is significantly negative (more than 3 standard errors below 0)."""
+    """An `AISWarning` when the brackets invert more than chance allows (module docstring):
+    fewer than MIN_ORDERED_FRACTION ordered and the mean width more than 3 standard errors below
+    0, or more of them inverted by over WIDE_INVERSION nats (a NaN width counts) than the
+    Markov bound's 2 exp(-WIDE_INVERSION / 2) per datapoint allows, by 3 binomial standard
+    errors."""
+    n = width.size
     mean = float(np.mean(width))
-    if ordered_fraction >= MIN_ORDERED_FRACTION or not mean < -3.0 * width_se:
+    wide = int(np.sum(~(width >= -WIDE_INVERSION)))
+    p_wide = 2.0 * np.exp(-WIDE_INVERSION / 2)
+    too_wide = wide > n * p_wide + 3.0 * np.sqrt(n * p_wide * (1 - p_wide)) + 1
+    shifted = ordered_fraction < MIN_ORDERED_FRACTION and mean < -3.0 * width_se
+    if not (too_wide or shifted):
         return ()
     message = (
-        f"BDMC: the brackets are inverted (upper < lower) for {int(np.sum(width < 0))} of "
-        f"{width.size} datapoints (ordered fraction {ordered_fraction:.2f} < "
-        f"{MIN_ORDERED_FRACTION}), and not by chance: the mean width is {mean:.4g} nats, "
-        f"{-mean / max(width_se, 1e-30):.1f} standard errors ({width_se:.2g}) below 0. A bound "
-        f"is off: check that z are exact posterior draws of this model with these parameters "
-        f"(data simulated with amortjax.models.simulate and the same params); then use more "
-        f"temperatures and chains (num_temperatures, num_chains)."
+        f"BDMC: the brackets are inverted (upper < lower) for {int(np.sum(~(width >= 0)))} of "
+        f"{n} datapoints (ordered fraction {ordered_fraction:.2f}), and not by chance: "
+        + (
+            f"the mean width is {mean:.4g} nats, {-mean / max(width_se, 1e-30):.1f} standard "
+            f"errors ({width_se:.2g}) below 0"
+            if shifted
+            else f"{wide} are inverted by more than {WIDE_INVERSION:g} nats or not finite, where "
+            f"correct bounds do so for at most {p_wide:.3f} of them on average"
+        )
+        + ". A bound is off: check that z are exact posterior draws of this model with these "
+        "parameters (data simulated with amortjax.models.simulate and the same params), given "
+        "as simulate's dict of latents or in the site's unconstrained layout (log rate for a "
+        "positive rate); then use more temperatures and chains (num_temperatures, num_chains)."
+    )
+    return _issue(message)
+
+
+def _start_latents(z: Any, site: Site) -> Any:
+    """Reverse AIS's start points as the flat unconstrained vector u `[N, z_dim]`: an array as
+    given, or the dict of the local latents' values that `simulate` returns, mapped through
+    the site's layout (e.g. rate -> log rate)."""
+    if not isinstance(z, dict):
+        return z
+    names = site.names if isinstance(site, LocalLatents) else (site,)
+    missing = [name for name in names if name not in z]
+    if missing:
+        raise ValueError(
+            f"z is a dict of latents without the local latent site(s) {missing} (it has "
+            f"{sorted(z)}); pass the latents that `simulate` returned for this model, or the "
+            f"unconstrained vector u [N, z_dim] itself"
+        )
+    if isinstance(site, LocalLatents):
+        return site.flatten({name: jnp.asarray(z[name]) for name in names})
+    return z[site]
+
+
+def _nonfinite_warnings(log_px: np.ndarray, what: str) -> tuple[str, ...]:
+    """An `AISWarning` when some datapoint's estimate is not finite."""
+    bad = int(np.sum(~np.isfinite(log_px)))
+    if not bad:
+        return ()
+    message = (
+        f"{what}: the estimate of {bad} of {log_px.size} datapoints is not finite (a log "
+        f"density that is -inf or NaN along the chains). "
+        + (
+            "Reverse AIS starts at z: they must lie in the support, in the site's unconstrained "
+            "layout (pass simulate's dict of latents to have them mapped)."
+            if what.startswith("reverse")
+            else "Check the model's log density at the start q0 (init_params) and the data."
+        )
     )
     return _issue(message)
 
@@ -897,7 +956,7 @@ def _anneal(
     )  # fmt: skip
     reverse = z is not None
     if reverse:
-        z = _check_z(z, x.shape[0], z_dim)
+        z = _check_z(_start_latents(z, site), x.shape[0], z_dim)
     run_key, kernel_key = jax.random.split(key)
     eps, scale = _kernels(
         model,
@@ -946,7 +1005,8 @@ def _anneal(
         num_temperatures=num_temperatures,
         schedule=schedule,
         leapfrog_steps=leapfrog_steps,
-        warnings=_acceptance_warnings(acceptance, what)
+        warnings=_nonfinite_warnings(log_mean_w, what)
+        + _acceptance_warnings(acceptance, what)
         + _spread_warnings(log_w, what, "high" if reverse else "low"),
     )
 
@@ -1062,7 +1122,7 @@ def reverse_ais(
     model: Callable,
     params: dict,
     x: np.ndarray | jax.Array,
-    z: np.ndarray | jax.Array,
+    z: np.ndarray | jax.Array | dict[str, jax.Array],
     key: jax.Array,
     settings: AISSettings | None = None,
     *,
@@ -1090,7 +1150,11 @@ def reverse_ais(
 
     Args:
         model, params, x, key: as in `ais`.
-        z: the exact posterior samples, `[N, z_dim]`.
+        z: the exact posterior samples: the dict of local latents that `simulate` returns
+            (mapped through the site's layout, e.g. rate -> log rate), or the flat
+            unconstrained vector u `[N, z_dim]` itself (`LocalLatents.flatten`; for a plain
+            real site "z", z itself). Constrained values passed as u give bounds that are
+            no bounds (a warning names non-finite ones).
         settings, z_dim, family, init_params, site, pilot_key, batch_size, progress,
             **overrides: as in `ais`; a `[N, T]` step_size is a forward schedule.
 
@@ -1114,7 +1178,7 @@ def bdmc(
     model: Callable,
     params: dict,
     x: np.ndarray | jax.Array,
-    z: np.ndarray | jax.Array,
+    z: np.ndarray | jax.Array | dict[str, jax.Array],
     key: jax.Array,
     settings: AISSettings | None = None,
     **options: Any,
@@ -1130,7 +1194,8 @@ def bdmc(
     Args:
         model, params, x, key: as in `ais`; the forward run uses `split(key)[0]` (so it is
             `ais` with that key), the reverse run `split(key)[1]`.
-        z: the latents that generated x, `[N, z_dim]`.
+        z: the latents that generated x: `simulate`'s dict of latents, or the unconstrained
+            vector u `[N, z_dim]` (as in `reverse_ais`).
         settings: the AIS settings (`AISSettings`) of both directions.
         **options: any other keyword argument of `ais` (z_dim, family, init_params, site,
             pilot_key, batch_size, progress) or field of `AISSettings`, used by both.
@@ -1139,10 +1204,12 @@ def bdmc(
         `BDMCResult` with `[N]` arrays lower, upper and gap, both runs, the fraction of
         ordered brackets and the mean width with its standard error. An `AISWarning` is issued
         (and recorded in its `warnings`) when fewer than 90% of the brackets are ordered and
-        the mean width is more than 3 standard errors below 0 (an inversion that Monte Carlo
-        error does not explain).
+        the mean width is more than 3 standard errors below 0, or when more brackets invert by
+        over 6 nats (or are not finite) than correct bounds can (an inversion that Monte Carlo
+        error does not explain; see the module docstring).
     """
     x = _check_x(x)  # z first: it is checked before the forward run
+    z = _start_latents(z, options.get("site", "z"))
     _check_z(
         z,
         x.shape[0],

@@ -133,7 +133,8 @@ class Trainer:
         kl_schedule: `weight(step) -> scalar`, the KL weight of each global optimizer step
             (counted from 0 over the whole run), e.g. from
             `amortjax.inference.objectives.kl_schedule` (beta-VAE, warm-up, cyclical);
-            traced inside the compiled epoch. Not together with kl_warmup_epochs.
+            traced inside the compiled epoch. Not together with kl_warmup_epochs, and for the
+            ELBO objectives only.
         preprocess: `preprocess(key, x_batch) -> x_batch`, applied to each minibatch inside the
             compiled epoch (e.g. `amortjax.data.dynamic_binarize`).
         mesh: a device mesh with a data axis (`amortjax.sharding.data_mesh()`) for
@@ -179,6 +180,12 @@ class Trainer:
         self.warmup_steps = round(kl_warmup_epochs * self.steps_per_epoch)
         if self.warmup_steps > 0:
             kl_schedule = functools.partial(kl_warmup_weight, warmup_steps=self.warmup_steps)
+        if kl_schedule is not None and objective == "iwae":
+            raise ValueError(
+                "objective='iwae' has no KL term for kl_schedule / kl_warmup_epochs to weight "
+                "(a weight on the latent sites inside IWAE's log-mean-exp makes it a bound of "
+                "nothing); use objective='elbo' with the KL schedule, or IWAE without one"
+            )
         self.kl_schedule = kl_schedule
         self.preprocess = preprocess
         self.model = model  # as given: `fit` checks the data against it

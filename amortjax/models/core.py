@@ -217,7 +217,9 @@ def simulate(
         values (e.g. `{"z": [n, z_dim]}`).
 
     Raises:
-        ValueError: if the model does not have exactly one observed site.
+        ValueError: if the model does not have exactly one observed site, or if the site it
+            draws does not have x_like's shape (a likelihood that only broadcasts against
+            observed data).
     """
     x_like = jnp.asarray(x_like)
     unobserve = _Unobserve(handlers.substitute(model, data=params))
@@ -227,9 +229,18 @@ def simulate(
             f"simulate needs a model with exactly one observed site; found {unobserve.released}"
         )
     (observed,) = unobserve.released
+    x = trace[observed]["value"]
+    if x.shape != x_like.shape:
+        raise ValueError(
+            f"simulate: the model drew its observed site '{observed}' with shape {x.shape}, not "
+            f"x_like's {x_like.shape}: its likelihood's shape follows the observed data only by "
+            f"broadcasting. Give the likelihood the data's shape, e.g. "
+            f"`dist.Poisson(rate[..., None]).expand(x.shape).to_event(1)`, so that it draws data "
+            f"of that shape when x is not observed."
+        )
     latents = {
         name: site["value"]
         for name, site in trace.items()
         if site["type"] == "sample" and name != observed
     }
-    return trace[observed]["value"].astype(x_like.dtype), latents
+    return x.astype(x_like.dtype), latents

@@ -31,7 +31,9 @@ def gamma_poisson_model(alpha: float, beta: float) -> Callable:
     def model(x, *, n_data=None):
         with data_plate(x, n_data):
             rate = numpyro.sample("rate", dist.Gamma(alpha, beta))
-            numpyro.sample("x", dist.Poisson(rate[..., None]).to_event(1), obs=x)
+            # expanded to x's shape, so that `simulate` draws all m counts
+            likelihood = dist.Poisson(rate[..., None]).expand(x.shape).to_event(1)
+            numpyro.sample("x", likelihood, obs=x)
 
     return model
 
