@@ -13,6 +13,7 @@ from bench.common import RESULTS_DIR, run_and_save
 BENCHMARKS: dict[str, str] = {
     "train_step": "training steps/s of Trainer.run_epoch vs a hand-written JAX/Flax/Optax floor",
     "local_optimizer": "datapoint-steps/s of fit_local's vectorized Adam vs a one-at-a-time loop",
+    "newton_step": "datapoint-steps/s of fit_local's Newton q* (Gaussian default) vs a hand floor",
     "sa_step": "ms per SA-VAE / VAE+SVI training step vs a VAE step, beside their FLOP ratios",
     "evaluators": "decoder evaluations/s and GFLOP/s of IWAE-k and AIS vs the matmul peak",
     "memory": "peak memory (RSS and XLA's analysis) of fit_local and IWAE-5000 on 10,000 points",

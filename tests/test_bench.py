@@ -595,3 +595,43 @@ def test_paper_presets_benchmark_times_real_epochs(tmp_path):
         assert m["projected_hours"] == pytest.approx(m["epochs"] * m["epoch_seconds"][1] / 3600)
     total = sum(m["projected_hours"] for m in item["models"])
     assert item["projected_hours"] == pytest.approx(total)
+
+
+# --- newton_step: fit_local's Newton q* against a hand-written Newton floor -------------------
+
+
+def test_hand_newton_takes_the_librarys_step():
+    """On the same draws the floor's Newton step is the library's (`_newton_one`): the same new
+    q, and the same ELBO estimate up to the normalizing constants it leaves out (z_dim / 2)."""
+    import jax
+    import jax.numpy as jnp
+
+    from amortjax.families import DiagonalGaussian
+    from amortjax.inference.local import _antithetic, _newton_one
+    from amortjax.models import vae_model
+    from amortjax.nets import MLP
+    from bench.local_optimizer import decoder_params
+    from bench.newton_step import HandNewton
+
+    model = vae_model(MLP((32,), 784, "relu"), z_dim=4, likelihood="bernoulli")
+    x = (jax.random.uniform(jax.random.key(0), (2, 784)) < 0.3).astype(jnp.float32)
+    params = decoder_params(model, x=x, x_dim=784, hidden=32, z_dim=4, seed=0)
+    hand = HandNewton(params, num_samples=4, steps=10, block=10, step=0.5)
+    lam = jnp.concatenate([0.3 * jnp.ones(4), -0.5 * jnp.ones(4)])
+    key = jax.random.key(1)
+    new, elbo = _newton_one(model, DiagonalGaussian(), "z", 4, params, x[0], lam, key, 0.5)
+    hand_new, hand_elbo = hand._one(hand.weights, x[0], lam, _antithetic(key, 4, 4, lam.dtype))
+    np.testing.assert_allclose(hand_new, new, rtol=1e-4, atol=1e-5)
+    assert float(elbo - hand_elbo) == pytest.approx(2.0, abs=1e-3)
+
+
+def test_newton_step_runs_and_both_fits_agree(tmp_path):
+    tiny = dict(datapoints=6, steps=20, hidden=32, z_dim=4, repeats=1, score_samples=400,
+                data="random")  # fmt: skip
+    result, report = run_and_save("newton_step", quick=True, out_dir=tmp_path, **tiny)
+    assert set(result["results"]) == {"library", "floor"}
+    assert result["results"]["library"]["steps_of_work"] == 30  # its start-scoring block
+    assert _positive_finite(result["library_over_floor"])
+    agreement = result["agreement"]
+    assert abs(agreement["mean_difference"]) < 4 * agreement["difference_se"] + 0.02
+    assert "library / floor" in report
