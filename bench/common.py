@@ -50,6 +50,28 @@ def time_call(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def time_in_turns(
+    jobs: dict[Any, Callable[[], Any]], repeats: int
+) -> tuple[dict[Any, list[float]], dict[Any, float]]:
+    """Times each thunk of `jobs` in `repeats` rounds after a warm-up round, the jobs taking
+    turns within each round (so that each sees the same minutes of a shared machine).
+
+    Returns:
+        `(times, first_call)`: each job's seconds in the timed rounds, and its first call's
+        (compilation included).
+    """
+    times: dict[Any, list[float]] = {job: [] for job in jobs}
+    first_call: dict[Any, float] = {}
+    for r in range(repeats + 1):  # round 0 compiles
+        for job, thunk in jobs.items():
+            seconds = time_call(thunk)
+            if r == 0:
+                first_call[job] = seconds
+            else:
+                times[job].append(seconds)
+    return times, first_call
+
+
 def hand_bernoulli_log_px(x: jax.Array, logits: jax.Array) -> jax.Array:
     """sum_j log Bernoulli(x_j; sigmoid(l_j)) = sum_j x_j l_j - softplus(l_j), written out for the
     hand-written floors (softplus in its stable form: 3% faster per step on CPU than

@@ -55,7 +55,7 @@ from amortjax.guides.local import given_params_guide, local_elbo
 from amortjax.inference.local import QStarSettings, _optimize, fit_local
 from amortjax.models import vae_model
 from amortjax.nets import MLP
-from bench.common import hand_bernoulli_log_px, load_binarized, median, time_call
+from bench.common import hand_bernoulli_log_px, load_binarized, median, time_call, time_in_turns
 from bench.train_step import matmul_peak
 
 MONITOR = QStarSettings(method="adam").monitor_for(DiagonalGaussian())
@@ -486,15 +486,7 @@ def run(
             jobs[("torch_loop", (loop_datapoints, samples, loop_steps))] = torch_loop(samples)
     jobs[("dispatch", (loop_datapoints, 0, loop_steps))] = loop(configs[0][1], True)
     jobs[("matmul", (round_n, 0, 0))] = lambda: dot(mat_a, mat_b)
-    times: dict[tuple[str, tuple[int, int, int]], list[float]] = {job: [] for job in jobs}
-    compile_s: dict[tuple[str, tuple[int, int, int]], float] = {}
-    for r in range(repeats + 1):  # round 0 compiles; the variants take turns
-        for job, thunk in jobs.items():
-            seconds = time_call(thunk)
-            if r == 0:
-                compile_s[job] = seconds
-            else:
-                times[job].append(seconds)
+    times, compile_s = time_in_turns(jobs, repeats)
     round_peak = 2.0 * round_n**3 / median(times[("matmul", (round_n, 0, 0))]) / 1e9
     dispatch_us = (
         1e6

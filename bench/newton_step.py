@@ -39,7 +39,7 @@ from amortjax.families import DiagonalGaussian
 from amortjax.inference.local import _MIN_CURVATURE, DEFAULTS, QStarSettings, _optimize
 from amortjax.models import vae_model
 from amortjax.nets import MLP
-from bench.common import hand_bernoulli_log_px, median, time_call
+from bench.common import hand_bernoulli_log_px, median, time_in_turns
 from bench.local_optimizer import decoder_params, load_test
 
 STEP_SIZE, BLOCK = DEFAULTS["newton"]
@@ -173,15 +173,7 @@ def run(
 
     hand = HandNewton(params, num_samples=NUM_SAMPLES, steps=steps, block=BLOCK, step=STEP_SIZE)
     jobs = {"library": library, "floor": lambda: hand.fit(x, lam0, jax.random.key(seed + 2))[0]}
-    times: dict[str, list[float]] = {name: [] for name in jobs}
-    compile_s: dict[str, float] = {}
-    for r in range(repeats + 1):  # round 0 compiles; the variants take turns
-        for name, thunk in jobs.items():
-            seconds = time_call(thunk)
-            if r == 0:
-                compile_s[name] = seconds
-            else:
-                times[name].append(seconds)
+    times, compile_s = time_in_turns(jobs, repeats)
     work = {"library": steps + BLOCK, "floor": steps}  # the library's start-scoring block
     results = {
         name: {
