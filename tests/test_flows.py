@@ -274,6 +274,11 @@ def test_q_star_flow_beats_the_best_diagonal_and_nears_log_p():
     assert np.all(fit.elbo - best_diagonal > 0.28), fit.elbo - best_diagonal
     assert np.all(exact - fit.elbo < 0.04), exact - fit.elbo
     assert np.all(fit.iwae < exact + 0.01)
+    # No certificate for a flow: its record says the rule stopped it, not that it converged.
+    report = fit.convergence()
+    assert not report["certified"] and report["newton_gap_mean"] is None
+    assert "stopped by its rule (uncertified" in report["text"]
+    assert "converged for" not in report["text"]
     # Each datapoint has its own flow: the coupling weights differ between datapoints.
     _, _, layers = family.split(jnp.asarray(fit.params))
     assert float(jnp.abs(layers[0].w2[0] - layers[0].w2[1]).max()) > 1e-2

@@ -171,6 +171,7 @@ def test_default_q_star_reaches_the_best_diagonal_of_a_correlated_posterior(coll
     assert fit.converged.all() and not fit.hit_max_steps.any()
     report = fit.convergence()
     assert report["converged_fraction"] == 1.0 and "converged for 100.0%" in report["text"]
+    assert report["certified"]
 
 
 def test_full_rank_q_star_reaches_the_exact_posterior(collinear):
