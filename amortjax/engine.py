@@ -31,9 +31,17 @@ from tqdm.auto import tqdm
 from amortjax.sharding import DATA_AXIS, active_mesh, check_divisible, replicate, shard_rows
 
 
+def typed_key(key: jax.Array) -> jax.Array:
+    """`key` as a typed PRNG key (`jax.random.key`): a legacy uint32 key (`jax.random.PRNGKey`)
+    is wrapped, with the same bits, so that every evaluator takes either kind alike."""
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    return jax.random.wrap_key_data(key)
+
+
 def datapoint_keys(key: jax.Array, indices: jax.Array) -> jax.Array:
-    """`fold_in(key, i)` for every index, `[len(indices)]` keys."""
-    return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.asarray(indices, jnp.uint32))
+    """`fold_in(key, i)` for every index, `[len(indices)]` typed keys."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(typed_key(key), jnp.asarray(indices, jnp.uint32))
 
 
 def compact_threefry(fn: Callable) -> Callable:

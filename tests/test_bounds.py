@@ -210,3 +210,11 @@ def test_format_estimate_reads_pairs_dicts_and_none():
     assert format_estimate((-91.2345, 0.456)) == "-91.23 ± 0.46"
     assert format_estimate({"mean": 1.0, "se": 0.25}, 3) == "1.000 ± 0.250"
     assert format_estimate(None) == "—"
+
+
+def test_a_legacy_uint32_key_is_the_same_key(correlated_case):
+    """`jax.random.PRNGKey(0)` (uint32[2]) had failed in a reshape deep inside; it is wrapped."""
+    _, model, guide, params, x = correlated_case
+    legacy = evaluate_bounds(model, guide, params, x, jax.random.PRNGKey(3), num_samples=100)
+    typed = evaluate_bounds(model, guide, params, x, jax.random.key(3), num_samples=100)
+    np.testing.assert_array_equal(legacy.iwae, typed.iwae)
