@@ -238,18 +238,35 @@ def find_local_latents(model: Callable, x: jax.Array, params: dict | None = None
     return LocalLatents(tuple(local), tuple(global_))
 
 
-def check_site(model: Callable, params: dict | None, x: jax.Array, site: Site, where: str) -> None:
+def check_site(
+    model: Callable,
+    params: dict | None,
+    x: jax.Array,
+    site: Site,
+    where: str,
+    z_dim: int | None = None,
+) -> int:
     """Refuses a `site=` that does not describe the model's local latents, before an evaluator
     fits or scores anything with it.
 
     A site name must be the model's only local latent and real-valued (it is used as is, with
     no bijection: a positive rate given by name would be scored at negative values, as NaN);
-    and the model must have no global latents left (they must be fixed before evaluating).
+    and the model must have no global latents left (they must be fixed before evaluating). A
+    given `z_dim` must be the size of the model's local latent vector.
+
+    Returns:
+        D, the size of the model's local latent vector per datapoint.
 
     Raises:
         ValueError: naming the sites involved and the fix.
     """
     layout = find_local_latents(model, x, params)
+    if z_dim is not None and z_dim != layout.size:
+        raise ValueError(
+            f"{where}: z_dim={z_dim}, but the model's local latents {list(layout.names)} have "
+            f"{layout.size} dimensions per datapoint; pass z_dim={layout.size} (or leave it out "
+            "where site= is a LocalLatents)"
+        )
     if layout.global_sites:
         raise ValueError(
             f"{where}: the model has latent sites outside the data plate "
@@ -259,7 +276,7 @@ def check_site(model: Callable, params: dict | None, x: jax.Array, site: Site, w
             "values)), then evaluate `fixed`"
         )
     if not isinstance(site, str):
-        return
+        return layout.size
     names = list(layout.names)
     fix = "pass site=find_local_latents(model, x), which lays out every local site"
     if site not in names:
@@ -277,6 +294,7 @@ def check_site(model: Callable, params: dict | None, x: jax.Array, site: Site, w
             f"stands for a real vector used as is; {fix} (it maps the site to unconstrained "
             "space)"
         )
+    return layout.size
 
 
 def resolve_site(site: Site | None, model: Callable | None, x: jax.Array) -> Site:

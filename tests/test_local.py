@@ -137,6 +137,12 @@ def test_bad_arguments(case):
         fit_local(model, params, x, jax.random.key(0))
     with pytest.raises(ValueError, match=r"init must have shape \[40, num_params\]; got \(39, 6\)"):
         fit_local(model, params, x, jax.random.key(0), init=jnp.zeros((39, 6)))
+    # Sizes that do not fit the model: named here, not in a Flax shape error inside the decoder.
+    with pytest.raises(ValueError, match=r"z_dim=4, but the model's local latents \['z'\] have 3"):
+        fit_local(model, params, x, jax.random.key(0), z_dim=4)
+    with pytest.raises(ValueError, match="init has 6 parameters .* the full_rank family .* has 9"):
+        fit_local(model, params, x, jax.random.key(0), init=jnp.zeros((40, 6)),
+                  family=FullRankGaussian())  # fmt: skip
     for bad, match in (
         ({"num_samples": 0}, "num_samples must be an integer >= 1, got 0"),
         ({"max_steps": -1}, "max_steps must be an integer >= 1"),

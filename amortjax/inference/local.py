@@ -962,7 +962,7 @@ def fit_local(
             "set polish_steps=0, or choose method='adam'"
         )
     x = check_data(model, params, x)
-    check_site(model, params, x, site, "fit_local")
+    size = check_site(model, params, x, site, "fit_local", z_dim)
     n = x.shape[0]
     if init is None:
         z_dim = latent_size(site, z_dim)
@@ -979,6 +979,13 @@ def fit_local(
     init = jnp.asarray(init, jnp.float32)
     if init.ndim != 2 or init.shape[0] != n:
         raise ValueError(f"init must have shape [{n}, num_params]; got {init.shape}")
+    if init.shape[1] != family.num_params(size):
+        raise ValueError(
+            f"fit_local: init has {init.shape[1]} parameters per datapoint, but the "
+            f"{family.name} family over the model's {size} latent dimensions has "
+            f"{family.num_params(size)}; pass parameters of this family (e.g. the encoder's "
+            "output for it) or the family they belong to (family=)"
+        )
     if not bool(jnp.all(jnp.isfinite(init))):
         rows = np.flatnonzero(~np.all(np.isfinite(np.asarray(init)), axis=1))[:5].tolist()
         raise ValueError(f"init has NaN or infinite values (rows {rows}, ...)")
