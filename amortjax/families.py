@@ -91,6 +91,24 @@ class DiagonalGaussian:
         return jnp.zeros(2 * z_dim)
 
 
+def _check_diagonal(scale_tril: jax.Array) -> None:
+    """Refuses a concrete Cholesky factor whose diagonal is not positive and finite."""
+    try:
+        diag = np.diagonal(np.asarray(scale_tril), axis1=-2, axis2=-1)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return  # traced (inside jit or grad): nothing to check
+    bad = ~(np.isfinite(diag) & (diag > 0))
+    if bad.any():
+        where = np.argwhere(bad)[0].tolist()
+        raise ValueError(
+            f"scale_tril's diagonal must be positive and finite (q's scales, whose logs lambda "
+            f"holds); {int(bad.sum())} of its entries are not, the first at index {where} "
+            f"({float(diag[tuple(where)])!r}). A Cholesky factor (jnp.linalg.cholesky of a "
+            "positive-definite covariance) has one; a factor with negative diagonal entries "
+            "gives the same covariance with those columns negated"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class FullRankGaussian:
     """The full-rank Gaussian: q(z) = N(z; mu, L L^T), L lower triangular with positive diagonal.
@@ -133,6 +151,11 @@ class FullRankGaussian:
         `[..., z_dim, z_dim]` (e.g. `jnp.linalg.cholesky(cov)`) to params `[..., P]`.
 
         Entries of `scale_tril` above the diagonal are ignored.
+
+        Raises:
+            ValueError: if the shapes do not match, or if a concrete (not traced) `scale_tril`
+                has a diagonal entry that is not positive and finite (its log would be NaN or
+                -inf; under `jit` no check is possible and such entries give NaN / -inf).
         """
         z_dim = loc.shape[-1]
         if scale_tril.shape[-2:] != (z_dim, z_dim):
@@ -140,6 +163,7 @@ class FullRankGaussian:
                 f"scale_tril must be [..., {z_dim}, {z_dim}] for loc [..., {z_dim}], "
                 f"got {scale_tril.shape}"
             )
+        _check_diagonal(scale_tril)
         rows, cols = np.tril_indices(z_dim)
         tril = scale_tril[..., rows, cols]
         tril = jnp.where(rows == cols, jnp.log(jnp.where(rows == cols, tril, 1.0)), tril)

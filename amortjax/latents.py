@@ -294,6 +294,11 @@ def check_site(
             f"stands for a real vector used as is; {fix} (it maps the site to unconstrained "
             "space)"
         )
+    if not layout.is_single_vector:
+        raise ValueError(
+            f"{where}: site {site!r} has shape {layout.sites[0].shape} per datapoint, but a "
+            f"site name stands for one vector [batch, z_dim]; {fix} (it flattens the site)"
+        )
     return layout.size
 
 

@@ -388,14 +388,54 @@ def check_model_and_guide(
             + f" (model latents: {list(wanted)}; guide: {list(drawn)}); "
             + "; ".join(hints)
         )
+    _check_shapes(wanted, drawn, "")
+
+
+def _check_shapes(wanted: dict, drawn: dict, where: str) -> None:
+    """Refuses a guide site (of the traces' latents `drawn`) whose shape is not the model's."""
     for name, site in wanted.items():
+        if name not in drawn:
+            continue  # (a missing site is named by log_joint or check_model_and_guide)
         model_shape, guide_shape = jnp.shape(site["value"]), jnp.shape(drawn[name]["value"])
         if model_shape != guide_shape:
             raise ValueError(
-                f"the guide draws site {name!r} with shape {guide_shape}, the model's has shape "
-                f"{model_shape}: the guide's latent size must be the model's (an encoder's output "
-                "size is family.num_params(z_dim))"
+                f"{where}the guide draws site {name!r} with shape {guide_shape}, the model's has "
+                f"shape {model_shape}: the guide's latent size must be the model's (an encoder's "
+                "output size, or the width of given parameters lambda, is "
+                "family.num_params(z_dim) for the model's z_dim)"
             )
+
+
+def check_guide_draws(
+    model: Callable, guide: Callable, params: dict, x: jax.Array, where: str, *guide_args
+) -> None:
+    """Refuses a guide that draws a latent of another shape than the model's, before an
+    evaluator scores anything with it (it used to fail inside the decoder, or score a
+    broadcast z). Both are traced abstractly (`jax.eval_shape`) on the first datapoint, with
+    `params` and the first row of each of `guide_args`: no computation runs.
+
+    Raises:
+        ValueError: naming the site, both shapes and the fix.
+    """
+
+    def inspect(params, x, *args):
+        def run(fn, *inputs):
+            seeded = handlers.seed(handlers.substitute(fn, data=params), jax.random.key(0))
+            return _latents(handlers.trace(seeded).get_trace(*inputs))
+
+        wanted = run(model, x)
+        try:
+            drawn = run(guide, x, *args)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"{where}: the guide cannot draw for the first datapoint with guide_args of "
+                f"shapes {[a.shape[1:] for a in guide_args]} per datapoint ({err}); are they "
+                "the parameters of the guide's family for the model's latents?"
+            ) from err
+        _check_shapes(wanted, drawn, f"{where}: ")
+        return 0
+
+    jax.eval_shape(inspect, params, x[:1], *(a[:1] for a in guide_args))
 
 
 def check_array(x) -> np.ndarray:

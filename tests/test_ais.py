@@ -367,7 +367,7 @@ def test_invalid_inputs_raise_clear_errors(case):
         ({"pilot_temperatures": 0}, "pilot_temperatures must be None"),
         ({"init_params": np.zeros((N, 5))}, r"init_params must be \[6\] or \[num_datapoints=12"),
         ({"init_params": np.zeros((N, 6)), "family": FullRankGaussian()}, r"must be \[9\]"),
-        ({"z_dim": 4}, "z_dim=4 but the model's site 'z' has z_dim=3"),
+        ({"z_dim": 4}, r"ais: z_dim=4, but the model's local latents \['z'\] have 3 dimensions"),
         (
             {"site": "w"},
             "ais: the model has no local latent site 'w' \\(its local latents: \\['z'\\]\\)",

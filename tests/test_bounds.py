@@ -218,3 +218,31 @@ def test_a_legacy_uint32_key_is_the_same_key(correlated_case):
     legacy = evaluate_bounds(model, guide, params, x, jax.random.PRNGKey(3), num_samples=100)
     typed = evaluate_bounds(model, guide, params, x, jax.random.key(3), num_samples=100)
     np.testing.assert_array_equal(legacy.iwae, typed.iwae)
+
+
+def test_parameters_of_the_wrong_width_are_named_before_scoring(correlated_case):
+    """lambda for another latent size used to fail inside the model (a matmul's shape error),
+    or, for a width that broadcasts, could score a z of the wrong shape."""
+    from amortjax.guides import given_params_guide
+
+    lg, model, _, params, x = correlated_case
+    z_dim, key = lg.z_dim, jax.random.key(0)
+    guide = given_params_guide(DiagonalGaussian())
+    good = jnp.zeros((x.shape[0], 2 * z_dim))
+    b = evaluate_bounds(model, guide, params, x, key, num_samples=2, guide_args=(good,))
+    assert np.all(np.isfinite(b.elbo))
+    with pytest.raises(
+        ValueError,
+        match=rf"evaluate_bounds: the guide draws site 'z' with shape \(1, {z_dim + 1}\), the "
+        rf"model's has shape \(1, {z_dim}\).*family.num_params\(z_dim\)",
+    ):
+        evaluate_bounds(
+            model,
+            guide,
+            params,
+            x,
+            key,
+            guide_args=(jnp.zeros((x.shape[0], 2 * z_dim + 2)),),
+        )
+    with pytest.raises(ValueError, match=r"evaluate_bounds: the guide cannot draw .* \[\(7,\)\]"):
+        evaluate_bounds(model, guide, params, x, key, guide_args=(jnp.zeros((x.shape[0], 7)),))

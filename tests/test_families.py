@@ -70,6 +70,23 @@ def test_full_rank_pack_split_round_trip_with_batch_dims():
     np.testing.assert_allclose(family.pack(*family.split(lam)), lam, rtol=1e-5, atol=1e-6)
 
 
+def test_full_rank_pack_refuses_a_factor_without_a_positive_diagonal():
+    """Its log would be NaN (negative) or -inf (zero) in lambda, silently, as it was."""
+    family = FullRankGaussian()
+    tril = _random_tril(jax.random.key(1), 3, (2,))
+    for value, at in ((-0.5, r"\[1, 2\] \(-0.5\)"), (0.0, r"\[1, 2\] \(0.0\)")):
+        bad = tril.at[1, 2, 2].set(value)
+        with pytest.raises(ValueError, match=r"diagonal must be positive and finite.*" + at):
+            family.pack(jnp.zeros(3), bad)
+        traced = jax.jit(family.pack)(jnp.zeros(3), bad)  # (traced: no check, as documented)
+        assert not np.isfinite(traced[1, -1])
+    # Negating the column of a negative diagonal entry (the fix it names) keeps L L^T.
+    flipped = tril.at[1, :, 2].multiply(-1.0)
+    lam = family.pack(jnp.zeros(3), tril.at[1].set(flipped[1] * jnp.sign(jnp.diagonal(flipped[1]))))
+    cov = jnp.einsum("...ij,...kj->...ik", *(family.split(lam)[1],) * 2)
+    np.testing.assert_allclose(cov, jnp.einsum("...ij,...kj->...ik", tril, tril), rtol=1e-5)
+
+
 def test_full_rank_standard_params_is_the_standard_normal():
     family = FullRankGaussian()
     z_dim = 3

@@ -237,3 +237,27 @@ def test_log_px_per_datapoint_of_a_non_gaussian_model():
     # q* is the best log-normal: its ELBO against the closed form
     np.testing.assert_allclose(g.elbo_qstar, np.asarray(best_lognormal_elbo(x)), atol=0.02)
     assert g.approximation.min() > -0.05
+
+
+def test_a_matrix_latent_given_by_name_is_refused_and_runs_laid_out():
+    """A site name stands for one vector [batch, D]; a matrix latent per datapoint given by name
+    used to fail inside a guide (fit_local) or on AIS's own shape check only; every evaluator
+    now names the fix, and the layout runs."""
+
+    def matrix_model(x, *, n_data=None):
+        with data_plate(x, n_data):
+            z = numpyro.sample("z", dist.Normal(jnp.zeros((2, 3)), 1.0).to_event(2))
+            loc = z.reshape((*z.shape[:-2], 6))[..., :4]
+            numpyro.sample("x", dist.Normal(loc, 0.5).to_event(1), obs=x)
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 4)), jnp.float32)
+    key = jax.random.key(0)
+    fix = r"site 'z' has shape \(2, 3\) per datapoint, but a site name stands for one vector"
+    with pytest.raises(ValueError, match="fit_local: " + fix):
+        fit_local(matrix_model, {}, x, key, z_dim=6, site="z")
+    with pytest.raises(ValueError, match="ais: " + fix):
+        ais(matrix_model, {}, x, key, site="z")
+    layout = find_local_latents(matrix_model, x)
+    assert layout.size == 6 and not layout.is_single_vector
+    fit = fit_local(matrix_model, {}, x, key, site=layout, max_steps=20)
+    assert fit.params.shape == (5, 12) and np.all(np.isfinite(fit.elbo))

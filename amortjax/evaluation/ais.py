@@ -160,7 +160,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro import handlers
 
 from amortjax.checks import resolve_settings
 from amortjax.engine import map_datapoints
@@ -448,44 +447,6 @@ _q0_scale_jit = jax.jit(_q0_scale_batch, static_argnums=0)
 
 # --------------------------------------------------------------------------------------------
 # Input checks and the batched drivers.
-
-
-def _latent_dim(model: Callable, params: dict, x: jax.Array, site: Site, z_dim: int | None) -> int:
-    """The size of the model's latent vector per datapoint, checked against z_dim if given.
-
-    The model is traced abstractly (`jax.eval_shape`) on one datapoint: no computation runs.
-    """
-    if isinstance(site, LocalLatents):
-        if z_dim is not None and z_dim != site.size:
-            raise ValueError(f"z_dim={z_dim} but the local latents have size {site.size}")
-        return site.size
-    found = {}
-
-    def inspect(params, x):
-        trace = handlers.trace(
-            handlers.seed(handlers.substitute(model, data=params), jax.random.key(0))
-        ).get_trace(x)
-        found["latent"] = [
-            n for n, s in trace.items() if s["type"] == "sample" and not s["is_observed"]
-        ]
-        if site in trace:
-            found["shape"] = tuple(trace[site]["value"].shape)
-        return 0
-
-    jax.eval_shape(inspect, params, x[:1])
-    if site not in found["latent"]:
-        raise ValueError(
-            f"the model has no latent site {site!r}; its latent sites are {found['latent']}"
-        )
-    shape = found["shape"]
-    if len(shape) != 2 or shape[0] != 1:
-        raise ValueError(
-            f"AIS needs a latent vector per datapoint: site {site!r} must be [batch, z_dim], "
-            f"got shape {shape} for a batch of 1"
-        )
-    if z_dim is not None and z_dim != shape[1]:
-        raise ValueError(f"z_dim={z_dim} but the model's site {site!r} has z_dim={shape[1]}")
-    return shape[1]
 
 
 def _check_settings(
@@ -849,9 +810,8 @@ def _prepare(
     """Checks the common inputs; returns `(x, family, lam [N, P], z_dim)`."""
     _check_settings(num_chains, leapfrog_steps, target_accept, batch_size)
     x = check_data(model, params, x)
-    check_site(model, params, x, site, "ais")
+    z_dim = check_site(model, params, x, site, "ais", z_dim)
     family = family or DiagonalGaussian()
-    z_dim = _latent_dim(model, params, x, site, z_dim)
     lam = _start_params(family, init_params, z_dim, x.shape[0])
     return x, family, lam, z_dim
 
@@ -1213,7 +1173,7 @@ def bdmc(
     _check_z(
         z,
         x.shape[0],
-        _latent_dim(model, params, x, options.get("site", "z"), options.get("z_dim")),
+        check_site(model, params, x, options.get("site", "z"), "bdmc", options.get("z_dim")),
     )
     key_forward, key_reverse = jax.random.split(key)
     forward = ais(model, params, x, key_forward, settings, **options)

@@ -26,7 +26,7 @@ from amortjax.engine import chunked_draw_keys, compact_threefry, map_datapoints
 from amortjax.estimators import SAMPLE_CHUNK, bounds_batch
 from amortjax.families import Family
 from amortjax.latents import Site, check_site, log_joint_unconstrained
-from amortjax.traces import check_data
+from amortjax.traces import check_data, check_guide_draws
 
 
 class Bounds(NamedTuple):
@@ -94,6 +94,7 @@ def evaluate_bounds(
             f"guide_args must have one row per datapoint ({n}); got shapes "
             f"{[a.shape for a in guide_args]}"
         )
+    check_guide_draws(model, guide, params, x, "evaluate_bounds", *guide_args)
     sample_chunk = min(sample_chunk, num_samples)
     elbo, iwae = map_datapoints(
         functools.partial(bounds_batch, model, guide, int(num_samples), int(sample_chunk)),

@@ -165,7 +165,7 @@ def _start_and_end(model, family, site, params_and_root, _, x, lam0, lam, indice
     """ELBOs of lam0 and lam per datapoint of a chunk on the same CHECK_SAMPLES draws, from
     `fold_in(root, index)`: `([B], [B])`."""
     params, root = params_and_root
-    keys = datapoint_keys(jax.random.wrap_key_data(root), indices)
+    keys = datapoint_keys(root, indices)  # (root: key data, which datapoint_keys wraps)
 
     def one(xi, a, b, ki):
         def elbo(lam):
