@@ -1,11 +1,13 @@
 """The jitted-epoch trainer: it learns, it resumes exactly, it stops on NaN."""
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -23,19 +25,13 @@ def _binarize(key, x):
     return (jax.random.uniform(key, x.shape) < x).astype(x.dtype)
 
 
-def _tiny_bernoulli_trainer(n=240, lr=3e-3):
+def _tiny_bernoulli_trainer(n=240, lr=3e-3, **settings):
+    """A small Bernoulli VAE's trainer and grey-level data; `settings` replace Trainer's."""
     grey = np.random.default_rng(0).uniform(size=(n, 12)).astype(np.float32)
     model = vae_model(MLP((16,), 12), z_dim=3)
     guide = amortized_guide(MLP((16,), 6), x_dim=12)
-    trainer = Trainer(
-        model,
-        guide,
-        make_optimizer(lr),
-        n_data=n,
-        batch_size=32,
-        kl_warmup_epochs=1.5,
-        preprocess=_binarize,
-    )
+    settings = {"batch_size": 32, "kl_warmup_epochs": 1.5, "preprocess": _binarize, **settings}
+    trainer = Trainer(model, guide, make_optimizer(lr), n_data=n, **settings)
     return trainer, grey
 
 
@@ -90,7 +86,7 @@ def test_interrupted_run_resumes_to_identical_parameters(tmp_path):
     assert meta["epoch"] == 3
     trainer2, _ = _tiny_bernoulli_trainer()  # a fresh process would build a fresh trainer
     resumed = fit(
-        trainer2, x, key=jax.random.key(99), epochs=5, checkpoint_dir=tmp_path, progress=False
+        trainer2, x, key=jax.random.key(0), epochs=5, checkpoint_dir=tmp_path, progress=False
     )
     for a, b in zip(_leaves(full.params), _leaves(resumed.params), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -135,6 +131,44 @@ def test_killed_process_resumes_to_identical_parameters(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_resume_refuses_a_checkpoint_trained_under_other_settings(tmp_path):
+    """A checkpoint continues only under the settings that trained it: any other learning
+    rate, batch size, objective, KL schedule, preprocessing, data or key is named and refused
+    (it used to return the first run's parameters, or extend them under the new settings);
+    only the number of epochs may grow."""
+    trainer, x = _tiny_bernoulli_trainer(n=64)
+    first = fit(
+        trainer, x, key=jax.random.key(0), epochs=2, checkpoint_dir=tmp_path, progress=False
+    )
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["settings"]["batch_size"] == 32 and meta["settings"]["key"] == [0, 0]
+    other_data = x.copy()
+    other_data[7, 3] = 1 - other_data[7, 3]
+    for changes, data, key, named in (
+        ({"lr": 0.5}, x, 0, r"optimizer_first_steps: \[0\.00299.* in the checkpoint, \[0\.49"),
+        ({"batch_size": 16}, x, 0, "batch_size: 32 in the checkpoint, 16 now"),
+        ({"objective": "iwae", "num_particles": 5, "kl_warmup_epochs": 0}, x, 0, "objective"),
+        ({"kl_warmup_epochs": 3.0}, x, 0, "kl_weights: '0.333333 at step 0.*'0.166667 at step 0"),
+        ({"preprocess": None}, (x > 0.5).astype(np.float32), 0, "preprocess: 'digest"),
+        ({}, other_data, 0, "data_digest"),
+        ({}, x, 99, r"key: \[0, 0\] in the checkpoint, \[0, 99\] now"),
+    ):
+        other, _ = _tiny_bernoulli_trainer(n=64, **changes)
+        with pytest.raises(ValueError, match=f"other settings.*{named}.*new checkpoint_dir"):
+            fit(other, data, key=jax.random.key(key), epochs=2, checkpoint_dir=tmp_path,
+                progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="has trained 2 epochs, more than epochs=1"):
+        fit(trainer, x, key=jax.random.key(0), epochs=1, checkpoint_dir=tmp_path, progress=False)
+    assert json.loads((tmp_path / "meta.json").read_text()) == meta  # the refusals wrote nothing
+    more = fit(trainer, x, key=jax.random.key(0), epochs=3, checkpoint_dir=tmp_path, progress=False)
+    assert more.history["train_loss"][1][:2] == first.history["train_loss"][1]
+    # A checkpoint written before the settings were recorded cannot be checked: refused.
+    del meta["settings"]
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="records no training settings.*new checkpoint_dir"):
+        fit(trainer, x, key=jax.random.key(0), epochs=3, checkpoint_dir=tmp_path, progress=False)
+
+
 def test_seed_determines_the_run():
     trainer, x = _tiny_bernoulli_trainer()
     a = fit(trainer, x, key=jax.random.key(0), epochs=2, progress=False)
@@ -145,12 +179,12 @@ def test_seed_determines_the_run():
 
 
 def test_divergence_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):
-    trainer, x = _tiny_bernoulli_trainer()
+    # the step size jumps to 1e9 after two epochs of 7 steps, so the third epoch diverges
+    trainer, x = _tiny_bernoulli_trainer(lr=lambda step: jnp.where(step < 14, 3e-3, 1e9))
     fit(trainer, x, key=jax.random.key(0), epochs=2, checkpoint_dir=tmp_path, progress=False)
     saved, _ = restore_checkpoint(tmp_path, trainer.init(jax.random.key(0), x))
-    wild, _ = _tiny_bernoulli_trainer(lr=1e9)
     with pytest.raises(TrainingDivergedError, match=r"epoch 3.*checkpoint .* \(epoch 2\) is kept"):
-        fit(wild, x, key=jax.random.key(0), epochs=6, checkpoint_dir=tmp_path, progress=False)
+        fit(trainer, x, key=jax.random.key(0), epochs=6, checkpoint_dir=tmp_path, progress=False)
     after, meta = restore_checkpoint(tmp_path, trainer.init(jax.random.key(0), x))
     assert meta["epoch"] == 2
     for a, b in zip(_leaves(saved), _leaves(after), strict=True):

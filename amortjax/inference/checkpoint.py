@@ -5,6 +5,10 @@ epoch). Its leaves go to one `.npz` file and a JSON file carries metadata (epoch
 Restoring needs a template of the same structure (a freshly initialized state), so nothing is
 pickled and a checkpoint outlives code changes that keep the structure. Files are written to a
 temporary name and renamed, so a run killed mid-write keeps its previous checkpoint.
+
+The metadata carries the settings the state was trained under (`amortjax.inference.training`'s
+fingerprint); `check_settings` refuses to continue a checkpoint under other ones, so that a
+run never returns, or adds epochs to, parameters trained under settings it did not ask for.
 """
 
 from __future__ import annotations
@@ -91,3 +95,39 @@ def restore_checkpoint(directory: str | Path, template: Any) -> tuple[Any, dict]
         restored.append(jax.numpy.asarray(value, dtype=jax.numpy.result_type(like)))
     metadata = json.loads((directory / META_FILE).read_text())
     return jax.tree.unflatten(treedef, restored), metadata
+
+
+def check_settings(directory: str | Path, saved: dict | None, settings: dict) -> None:
+    """Refuses a checkpoint whose recorded training settings are not `settings`.
+
+    Args:
+        directory: the checkpoint's folder (named in the message).
+        saved: the settings in its metadata (`metadata.get("settings")`); None for a
+            checkpoint written before amortjax recorded them.
+        settings: JSON-ready settings of the run that would continue it.
+
+    Raises:
+        ValueError: naming each setting that differs, its recorded and its new value, and
+            the fix; or, for a checkpoint without settings, saying why it cannot be checked.
+    """
+    if saved is None:
+        raise ValueError(
+            f"the checkpoint in {directory} records no training settings (it was written "
+            "before amortjax recorded them), so whether it was trained under this run's "
+            "settings cannot be checked; train afresh in a new checkpoint_dir (or move that "
+            "folder away), or continue it with the amortjax version that wrote it"
+        )
+    settings = json.loads(json.dumps(settings))  # tuples as lists, as the saved ones read
+    differ = [
+        f"{name}: {saved.get(name)!r} in the checkpoint, {settings.get(name)!r} now"
+        for name in sorted(saved.keys() | settings.keys())
+        if saved.get(name) != settings.get(name)
+    ]
+    if differ:
+        raise ValueError(
+            f"the checkpoint in {directory} was trained under other settings; "
+            + "; ".join(differ)
+            + ". Continuing it would return or extend parameters those settings did not train: "
+            "train in a new checkpoint_dir, or resume with the checkpoint's settings (only the "
+            "number of epochs may grow on resume)"
+        )

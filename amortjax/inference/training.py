@@ -5,7 +5,8 @@ so every step has one shape). `fit` runs epochs with a progress bar, a NaN guard
 evaluation callbacks and checkpoints of the whole `TrainState`, and resumes from the last
 checkpoint: epoch e draws its minibatch order and preprocessing noise from
 `fold_in(state.key, e)`, so a resumed run ends with exactly the parameters of an uninterrupted
-one.
+one. Each checkpoint records `training_fingerprint`, what decides the parameters besides the
+model and guide, and a resume under another fingerprint is refused: only `epochs` may grow.
 
 Losses are reported per datapoint: the SVI loss (which the data plate scales to the whole
 dataset) divided by the number of datapoints, i.e. an estimate of -ELBO (or -IWAE-k) in nats.
@@ -20,6 +21,7 @@ an evaluator (see `amortjax.evaluation`) nor the per-example optimizer of a froz
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,7 +39,12 @@ from numpyro.optim import optax_to_numpyro
 from tqdm.auto import tqdm
 
 from amortjax.checks import check_float, check_int
-from amortjax.inference.checkpoint import has_checkpoint, restore_checkpoint, save_checkpoint
+from amortjax.inference.checkpoint import (
+    check_settings,
+    has_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from amortjax.inference.objectives import kl_warmup_weight, kl_weighted, make_objective
 from amortjax.models import DATA_PLATE
 from amortjax.sharding import active_mesh, check_divisible, constrain_rows, replicate
@@ -188,6 +195,7 @@ class Trainer:
             )
         self.kl_schedule = kl_schedule
         self.preprocess = preprocess
+        self.optimizer, self.objective, self.num_particles = optimizer, objective, num_particles
         self.model = model  # as given: `fit` checks the data against it
         self._unweighted = (with_data_indices(model), with_data_indices(guide))  # for `init`
         if self.kl_schedule is not None:
@@ -260,6 +268,80 @@ class Trainer:
         return self.svi.get_params(state.svi_state)
 
 
+KL_PROBE_STEPS = 2**20
+"""Steps 0, 1, ... at which `training_fingerprint` reads a KL schedule."""
+
+
+def _digest(array: Any) -> str:
+    array = np.ascontiguousarray(np.asarray(array))
+    return hashlib.sha1(array.tobytes()).hexdigest()[:16]
+
+
+def training_fingerprint(
+    trainer: Trainer, state: TrainState, x_train: np.ndarray | jax.Array, key: jax.Array
+) -> dict[str, Any]:
+    """What decides the parameters `fit` trains, besides the model, the guide and `epochs`.
+
+    `fit` records it in every checkpoint and refuses to continue one recorded under another.
+    The optimizer, the KL schedule and the preprocessing are functions, so they enter by what
+    they do: the sizes of the optimizer's first three updates of the initial parameters
+    under fixed probe gradients (1, 1000 and 0.001 in every coordinate: Adam's step size, its
+    constants and gradient clipping all show), the KL weights of the first `KL_PROBE_STEPS`
+    steps (a digest and the first and last), and a digest of the first minibatch
+    preprocessed with a fixed key. The model and guide enter only through the shapes of their
+    parameters, which `restore_checkpoint` checks.
+
+    Args:
+        trainer: the run's trainer.
+        state: its initial state (`trainer.init(key, x_train)`).
+        x_train: the training data `[n_data, ...]`.
+        key: the run's key.
+
+    Returns:
+        A JSON-ready dict, name -> value; floats rounded to 6 significant digits so that the
+        same settings read the same on any device.
+    """
+
+    def optimizer_steps(params):
+        opt_state, sizes = trainer.optimizer.init(params), []
+        for scale in (1.0, 1e3, 1e-3):
+            grads = jax.tree.map(lambda p, scale=scale: jnp.full_like(p, scale), params)
+            updates, opt_state = trainer.optimizer.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            sizes.append(jnp.max(jnp.stack([jnp.abs(u).max() for u in jax.tree.leaves(updates)])))
+        return jnp.stack(sizes)
+
+    params = trainer.svi.optim.get_params(state.svi_state.optim_state)
+    steps = [float(f"{v:.6g}") for v in np.asarray(jax.jit(optimizer_steps)(params))]
+    kl = None
+    if trainer.kl_schedule is not None:
+        weights = np.asarray(jax.vmap(trainer.kl_schedule)(jnp.arange(KL_PROBE_STEPS)), np.float64)
+        kl = (
+            f"{weights[0]:.6g} at step 0, {weights[-1]:.6g} at step {KL_PROBE_STEPS - 1}, "
+            f"digest {_digest(weights.round(6))}"
+        )
+    preprocess = None
+    if trainer.preprocess is not None:
+        batch = jnp.asarray(x_train[: trainer.batch_size])
+        preprocess = f"digest {_digest(trainer.preprocess(jax.random.key(0), batch))}"
+    x = np.asarray(x_train)
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return {
+        "n_data": trainer.n_data,
+        "batch_size": trainer.batch_size,
+        "objective": trainer.objective,
+        "num_particles": trainer.num_particles,
+        "optimizer_first_steps": steps,
+        "kl_weights": kl,
+        "preprocess": preprocess,
+        "data_shape": list(x.shape),
+        "data_dtype": str(x.dtype),
+        "data_digest": _digest(x),
+        "key": np.asarray(key).tolist(),
+    }
+
+
 def _all_finite(tree: Any) -> bool:
     return bool(
         jax.tree.reduce(lambda a, b: a & b, jax.tree.map(lambda v: jnp.isfinite(v).all(), tree))
@@ -290,9 +372,11 @@ def fit(
     Args:
         trainer: the compiled trainer.
         x_train: training data `[n_data, ...]`, moved to the device once.
-        key: PRNG key of the run (ignored when resuming: the checkpoint has the state's keys).
+        key: PRNG key of the run.
         epochs: total number of epochs, counting those of a resumed run.
-        checkpoint_dir: where the state is saved every `checkpoint_every` epochs and at the end.
+        checkpoint_dir: where the state is saved every `checkpoint_every` epochs and at the end,
+            with the run's `training_fingerprint`. A checkpoint there is continued only if it
+            was trained under the same fingerprint and for at most `epochs` epochs.
         checkpoint_every: epochs between checkpoints.
         evaluate: `evaluate(state) -> {metric: value}`, called every `eval_every` epochs and at
             the end; values are added to the history.
@@ -306,11 +390,14 @@ def fit(
         the whole run's, resumes included.
 
     Raises:
+        ValueError: a checkpoint in checkpoint_dir trained under other settings (each named,
+            old and new), under unrecorded ones, or for more than `epochs` epochs.
         TrainingDivergedError: when an epoch's loss or parameters are not finite; the last
             checkpoint (from before that epoch) is kept.
     """
     check_int("fit", 1, epochs=epochs, checkpoint_every=checkpoint_every, eval_every=eval_every)
-    x_train = trainer.place(jnp.asarray(check_array(x_train)))
+    x_host = check_array(x_train)
+    x_train = trainer.place(jnp.asarray(x_host))
     if x_train.shape[0] != trainer.n_data:
         raise ValueError(
             f"x_train has {x_train.shape[0]} datapoints, the trainer was built for "
@@ -324,8 +411,18 @@ def fit(
     check_data(trainer.model, trainer.params(state), seen, n_data=trainer.n_data)
     history: History = {}
     seconds_before, epochs_before = 0.0, []
+    settings = None
+    if checkpoint_dir is not None:
+        settings = training_fingerprint(trainer, state, x_host, key)
     if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
         state, meta = restore_checkpoint(checkpoint_dir, state)
+        check_settings(checkpoint_dir, meta.get("settings"), settings)
+        if int(state.epoch) > epochs:
+            raise ValueError(
+                f"the checkpoint in {checkpoint_dir} has trained {int(state.epoch)} epochs, "
+                f"more than epochs={epochs}: give epochs >= {int(state.epoch)} to continue it, "
+                f"or a new checkpoint_dir to train {epochs}"
+            )
         state = trainer.place(state)
         history = {k: (list(v[0]), list(v[1])) for k, v in meta.get("history", {}).items()}
         seconds_before = float(meta.get("train_seconds", 0.0))
@@ -380,6 +477,7 @@ def fit(
         if checkpoint_dir is not None and (epoch % checkpoint_every == 0 or epoch == epochs):
             meta = {
                 "epoch": epoch,
+                "settings": settings,
                 "history": history,
                 "train_seconds": seconds_before + time.perf_counter() - called,
                 "epoch_seconds": epochs_before + epoch_seconds,
