@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import jax
 import numpy as np
 
 
@@ -79,3 +80,38 @@ def resolve_settings(where: str, kind: type, settings: Any, overrides: dict[str,
             "as keyword arguments)"
         )
     return settings._replace(**overrides)
+
+
+def refuse_missing_params(missing: list[str], params: dict, whose: str) -> None:
+    """Refuses parameters without a value for the `missing` param sites of a model or guide
+    (`whose`): an evaluator would run it with freshly initialized ones (a random network)."""
+    if missing:
+        raise ValueError(
+            f"params has no value for the {whose}'s parameter sites {missing} (it has "
+            f"{sorted(params)}), so they would be freshly initialized (a random network): pass "
+            "the trained parameters (e.g. trainer.params(state), or fit(...).params), or hold "
+            "chosen values fixed with amortjax.models.with_fixed_params(model, values)"
+        )
+
+
+def check_key(where: str, key: Any) -> jax.Array:
+    """`key` as one typed PRNG key (`jax.random.key`): a legacy uint32 key
+    (`jax.random.PRNGKey`) is wrapped with the same bits, so every entry point takes either kind
+    alike; anything else (a seed, an array of keys) is refused, naming the fix. Works on traced
+    keys too."""
+    if isinstance(key, jax.Array | np.ndarray):
+        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+            if key.shape == ():
+                return key
+        elif key.dtype == np.uint32 and key.ndim == 1:
+            try:
+                return jax.random.wrap_key_data(key)
+            except (TypeError, ValueError):
+                pass
+    shape = getattr(key, "shape", None)
+    raise ValueError(
+        f"{where}: key must be one JAX PRNG key, jax.random.key(seed) (or a legacy "
+        f"jax.random.PRNGKey(seed)); got {type(key).__name__}"
+        + (f" of shape {shape}" if shape is not None else f" {key!r:.40}")
+        + " (for an array of keys, pass one key: each datapoint's key is folded in from it)"
+    )

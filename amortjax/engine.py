@@ -28,15 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from amortjax.checks import check_key
 from amortjax.sharding import DATA_AXIS, active_mesh, check_divisible, replicate, shard_rows
 
 
 def typed_key(key: jax.Array) -> jax.Array:
     """`key` as a typed PRNG key (`jax.random.key`): a legacy uint32 key (`jax.random.PRNGKey`)
-    is wrapped, with the same bits, so that every evaluator takes either kind alike."""
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key
-    return jax.random.wrap_key_data(key)
+    is wrapped, with the same bits, so that every evaluator takes either kind alike; anything
+    else is refused (`checks.check_key`)."""
+    return check_key("amortjax", key)
 
 
 def datapoint_keys(key: jax.Array, indices: jax.Array) -> jax.Array:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
 
+from amortjax.checks import refuse_missing_params
 from amortjax.models import DATA_PLATE
 
 NESTED_PLATE_FIX = (
@@ -285,7 +286,42 @@ def check_data(model: Callable, params: dict, x, *, chunk: int = 1000, **model_k
                     "for a Bernoulli likelihood binarize grey levels first "
                     "(amortjax.dynamic_binarize, or x > 0.5)"
                 )
+    check_params(model, params, "model", jnp.asarray(arr[:1]), **model_kwargs)
     return jnp.asarray(arr)
+
+
+def check_params(fn: Callable, params: dict, whose: str, *args, **kwargs) -> None:
+    """Refuses `params` without a value for each of fn's parameter sites: an evaluator would
+    run fn with freshly initialized ones (a random network) and report finite numbers. fn is
+    traced abstractly (`jax.eval_shape`: no computation runs).
+
+    Args:
+        fn: the model or guide, called as `fn(*args, **kwargs)` (e.g. on one datapoint).
+        params: the parameters an evaluator was given.
+        whose: "model" or "guide", for the message.
+
+    Raises:
+        ValueError: naming the missing sites, those given, and the fix.
+    """
+    missing: list[str] = []
+
+    def inspect(params, *args):
+        trace = _abstract_trace(fn, params, *args, **kwargs)
+        missing.extend(_missing_in(trace, params))
+        return 0
+
+    jax.eval_shape(inspect, params, *args)
+    refuse_missing_params(missing, params, whose)
+
+
+def _abstract_trace(fn: Callable, params: dict, *args, **kwargs) -> dict:
+    seeded = handlers.seed(handlers.substitute(fn, data=params), jax.random.key(0))
+    with handlers.block():
+        return handlers.trace(seeded).get_trace(*args, **kwargs)
+
+
+def _missing_in(trace: dict, params: dict) -> list[str]:
+    return [n for n, s in trace.items() if s["type"] == "param" and n not in params]
 
 
 def _latents(trace: dict) -> dict[str, dict]:
@@ -409,33 +445,36 @@ def _check_shapes(wanted: dict, drawn: dict, where: str) -> None:
 def check_guide_draws(
     model: Callable, guide: Callable, params: dict, x: jax.Array, where: str, *guide_args
 ) -> None:
-    """Refuses a guide that draws a latent of another shape than the model's, before an
-    evaluator scores anything with it (it used to fail inside the decoder, or score a
-    broadcast z). Both are traced abstractly (`jax.eval_shape`) on the first datapoint, with
-    `params` and the first row of each of `guide_args`: no computation runs.
+    """Refuses a guide that an evaluator would run with freshly initialized parameters, or that
+    draws a latent of another shape than the model's, before anything is scored (a latent of
+    the wrong size used to fail inside the decoder, or score a broadcast z). The guide is
+    traced abstractly (`jax.eval_shape`) on the first datapoint, with `params` and the first
+    row of each of `guide_args`: no computation runs. (`check_data` checks the model's
+    parameters.)
 
     Raises:
-        ValueError: naming the site, both shapes and the fix.
+        ValueError: naming the sites, the shapes and the fix.
     """
+    missing: list[str] = []
 
     def inspect(params, x, *args):
-        def run(fn, *inputs):
-            seeded = handlers.seed(handlers.substitute(fn, data=params), jax.random.key(0))
-            return _latents(handlers.trace(seeded).get_trace(*inputs))
-
-        wanted = run(model, x)
         try:
-            drawn = run(guide, x, *args)
+            drawn = _abstract_trace(guide, params, x, *args)
         except (ValueError, TypeError) as err:
             raise ValueError(
                 f"{where}: the guide cannot draw for the first datapoint with guide_args of "
                 f"shapes {[a.shape[1:] for a in guide_args]} per datapoint ({err}); are they "
                 "the parameters of the guide's family for the model's latents?"
             ) from err
-        _check_shapes(wanted, drawn, f"{where}: ")
+        missing.extend(_missing_in(drawn, params))
+        if not missing:
+            _check_shapes(
+                _latents(_abstract_trace(model, params, x)), _latents(drawn), f"{where}: "
+            )
         return 0
 
     jax.eval_shape(inspect, params, x[:1], *(a[:1] for a in guide_args))
+    refuse_missing_params(missing, params, "guide")
 
 
 def check_array(x) -> np.ndarray:

@@ -39,3 +39,41 @@ def test_map_datapoints_calls_equal_chunks_and_keeps_every_row():
     again = map_datapoints(batch_fn, 2.0, jax.random.key(0), [x], batch_size=7)
     np.testing.assert_allclose(out, again, rtol=1e-6)
     assert out.shape == (500,)
+
+
+def test_every_entry_point_refuses_a_key_that_is_not_one_prng_key():
+    """An int seed or an array of keys failed with JAX's internal messages (or, for fit_local
+    and ais, 'invalid PRNG key data'); now each entry point names the argument and the fix."""
+    import amortjax as aj
+    from amortjax.evaluation.ais import reverse_ais
+    from amortjax.evaluation.bounds import evaluate_pair
+    from amortjax.families import DiagonalGaussian
+    from amortjax.guides.linear_gaussian import linear_gaussian_vae
+    from amortjax.models.linear_gaussian import make_linear_gaussian
+
+    lg = make_linear_gaussian(jax.random.key(0), x_dim=3, z_dim=2)
+    model, guide, params = linear_gaussian_vae(lg)
+    x = jnp.zeros((4, 3))
+    lam = jnp.zeros((4, 4))
+    calls = {
+        "evaluate_bounds": lambda k: aj.evaluate_bounds(model, guide, params, x, k),
+        "evaluate_pair": lambda k: evaluate_pair(
+            model, params, x, lam, lam, k, family=DiagonalGaussian()
+        ),
+        "fit_local": lambda k: aj.fit_local(model, params, x, k, z_dim=2),
+        "ais": lambda k: aj.ais(model, params, x, k),
+        "reverse_ais": lambda k: reverse_ais(model, params, x, jnp.zeros((4, 2)), k),
+        "bdmc": lambda k: aj.bdmc(model, params, x, jnp.zeros((4, 2)), k),
+        "refine": lambda k: aj.refine(model, params, x, lam, k, family=DiagonalGaussian()),
+        "gap_decomposition": lambda k: aj.gap_decomposition(model, params, x, lam, k),
+        "simulate": lambda k: aj.simulate(model, params, k, x),
+        "dynamic_binarize": lambda k: aj.dynamic_binarize(k, x),
+    }
+    for name, call in calls.items():
+        for key, got in ((0, "int 0"), (jax.random.split(jax.random.key(0), 3), "of shape")):
+            with pytest.raises(ValueError, match=rf"{name}: key must be one JAX PRNG key.*{got}"):
+                call(key)
+    legacy = jax.random.PRNGKey(3)
+    np.testing.assert_array_equal(
+        aj.dynamic_binarize(legacy, x + 0.5), aj.dynamic_binarize(jax.random.key(3), x + 0.5)
+    )

@@ -188,3 +188,34 @@ def test_mean_logits_are_the_logits_of_the_clipped_pixel_means():
     np.testing.assert_allclose(mean_logits(x), expected, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match=r"x must be \[N, D\]"):
         mean_logits(np.zeros(4))
+
+
+def test_parameters_left_out_are_refused_not_freshly_initialized():
+    """Without a value for a param site, every evaluator ran the model (or the guide) with its
+    initial value (for a Flax network a random one) and reported finite numbers."""
+    from amortjax.nets import MLP
+
+    model = _poisson_pca()
+    encoder = MLP((8,), FAM.num_params(K), input_transform="log1p")
+    guide = aj.amortized_guide(encoder, x_dim=D, family=FAM)
+    trainer = aj.Trainer(model, guide, aj.make_optimizer(1e-3), n_data=N, batch_size=20)
+    params = trainer.params(trainer.init(jax.random.key(0), jnp.asarray(X)))
+    x, key = jnp.asarray(X[:8]), jax.random.key(1)
+    assert set(params) == {"w", "encoder$params"}
+    bounds = aj.evaluate_bounds(model, guide, params, x, key, num_samples=4)
+    assert np.all(np.isfinite(bounds.elbo))
+    fix = r"pass the trained parameters.*with_fixed_params"
+    model_only = {"encoder$params": params["encoder$params"]}
+    for call in (
+        lambda: aj.evaluate_bounds(model, guide, model_only, x, key, num_samples=4),
+        lambda: aj.fit_local(model, {}, x, key, z_dim=K, max_steps=10),
+        lambda: aj.ais(model, {}, x, key, num_temperatures=10),
+    ):
+        with pytest.raises(
+            ValueError, match=r"no value for the model's parameter sites \['w'\].*" + fix
+        ):
+            call()
+    with pytest.raises(
+        ValueError, match=r"no value for the guide's parameter sites \['encoder\$params'\].*" + fix
+    ):
+        aj.evaluate_bounds(model, guide, {"w": params["w"]}, x, key, num_samples=4)

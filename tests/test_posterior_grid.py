@@ -51,6 +51,26 @@ def test_posterior_grid_names_bad_arguments():
         posterior_grid(model, params, x, {}, center=np.zeros((3, 3)), half_width=np.ones(3))
     with pytest.raises(ValueError, match="half_width must be"):
         posterior_grid(model, params, x, {}, center=np.zeros((3, 2)), half_width=-np.ones(3))
-    with pytest.raises(ValueError, match="approximation 'q': lambda must have N=3 rows"):
-        posterior_grid(model, params, x, {"q": (DiagonalGaussian(), np.zeros((2, 4)))},
-                       center=np.zeros((3, 2)), half_width=np.ones(3))  # fmt: skip
+    grid = {"center": np.zeros((3, 2)), "half_width": np.ones(3)}
+    with pytest.raises(ValueError, match=r"approximation 'q': lambda must be \[N=3, num_params"):
+        posterior_grid(model, params, x, {"q": (DiagonalGaussian(), np.zeros((2, 4)))}, **grid)
+    # These failed inside a broadcast, or gave NaN or a random model's densities, silently:
+    cases = [
+        (
+            {"q": (DiagonalGaussian(), np.zeros((3, 6)))},
+            {},
+            r"lambda outputs 6 values.* needs .* = 4",
+        ),
+        ({"q": (DiagonalGaussian(), np.full((3, 4), np.nan))}, {}, "lambda has NaN"),
+        ({}, {"center": np.full((3, 2), np.nan)}, r"center must be .* finite"),
+        ({}, {"x": np.full((3, 1), np.nan, np.float32)}, "NaN"),
+        ({}, {"params": {}}, r"no value for the model's parameter sites"),
+        ({}, {"site": "w"}, "posterior_grid: the model has no local latent site 'w'"),
+    ]
+    for approximations, change, match in cases:
+        args = {"x": x, "params": params, **grid, **change}
+        with pytest.raises(ValueError, match=match):
+            posterior_grid(model, args.pop("params"), args.pop("x"), approximations, **args)
+    lg3 = make_linear_gaussian(jax.random.key(3), x_dim=1, z_dim=3)
+    with pytest.raises(ValueError, match="site 'z' has 3 dimensions per datapoint"):
+        posterior_grid(linear_gaussian_vae(lg3)[0], linear_gaussian_vae(lg3)[2], x, {}, **grid)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amortjax.checks import check_key
 from amortjax.data.builders import (
     BUILDERS,
     DATA_DIR_ENV,
@@ -386,5 +387,6 @@ def dynamic_binarize(key: jax.Array, x: jax.Array) -> jax.Array:
     Returns:
         Array of ``x``'s shape, float32, values in {0, 1}.
     """
+    key = check_key("dynamic_binarize", key)
     x = jnp.asarray(x)
     return (jax.random.uniform(key, x.shape, dtype=jnp.float32) < x).astype(jnp.float32)

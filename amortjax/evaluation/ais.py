@@ -161,7 +161,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.checks import resolve_settings
+from amortjax.checks import check_key, resolve_settings
 from amortjax.engine import map_datapoints
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.inference import hmc
@@ -1070,6 +1070,7 @@ def ais(
         ValueError: naming the invalid input (unknown schedule, T < 1, shapes of x, init_params,
             step_size or step_scale, unknown site, z_dim mismatch, settings out of range).
     """
+    key = check_key("ais", key)
     settings = resolve_settings("ais", AISSettings, settings, overrides)
     return _anneal(
         model, params, x, None, key, settings, z_dim=z_dim, family=family,
@@ -1126,6 +1127,7 @@ def reverse_ais(
     Raises:
         ValueError: as `ais`, and for z of the wrong shape.
     """
+    key = check_key("reverse_ais", key)
     settings = resolve_settings("reverse_ais", AISSettings, settings, overrides)
     return _anneal(
         model, params, x, z, key, settings, z_dim=z_dim, family=family,
@@ -1168,6 +1170,7 @@ def bdmc(
         over 6 nats (or are not finite) than correct bounds can (an inversion that Monte Carlo
         error does not explain; see the module docstring).
     """
+    key = check_key("bdmc", key)
     x = _check_x(x)  # z first: it is checked before the forward run
     z = _start_latents(z, options.get("site", "z"))
     _check_z(

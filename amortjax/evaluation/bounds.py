@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amortjax.checks import check_key
 from amortjax.engine import chunked_draw_keys, compact_threefry, map_datapoints
 from amortjax.estimators import SAMPLE_CHUNK, bounds_batch
 from amortjax.families import Family
@@ -80,6 +81,7 @@ def evaluate_bounds(
     Returns:
         `Bounds` with `[num_datapoints]` arrays.
     """
+    key = check_key("evaluate_bounds", key)
     if not isinstance(num_samples, int | np.integer) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     if not isinstance(sample_chunk, int | np.integer) or sample_chunk < 1:
@@ -239,6 +241,7 @@ def evaluate_pair(
     Returns:
         `PairBounds` with `[N]` arrays.
     """
+    key = check_key("evaluate_pair", key)
     if not isinstance(num_samples, int | np.integer) or num_samples < 1:
         raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     x = check_data(model, params, x)

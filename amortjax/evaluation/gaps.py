@@ -42,7 +42,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from amortjax.checks import check_int, resolve_settings
+from amortjax.checks import check_int, check_key, resolve_settings
 from amortjax.evaluation.ais import AISSettings, ais, log_weight_spread
 from amortjax.evaluation.bounds import evaluate_pair, mean_and_stderr
 from amortjax.families import DiagonalGaussian, Family
@@ -212,6 +212,7 @@ def gap_decomposition(
     Returns:
         `Gaps` with per-datapoint arrays.
     """
+    key = check_key("gap_decomposition", key)
     family = family or DiagonalGaussian()
     x = np.asarray(x)
     lam_q = np.asarray(encoder_params, np.float32)

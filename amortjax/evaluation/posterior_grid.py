@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.families import Family
-from amortjax.traces import log_joint
+from amortjax.families import Family, check_num_params
+from amortjax.latents import check_site
+from amortjax.traces import check_data, log_joint
 
 TRUE_POSTERIOR = "true posterior"
 
@@ -70,19 +71,33 @@ def posterior_grid(
     Raises:
         ValueError: naming the argument whose shape or value is wrong.
     """
-    x = jnp.asarray(x)
+    x = check_data(model, params, x)
     n = x.shape[0]
+    z_dim = check_site(model, params, x, site, "posterior_grid")
+    if z_dim != 2:
+        raise ValueError(
+            f"posterior_grid draws a 2-D latent on a grid; the model's site {site!r} has "
+            f"{z_dim} dimensions per datapoint (for more, plot 2-D slices yourself with log_joint)"
+        )
     center = jnp.asarray(center, jnp.float32)
     half_width = jnp.asarray(half_width, jnp.float32)
-    if center.shape != (n, 2):
-        raise ValueError(f"center must be [N={n}, 2] (a 2-D latent); got shape {center.shape}")
-    if half_width.shape != (n,) or not bool(jnp.all(half_width > 0)):
-        raise ValueError(f"half_width must be [N={n}] and positive; got {half_width}")
+    if center.shape != (n, 2) or not bool(jnp.all(jnp.isfinite(center))):
+        raise ValueError(
+            f"center must be [N={n}, 2] (a 2-D latent) and finite; got shape {center.shape}"
+        )
+    if half_width.shape != (n,) or not bool(jnp.all((half_width > 0) & jnp.isfinite(half_width))):
+        raise ValueError(f"half_width must be [N={n}], positive and finite; got {half_width}")
     if int(points) < 2:
         raise ValueError(f"points must be >= 2 (grid points per axis), got {points}")
-    for label, (_, lam) in approximations.items():
-        if jnp.shape(lam)[0] != n:
-            raise ValueError(f"approximation {label!r}: lambda must have N={n} rows")
+    for label, (family, lam) in approximations.items():
+        if jnp.ndim(lam) != 2 or jnp.shape(lam)[0] != n:
+            raise ValueError(
+                f"approximation {label!r}: lambda must be [N={n}, num_params]; got shape "
+                f"{jnp.shape(lam)}"
+            )
+        check_num_params(family, jnp.shape(lam)[1], 2, f"approximation {label!r}'s lambda")
+        if not bool(jnp.all(jnp.isfinite(jnp.asarray(lam)))):
+            raise ValueError(f"approximation {label!r}: lambda has NaN or infinite values")
     m = int(points)
     ticks = jnp.linspace(-1.0, 1.0, m)
     g1, g2 = jnp.meshgrid(ticks, ticks)

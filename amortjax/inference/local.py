@@ -104,7 +104,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from amortjax.checks import check_float, check_int, resolve_settings
+from amortjax.checks import check_float, check_int, check_key, resolve_settings
 from amortjax.engine import datapoint_keys, map_datapoints
 from amortjax.estimators import SAMPLE_CHUNK, bounds_batch
 from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
@@ -924,6 +924,7 @@ def fit_local(
         `LocalFit` with the parameters, the convergence record and (unless final_samples=0) the
         final ELBO and IWAE of every datapoint.
     """
+    key = check_key("fit_local", key)
     settings = resolve_settings("fit_local", QStarSettings, settings, overrides)
     method = settings.method
     num_samples, patience, max_steps = settings.num_samples, settings.patience, settings.max_steps

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.checks import check_float, check_int, resolve_settings
+from amortjax.checks import check_float, check_int, check_key, resolve_settings
 from amortjax.engine import datapoint_keys, map_datapoints
 from amortjax.families import Family
 from amortjax.guides.local import local_elbo
@@ -135,6 +135,7 @@ def refine(
             (when called outside a transformation, on concrete arrays) data the model cannot
             score; each message names the argument and the fix.
     """
+    key = check_key("refine", key)
     settings = resolve_settings("refine", RefineSettings, settings, overrides)
     s = settings
     _check_arguments(

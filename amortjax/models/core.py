@@ -20,6 +20,8 @@ import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
+from amortjax.checks import check_key, refuse_missing_params
+
 DATA_PLATE = "data"
 
 
@@ -221,6 +223,7 @@ def simulate(
             draws does not have x_like's shape (a likelihood that only broadcasts against
             observed data).
     """
+    key = check_key("simulate", key)
     x_like = jnp.asarray(x_like)
     unobserve = _Unobserve(handlers.substitute(model, data=params))
     trace = handlers.trace(handlers.seed(unobserve, key)).get_trace(x_like, **model_kwargs)
@@ -228,6 +231,9 @@ def simulate(
         raise ValueError(
             f"simulate needs a model with exactly one observed site; found {unobserve.released}"
         )
+    refuse_missing_params(
+        [n for n, s in trace.items() if s["type"] == "param" and n not in params], params, "model"
+    )
     (observed,) = unobserve.released
     x = trace[observed]["value"]
     if x.shape != x_like.shape:
