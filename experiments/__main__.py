@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error ({kind}): {err}", file=sys.stderr)
         if status == EXIT_DIVERGED:
             print(
-                "the run's checkpoints hold the last finite state: resume it with a smaller "
-                "learning_rate (--resume <folder> learning_rate=...)",
+                "the run's checkpoints hold its last finite state; a smaller learning_rate is a "
+                f"new run: python -m experiments {args.name} --results <folder> "
+                "learning_rate=... (a resume keeps the options that decide what is trained)",
                 file=sys.stderr,
             )
         return status

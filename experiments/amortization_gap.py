@@ -56,6 +56,7 @@ Presets:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,28 @@ RENAMED_OPTIONS = {
     "qstar_decays": "qstar.num_decays",
     "qstar_max_steps": "qstar.max_steps",
 }
+
+
+# What a resume may change (`runner.check_resumable`): the epochs of each training (it
+# continues; an encoder on a frozen decoder is trained afresh for a changed decoder), the
+# variants, and the evaluations of the trained models. The q* settings and train_points also
+# draw the gap curves recorded during training (curve q*, curve points), so they are fixed
+# with it; datasets and families number the models' keys.
+RESUMABLE_OPTIONS = (
+    "epochs",
+    "frozen_decoder",
+    "frozen_epochs",
+    "latent_figure",
+    "latent_epochs",
+    "test_points",
+    "iwae_samples",
+    "run_ais",
+    "ais",
+    "ais_start",
+    "curve_every",
+    "eval_batch_size",
+    "checkpoint_every",
+)
 
 
 def upgrade_saved_config(data: dict) -> dict:
@@ -569,11 +592,15 @@ def _curves_figure(dataset: str, config: Config, curves_by_model: dict):
 def _train_encoder(config, setup: _Setup, params: dict, family_name, hidden, data, key, workdir,
                    name, epochs, progress):  # fmt: skip
     """A new encoder (family `family_name`, trunk `hidden`) trained on setup's frozen decoder;
-    the latent size is `config.z_dim`, the one setup's model was built with."""
+    the latent size is `config.z_dim`, the one setup's model was built with. Its checkpoint is
+    kept per decoder (a digest of the frozen parameters): `fit` cannot see what the model holds
+    fixed, and a decoder trained further on resume needs an encoder trained afresh on it."""
     x_dim = data.train.shape[1]
     z_dim = config.z_dim
     family, encoder = make_family_and_encoder(config, family_name, hidden, z_dim)
     fixed = {k: v for k, v in params.items() if not k.startswith("encoder")}
+    leaves = b"".join(np.asarray(v).tobytes() for v in jax.tree.leaves(fixed))
+    decoder = hashlib.sha1(leaves).hexdigest()[:16]
     model = with_fixed_params(setup.model, fixed)
     guide = amortized_guide(encoder, x_dim=x_dim, family=family)
     n_train = data.train.shape[0]
@@ -592,7 +619,7 @@ def _train_encoder(config, setup: _Setup, params: dict, family_name, hidden, dat
         data.train,
         key=key,
         epochs=epochs,
-        checkpoint_dir=workdir / "checkpoints" / name,
+        checkpoint_dir=workdir / "checkpoints" / name / f"decoder-{decoder}",
         checkpoint_every=config.checkpoint_every,
         progress=progress,
     )

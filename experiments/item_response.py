@@ -103,6 +103,11 @@ RENAMED_OPTIONS = {
     "qstar_max_steps": "qstar.max_steps",
 }
 
+# What a resume may change (`runner.check_resumable`): the epochs (training continues) and the
+# evaluations of the trained regimes; `refine` and `qstar` also set how the semi-amortized and
+# per-example regimes train, and num_test the simulated data.
+RESUMABLE_OPTIONS = ("epochs", "elbo_samples", "grid_size", "checkpoint_every")
+
 PRESETS: dict[str, dict] = {
     "quick": {},
     # No paper defines this benchmark; the larger preset is sized for a GPU: 20k people, 100

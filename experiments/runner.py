@@ -5,13 +5,29 @@ An experiment is a module `experiments/<name>.py` with
 - `Config`: a frozen dataclass whose defaults are the `quick` preset,
 - `PRESETS`: preset name -> field overrides (at least "quick" and "paper"),
 - `run(config, workdir) -> dict`: trains and evaluates, writing into `workdir` its checkpoint,
-  `metrics.json`, `report.md` and figures; returns the metrics.
+  `metrics.json`, `report.md` and figures; returns the metrics,
+- `RESUMABLE_OPTIONS`: the options a resume may change (below).
 
 `run_experiment` resolves the config (preset, then `key=value` overrides, checked against the
 dataclass's field types), makes a fresh results folder, saves the resolved config there before
 anything runs, and calls `run`. Resuming a folder reuses its saved config, and the experiment's
-trainer picks up its last checkpoint. This module knows nothing of models, and of data only
-the split sizes (to refuse a minibatch larger than a training set).
+trainer picks up its last checkpoint.
+
+What a resume may change. A results folder's checkpoints hold models trained under its
+options, so a resume never changes an option that decides what is trained: it continues the
+training and recomputes what the new options change. An experiment lists in
+`RESUMABLE_OPTIONS` the options a resume may change: the number of epochs (training
+continues; fewer epochs than a checkpoint has is refused by `fit`), and the options of
+evaluations that are recomputed from the trained models (results saved per model are reused
+only under the exact config that made them: `load_saved_result`). Any other change, e.g.
+`learning_rate`, `batch_size` or `seed`, is refused before anything runs, naming each option
+with its old and new value, and the fix: a fresh run (`--results`) with the new values, or the
+resume with the old ones. Options that draw what is recorded during training (e.g. the gap
+curves' points) are fixed with it, since their earlier values cannot be recomputed. Behind
+this, `fit` refuses any checkpoint trained under another `training_fingerprint`.
+
+This module knows nothing of models, and of data only the split sizes (to refuse a minibatch
+larger than a training set).
 """
 
 from __future__ import annotations
@@ -374,6 +390,34 @@ def load_saved_result(path: str | Path, config: Any) -> dict | None:
     return saved
 
 
+def check_resumable(module: types.ModuleType, name: str, workdir: Path, saved: Any, config: Any):
+    """Refuses a resume of `workdir`, whose models were trained under config `saved`, that
+    changes an option outside the experiment's `RESUMABLE_OPTIONS` (a group's name there
+    covers its fields). An experiment without the list is not checked here (`fit` still
+    refuses checkpoints trained under other settings).
+
+    Raises:
+        ValueError: naming each such option, its old and new value, and the fix.
+    """
+    resumable = getattr(module, "RESUMABLE_OPTIONS", None)
+    if resumable is None:
+        return
+    old = {option: value for option, _, value in _options(saved)}
+    changed = [
+        f"{option}={value!r} (trained with {old[option]!r})"
+        for option, _, value in _options(config)
+        if value != old[option] and not {option, option.partition(".")[0]} & set(resumable)
+    ]
+    if changed:
+        raise ValueError(
+            f"cannot resume {workdir} with {', '.join(changed)}: these options decide what is "
+            "trained, and its checkpoints were trained under the old values. Start a fresh "
+            f"run with the new values (python -m experiments {name} --results <folder> "
+            "key=value ...), or resume with the old ones; a resume may change only "
+            f"{', '.join(resumable)}"
+        )
+
+
 def new_workdir(root: str | Path, name: str, preset: str) -> Path:
     """A fresh folder `root/name/<UTC time>_<preset>` (suffixed if it exists)."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
@@ -403,16 +447,18 @@ def run_experiment(
         preset: a key of the module's `PRESETS`.
         overrides: `key=value` strings.
         results_root: parent of the results folders.
-        resume: an earlier results folder: its saved config is used (overrides still apply,
-            e.g. more epochs) and training continues from its checkpoint. `config.json` keeps
-            the original preset and overrides, and lists each resume under "history"; a
-            refused or failed resume leaves it as it was.
+        resume: an earlier results folder: its saved config is used (overrides of the
+            experiment's `RESUMABLE_OPTIONS` still apply, e.g. more epochs or more IWAE
+            samples) and training continues from its checkpoint. `config.json` keeps the
+            original preset and overrides, and lists each resume under "history"; a refused or
+            failed resume leaves it as it was.
 
     Returns:
         `(workdir, metrics)`.
 
     Raises:
-        ValueError: an unknown or out-of-range option, or a folder of another experiment.
+        ValueError: an unknown or out-of-range option, a folder of another experiment, or a
+            resume that changes an option that decides what is trained.
         FileNotFoundError: a resume folder without a config.json.
     """
     module = load_experiment(name)
@@ -450,11 +496,12 @@ def run_experiment(
         )
     # an experiment whose options changed meaning upgrades an older folder's config first
     upgrade = getattr(module, "upgrade_saved_config", lambda data: data)
-    config = config_from_dict(
+    saved_config = config_from_dict(
         module.Config, upgrade(record["config"]), getattr(module, "RENAMED_OPTIONS", None)
     )
-    config = apply_overrides(config, list(overrides))
+    config = apply_overrides(saved_config, list(overrides))
     check_config(config)
+    check_resumable(module, name, workdir, saved_config, config)
     # config.json keeps the original options and records each resume; it is rewritten only
     # once the resumed run's options are checked, and put back if the resumed run fails.
     before = saved.read_text()

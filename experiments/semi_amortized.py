@@ -131,6 +131,20 @@ RENAMED_OPTIONS = {
     "qstar_max_steps": "qstar.max_steps",
 }
 
+# What a resume may change (`runner.check_resumable`): the epochs (training continues) and the
+# evaluations of the trained models; `refine` is also the training regime of four methods.
+RESUMABLE_OPTIONS = (
+    "epochs",
+    "eval_points",
+    "eval_samples",
+    "iwae_samples",
+    "test_steps",
+    "frontier_steps",
+    "frontier_points",
+    "qstar",
+    "checkpoint_every",
+)
+
 PRESETS: dict[str, dict] = {
     "quick": {},
     "paper": {

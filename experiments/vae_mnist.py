@@ -159,6 +159,23 @@ class Config:
                       fixed=True)  # fmt: skip
 
 
+# What a resume may change (`runner.check_resumable`): the epochs (training continues; with
+# kl_schedule=cyclical the schedule spans the epochs, so `fit` refuses new ones) and the
+# evaluations of the trained model. valid_points and valid_samples draw the validation curve
+# recorded during training, so they are fixed with it.
+RESUMABLE_OPTIONS = (
+    "epochs",
+    "eval_every",
+    "test_elbo_samples",
+    "iwae_samples",
+    "iwae_points",
+    "activity_threshold",
+    "activity_split",
+    "activity_points",
+    "traversal_dims",
+    "checkpoint_every",
+)
+
 OUTPUT_BIASES = ("zero", "data_mean")
 """The decoder's initial output bias: zeros, or the logits of the training pixel means."""
 

@@ -8,6 +8,8 @@ import time
 import types
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 from amortjax.families import DiagonalGaussian
@@ -21,6 +23,7 @@ from experiments.runner import (
     load_experiment,
     load_saved_result,
     new_workdir,
+    option_names,
     read_json,
     resolve_config,
     run_experiment,
@@ -608,6 +611,61 @@ def test_resume_keeps_the_original_options_and_a_history(tmp_path, fake_experime
     assert len(fake_experiment) == 3  # the refused resume never ran
 
 
+def test_resume_refuses_options_that_decide_what_is_trained(tmp_path, monkeypatch, capsys):
+    """A resume that changes a training option (the audit's `vae_mnist --resume DIR
+    learning_rate=0.5 seed=7 batch_size=50`) used to exit 0 with the old trained model while
+    config.json and the report claimed the new options. It is refused before anything runs,
+    naming each option and the fix, and config.json is left as it was; an evaluation option
+    may change (the run recomputes it)."""
+    from experiments.__main__ import main
+
+    changes = {  # training options: new value, the quick preset's; evaluation options
+        "vae_mnist": (
+            {"learning_rate": ("0.5", 0.001), "seed": ("7", 0), "batch_size": ("50", 100)},
+            ["iwae_samples=7", "epochs=200"],
+        ),
+        "amortization_gap": (
+            {"learning_rate": ("0.05", 0.001)},
+            ["run_ais=false", "ais.num_chains=2"],
+        ),
+        "semi_amortized": (
+            {"refine.num_steps": ("3", 5)},
+            ["qstar.max_steps=50", "eval_samples=3"],
+        ),
+        "item_response": ({"num_test": ("100", 500)}, ["grid_size=101", "epochs=61"]),
+    }
+    for name, (training, evaluation) in changes.items():
+        module = load_experiment(name)
+        ran = []
+        monkeypatch.setattr(module, "run", lambda config, workdir, ran=ran: ran.append(config))
+        workdir = tmp_path / name
+        saved = write_json(
+            workdir / "config.json",
+            {"experiment": name, "preset": "quick", "overrides": [], "history": [],
+             "config": config_to_dict(module.Config())},
+        )  # fmt: skip
+        before = saved.read_text()
+        overrides = [f"{option}={new}" for option, (new, _) in training.items()]
+        assert main([name, "--resume", str(workdir), *overrides]) == 2
+        err = capsys.readouterr().err
+        for option, (new, old) in training.items():
+            assert f"{option}={new} (trained with {old})" in err, err
+        assert "decide what is trained" in err and f"{name} --results" in err
+        assert saved.read_text() == before and not ran
+        assert main([name, "--resume", str(workdir), *evaluation]) == 0
+        assert len(ran) == 1
+
+
+def test_every_experiment_says_what_a_resume_may_change():
+    for name in available_experiments():
+        module = load_experiment(name)
+        options = option_names(module.Config)
+        groups = {option.partition(".")[0] for option in options}
+        assert "epochs" in module.RESUMABLE_OPTIONS, name
+        assert set(module.RESUMABLE_OPTIONS) <= set(options) | groups, name
+        assert not {"seed", "learning_rate", "batch_size"} & set(module.RESUMABLE_OPTIONS), name
+
+
 def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, fake_experiment):
     with pytest.raises(FloatingPointError):
         run_experiment("fake", overrides=["name=fail-early"], results_root=tmp_path)
@@ -673,3 +731,33 @@ def test_settings_groups_take_dotted_options_and_old_folders_resume():
     older = {**{k: v for k, v in saved.items() if k != "flow_qstar"}, "flow_qstar_samples": 16}
     older = config_from_dict(module.Config, module.upgrade_saved_config(older))
     assert older.flow_qstar == config.qstar._replace(num_samples=16) != config.flow_qstar
+
+
+def test_an_encoder_on_a_frozen_decoder_is_trained_afresh_for_another_decoder(tmp_path):
+    """amortization_gap's frozen-decoder encoders: `fit` cannot see the decoder the model
+    holds fixed, so a decoder trained further (a resume with more epochs) used to get the
+    encoder trained on the old one back from its checkpoint. Each decoder has its own."""
+    from experiments import amortization_gap as gap
+
+    config = dataclasses.replace(
+        gap.Config(), z_dim=2, encoder_hidden=(8,), decoder_hidden=(8,), batch_size=16
+    )
+    x = (np.random.default_rng(0).uniform(size=(32, 6)) < 0.5).astype(np.float32)
+    data = types.SimpleNamespace(train=x, dynamic_binarization=False)
+    setup = gap._Setup(config, "diagonal", 6, 32, False)
+    key = jax.random.key(0)
+    first = setup.trainer.params(setup.trainer.init(key, x))
+    trained_further = jax.tree.map(lambda v: v + 0.1, first)
+
+    def encoder_on(params, workdir):
+        *_, out = gap._train_encoder(config, setup, params, "diagonal", (), data, key, workdir,
+                                     "frozen", 1, False)  # fmt: skip
+        encoder = {k: v for k, v in out.items() if k.startswith("encoder")}
+        return [np.asarray(v) for v in jax.tree.leaves(encoder)]
+
+    on_first = encoder_on(first, tmp_path / "run")
+    resumed = encoder_on(trained_further, tmp_path / "run")
+    fresh = encoder_on(trained_further, tmp_path / "fresh")
+    for a, b in zip(resumed, fresh, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(resumed, on_first, strict=True))
