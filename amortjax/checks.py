@@ -94,6 +94,24 @@ def refuse_missing_params(missing: list[str], params: dict, whose: str) -> None:
         )
 
 
+def check_finite(where: str, name: str, values: Any) -> None:
+    """Refuses values `[N, ...]` (parameters or latents a user gives, one row per datapoint)
+    with a NaN or an infinite entry, naming the rows: an evaluator would report NaN for them.
+    Traced values (inside jit or grad) are not checked."""
+    try:
+        arr = np.asarray(values)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        rows = np.flatnonzero(bad.reshape(len(arr), -1).any(1)) if arr.ndim else np.zeros(1, int)
+        raise ValueError(
+            f"{where}: {name} has NaN or infinite values in {len(rows)} of "
+            f"{len(arr) if arr.ndim else 1} rows (first rows {rows[:5].tolist()}); give finite "
+            "values (e.g. the output of a fit that did not diverge)"
+        )
+
+
 def check_key(where: str, key: Any) -> jax.Array:
     """`key` as one typed PRNG key (`jax.random.key`): a legacy uint32 key
     (`jax.random.PRNGKey`) is wrapped with the same bits, so every entry point takes either kind

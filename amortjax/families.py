@@ -76,7 +76,19 @@ class DiagonalGaussian:
         return loc, log_scale
 
     def pack(self, loc: jax.Array, scale: jax.Array) -> jax.Array:
-        """Inverse of `split` from a location and a (positive) scale: `[..., 2 * z_dim]`."""
+        """lambda `[..., 2 * z_dim]` from a location and a scale sigma > 0 (not log sigma, which
+        `split` returns: `pack(loc, jnp.exp(log_scale))` inverts `split`).
+
+        Raises:
+            ValueError: if a concrete (not traced) scale has an entry that is not positive and
+                finite (under `jit` no check is possible: its log would be NaN or -inf).
+        """
+        _refuse_non_positive(
+            _concrete(scale),
+            "scale",
+            "pack takes the scale sigma, not log sigma (split returns log sigma: pack(loc, "
+            "jnp.exp(log_scale)))",
+        )
         loc, scale = jnp.broadcast_arrays(loc, scale)
         return jnp.concatenate([loc, jnp.log(scale)], axis=-1)
 
@@ -91,21 +103,26 @@ class DiagonalGaussian:
         return jnp.zeros(2 * z_dim)
 
 
-def _check_diagonal(scale_tril: jax.Array) -> None:
-    """Refuses a concrete Cholesky factor whose diagonal is not positive and finite."""
+def _concrete(values: jax.Array) -> np.ndarray | None:
+    """values as a NumPy array, or None when they are traced (inside jit or grad), where no
+    check of their values is possible."""
     try:
-        diag = np.diagonal(np.asarray(scale_tril), axis1=-2, axis2=-1)
+        return np.asarray(values)
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return  # traced (inside jit or grad): nothing to check
-    bad = ~(np.isfinite(diag) & (diag > 0))
+        return None
+
+
+def _refuse_non_positive(values: np.ndarray | None, what: str, fix: str) -> None:
+    """Refuses concrete values that are not positive and finite (their log would be NaN or
+    -inf in lambda), naming how many, the first, and the fix."""
+    if values is None:
+        return
+    bad = ~(np.isfinite(values) & (values > 0))
     if bad.any():
         where = np.argwhere(bad)[0].tolist()
         raise ValueError(
-            f"scale_tril's diagonal must be positive and finite (q's scales, whose logs lambda "
-            f"holds); {int(bad.sum())} of its entries are not, the first at index {where} "
-            f"({float(diag[tuple(where)])!r}). A Cholesky factor (jnp.linalg.cholesky of a "
-            "positive-definite covariance) has one; a factor with negative diagonal entries "
-            "gives the same covariance with those columns negated"
+            f"{what} must be positive and finite (lambda holds its log); {int(bad.sum())} of its "
+            f"entries are not, the first at index {where} ({float(values[tuple(where)])!r}). " + fix
         )
 
 
@@ -150,12 +167,12 @@ class FullRankGaussian:
         """Inverse of `split`: loc `[..., z_dim]` and a lower-triangular L with positive diagonal
         `[..., z_dim, z_dim]` (e.g. `jnp.linalg.cholesky(cov)`) to params `[..., P]`.
 
-        Entries of `scale_tril` above the diagonal are ignored.
-
         Raises:
             ValueError: if the shapes do not match, or if a concrete (not traced) `scale_tril`
                 has a diagonal entry that is not positive and finite (its log would be NaN or
-                -inf; under `jit` no check is possible and such entries give NaN / -inf).
+                -inf) or a nonzero entry above its diagonal (a covariance, or an upper factor,
+                given for L). Under `jit` no check is possible: such entries give NaN / -inf,
+                and those above the diagonal are dropped.
         """
         z_dim = loc.shape[-1]
         if scale_tril.shape[-2:] != (z_dim, z_dim):
@@ -163,7 +180,21 @@ class FullRankGaussian:
                 f"scale_tril must be [..., {z_dim}, {z_dim}] for loc [..., {z_dim}], "
                 f"got {scale_tril.shape}"
             )
-        _check_diagonal(scale_tril)
+        tril = _concrete(scale_tril)
+        if tril is not None and np.any(np.triu(tril, 1)):
+            raise ValueError(
+                "scale_tril has nonzero entries above its diagonal (largest "
+                f"{float(np.abs(np.triu(tril, 1)).max())!r}), which lambda cannot hold: give the "
+                "lower Cholesky factor L of the covariance (jnp.linalg.cholesky(cov), or "
+                "scipy.linalg.cholesky(cov, lower=True)), not the covariance or an upper factor"
+            )
+        _refuse_non_positive(
+            None if tril is None else np.diagonal(tril, axis1=-2, axis2=-1),
+            "scale_tril's diagonal",
+            "A Cholesky factor (jnp.linalg.cholesky of a positive-definite covariance) has one; "
+            "a factor with negative diagonal entries gives the same covariance with those "
+            "columns negated",
+        )
         rows, cols = np.tril_indices(z_dim)
         tril = scale_tril[..., rows, cols]
         tril = jnp.where(rows == cols, jnp.log(jnp.where(rows == cols, tril, 1.0)), tril)

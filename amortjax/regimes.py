@@ -43,15 +43,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from amortjax.families import DiagonalGaussian, Family
+from amortjax.families import DiagonalGaussian, Family, check_num_params
 from amortjax.guides.amortized import amortized_guide, encode
 from amortjax.guides.local import LOCAL_PARAMS, local_guide
-from amortjax.guides.semi_amortized import MODES, semi_amortized_guide
+from amortjax.guides.semi_amortized import MODES, check_refine_settings, semi_amortized_guide
 from amortjax.inference.local import LocalFit, QStarSettings, fit_local
 from amortjax.inference.objectives import make_optimizer
 from amortjax.inference.refine import RefineSettings, check_refinement, refine
 from amortjax.inference.sparse import make_local_optimizer
-from amortjax.latents import Site, latent_size, resolve_site
+from amortjax.latents import Site, find_local_latents, latent_size, resolve_site
 from amortjax.traces import check_data
 
 
@@ -118,10 +118,22 @@ class Amortized:
     def infer(self, model: Callable, params: dict, x, key: jax.Array | None = None) -> Inferred:
         """The encoder's lambda for x `[N, x_dim]` (key unused: encoding draws nothing)."""
         x = check_data(model, params, x)
+        _trained(params, "encoder$params", "Amortized.infer")
         start = time.perf_counter()
         lam = np.asarray(jax.block_until_ready(_cached(_encode_jit, self.encoder)(params, x)))
         seconds = time.perf_counter() - start
+        # (the model's local latent size; its global latents, if any, a global guide covers)
+        check_num_params(self.family, lam.shape[1], find_local_latents(model, x, params).size)
         return Inferred(lam, lam, np.zeros(lam.shape[0], np.int32), seconds)
+
+
+def _trained(params: dict, name: str, where: str) -> None:
+    """Refuses params without the regime's own trained parameters `name` (a bare KeyError)."""
+    if name not in params:
+        raise ValueError(
+            f"{where}: params has no {name!r} (keys: {sorted(params)[:6]}): pass the parameters "
+            "this regime was trained to, e.g. trainer.params(state) or fit(...).params"
+        )
 
 
 def _cached(factory: Callable, *args: Any) -> Callable:
@@ -182,6 +194,7 @@ class PerExample:
 
     def training_params(self, params: dict) -> np.ndarray:
         """The trained lambda of every training datapoint, `[N, num_params]`."""
+        _trained(params, LOCAL_PARAMS, "PerExample.training_params")
         return np.asarray(params[LOCAL_PARAMS])
 
     def infer(
@@ -254,6 +267,10 @@ class SemiAmortized:
                 f"settings must be a RefineSettings (e.g. RefineSettings(num_steps=5, "
                 f"step_size=0.01)); got {type(self.settings).__name__}"
             )
+        s = self.settings
+        check_refine_settings(
+            "SemiAmortized", s.num_steps, s.step_size, s.momentum, s.max_grad_norm, s.num_samples
+        )
 
     def guide(self, model: Callable, x, global_guide: Callable | None = None) -> Callable:
         """`semi_amortized_guide` for model, sized by the training data x `[N, x_dim]`."""
@@ -277,6 +294,8 @@ class SemiAmortized:
         """The start (encoder or N(0, I)) refined by K steps, for x `[N, ...]`; the refinement
         draws from `fold_in(key, i)` for datapoint i."""
         x = check_data(model, params, x)
+        if self.encoder is not None:
+            _trained(params, "encoder$params", "SemiAmortized.infer")
         site = self.site if self.site is not None else resolve_site(None, model, x)
         size = latent_size(site, self.z_dim)
         if self.encoder is None and size is None:

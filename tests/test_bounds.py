@@ -159,6 +159,11 @@ def test_mean_and_stderr():
     m, se = mean_and_stderr(np.array([1.0, 2.0, 3.0, 4.0]))
     assert m == 2.5
     assert se == pytest.approx(np.std([1, 2, 3, 4], ddof=1) / 2)
+    # [runs, N] gave the spread over runs as if they were datapoints (0.44 for 0.03), silently
+    with pytest.raises(ValueError, match=r"one value per datapoint, \[N\].*shape \(2, 3\)"):
+        mean_and_stderr(np.ones((2, 3)))
+    with pytest.raises(ValueError, match=r"shape \(0,\)"):
+        mean_and_stderr(np.array([]))
 
 
 def test_bad_num_samples(correlated_case):

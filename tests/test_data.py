@@ -161,6 +161,22 @@ def test_threshold_binarize_against_a_hand_computed_example():
     assert threshold_binarize(x).dtype == np.float32
 
 
+def test_binarizers_refuse_raw_pixels_and_nan():
+    """Raw 0..255 pixels came out 95% ones and NaN as 0, silently."""
+    raw = np.array([[0.0, 3.0, 128.0, 255.0]], np.float32)
+    key = jax.random.key(0)
+    for name, call in (("threshold_binarize", threshold_binarize),
+                       ("dynamic_binarize", lambda x: dynamic_binarize(key, x))):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"{name}: x must be grey levels in \[0, 1\]; got "
+                           r"values from 0 to 255. .* divided by 255"):  # fmt: skip
+            call(raw)
+        with pytest.raises(ValueError, match=r"and NaN or infinite ones"):
+            call(np.array([[0.2, np.nan]], np.float32))
+        call(raw / 255)
+    jitted = jax.jit(dynamic_binarize)(key, raw / 255)  # (traced: not checked, still works)
+    assert set(np.unique(jitted)) <= {0.0, 1.0}
+
+
 @needs_raw
 def test_threshold_convention_binarizes_every_split_once():
     """Cremer et al.'s Fashion-MNIST: every split is the grey levels thresholded at 0.5."""

@@ -87,6 +87,25 @@ def test_full_rank_pack_refuses_a_factor_without_a_positive_diagonal():
     np.testing.assert_allclose(cov, jnp.einsum("...ij,...kj->...ik", tril, tril), rtol=1e-5)
 
 
+def test_pack_refuses_log_scales_covariances_and_upper_factors():
+    """Each of these gave lambda silently: DiagonalGaussian.pack(*split(lam)) (split returns
+    log sigma, pack takes sigma) gave NaN; a covariance or scipy's upper Cholesky factor given
+    to FullRankGaussian.pack lost its upper triangle (another q)."""
+    diag = DiagonalGaussian()
+    lam = jnp.array([0.5, -1.0, -0.7, 0.3])
+    with pytest.raises(ValueError, match=r"scale must be positive.*not log sigma.*jnp.exp"):
+        diag.pack(*diag.split(lam))
+    loc, log_scale = diag.split(lam)
+    np.testing.assert_allclose(diag.pack(loc, jnp.exp(log_scale)), lam, rtol=1e-6)
+    cov = jnp.array([[2.0, 0.6], [0.6, 1.0]])
+    full = FullRankGaussian()
+    for wrong in (cov, jnp.linalg.cholesky(cov).T):
+        with pytest.raises(ValueError, match=r"nonzero entries above its diagonal.*lower=True"):
+            full.pack(jnp.zeros(2), wrong)
+    q = full.distribution(full.pack(jnp.zeros(2), jnp.linalg.cholesky(cov)))
+    np.testing.assert_allclose(q.covariance_matrix, cov, rtol=1e-6)
+
+
 def test_full_rank_standard_params_is_the_standard_normal():
     family = FullRankGaussian()
     z_dim = 3

@@ -123,6 +123,18 @@ def test_best_lower_bound_and_bad_input():
                           ais_batch_size=0)  # fmt: skip
 
 
+def test_encoder_params_of_another_family_or_with_nan_are_named(exact):
+    """They were refused as fit_local's 'init' (another function's argument), or scored as
+    NaN."""
+    lg, x, _, _, lam, _ = exact
+    model, _, params = linear_gaussian_vae(lg)
+    key, wide = jax.random.key(0), np.zeros((x.shape[0], lam.shape[1] + 2), np.float32)
+    with pytest.raises(ValueError, match=r"encoder_params \(the encoder\) outputs .* needs"):
+        gap_decomposition(model, params, x, wide, key)
+    with pytest.raises(ValueError, match="gap_decomposition: encoder_params has NaN"):
+        gap_decomposition(model, params, x, np.full_like(lam, np.nan), key)
+
+
 @pytest.mark.parametrize(
     ("x_dim", "z_dim", "noise"), [(60, 50, 1e-2), (60, 50, 1e-3), (10, 1, 1e-3), (3, 5, 0.1)]
 )

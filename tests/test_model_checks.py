@@ -219,3 +219,33 @@ def test_parameters_left_out_are_refused_not_freshly_initialized():
         ValueError, match=r"no value for the guide's parameter sites \['encoder\$params'\].*" + fix
     ):
         aj.evaluate_bounds(model, guide, {"w": params["w"]}, x, key, num_samples=4)
+
+
+def test_nan_in_given_parameters_or_latents_is_refused_naming_the_rows():
+    """refine, reverse AIS / BDMC and evaluate_bounds returned NaN for such rows, silently."""
+    from amortjax.evaluation.ais import reverse_ais
+    from amortjax.guides.linear_gaussian import linear_gaussian_vae
+    from amortjax.models.linear_gaussian import make_linear_gaussian
+
+    lg = make_linear_gaussian(jax.random.key(0), x_dim=3, z_dim=2)
+    model, _, params = linear_gaussian_vae(lg)
+    x, z = lg.sample(jax.random.key(1), 6)
+    lam = jnp.zeros((6, 4)).at[4, 1].set(jnp.nan)
+    z = z.at[2, 0].set(jnp.inf)
+    key, rows = jax.random.key(2), r"NaN or infinite values in 1 of 6 rows \(first rows \[{}\]\)"
+    guide = aj.given_params_guide(FAM)
+    calls = [
+        ("fit_local: init", 4, lambda: aj.fit_local(model, params, x, key, init=lam)),
+        ("ais: init_params", 4, lambda: aj.ais(model, params, x, key, init_params=lam)),
+        ("refine: lam0", 4, lambda: aj.refine(model, params, x, lam, key, num_steps=2, family=FAM)),
+        (
+            r"evaluate_bounds: guide_args\[0\]",
+            4,
+            lambda: aj.evaluate_bounds(model, guide, params, x, key, guide_args=(lam,)),
+        ),
+        ("reverse AIS: z", 2, lambda: reverse_ais(model, params, x, z, key)),
+        ("reverse AIS: z", 2, lambda: aj.bdmc(model, params, x, z, key)),
+    ]
+    for name, row, call in calls:
+        with pytest.raises(ValueError, match=name + " has " + rows.format(row)):
+            call()

@@ -75,6 +75,30 @@ def test_semi_amortized_infers_the_refined_encoder_output(case):
         SemiAmortized(encoder, {"num_steps": 4})
 
 
+def test_regimes_name_parameters_they_cannot_use(case):
+    """Each used to run: an encoder of the wrong output size gave lambda of the wrong width
+    (Amortized.infer), a negative step size trained downhill (SemiAmortized), missing trained
+    parameters raised a bare KeyError."""
+    from amortjax.families import FullRankGaussian
+    from amortjax.guides.semi_amortized import semi_amortized_guide
+
+    _, model, params, x, encoder = case
+    with pytest.raises(ValueError, match=r"the encoder outputs 6 values.*full_rank.*needs .* = 9"):
+        Amortized(encoder, family=FullRankGaussian()).infer(model, params, x)
+    no_encoder = {k: v for k, v in params.items() if k != "encoder$params"}
+    with pytest.raises(ValueError, match=r"Amortized.infer: params has no 'encoder\$params'"):
+        Amortized(encoder).infer(model, no_encoder, x)
+    with pytest.raises(ValueError, match=r"SemiAmortized.infer: params has no 'encoder\$params'"):
+        SemiAmortized(encoder, RefineSettings(2)).infer(model, no_encoder, x, jax.random.key(0))
+    with pytest.raises(ValueError, match="PerExample.training_params: params has no 'local"):
+        PerExample().training_params(params)
+    downhill = RefineSettings(2, step_size=-0.1)
+    with pytest.raises(ValueError, match="SemiAmortized: step_size must be finite and > 0"):
+        SemiAmortized(encoder, downhill)
+    with pytest.raises(ValueError, match="semi_amortized_guide: step_size must be finite and > 0"):
+        semi_amortized_guide(encoder, model, x_dim=x.shape[1], **downhill._asdict())
+
+
 def test_per_example_infers_q_star_from_its_settings(case):
     """From N(0, I), q* reaches the analytic best diagonal Gaussian within 0.01 nats."""
     lg, model, params, x, _ = case

@@ -360,6 +360,23 @@ def labels_of_test_split(data: Data) -> np.ndarray | None:
     return labels if len(labels) == len(data.test) else None
 
 
+def _check_grey(where: str, x: np.ndarray | jax.Array) -> None:
+    """Refuses concrete data that are not grey levels in [0, 1] (raw 0-255 pixels came out 95%
+    ones, NaN as 0, silently); traced data (inside jit) are not checked."""
+    try:
+        arr = np.asarray(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return
+    if arr.size and not (np.all(np.isfinite(arr)) and arr.min() >= 0 and arr.max() <= 1):
+        finite = arr[np.isfinite(arr)]
+        span = f"from {finite.min():g} to {finite.max():g}" if finite.size else "none finite"
+        nan = ", and NaN or infinite ones" if finite.size < arr.size else ""
+        raise ValueError(
+            f"{where}: x must be grey levels in [0, 1]; got values {span}{nan}. Raw pixels "
+            "of 0..255 are divided by 255 first (load_data does it)"
+        )
+
+
 def threshold_binarize(x: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """A fixed binarization of grey levels: 1 where a pixel exceeds `threshold`, else 0
     (Cremer et al. 2018's Fashion-MNIST: grey levels / 255, thresholded at 0.5).
@@ -370,7 +387,11 @@ def threshold_binarize(x: np.ndarray, threshold: float = 0.5) -> np.ndarray:
 
     Returns:
         float32 array of ``x``'s shape, values in {0, 1}.
+
+    Raises:
+        ValueError: if x has values outside [0, 1] (e.g. raw 0-255 pixels) or NaN.
     """
+    _check_grey("threshold_binarize", x)
     return (np.asarray(x) > threshold).astype(np.float32)
 
 
@@ -386,7 +407,12 @@ def dynamic_binarize(key: jax.Array, x: jax.Array) -> jax.Array:
 
     Returns:
         Array of ``x``'s shape, float32, values in {0, 1}.
+
+    Raises:
+        ValueError: if a concrete x has values outside [0, 1] (e.g. raw 0-255 pixels) or NaN
+            (under jit no check is possible).
     """
     key = check_key("dynamic_binarize", key)
+    _check_grey("dynamic_binarize", x)
     x = jnp.asarray(x)
     return (jax.random.uniform(key, x.shape, dtype=jnp.float32) < x).astype(jnp.float32)

@@ -161,7 +161,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.checks import check_key, resolve_settings
+from amortjax.checks import check_finite, check_key, resolve_settings
 from amortjax.engine import map_datapoints
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.inference import hmc
@@ -484,8 +484,7 @@ def _start_params(family: Family, init_params, z_dim: int, n: int) -> jax.Array:
             f"init_params must be [{num_params}] or [num_datapoints={n}, {num_params}] "
             f"(family {family.name!r}, z_dim={z_dim}); got shape {lam.shape}"
         )
-    if not bool(jnp.all(jnp.isfinite(lam))):
-        raise ValueError("init_params has NaN or infinite values")
+    check_finite("ais", "init_params", lam if lam.ndim == 2 else lam[None])
     return jnp.broadcast_to(lam, (n, num_params))
 
 
@@ -557,6 +556,7 @@ def _check_z(z, n: int, z_dim: int) -> jax.Array:
             f"the site's unconstrained layout; or the dict of latents that simulate returns), "
             f"got shape {z.shape}"
         )
+    check_finite("reverse AIS", "z", z)
     return z
 
 

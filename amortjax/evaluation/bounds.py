@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.checks import check_key
+from amortjax.checks import check_finite, check_key
 from amortjax.engine import chunked_draw_keys, compact_threefry, map_datapoints
 from amortjax.estimators import SAMPLE_CHUNK, bounds_batch
 from amortjax.families import Family
@@ -96,6 +96,8 @@ def evaluate_bounds(
             f"guide_args must have one row per datapoint ({n}); got shapes "
             f"{[a.shape for a in guide_args]}"
         )
+    for i, arg in enumerate(guide_args):
+        check_finite("evaluate_bounds", f"guide_args[{i}]", arg)
     check_guide_draws(model, guide, params, x, "evaluate_bounds", *guide_args)
     sample_chunk = min(sample_chunk, num_samples)
     elbo, iwae = map_datapoints(
@@ -111,8 +113,19 @@ def evaluate_bounds(
 
 
 def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
-    """Mean over datapoints and its standard error."""
+    """Mean over datapoints and its standard error, from one value per datapoint `[N]` (with
+    N = 1 the standard error is NaN).
+
+    Raises:
+        ValueError: for another shape (a [runs, N] array's standard error would be the spread of
+            its first axis', silently wrong: average the runs per datapoint first).
+    """
     values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.shape[0] < 1:
+        raise ValueError(
+            f"mean_and_stderr takes one value per datapoint, [N] with N >= 1; got shape "
+            f"{values.shape} (for several values per datapoint, average them first)"
+        )
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values)))
 
 

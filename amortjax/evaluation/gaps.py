@@ -40,14 +40,15 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from amortjax.checks import check_int, check_key, resolve_settings
+from amortjax.checks import check_finite, check_int, check_key, resolve_settings
 from amortjax.evaluation.ais import AISSettings, ais, log_weight_spread
 from amortjax.evaluation.bounds import evaluate_pair, mean_and_stderr
-from amortjax.families import DiagonalGaussian, Family
+from amortjax.families import DiagonalGaussian, Family, check_num_params
 from amortjax.inference.local import LocalFit, QStarSettings
-from amortjax.latents import Site
+from amortjax.latents import Site, check_site
 from amortjax.regimes import PerExample
 
 LOWER_BOUNDS = ("mixture", "ais")
@@ -225,6 +226,9 @@ def gap_decomposition(
         check_int("gap_decomposition", 1, ais_batch_size=ais_batch_size)
     if ais_start not in AIS_STARTS:
         raise ValueError(f"unknown ais_start {ais_start!r}; choose one of {list(AIS_STARTS)}")
+    check_finite("gap_decomposition", "encoder_params", lam_q)
+    size = check_site(model, params, jnp.asarray(x), site, "gap_decomposition")
+    check_num_params(family, lam_q.shape[1], size, "encoder_params (the encoder)")
     prefix = f"{progress}: " if isinstance(progress, str) else ""
     show = bool(progress)
     k_pair, k_fit, k_ais = jax.random.split(key, 3)

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amortjax.checks import check_finite
 from amortjax.families import Family, check_num_params
 from amortjax.latents import check_site
 from amortjax.traces import check_data, log_joint
@@ -96,8 +97,7 @@ def posterior_grid(
                 f"{jnp.shape(lam)}"
             )
         check_num_params(family, jnp.shape(lam)[1], 2, f"approximation {label!r}'s lambda")
-        if not bool(jnp.all(jnp.isfinite(jnp.asarray(lam)))):
-            raise ValueError(f"approximation {label!r}: lambda has NaN or infinite values")
+        check_finite("posterior_grid", f"approximation {label!r}'s lambda", lam)
     m = int(points)
     ticks = jnp.linspace(-1.0, 1.0, m)
     g1, g2 = jnp.meshgrid(ticks, ticks)

@@ -23,11 +23,13 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.contrib.module import flax_module
 
+from amortjax.checks import check_float, check_int
 from amortjax.engine import datapoint_keys
 from amortjax.families import DiagonalGaussian, Family, check_num_params
 from amortjax.guides.global_latents import draw_globals
@@ -44,6 +46,31 @@ def model_params(model: Callable, x: jax.Array) -> dict:
     with handlers.block(expose_types=["param"]):
         trace = handlers.trace(handlers.seed(model, jax.random.key(0))).get_trace(x)
     return {name: site["value"] for name, site in trace.items() if site["type"] == "param"}
+
+
+def check_refine_settings(
+    where: str, num_steps, step_size, momentum, max_grad_norm, num_samples, num_params=None
+) -> None:
+    """The K steps' settings, each named with its allowed range (static checks, so they run
+    under jit too; a concrete step size must be positive and finite: a negative one steps
+    downhill on the ELBO)."""
+    check_int(where, 0, num_steps=num_steps)
+    check_int(where, 1, num_samples=num_samples)
+    check_float(where, "momentum", momentum, low=0, high=1, high_open=True)
+    if max_grad_norm is not None:
+        check_float(where, "max_grad_norm", max_grad_norm, low=0, low_open=True,
+                    fix="or None for no clipping")  # fmt: skip
+    shapes = ((),) if num_params is None else ((), (num_params,))
+    if jnp.ndim(step_size) > 1 or (num_params is not None and jnp.shape(step_size) not in shapes):
+        raise ValueError(
+            f"{where}: step_size must be a scalar or one per parameter, shape "
+            f"[{num_params if num_params is not None else 'num_params'}]; got shape "
+            f"{jnp.shape(step_size)}"
+        )
+    if not isinstance(step_size, jax.core.Tracer):
+        sizes = np.asarray(step_size, dtype=float)
+        if not (np.isfinite(sizes).all() and (sizes > 0).all()):
+            raise ValueError(f"{where}: step_size must be finite and > 0, got {step_size!r}")
 
 
 def semi_amortized_guide(
@@ -88,6 +115,9 @@ def semi_amortized_guide(
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
+    check_refine_settings(
+        "semi_amortized_guide", num_steps, step_size, momentum, max_grad_norm, num_samples
+    )
 
     family = family or DiagonalGaussian()
     settings = dict(

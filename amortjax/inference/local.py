@@ -104,7 +104,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from amortjax.checks import check_float, check_int, check_key, resolve_settings
+from amortjax.checks import check_finite, check_float, check_int, check_key, resolve_settings
 from amortjax.engine import datapoint_keys, map_datapoints
 from amortjax.estimators import SAMPLE_CHUNK, bounds_batch
 from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
@@ -987,9 +987,7 @@ def fit_local(
             f"{family.num_params(size)}; pass parameters of this family (e.g. the encoder's "
             "output for it) or the family they belong to (family=)"
         )
-    if not bool(jnp.all(jnp.isfinite(init))):
-        rows = np.flatnonzero(~np.all(np.isfinite(np.asarray(init)), axis=1))[:5].tolist()
-        raise ValueError(f"init has NaN or infinite values (rows {rows}, ...)")
+    check_finite("fit_local", "init", init)
     fit_key, select_key, eval_key = jax.random.split(key, 3)
     num_slots = min(batch_size, n)
     mesh = active_mesh()

@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.checks import check_float, check_int, check_key, resolve_settings
+from amortjax.checks import check_finite, check_key, resolve_settings
 from amortjax.engine import datapoint_keys, map_datapoints
 from amortjax.families import Family
 from amortjax.guides.local import local_elbo
-from amortjax.guides.semi_amortized import refine_steps
+from amortjax.guides.semi_amortized import check_refine_settings, refine_steps
 from amortjax.latents import Site, check_site
 from amortjax.traces import check_data
 
@@ -67,28 +67,15 @@ def _traced(*trees) -> bool:
 def _check_arguments(x, lam0, step_size, indices, num_steps, momentum, max_grad_norm,
                      num_samples) -> None:  # fmt: skip
     """refine's settings and shapes (all static, so this runs under jit too)."""
-    check_int("refine", 0, num_steps=num_steps)
-    check_int("refine", 1, num_samples=num_samples)
-    check_float("refine", "momentum", momentum, low=0, high=1, high_open=True)
-    if max_grad_norm is not None:
-        check_float("refine", "max_grad_norm", max_grad_norm, low=0, low_open=True,
-                    fix="or None for no clipping")  # fmt: skip
     batch = jnp.shape(x)[0] if jnp.ndim(x) else None
     if jnp.ndim(lam0) != 2 or jnp.shape(lam0)[0] != batch:
         raise ValueError(
             f"refine: lam0 must have shape [batch={batch}, num_params] (one row of variational "
             f"parameters per row of x, e.g. the encoder's output); got {jnp.shape(lam0)}"
         )
-    num_params = jnp.shape(lam0)[1]
-    if jnp.ndim(step_size) > 1 or jnp.shape(step_size) not in ((), (num_params,)):
-        raise ValueError(
-            f"refine: step_size must be a scalar or one per parameter, shape [{num_params}]; "
-            f"got shape {jnp.shape(step_size)}"
-        )
-    if not isinstance(step_size, jax.core.Tracer):
-        sizes = np.asarray(step_size, dtype=float)
-        if not (np.isfinite(sizes).all() and (sizes > 0).all()):
-            raise ValueError(f"refine: step_size must be finite and > 0, got {step_size!r}")
+    check_refine_settings(
+        "refine", num_steps, step_size, momentum, max_grad_norm, num_samples, jnp.shape(lam0)[1]
+    )
     if indices is not None and jnp.shape(indices) != (batch,):
         raise ValueError(
             f"refine: indices must have shape [batch={batch}] (each row's index in its "
@@ -145,6 +132,7 @@ def refine(
     if concrete:
         x = check_data(model, params, x)
         check_site(model, params, x, site, "refine")
+        check_finite("refine", "lam0", lam0)
     lam = refine_steps(
         model, params, x, lam0, key, family=family, num_steps=s.num_steps,
         step_size=s.step_size, momentum=s.momentum, max_grad_norm=s.max_grad_norm,
