@@ -468,9 +468,15 @@ def check_guide_draws(
             ) from err
         missing.extend(_missing_in(drawn, params))
         if not missing:
-            _check_shapes(
-                _latents(_abstract_trace(model, params, x)), _latents(drawn), f"{where}: "
-            )
+            wanted, latents = _latents(_abstract_trace(model, params, x)), _latents(drawn)
+            extra = [name for name in latents if name not in wanted]
+            if extra:
+                raise ValueError(
+                    f"{where}: the guide draws sites {extra} the model does not have (the "
+                    f"model's latents: {list(wanted)}): build the guide for the model's sites "
+                    "(site=find_local_latents(model, x) lays them out)"
+                )
+            _check_shapes(wanted, latents, f"{where}: ")
         return 0
 
     jax.eval_shape(inspect, params, x[:1], *(a[:1] for a in guide_args))

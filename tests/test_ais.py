@@ -473,3 +473,16 @@ def test_simulate_refuses_a_likelihood_that_only_broadcasts():
 
     with pytest.raises(ValueError, match=r"shape \(5, 1\), not x_like's \(5, 30\).*expand"):
         simulate(model, {}, jax.random.key(0), jnp.zeros((5, 30)))
+
+
+def test_simulate_names_an_x_like_of_the_wrong_shape(case):
+    """x_like of the wrong width was blamed on the likelihood; an empty one failed with
+    NumPyro's 'size of plate should be positive' AssertionError."""
+    _, model, params, *_ = case
+    key = jax.random.key(0)
+    with pytest.raises(
+        ValueError, match=rf"x_like has shape \(5, 9\): give x_like .*\(5, {X_DIM}\)"
+    ):
+        simulate(model, params, key, jnp.zeros((5, 9)))
+    with pytest.raises(ValueError, match=r"x_like must be \[n, ...\] with n >= 1"):
+        simulate(model, params, key, jnp.zeros((0, X_DIM)))

@@ -251,3 +251,5 @@ def test_parameters_of_the_wrong_width_are_named_before_scoring(correlated_case)
         )
     with pytest.raises(ValueError, match=r"evaluate_bounds: the guide cannot draw .* \[\(7,\)\]"):
         evaluate_bounds(model, guide, params, x, key, guide_args=(jnp.zeros((x.shape[0], 7)),))
+    with pytest.raises(ValueError, match=r"the guide draws sites \['w'\] the model does not"):
+        evaluate_bounds(model, given_params_guide(site="w"), params, x, key, guide_args=(good,))

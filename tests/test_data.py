@@ -161,6 +161,17 @@ def test_threshold_binarize_against_a_hand_computed_example():
     assert threshold_binarize(x).dtype == np.float32
 
 
+def test_a_seed_that_is_not_a_non_negative_integer_is_named():
+    """None, 1.5 and '0' failed inside NumPy's SeedSequence without naming the argument."""
+    from amortjax.evaluation.subsets import random_subset
+
+    for seed in (-1, None, 1.5, "0"):
+        with pytest.raises(ValueError, match=r"load_data: seed must be an integer >= 0"):
+            load_data("mnist", seed=seed)
+        with pytest.raises(ValueError, match=r"random_subset: seed must be an integer >= 0"):
+            random_subset(100, 10, seed)
+
+
 def test_binarizers_refuse_raw_pixels_and_nan():
     """Raw 0..255 pixels came out 95% ones and NaN as 0, silently."""
     raw = np.array([[0.0, 3.0, 128.0, 255.0]], np.float32)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.checks import check_key
+from amortjax.checks import check_int, check_key
 from amortjax.data.builders import (
     BUILDERS,
     DATA_DIR_ENV,
@@ -268,6 +268,7 @@ def load_images(
         DataNotFoundError: Raw files are missing and cannot be downloaded.
     """
     _check_name(name)
+    check_int("load_images", 0, seed=seed)
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; available: {', '.join(SPLITS)}.")
     if name == "binarized_mnist":
@@ -321,6 +322,7 @@ def load_data(
             dataset, or validation_size out of range.
         DataNotFoundError: Raw files are missing and cannot be downloaded.
     """
+    check_int("load_data", 0, seed=seed)
     resolved = resolve_binarization(name, binarization)
     kwargs = {"validation_size": validation_size, "seed": seed}
     train, train_labels = load_images(name, "train", **kwargs)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from amortjax.checks import check_int
+
 
 def random_subset(num_datapoints: int, size: int | None, seed: int) -> np.ndarray:
     """Sorted indices of `size` datapoints drawn without replacement (all if size is None or
     at least num_datapoints)."""
+    check_int("random_subset", 0, seed=seed)
     if size is None or size >= num_datapoints:
         return np.arange(num_datapoints)
     if size < 1:

@@ -225,6 +225,11 @@ def simulate(
     """
     key = check_key("simulate", key)
     x_like = jnp.asarray(x_like)
+    if x_like.ndim < 1 or x_like.shape[0] < 1:
+        raise ValueError(
+            f"simulate: x_like must be [n, ...] with n >= 1 (it sizes the data plate); got shape "
+            f"{x_like.shape}"
+        )
     unobserve = _Unobserve(handlers.substitute(model, data=params))
     trace = handlers.trace(handlers.seed(unobserve, key)).get_trace(x_like, **model_kwargs)
     if len(unobserve.released) != 1:
@@ -236,6 +241,16 @@ def simulate(
     )
     (observed,) = unobserve.released
     x = trace[observed]["value"]
+    only_broadcasts = x.ndim == x_like.ndim and all(
+        a in (b, 1) for a, b in zip(x.shape, x_like.shape, strict=True)
+    )
+    if x.shape != x_like.shape and not only_broadcasts:
+        raise ValueError(
+            f"simulate: the model draws its observed site '{observed}' with shape {x.shape} "
+            f"(per datapoint {x.shape[1:]}), but x_like has shape {x_like.shape}: give x_like "
+            f"the model's data shape, e.g. jnp.zeros(({x_like.shape[0]}, "
+            f"{', '.join(map(str, x.shape[1:]))}))"
+        )
     if x.shape != x_like.shape:
         raise ValueError(
             f"simulate: the model drew its observed site '{observed}' with shape {x.shape}, not "
