@@ -64,6 +64,8 @@ from experiments.runner import (
     check_choice,
     check_config,
     check_set_elsewhere,
+    config_to_dict,
+    load_saved_result,
     write_json,
 )
 
@@ -187,7 +189,12 @@ def _timed(regime: Regime, *args) -> Inferred:
 
 
 def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
-    """Trains every method, evaluates it on the test subset, writes metrics, report, figures."""
+    """Trains every method, evaluates it on the test subset, writes metrics, report, figures.
+
+    A method's evaluation is saved as soon as it is computed (`methods/<method>.json`, with the
+    config that made it) and reused when the run is resumed under the same config, so a killed
+    run loses at most the method it was working on (whose training continues from its last
+    checkpoint)."""
     workdir = Path(workdir)
     check_config(config)
     data = load_data(config.dataset, seed=config.seed)
@@ -249,6 +256,12 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         train_seconds = result.train_seconds  # the whole run, resumes included
         params = result.params
         trained[method] = params
+        saved = workdir / "methods" / f"{method}.json"
+        reused = load_saved_result(saved, config)
+        if reused is not None:
+            results[method] = reused["results"]
+            curves[method] = tuple(reused["elbo_vs_test_steps"])
+            continue
 
         # at test time every model's q is refined by K steps, from its encoder (or the prior)
         test_time = _test_time(method, encoder, settings, config.z_dim)
@@ -297,6 +310,14 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             for k in config.test_steps
         ]
         curves[method] = (list(config.test_steps), [float(v) for v in steps_elbo])
+        write_json(
+            saved,
+            {
+                "config": config_to_dict(config),  # what the saved results were computed under
+                "results": results[method],
+                "elbo_vs_test_steps": curves[method],
+            },
+        )
 
     decoder_of, frontier = _frontier(config, model, encoder, trained, x_eval, key, settings, bounds)
     metrics = {

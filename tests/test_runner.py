@@ -761,3 +761,37 @@ def test_an_encoder_on_a_frozen_decoder_is_trained_afresh_for_another_decoder(tm
     for a, b in zip(resumed, fresh, strict=True):
         np.testing.assert_array_equal(a, b)
     assert not all(np.array_equal(a, b) for a, b in zip(resumed, on_first, strict=True))
+
+
+def test_semi_amortized_saves_each_method_at_once_and_a_resume_reuses_it(tmp_path, monkeypatch):
+    """A run killed after `vae` was trained and evaluated used to recompute its evaluation on
+    resume (the per-method results lived in memory until metrics.json). Each method's results
+    are saved with their config as soon as they are computed, and reused under that config
+    only. (Tiny random data, and a stand-in for the frontier, which is not per method.)"""
+    from experiments import semi_amortized
+
+    x = (np.random.default_rng(0).uniform(size=(120, 16)) < 0.5).astype(np.float32)
+    data = types.SimpleNamespace(train=x[:100], test=x[100:], dynamic_binarization=False)
+    monkeypatch.setattr(semi_amortized, "load_data", lambda *args, **kwargs: data)
+    series = {"steps": [1], "ms_per_datapoint": [1.0], "elbo": [-10.0]}
+    monkeypatch.setattr(semi_amortized, "_frontier", lambda *args: ("vae", {"stand-in": series}))
+    config = resolve_config(
+        semi_amortized,
+        "quick",
+        ["epochs=1", "methods=vae", "encoder_hidden=8", "decoder_hidden=8", "z_dim=2",
+         "batch_size=50", "refine.num_steps=1", "eval_points=10", "eval_samples=2",
+         "iwae_samples=4", "test_steps=0", "frontier_points=5"],
+    )  # fmt: skip
+    semi_amortized.run(config, tmp_path, progress=False)
+    saved = tmp_path / "methods" / "vae.json"
+    entry = json.loads(saved.read_text())
+    assert entry["config"] == json.loads(json.dumps(config_to_dict(config)))
+    entry["results"]["iwae"] = [123.0, 0.0]  # what a resume must read back, not recompute
+    saved.write_text(json.dumps(entry))
+    (tmp_path / "metrics.json").unlink()  # killed before the end
+    resumed = semi_amortized.run(config, tmp_path, progress=False)
+    assert resumed["methods"]["vae"]["iwae"] == [123.0, 0.0]
+    assert resumed["elbo_vs_test_steps"]["vae"][0] == [0]
+    other = dataclasses.replace(config, iwae_samples=5)  # another evaluation: recomputed
+    assert semi_amortized.run(other, tmp_path, progress=False)["methods"]["vae"]["iwae"][0] < 0
+    assert json.loads(saved.read_text())["config"]["iwae_samples"] == 5
