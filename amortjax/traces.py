@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro import handlers
+from numpyro.primitives import Messenger
 
 from amortjax.checks import refuse_missing_params
 from amortjax.models import DATA_PLATE
@@ -287,6 +288,12 @@ def check_data(model: Callable, params: dict, x, *, chunk: int = 1000, **model_k
                     "(amortjax.dynamic_binarize, or x > 0.5)"
                 )
     check_params(model, params, "model", jnp.asarray(arr[:1]), **model_kwargs)
+    first = jnp.asarray(arr[:1])
+    with handlers.block():
+        trace = handlers.trace(
+            handlers.seed(handlers.substitute(model, data=params), jax.random.key(0))
+        ).get_trace(first, **model_kwargs)
+    _refuse_hidden_randomness(model, trace, first, **model_kwargs)
     return jnp.asarray(arr)
 
 
@@ -361,6 +368,63 @@ def _overflow(x: jax.Array, what: str, err: BaseException | None) -> None:
     ) from err
 
 
+class _SetInside(Messenger):
+    """Wrapped around a model, records the param sites whose value a handler inside it set
+    (a user's `substitute`): SVI's own substitute, outside, replaces that value."""
+
+    def __init__(self, fn: Callable) -> None:
+        super().__init__(fn)
+        self.fixed: list[str] = []
+
+    def process_message(self, msg: dict) -> None:
+        if msg["type"] == "param" and msg["value"] is not None:
+            self.fixed.append(msg["name"])
+
+
+FIXED_PARAMS_FIX = (
+    "to hold parameters fixed while training the rest, wrap the model in "
+    "amortjax.models.with_fixed_params(model, {name: value}), which hides them from SVI"
+)
+
+
+def _refuse_fixed_inside(fixed: list[str]) -> None:
+    if fixed:
+        raise ValueError(
+            f"the model's parameter sites {fixed} are set inside it (by a "
+            "numpyro.handlers.substitute), but SVI substitutes every parameter it sees with "
+            "its own trained copy, so they would be trained from that value, not held fixed; "
+            + FIXED_PARAMS_FIX
+        )
+
+
+def _refuse_hidden_randomness(model: Callable, trace: dict, x: jax.Array, **kwargs) -> None:
+    """Refuses a model whose likelihood changes when it runs again with every visible
+    parameter and latent of `trace` substituted but another seed: something hidden from
+    inference (a param site inside `handlers.block`, initialized afresh on every call) is
+    random, so training would fit noise and every evaluator would score a different model."""
+    values = {
+        name: site["value"]
+        for name, site in trace.items()
+        if site["type"] == "param" or (site["type"] == "sample" and not site["is_observed"])
+    }
+    with handlers.block():
+        again = handlers.trace(
+            handlers.seed(handlers.substitute(model, data=values), jax.random.key(12345))
+        ).get_trace(x, **kwargs)
+    for name, site in trace.items():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        first = site["fn"].log_prob(site["value"])
+        second = again[name]["fn"].log_prob(again[name]["value"])
+        if not np.allclose(np.asarray(first), np.asarray(second), rtol=1e-5, atol=1e-5):
+            raise ValueError(
+                f"the model's likelihood of {name!r} changes between two runs with the same "
+                "parameters and latents: something hidden from inference is drawn afresh on "
+                "every call (e.g. a param site inside numpyro.handlers.block, initialized at "
+                "random each time), so SVI would train against noise; " + FIXED_PARAMS_FIX
+            )
+
+
 def check_model_and_guide(
     model: Callable, guide: Callable, x: jax.Array, key: jax.Array, n_data: int, **kwargs
 ) -> None:
@@ -377,10 +441,13 @@ def check_model_and_guide(
         ValueError: naming the sites or plate and the fix.
     """
     model_key, guide_key = jax.random.split(key)
+    probe = _SetInside(model)
     with explained_model_errors("the model cannot run"), handlers.block():
-        model_trace = handlers.trace(handlers.seed(model, model_key)).get_trace(
+        model_trace = handlers.trace(handlers.seed(probe, model_key)).get_trace(
             x, n_data=n_data, **kwargs
         )
+    _refuse_fixed_inside(probe.fixed)
+    _refuse_hidden_randomness(model, model_trace, x, n_data=n_data, **kwargs)
     try:
         with handlers.block():
             guide_trace = handlers.trace(handlers.seed(guide, guide_key)).get_trace(

@@ -249,3 +249,42 @@ def test_nan_in_given_parameters_or_latents_is_refused_naming_the_rows():
     for name, row, call in calls:
         with pytest.raises(ValueError, match=name + " has " + rows.format(row)):
             call()
+
+
+def test_a_parameter_fixed_inside_the_model_is_held_fixed_or_refused():
+    """substitute(model, {decoder: P}) trained the decoder from P (SVI's own substitute wins);
+    block(model, hide=[decoder]) re-initialized it at random on every call, so the encoder
+    trained against noise and evaluate_bounds scored a random decoder. with_fixed_params holds
+    it fixed (the decoder after training is P exactly)."""
+    from numpyro import handlers
+
+    from amortjax.models import vae_model, with_fixed_params
+
+    x = (np.random.default_rng(0).uniform(size=(32, 6)) < 0.5).astype(np.float32)
+    model = vae_model(MLP((8,), 6), z_dim=2)
+    guide = aj.amortized_guide(MLP((8,), 4), x_dim=6)
+    trainer = aj.Trainer(model, guide, aj.make_optimizer(1e-2), n_data=32, batch_size=16)
+    decoder = trainer.params(trainer.init(jax.random.key(0), jnp.asarray(x)))["decoder$params"]
+    fixed = {"decoder$params": decoder}
+    wrong = {
+        "set inside it": handlers.substitute(model, data=fixed),
+        "changes between two runs": handlers.block(model, hide=["decoder$params"]),
+    }
+    for match, variant in wrong.items():
+        t = aj.Trainer(variant, guide, aj.make_optimizer(1e-2), n_data=32, batch_size=16)
+        with pytest.raises(ValueError, match=match + ".*with_fixed_params"):
+            t.init(jax.random.key(1), jnp.asarray(x))
+    with pytest.raises(ValueError, match="changes between two runs"):
+        aj.fit_local(wrong["changes between two runs"], {}, jnp.asarray(x[:4]), jax.random.key(2),
+                     z_dim=2)  # fmt: skip
+    right = with_fixed_params(model, fixed)
+    t = aj.Trainer(right, guide, aj.make_optimizer(1e-2), n_data=32, batch_size=16)
+    result = aj.fit(t, x, key=jax.random.key(1), epochs=2, progress=False)
+    assert set(result.params) == {"encoder$params"}
+    z = jnp.full((3, 2), 0.7)
+    trace = handlers.trace(
+        handlers.seed(handlers.substitute(right, data={**result.params, "z": z}), jax.random.key(3))
+    ).get_trace(jnp.asarray(x[:3]))
+    np.testing.assert_array_equal(
+        trace["x"]["fn"].base_dist.logits, MLP((8,), 6).apply({"params": decoder}, z)
+    )
