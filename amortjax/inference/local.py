@@ -182,6 +182,15 @@ class QStarSettings(NamedTuple):
             q* (100 test digits each, 32 draws) it read at most 0.06 on the quick MNIST FFG
             model (0.009 on average) and 0.09 on the paper-length one (z = 50; -0.001 on
             average), against 122 nats for a stalled Adam (see the module docstring).
+        newton_frame: where the diagonal Gaussian's Newton step takes the Hessian of log p:
+            "z" (z's own frame: one Hessian per step) or "eigen" (again in the first one's
+            eigenbasis: two per step). In float32 a Hessian in z's frame holds its small
+            eigenvalues only to about 1e-7 times its largest, so where the posterior is narrow
+            along some directions and wide along others (condition number above ~1e6: noise
+            1e-3 with x_dim 4 < z_dim 8) the "z" steps overshoot along the wide ones and
+            diverge (measured: 3.3e7 nats below the best diagonal Gaussian, every point
+            warned by the certificate); "eigen" reaches it (see `test_local.py`). The
+            full-rank step always works in q's whitened frame and ignores this.
     """
 
     method: str = "auto"
@@ -203,6 +212,7 @@ class QStarSettings(NamedTuple):
     polish_learning_rate: float = 3e-3
     certify_samples: int = 32
     certify_tol: float = 0.25
+    newton_frame: str = "z"
 
     def for_family(self, family: Family) -> QStarSettings:
         """Settings written for Adam, as `family` should run them, so that one settings object
@@ -351,6 +361,7 @@ def _newton_one(
     lam: jax.Array,
     key: jax.Array,
     step: jax.Array,
+    eigen_frame: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """One damped Newton / natural-gradient step of a Gaussian q for ONE datapoint.
 
@@ -395,6 +406,16 @@ def _newton_one(
         offsets = jnp.exp(log_scale) * eps
         lp, grads, hess = _moments(log_p, loc + offsets)
         cov = jnp.diag(jnp.exp(2 * log_scale))
+        if eigen_frame:
+            # A dense H in z's frame holds its small eigenvalues only to eps * |H| (noise 1e-3,
+            # x_dim 4 < z_dim 8: eigenvalues 1 against 1e6 come out anywhere in (0, 1.5), and
+            # each step overshot tenfold along them). Its eigenvectors separate the two
+            # clusters accurately (the gap is large), so H is taken again in their frame
+            # z = mu + R u, where each cluster's eigenvalues come out at its own scale.
+            rot = jnp.linalg.eigh(-hess)[1]
+            offsets = offsets @ rot
+            lp, grads, hess = _moments(lambda u: log_p(loc + rot @ u), offsets)
+            cov = rot.T @ cov @ rot
     else:
         _, frame = family.split(lam)
         offsets = eps
@@ -412,10 +433,11 @@ def _newton_one(
     quad = 0.5 * jnp.einsum("si,ij,sj->s", offsets, hess, offsets)
     elbo = jnp.mean(lp - quad) + 0.5 * jnp.sum(hess * cov) + q.entropy()
     if diagonal:
-        precision = (1 - step) * jnp.exp(-2 * log_scale) + step * jnp.diag(curvature)
-        new = jnp.concatenate(
-            [loc + step * jnp.linalg.solve(curvature, g), -0.5 * jnp.log(precision)]
-        )
+        move, diag = jnp.linalg.solve(curvature, g), jnp.diag(curvature)
+        if eigen_frame:  # back to z's frame
+            move, diag = rot @ move, jnp.einsum("ik,kl,il->i", rot, curvature, rot)
+        precision = (1 - step) * jnp.exp(-2 * log_scale) + step * diag
+        new = jnp.concatenate([loc + step * move, -0.5 * jnp.log(precision)])
     else:
         # In the whitened frame q's precision is I: Lambda_u <- (1 - a) I + a A_u, and the new
         # scale is L K with K K^T = Lambda_u^-1, K lower-triangular: with J the exchange
@@ -707,12 +729,13 @@ def _optimize(
         def step(carry, j):
             lam, m, v, t, lam_sum = carry
             keys = jax.vmap(jax.random.fold_in)(base, (s.steps + j).astype(jnp.uint32))
-            if method == "newton":
+            if method in ("newton", "newton_eigen"):
                 new, per_point = jax.vmap(
                     lambda xi, li, ki, ai: _newton_one(
-                        model, family, site, num_samples, params, xi, li, ki, ai
+                        model, family, site, num_samples, params, xi, li, ki, ai,
+                        eigen_frame=method == "newton_eigen",
                     )
-                )(s.x, lam, keys, s.lr)
+                )(s.x, lam, keys, s.lr)  # fmt: skip
                 lam = jnp.where(moving[:, None], new, lam)
                 return (lam, m, v, t, lam_sum + lam), per_point
 
@@ -957,6 +980,10 @@ def fit_local(
         polish_learning_rate=settings.polish_learning_rate,
         certify_samples=settings.certify_samples, certify_tol=settings.certify_tol,
     )  # fmt: skip
+    if settings.newton_frame not in ("z", "eigen"):
+        raise ValueError(
+            f"fit_local: newton_frame must be 'z' or 'eigen'; got {settings.newton_frame!r}"
+        )
     if method == "newton" and settings.polish_steps:
         raise ValueError(
             "fit_local: the polishing stage (polish_steps > 0) runs Adam; with method='newton' "
@@ -998,12 +1025,13 @@ def fit_local(
     if progress:
         _PROGRESS[0] = tqdm(total=n, desc=desc, unit="pt")
     try:
+        eigen = method == "newton" and settings.newton_frame == "eigen"
         optimize = functools.partial(
             _optimize,
             model,
             family,
             site,
-            method,
+            "newton_eigen" if eigen else method,
             int(num_samples),
             int(block_size),
             int(monitor_samples),
@@ -1112,7 +1140,16 @@ def fit_local(
                 f"{int(uncertified.sum())} of {n} datapoints: their certificate puts them up to "
                 f"{float(newton_gap[uncertified].max()):.3g} nats below the best "
                 f"{family.name} Gaussian (certify_tol={settings.certify_tol:g}). Use "
-                "method='newton', start nearer (init=), or raise patience or num_decays.",
+                "method='newton', start nearer (init=), or raise patience or num_decays"
+                + (
+                    "; for a posterior narrow along some directions and wide along others, "
+                    "newton_frame='eigen'"
+                    if method == "newton"
+                    and isinstance(family, DiagonalGaussian)
+                    and settings.newton_frame == "z"
+                    else ""
+                )
+                + ".",
                 stacklevel=2,
             )
         converged = converged & ~uncertified
