@@ -182,6 +182,25 @@ def _observed_in_plate(trace: dict):
             yield name, site, frames[0].dim
 
 
+def _fits(site: dict) -> tuple[bool, tuple[int, ...]]:
+    """Whether an observed site's value has its distribution's shape (the distribution may
+    broadcast against its value, not the value against it), and that shape."""
+    fn = site["fn"]
+    expected = tuple(fn.batch_shape) + tuple(fn.event_shape)
+    try:
+        return np.broadcast_shapes(site["value"].shape, expected) == site["value"].shape, expected
+    except ValueError:
+        return False, expected
+
+
+def _shape_mismatch(name: str, value_shape, expected, x_shape) -> ValueError:
+    return ValueError(
+        f"observed site {name!r}: x gives it shape {tuple(value_shape)} but the model's "
+        f"distribution has shape {tuple(expected)}: x has shape {tuple(x_shape)}; check it "
+        "against the model's (e.g. its x_dim)"
+    )
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _support_rows(model: Callable, params: dict, part: jax.Array, kwargs: tuple) -> dict:
     """Per observed site in the data plate: `[chunk]` rows inside its support, whether x's
@@ -192,11 +211,7 @@ def _support_rows(model: Callable, params: dict, part: jax.Array, kwargs: tuple)
     out = {}
     for name, site, dim in _observed_in_plate(trace):
         fn, value = site["fn"], site["value"]
-        expected = tuple(fn.batch_shape) + tuple(fn.event_shape)
-        try:  # the distribution may broadcast against its value, not the value against it
-            fits = np.broadcast_shapes(value.shape, expected) == value.shape
-        except ValueError:
-            fits = False
+        fits, expected = _fits(site)
         if fits:
             inside = jnp.moveaxis(jnp.atleast_1d(fn.support(value)), dim, 0)
             inside = inside.reshape(inside.shape[0], -1).all(1)
@@ -272,11 +287,7 @@ def check_data(model: Callable, params: dict, x, *, chunk: int = 1000, **model_k
             ) from err
         for name, (inside, fits, value_shape, expected) in sites.items():
             if not bool(fits):
-                raise ValueError(
-                    f"observed site {name!r}: x gives it shape {tuple(value_shape.tolist())} "
-                    f"but the model's distribution has shape {tuple(expected.tolist())}: x has "
-                    f"shape {arr.shape}; check it against the model's (e.g. its x_dim)"
-                )
+                raise _shape_mismatch(name, value_shape.tolist(), expected.tolist(), arr.shape)
             bad = ~np.asarray(inside)[:size]
             if bad.any():
                 rows = start + np.flatnonzero(bad)
@@ -446,6 +457,10 @@ def check_model_and_guide(
         model_trace = handlers.trace(handlers.seed(probe, model_key)).get_trace(
             x, n_data=n_data, **kwargs
         )
+    for name, site, _ in _observed_in_plate(model_trace):
+        fits, expected = _fits(site)
+        if not fits:
+            raise _shape_mismatch(name, site["value"].shape, expected, x.shape)
     _refuse_fixed_inside(probe.fixed)
     _refuse_hidden_randomness(model, model_trace, x, n_data=n_data, **kwargs)
     try:
@@ -457,6 +472,12 @@ def check_model_and_guide(
         if "invalid" not in str(err):
             raise
         _overflow(x, f"invalid variational parameters ({err})", err)
+    except Exception as err:  # e.g. Flax's ScopeParamShapeError: an encoder for another x_dim
+        raise ValueError(
+            f"the guide cannot run on a batch of x of shape {tuple(x.shape)} ({type(err).__name__}"
+            f": {str(err)[:300]}); was it built for another x (e.g. amortized_guide(encoder, "
+            f"x_dim=...) with x_dim = {x.shape[1:]}, or a preprocess that changes x's shape)?"
+        ) from err
     for name, site in _latents(guide_trace).items():
         log_q = site["fn"].log_prob(site["value"])
         if not (jnp.isfinite(site["value"]).all() and jnp.isfinite(log_q).all()):

@@ -288,3 +288,20 @@ def test_a_parameter_fixed_inside_the_model_is_held_fixed_or_refused():
     np.testing.assert_array_equal(
         trace["x"]["fn"].base_dist.logits, MLP((8,), 6).apply({"params": decoder}, z)
     )
+
+
+def test_data_of_another_width_than_the_model_or_the_guide_is_named_by_the_trainer():
+    """Both failed with Flax's ScopeParamShapeError from inside the encoder: the guide ran
+    before anything compared x with the model."""
+    from amortjax.models import vae_model
+
+    x = (np.random.default_rng(0).uniform(size=(16, 6)) < 0.5).astype(np.float32)
+    model = vae_model(MLP((8,), 6), z_dim=2)
+    guide = aj.amortized_guide(MLP((8,), 4), x_dim=6)
+    trainer = aj.Trainer(model, guide, aj.make_optimizer(1e-2), n_data=16, batch_size=8)
+    with pytest.raises(ValueError, match=r"x gives it shape \(8, 5\) but the model's .*\(8, 6\)"):
+        trainer.init(jax.random.key(0), jnp.asarray(x[:, :5]))
+    narrow = aj.amortized_guide(MLP((8,), 4), x_dim=5)
+    trainer = aj.Trainer(model, narrow, aj.make_optimizer(1e-2), n_data=16, batch_size=8)
+    with pytest.raises(ValueError, match=r"the guide cannot run on a batch of x of shape \(8, 6\)"):
+        trainer.init(jax.random.key(0), jnp.asarray(x))
