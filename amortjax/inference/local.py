@@ -880,7 +880,8 @@ def _diagonal_start(model, params, x, key, family, site, z_dim, settings, progre
     diagonal = fit_local(
         model, params, x, jax.random.fold_in(key, jnp.uint32(2**32 - 4)),
         family=DiagonalGaussian(), site=site, z_dim=z_dim, method="newton", final_samples=0,
-        batch_size=settings.batch_size, progress=desc if progress else False,
+        batch_size=settings.batch_size, newton_frame=settings.newton_frame,
+        progress=desc if progress else False,
     )  # fmt: skip
     loc, log_scale = jnp.split(jnp.asarray(diagonal.params), 2, axis=-1)
     _, _, layers = family.split(family.standard_params(z_dim))
