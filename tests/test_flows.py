@@ -425,3 +425,53 @@ def test_a_flow_without_init_starts_at_the_diagonal_q_star_and_climbs_from_there
     assert np.all(fit.elbo < np.asarray(lg.log_marginal(x)) + 0.05)
     _, log_scale, _ = family.split(jnp.asarray(fit.params))
     assert np.all(np.asarray(log_scale) < -1.0)  # (the base: the narrow diagonal q*)
+
+
+def test_a_flow_from_a_gaussian_has_that_gaussians_distribution():
+    """`flow_from_gaussian`: a 2-layer coupling flow (odd z_dim 5: halves 3 and 2) whose q is a
+    given correlated Gaussian, one narrow direction among wide ones; its KL to that Gaussian by
+    Monte Carlo (exact log-densities on the flow's own draws) is below 0.01 nats (measured
+    0.002-0.004: the tanh conditioners' cubic error; the Gaussian's marginal variances, which identity
+    layers around its diagonal would give, are 3,270 nats off here)."""
+    from amortjax.inference.flow_start import flow_from_gaussian
+
+    rng = np.random.default_rng(0)
+    d = 5
+    w = rng.normal(size=(2, d))
+    precision = np.eye(d) + w.T @ w / 0.02**2  # two narrow oblique directions, three wide
+    cov = np.linalg.inv(precision)
+    loc = rng.normal(size=(3, d))
+    tril = np.broadcast_to(np.linalg.cholesky(cov), (3, d, d))
+    family = AffineCouplingFlow()
+    lam, info = flow_from_gaussian(family, loc, tril, return_info=True)
+    assert np.all(info["kl"] < 1e-5), info["kl"]  # the linear flow, exactly (float64)
+    q = family.distribution(lam)
+    z = q.sample(jax.random.key(0), (4000,))
+    log_q = np.asarray(q.log_prob(z), np.float64)
+    import scipy.stats
+
+    z64 = np.asarray(z, np.float64)  # (float32's log-density of so narrow a Gaussian: ~1e-3)
+    log_n = np.stack(
+        [scipy.stats.multivariate_normal(loc[i], cov).logpdf(z64[:, i]) for i in range(3)], 1
+    )
+    kl = (log_q - log_n).mean(0)
+    assert np.all(np.abs(kl) < 0.01), kl
+
+
+def test_a_flow_started_at_the_full_rank_q_star_reaches_a_narrow_correlated_posterior():
+    """x_dim 4 < z_dim 8, noise 1e-2: from the diagonal start the flow's q* ended 19.4 +- 0.65
+    nats below log p(x) (20 points; Adam cannot find the oblique narrow directions in the
+    flow's weights); from flow_start='full_rank', within 0.01 nats on every point (measured
+    0.0000 +- 0.0001)."""
+    lg = make_linear_gaussian(jax.random.PRNGKey(0), x_dim=4, z_dim=8, noise_scale=1e-2)
+    model, _, params = linear_gaussian_vae(lg)
+    x, _ = lg.sample(jax.random.PRNGKey(1000), 6)
+    family = AffineCouplingFlow()
+    fit = fit_local(model, params, x, jax.random.key(0), family=family, z_dim=8,
+                    flow_start="full_rank", final_samples=0)  # fmt: skip
+    bounds = evaluate_bounds(model, given_params_guide(family), params, x, jax.random.key(5),
+                             guide_args=(fit.params,), num_samples=2000)  # fmt: skip
+    gap = np.asarray(lg.log_marginal(x)) - bounds.elbo
+    assert np.all(np.abs(gap) < 0.01), gap
+    with pytest.raises(ValueError, match="flow_start must be 'diagonal' or 'full_rank'"):
+        fit_local(model, params, x, jax.random.key(0), family=family, z_dim=8, flow_start="qr")
