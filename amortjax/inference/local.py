@@ -910,7 +910,19 @@ def _full_rank_start(model, params, x, key, family, site, z_dim, settings, progr
         batch_size=settings.batch_size, progress=desc if progress else False,
     )  # fmt: skip
     loc, scale_tril = full.split(jnp.asarray(gaussian.params))
-    return flow_from_gaussian(family, np.asarray(loc), np.asarray(scale_tril))
+    lam, info = flow_from_gaussian(
+        family, np.asarray(loc), np.asarray(scale_tril), return_info=True
+    )
+    off = ~(info["kl"] <= 0.01)
+    if off.any():
+        warnings.warn(
+            f"fit_local: the full-rank start's coupling flow is more than 0.01 nats (KL) from "
+            f"the full-rank q* for {int(off.sum())} of {off.size} datapoints (up to "
+            f"{float(np.nanmax(np.where(off, info['kl'], 0))):.3g}): those start farther from "
+            "it (the optimizer and the final comparison still run)",
+            stacklevel=3,
+        )
+    return lam
 
 
 def _check_settings(*, learning_rate, min_improvement, lr_decay, final_samples, num_decays,
