@@ -205,9 +205,7 @@ def _shape_mismatch(name: str, value_shape, expected, x_shape) -> ValueError:
 def _support_rows(model: Callable, params: dict, part: jax.Array, kwargs: tuple) -> dict:
     """Per observed site in the data plate: `[chunk]` rows inside its support, whether x's
     shape fits its distribution's, and both shapes (compiled once per model and shape)."""
-    seeded = handlers.seed(handlers.substitute(model, data=params), jax.random.key(0))
-    with handlers.block():
-        trace = handlers.trace(seeded).get_trace(part, **dict(kwargs))
+    trace = _trace_with(model, params, part, **dict(kwargs))
     out = {}
     for name, site, dim in _observed_in_plate(trace):
         fn, value = site["fn"], site["value"]
@@ -224,10 +222,7 @@ def _support_rows(model: Callable, params: dict, part: jax.Array, kwargs: tuple)
 def _outside_values(model, params, row, name, model_kwargs) -> str:
     """ ", with values [...] (its distribution's support)" for one offending row, traced eagerly
     (only on the error path)."""
-    seeded = handlers.seed(handlers.substitute(model, data=params), jax.random.key(0))
-    with handlers.block():
-        trace = handlers.trace(seeded).get_trace(jnp.asarray(row), **model_kwargs)
-    site = trace[name]
+    site = _trace_with(model, params, jnp.asarray(row), **model_kwargs)[name]
     base = site["fn"].support
     while hasattr(base, "base_constraint"):  # the elementwise constraint
         base = base.base_constraint
@@ -298,13 +293,10 @@ def check_data(model: Callable, params: dict, x, *, chunk: int = 1000, **model_k
                     "for a Bernoulli likelihood binarize grey levels first "
                     "(amortjax.dynamic_binarize, or x > 0.5)"
                 )
-    check_params(model, params, "model", jnp.asarray(arr[:1]), **model_kwargs)
     first = jnp.asarray(arr[:1])
-    with handlers.block():
-        trace = handlers.trace(
-            handlers.seed(handlers.substitute(model, data=params), jax.random.key(0))
-        ).get_trace(first, **model_kwargs)
-    _refuse_hidden_randomness(model, trace, first, **model_kwargs)
+    check_params(model, params, "model", first, **model_kwargs)
+    _refuse_hidden_randomness(model, _trace_with(model, params, first, **model_kwargs), first,
+                              **model_kwargs)  # fmt: skip
     return jnp.asarray(arr)
 
 
@@ -324,7 +316,7 @@ def check_params(fn: Callable, params: dict, whose: str, *args, **kwargs) -> Non
     missing: list[str] = []
 
     def inspect(params, *args):
-        trace = _abstract_trace(fn, params, *args, **kwargs)
+        trace = _trace_with(fn, params, *args, **kwargs)
         missing.extend(_missing_in(trace, params))
         return 0
 
@@ -332,8 +324,10 @@ def check_params(fn: Callable, params: dict, whose: str, *args, **kwargs) -> Non
     refuse_missing_params(missing, params, whose)
 
 
-def _abstract_trace(fn: Callable, params: dict, *args, **kwargs) -> dict:
-    seeded = handlers.seed(handlers.substitute(fn, data=params), jax.random.key(0))
+def _trace_with(fn: Callable, data: dict, *args, seed: int = 0, **kwargs) -> dict:
+    """fn's trace on `*args`, with `data` (parameters, latents) substituted, seeded, and hidden
+    from any handler around it (abstract when run under `jax.eval_shape`)."""
+    seeded = handlers.seed(handlers.substitute(fn, data=data), jax.random.key(seed))
     with handlers.block():
         return handlers.trace(seeded).get_trace(*args, **kwargs)
 
@@ -418,10 +412,7 @@ def _refuse_hidden_randomness(model: Callable, trace: dict, x: jax.Array, **kwar
         for name, site in trace.items()
         if site["type"] == "param" or (site["type"] == "sample" and not site["is_observed"])
     }
-    with handlers.block():
-        again = handlers.trace(
-            handlers.seed(handlers.substitute(model, data=values), jax.random.key(12345))
-        ).get_trace(x, **kwargs)
+    again = _trace_with(model, values, x, seed=12345, **kwargs)
     for name, site in trace.items():
         if site["type"] != "sample" or not site["is_observed"]:
             continue
@@ -547,7 +538,7 @@ def check_guide_draws(
 
     def inspect(params, x, *args):
         try:
-            drawn = _abstract_trace(guide, params, x, *args)
+            drawn = _trace_with(guide, params, x, *args)
         except (ValueError, TypeError) as err:
             raise ValueError(
                 f"{where}: the guide cannot draw for the first datapoint with guide_args of "
@@ -556,7 +547,7 @@ def check_guide_draws(
             ) from err
         missing.extend(_missing_in(drawn, params))
         if not missing:
-            wanted, latents = _latents(_abstract_trace(model, params, x)), _latents(drawn)
+            wanted, latents = _latents(_trace_with(model, params, x)), _latents(drawn)
             extra = [name for name in latents if name not in wanted]
             if extra:
                 raise ValueError(
