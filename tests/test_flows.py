@@ -431,8 +431,8 @@ def test_a_flow_from_a_gaussian_has_that_gaussians_distribution():
     """`flow_from_gaussian`: a 2-layer coupling flow (odd z_dim 5: halves 3 and 2) whose q is a
     given correlated Gaussian, one narrow direction among wide ones; its KL to that Gaussian by
     Monte Carlo (exact log-densities on the flow's own draws) is below 0.01 nats (measured
-    0.002-0.004: the tanh conditioners' cubic error; the Gaussian's marginal variances, which identity
-    layers around its diagonal would give, are 3,270 nats off here)."""
+    0.002-0.004: the tanh conditioners' cubic error; the Gaussian's marginal variances, which
+    identity layers around its diagonal would give, are 3,270 nats off here)."""
     from amortjax.inference.flow_start import flow_from_gaussian
 
     rng = np.random.default_rng(0)
