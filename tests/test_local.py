@@ -241,7 +241,9 @@ def test_doubling_every_budget_moves_q_star_by_less_than_0_02_nats(collinear):
     assert abs(more.mean() - base.mean()) < 0.02
 
 
-@pytest.mark.parametrize("method", ["adam", "newton", "adam+polish"])
+@pytest.mark.parametrize(
+    "method", [pytest.param("adam", marks=pytest.mark.slow), "newton", "adam+polish"]
+)  # (plain Adam: `make test-slow`; adam+polish runs Adam's loop too)
 def test_a_datapoints_q_star_does_not_depend_on_the_batch(case, method, monkeypatch):
     from amortjax.inference import local
 

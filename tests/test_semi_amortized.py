@@ -108,6 +108,8 @@ def test_refine_refuses_bad_settings_shapes_and_data_naming_the_fix(case):
     assert call(step_size=jnp.full(6, 0.01)).shape == (40, 6)  # one step size per parameter
 
 
+@pytest.mark.slow  # ~34 s in a fresh CI run; test_modes_route_gradients_where_they_should
+# checks the same gradient's routing in the default run
 def test_gradient_through_refinement_matches_finite_differences():
     with jax.enable_x64(True):
         lg = make_linear_gaussian(jax.random.key(0), x_dim=5, z_dim=2, noise_scale=0.7)
