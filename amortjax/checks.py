@@ -94,13 +94,31 @@ def refuse_missing_params(missing: list[str], params: dict, whose: str) -> None:
         )
 
 
+def check_has_params(where: str, params: dict, name: str) -> None:
+    """Refuses params without the trained parameters `name` that `where` reads directly (a
+    bare KeyError otherwise), naming the keys given and where the right ones come from."""
+    if name not in params:
+        raise ValueError(
+            f"{where}: params has no {name!r} (keys: {sorted(params)[:6]}): pass the trained "
+            "parameters that hold it, e.g. trainer.params(state) or fit(...).params"
+        )
+
+
+def concrete(values: Any) -> np.ndarray | None:
+    """values as a NumPy array, or None when they are traced (inside jit or grad), where no
+    check of their values is possible."""
+    try:
+        return np.asarray(values)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+
+
 def check_finite(where: str, name: str, values: Any) -> None:
     """Refuses values `[N, ...]` (parameters or latents a user gives, one row per datapoint)
     with a NaN or an infinite entry, naming the rows: an evaluator would report NaN for them.
     Traced values (inside jit or grad) are not checked."""
-    try:
-        arr = np.asarray(values)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    arr = concrete(values)
+    if arr is None:
         return
     bad = ~np.isfinite(arr)
     if bad.any():

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
+from amortjax.checks import concrete
 from amortjax.flows import AffineCouplingFlow
 
 
@@ -67,11 +68,15 @@ class DiagonalGaussian:
     def z_dim(self, num_params: int) -> int:
         """The z_dim with `num_params(z_dim) == num_params` (half of it)."""
         if num_params < 2 or num_params % 2:
-            raise ValueError(f"{num_params} parameters is not 2 z_dim for any z_dim >= 1")
+            raise ValueError(
+                f"the diagonal Gaussian's lambda is [loc, log_scale] of 2 z_dim values; "
+                f"{num_params} values is not 2 z_dim for any z_dim >= 1"
+            )
         return num_params // 2
 
     def split(self, params: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Returns `(loc, log_scale)`, each `[..., z_dim]`."""
+        self.z_dim(params.shape[-1])  # an odd width: a ValueError naming it
         loc, log_scale = jnp.split(params, 2, axis=-1)
         return loc, log_scale
 
@@ -84,7 +89,7 @@ class DiagonalGaussian:
                 finite (under `jit` no check is possible: its log would be NaN or -inf).
         """
         _refuse_non_positive(
-            _concrete(scale),
+            concrete(scale),
             "scale",
             "pack takes the scale sigma, not log sigma (split returns log sigma: pack(loc, "
             "jnp.exp(log_scale)))",
@@ -101,15 +106,6 @@ class DiagonalGaussian:
 
     def standard_params(self, z_dim: int) -> jax.Array:
         return jnp.zeros(2 * z_dim)
-
-
-def _concrete(values: jax.Array) -> np.ndarray | None:
-    """values as a NumPy array, or None when they are traced (inside jit or grad), where no
-    check of their values is possible."""
-    try:
-        return np.asarray(values)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
-        return None
 
 
 def _refuse_non_positive(values: np.ndarray | None, what: str, fix: str) -> None:
@@ -180,7 +176,7 @@ class FullRankGaussian:
                 f"scale_tril must be [..., {z_dim}, {z_dim}] for loc [..., {z_dim}], "
                 f"got {scale_tril.shape}"
             )
-        tril = _concrete(scale_tril)
+        tril = concrete(scale_tril)
         if tril is not None and np.any(np.triu(tril, 1)):
             raise ValueError(
                 "scale_tril has nonzero entries above its diagonal (largest "

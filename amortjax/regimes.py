@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from amortjax.checks import check_has_params
 from amortjax.families import DiagonalGaussian, Family, check_num_params
 from amortjax.guides.amortized import amortized_guide, encode
 from amortjax.guides.local import LOCAL_PARAMS, local_guide
@@ -118,22 +119,13 @@ class Amortized:
     def infer(self, model: Callable, params: dict, x, key: jax.Array | None = None) -> Inferred:
         """The encoder's lambda for x `[N, x_dim]` (key unused: encoding draws nothing)."""
         x = check_data(model, params, x)
-        _trained(params, "encoder$params", "Amortized.infer")
+        check_has_params("Amortized.infer", params, "encoder$params")
         start = time.perf_counter()
         lam = np.asarray(jax.block_until_ready(_cached(_encode_jit, self.encoder)(params, x)))
         seconds = time.perf_counter() - start
         # (the model's local latent size; its global latents, if any, a global guide covers)
         check_num_params(self.family, lam.shape[1], find_local_latents(model, x, params).size)
         return Inferred(lam, lam, np.zeros(lam.shape[0], np.int32), seconds)
-
-
-def _trained(params: dict, name: str, where: str) -> None:
-    """Refuses params without the regime's own trained parameters `name` (a bare KeyError)."""
-    if name not in params:
-        raise ValueError(
-            f"{where}: params has no {name!r} (keys: {sorted(params)[:6]}): pass the parameters "
-            "this regime was trained to, e.g. trainer.params(state) or fit(...).params"
-        )
 
 
 def _cached(factory: Callable, *args: Any) -> Callable:
@@ -194,7 +186,7 @@ class PerExample:
 
     def training_params(self, params: dict) -> np.ndarray:
         """The trained lambda of every training datapoint, `[N, num_params]`."""
-        _trained(params, LOCAL_PARAMS, "PerExample.training_params")
+        check_has_params("PerExample.training_params", params, LOCAL_PARAMS)
         return np.asarray(params[LOCAL_PARAMS])
 
     def infer(
@@ -295,7 +287,7 @@ class SemiAmortized:
         draws from `fold_in(key, i)` for datapoint i."""
         x = check_data(model, params, x)
         if self.encoder is not None:
-            _trained(params, "encoder$params", "SemiAmortized.infer")
+            check_has_params("SemiAmortized.infer", params, "encoder$params")
         site = self.site if self.site is not None else resolve_site(None, model, x)
         size = latent_size(site, self.z_dim)
         if self.encoder is None and size is None:

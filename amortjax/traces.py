@@ -268,17 +268,13 @@ def check_data(model: Callable, params: dict, x, *, chunk: int = 1000, **model_k
                 sites = _support_rows(model, params, jnp.asarray(part), kwargs)
         except ModelStructureError:
             raise
-        except ValueError as err:
-            raise ValueError(
-                f"the model cannot run on x of shape {arr.shape} (per datapoint "
-                f"{arr.shape[1:]}): {type(err).__name__}: {err}. Check x's shape against the "
-                f"model's (e.g. its x_dim)"
-            ) from err
         except Exception as err:
             raise ValueError(
                 f"the model cannot run on x of shape {arr.shape} (per datapoint "
-                f"{arr.shape[1:]}): {type(err).__name__}: {err}. Check x's shape against the "
-                f"model's (e.g. its x_dim)"
+                f"{arr.shape[1:]}) with these params: {type(err).__name__}: {err}. Check x's "
+                "shape against the model's (e.g. its x_dim), and that params are those of this "
+                "model (a parameter of another shape than the model makes means they belong to "
+                "a model of another size)"
             ) from err
         for name, (inside, fits, value_shape, expected) in sites.items():
             if not bool(fits):

@@ -137,8 +137,12 @@ def test_latent_activity_refuses_bad_data_and_settings_naming_the_fix():
         latent_activity(encoder, params, x[:, :6])
     with pytest.raises(ValueError, match="threshold must be a finite number in \\[0, inf\\)"):
         latent_activity(encoder, params, x, threshold=-0.01)
-    with pytest.raises(ValueError, match="no 'encoder\\$params'.*FitResult.params"):
+    with pytest.raises(ValueError, match="no 'encoder\\$params'.*fit\\(...\\).params"):
         latent_activity(encoder, params["encoder$params"], x)
+    # 10 outputs are lambda of a diagonal Gaussian over 5 dims, but of no full-rank Gaussian
+    # (z^2 + 3z = 20 has no integer root): a bare "not num_params(z_dim)" before
+    with pytest.raises(ValueError, match="the encoder outputs 10 values.*full_rank.*num_params"):
+        latent_activity(encoder, params, x, family=FullRankGaussian())
 
 
 def test_activity_and_kl_of_a_narrow_correlated_posterior_match_the_closed_forms():

@@ -104,6 +104,8 @@ def test_pack_refuses_log_scales_covariances_and_upper_factors():
             full.pack(jnp.zeros(2), wrong)
     q = full.distribution(full.pack(jnp.zeros(2), jnp.linalg.cholesky(cov)))
     np.testing.assert_allclose(q.covariance_matrix, cov, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"\[loc, log_scale\] of 2 z_dim values; 5 values"):
+        diag.split(jnp.zeros(5))  # JAX's "array split does not result in an equal division"
 
 
 def test_full_rank_standard_params_is_the_standard_normal():

@@ -305,3 +305,19 @@ def test_data_of_another_width_than_the_model_or_the_guide_is_named_by_the_train
     trainer = aj.Trainer(model, narrow, aj.make_optimizer(1e-2), n_data=16, batch_size=8)
     with pytest.raises(ValueError, match=r"the guide cannot run on a batch of x of shape \(8, 6\)"):
         trainer.init(jax.random.key(0), jnp.asarray(x))
+
+
+def test_parameters_of_a_model_of_another_size_are_named_as_such():
+    """A decoder's params from a model of x_dim 6 given with a model of x_dim 5 (and data that
+    fit it): the message blamed only x's shape, which was right."""
+    from amortjax.models import vae_model
+
+    x = (np.random.default_rng(0).uniform(size=(8, 6)) < 0.5).astype(np.float32)
+    model = vae_model(MLP((8,), 6), z_dim=2)
+    guide = aj.amortized_guide(MLP((8,), 4), x_dim=6)
+    trainer = aj.Trainer(model, guide, aj.make_optimizer(1e-2), n_data=8, batch_size=8)
+    params = trainer.params(trainer.init(jax.random.key(0), jnp.asarray(x)))
+    small = vae_model(MLP((8,), 5), z_dim=2)
+    with pytest.raises(ValueError, match=r"params are those of this model.*another size"):
+        aj.evaluate_bounds(small, aj.amortized_guide(MLP((8,), 4), x_dim=5), params, x[:, :5],
+                           jax.random.key(1), num_samples=2)  # fmt: skip

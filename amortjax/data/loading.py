@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.checks import check_int, check_key
+from amortjax.checks import check_int, check_key, concrete
 from amortjax.data.builders import (
     BUILDERS,
     DATA_DIR_ENV,
@@ -365,9 +365,8 @@ def labels_of_test_split(data: Data) -> np.ndarray | None:
 def _check_grey(where: str, x: np.ndarray | jax.Array) -> None:
     """Refuses concrete data that are not grey levels in [0, 1] (raw 0-255 pixels came out 95%
     ones, NaN as 0, silently); traced data (inside jit) are not checked."""
-    try:
-        arr = np.asarray(x)
-    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    arr = concrete(x)
+    if arr is None:
         return
     if arr.size and not (np.all(np.isfinite(arr)) and arr.min() >= 0 and arr.max() <= 1):
         finite = arr[np.isfinite(arr)]

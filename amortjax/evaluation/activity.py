@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.checks import check_float, check_int
+from amortjax.checks import check_float, check_has_params, check_int
 from amortjax.engine import map_datapoints
-from amortjax.families import DiagonalGaussian, Family
+from amortjax.families import DiagonalGaussian, Family, check_num_params
 from amortjax.guides.amortized import encode
 from amortjax.traces import check_array
 
@@ -211,23 +211,19 @@ def latent_activity(
     x = check_array(x)
     check_int("latent_activity", 1, batch_size=batch_size)
     check_float("latent_activity", "threshold", threshold, low=0, fix="Burda et al. use 0.01")
-    if "encoder$params" not in params:
-        raise ValueError(
-            "latent_activity: params has no 'encoder$params' (keys: "
-            f"{sorted(params)[:6]}); pass the trained parameters of the amortized guide, "
-            "e.g. FitResult.params"
-        )
+    check_has_params("latent_activity", params, "encoder$params")
     n = x.shape[0]
     batch_size = min(batch_size, n)
     run = jax.jit(lambda p, xb: encode(encoder, p, xb))
     try:
-        run.lower(params, jnp.asarray(x[:batch_size]))
+        out = jax.eval_shape(run, params, jnp.asarray(x[:batch_size]))
     except Exception as err:
         raise ValueError(
             f"latent_activity: the encoder cannot run on x of shape {x.shape} (x_dim "
             f"{x.shape[1]}): {type(err).__name__}: {str(err)[:300]}. Check x_dim against the "
             "encoder's input size"
         ) from err
+    check_num_params(family, out.shape[-1], source="latent_activity: the encoder")
     # encoding draws nothing: the engine's per-datapoint keys go unused
     lam = map_datapoints(lambda p, _, xb: run(p, xb), params, jax.random.key(0), [x],
                          batch_size=batch_size)  # fmt: skip
