@@ -11,8 +11,10 @@ variate), averaged over blocks of 10 steps.
 
 Measured in one run, the variants taking turns (median of the rounds after a compile warm-up):
 
-1. the library: `fit_local`'s compiled chunk (`_optimize`, method "newton", its default step
-   0.5, S = 4 and blocks of 10) on B datapoints for exactly `steps` steps from N(0, I)
+1. the library: `fit_local`'s compiled chunk (`_optimize`, method "newton" with its default
+   `newton_frame`, "auto": each Hessian's condition number tested, a second Hessian in its
+   eigenbasis only where it passes 1e5; and again with frame "z", which never tests), its
+   default step 0.5, S = 4 and blocks of 10) on B datapoints for exactly `steps` steps from N(0, I)
    (patience too large to stop). Its first block scores the start without moving (the
    reference of its plateau rule), a block of Newton steps like any other: its work is steps +
    one block, and its rate is counted so (the rate of its moving steps alone is reported too);
@@ -44,6 +46,12 @@ from bench.local_optimizer import decoder_params, load_test
 
 STEP_SIZE, BLOCK = DEFAULTS["newton"]
 NUM_SAMPLES = QStarSettings().num_samples
+FRAME = QStarSettings().newton_frame
+VARIANTS = {
+    "library": f"library (fit_local chunk, Newton, frame {FRAME})",
+    "library_z": "library, frame z",
+    "floor": "hand-written Newton floor",
+}
 
 
 class HandNewton:
@@ -164,17 +172,22 @@ def run(
     params = decoder_params(model, x=x[:2], x_dim=x_dim, hidden=hidden, z_dim=z_dim, seed=seed)
     lam0 = jnp.zeros((batch, family.num_params(z_dim)))
 
-    def library():
+    def library(method=f"newton_{FRAME}"):
         return _optimize(
-            model, family, "z", "newton", NUM_SAMPLES, BLOCK, 0, batch, False, False, params, x,
+            model, family, "z", method, NUM_SAMPLES, BLOCK, 0, batch, False, False, params, x,
             lam0, jax.random.key(seed + 1), jnp.float32(STEP_SIZE), jnp.int32(2**30),
             jnp.int32(steps), jnp.float32(0.0), jnp.float32(0.3), jnp.int32(0),
         ).out_lam  # fmt: skip
 
     hand = HandNewton(params, num_samples=NUM_SAMPLES, steps=steps, block=BLOCK, step=STEP_SIZE)
-    jobs = {"library": library, "floor": lambda: hand.fit(x, lam0, jax.random.key(seed + 2))[0]}
+    jobs = {
+        "library": library,
+        "library_z": lambda: library("newton"),
+        "floor": lambda: hand.fit(x, lam0, jax.random.key(seed + 2))[0],
+    }
     times, compile_s = time_in_turns(jobs, repeats)
-    work = {"library": steps + BLOCK, "floor": steps}  # the library's start-scoring block
+    # the library's start-scoring block
+    work = {"library": steps + BLOCK, "library_z": steps + BLOCK, "floor": steps}
     results = {
         name: {
             "seconds_median": median(ts),
@@ -187,6 +200,8 @@ def run(
         for name, ts in times.items()
     }
     ratio = results["library"]["datapoint_steps_per_s"] / results["floor"]["datapoint_steps_per_s"]
+    auto_over_z = (results["library"]["datapoint_steps_per_s"]
+                   / results["library_z"]["datapoint_steps_per_s"])  # fmt: skip
     moving_ratio = (results["library"]["moving_datapoint_steps_per_s"]
                     / results["floor"]["moving_datapoint_steps_per_s"])  # fmt: skip
 
@@ -205,8 +220,7 @@ def run(
     }
     rows = [
         {
-            "variant": "library (fit_local chunk, Newton)" if name == "library" else
-            "hand-written Newton floor",
+            "variant": VARIANTS[name],
             "B": batch,
             "S": NUM_SAMPLES,
             "steps": steps,
@@ -224,6 +238,8 @@ def run(
         f"{BLOCK}; median of {repeats} rounds after a warm-up round, variants taking turns",
         f"library / floor {ratio:.3f} per step of work (the library's start-scoring block "
         f"counted), {moving_ratio:.3f} per moving step",
+        f"newton_frame '{FRAME}' (the default: a test of each Hessian's condition number, a "
+        f"second Hessian only where it passes 1e5) / 'z': {auto_over_z:.3f}",
         f"same optimizer: mean ELBO ({score_samples} common draws) library "
         f"{agreement['mean_elbo_library']:.3f}, floor {agreement['mean_elbo_floor']:.3f}, "
         f"difference {agreement['mean_difference']:+.4f} +- {agreement['difference_se']:.4f}",
@@ -244,6 +260,7 @@ def run(
         "results": results,
         "library_over_floor": ratio,
         "library_over_floor_moving_steps": moving_ratio,
+        "default_frame_over_z_frame": auto_over_z,
         "agreement": agreement,
         "table": {"columns": list(rows[0]), "rows": rows},
         "notes": notes,

@@ -629,8 +629,9 @@ def test_newton_step_runs_and_both_fits_agree(tmp_path):
     tiny = dict(datapoints=6, steps=20, hidden=32, z_dim=4, repeats=1, score_samples=400,
                 data="random")  # fmt: skip
     result, report = run_and_save("newton_step", quick=True, out_dir=tmp_path, **tiny)
-    assert set(result["results"]) == {"library", "floor"}
+    assert set(result["results"]) == {"library", "library_z", "floor"}
     assert result["results"]["library"]["steps_of_work"] == 30  # its start-scoring block
+    assert _positive_finite(result["default_frame_over_z_frame"])
     assert _positive_finite(result["library_over_floor"])
     agreement = result["agreement"]
     assert abs(agreement["mean_difference"]) < 4 * agreement["difference_se"] + 0.02

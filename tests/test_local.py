@@ -193,8 +193,9 @@ def test_the_diagonal_q_star_reaches_its_best_at_a_narrow_correlated_posterior()
     """x_dim 4 < z_dim 8 at noise 1e-3 from N(0, I): with the Hessian in z's frame each Newton
     step overshot tenfold along the posterior's wide directions (its eigenvalues 1 next to 1e6
     are float32 noise there) and q* ended 3.3e7 nats below the best diagonal Gaussian (caught by
-    the certificate, which now names the fix); taken again in its eigenbasis
-    (newton_frame='eigen'), within 2e-6 nats of it on every point."""
+    the certificate, which names the fix); taken again in its eigenbasis where z's frame is
+    ill-conditioned (newton_frame='auto', the default), within 2e-6 nats of it on every
+    point."""
     lg = make_linear_gaussian(jax.random.key(11), x_dim=4, z_dim=8, noise_scale=1e-3)
     model, _, params = linear_gaussian_vae(lg)
     x, _ = lg.sample(jax.random.key(12), 12)
@@ -204,17 +205,37 @@ def test_the_diagonal_q_star_reaches_its_best_at_a_narrow_correlated_posterior()
 
     with warnings.catch_warnings(record=True) as caught:  # (z's frame diverged under JAX 0.10
         warnings.simplefilter("always")  # and converged under 0.12: rounding decides)
-        fit_local(model, params, x, jax.random.key(2), **settings)
+        fit_local(model, params, x, jax.random.key(2), newton_frame="z", **settings)
     for w in caught:
         if "not converged" in str(w.message):
             assert "newton_frame='eigen'" in str(w.message)
-    fit = fit_local(model, params, x, jax.random.key(2), newton_frame="eigen", **settings)
+            assert "method='newton'" not in str(w.message)  # it is Newton already
+    assert QStarSettings().newton_frame == "auto"
+    fit = fit_local(model, params, x, jax.random.key(2), **settings)
     loc, log_scale = np.split(np.asarray(fit.params, np.float64), 2, axis=1)
     short = best - lg.elbo(x, loc, np.exp(log_scale))
     assert short.max() < 0.01 and short.min() > -1e-6, (short.mean(), short.max())
     assert fit.converged.all() and fit.newton_gap.max() < 0.01
-    with pytest.raises(ValueError, match="newton_frame must be 'z' or 'eigen'"):
+    with pytest.raises(ValueError, match="newton_frame must be one of"):
         fit_local(model, params, x, jax.random.key(2), newton_frame="whitened", **settings)
+
+
+def test_the_auto_frame_takes_no_second_hessian_where_z_frame_is_well_conditioned():
+    """newton_frame='auto' costs the second Hessians only where z's frame loses precision: at
+    noise 0.3 (condition number ~1e2) its q* is bit for bit the z frame's, and 'eigen' (which
+    always takes them) moves it by rounding only."""
+    lg = make_linear_gaussian(jax.random.key(3), x_dim=4, z_dim=3, noise_scale=0.3)
+    model, _, params = linear_gaussian_vae(lg)
+    x, _ = lg.sample(jax.random.key(4), 6)
+    settings = {"z_dim": 3, "final_samples": 0}
+    fits = {
+        frame: fit_local(model, params, x, jax.random.key(5), newton_frame=frame, **settings)
+        for frame in ("z", "auto", "eigen")
+    }
+    fits = {frame: fit.params for frame, fit in fits.items()}
+    np.testing.assert_array_equal(fits["auto"], fits["z"])
+    assert not np.array_equal(fits["eigen"], fits["z"])
+    np.testing.assert_allclose(fits["eigen"], fits["z"], atol=1e-3)
 
 
 @pytest.mark.parametrize("noise", [1e-2, 1e-3])

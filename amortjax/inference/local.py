@@ -117,6 +117,11 @@ from amortjax.traces import check_data
 
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
 _MIN_CURVATURE = 1e-3  # floor of the Newton step's curvature eigenvalues
+EIGEN_FRAME_CONDITION = 1e5
+"""newton_frame="auto" takes the diagonal Gaussian's Hessian again in its eigenbasis where its
+condition number in z's frame passes this: float32 (eps 1.2e-7) then holds the smallest
+eigenvalues to about 1% of themselves or worse."""
+NEWTON_FRAMES = ("z", "eigen", "auto")
 METHODS = ("auto", "adam", "newton")
 DEFAULTS = {  # per method: (learning_rate, block_size)
     "adam": (3e-3, 50),
@@ -184,14 +189,19 @@ class QStarSettings(NamedTuple):
             model (0.009 on average) and 0.09 on the paper-length one (z = 50; -0.001 on
             average), against 122 nats for a stalled Adam (see the module docstring).
         newton_frame: where the diagonal Gaussian's Newton step takes the Hessian of log p:
-            "z" (z's own frame: one Hessian per step) or "eigen" (again in the first one's
-            eigenbasis: two per step). In float32 a Hessian in z's frame holds its small
-            eigenvalues only to about 1e-7 times its largest, so where the posterior is narrow
-            along some directions and wide along others (condition number above ~1e6: noise
-            1e-3 with x_dim 4 < z_dim 8) the "z" steps overshoot along the wide ones and
+            "z" (z's own frame: one Hessian per step), "eigen" (again in the first one's
+            eigenbasis: two per step) or "auto" (the default: again in the eigenbasis only
+            where the first one's condition number passes `EIGEN_FRAME_CONDITION`, 1e5, for
+            any moving datapoint of the chunk). In float32 a Hessian in z's frame holds its
+            small eigenvalues only to about 1e-7 times its largest, so where the posterior is
+            narrow along some directions and wide along others (condition number above ~1e6:
+            noise 1e-3 with x_dim 4 < z_dim 8) the "z" steps overshoot along the wide ones and
             diverge (measured: 3.3e7 nats below the best diagonal Gaussian, every point
-            warned by the certificate); "eigen" reaches it (see `test_local.py`). The
-            full-rank step always works in q's whitened frame and ignores this.
+            warned by the certificate); "eigen" and "auto" reach it (see `test_local.py`). On
+            the quick MNIST FFG model (z = 50, 200 test digits from the encoder) "eigen" took
+            1.9-2.2 times as long as "z" for the same q* (L[q*] -0.0005 +- 0.0019 nats apart);
+            see the README for "auto". The full-rank step always works in q's whitened frame
+            and ignores this.
         flow_start: where a flow's q* starts without `init`: "diagonal" (the diagonal
             Gaussian's q* as its base, identity coupling layers) or "full_rank" (the full-rank
             Gaussian's q*, made a coupling flow by `inference.flow_start.flow_from_gaussian`:
@@ -222,7 +232,7 @@ class QStarSettings(NamedTuple):
     polish_learning_rate: float = 3e-3
     certify_samples: int = 32
     certify_tol: float = 0.25
-    newton_frame: str = "z"
+    newton_frame: str = "auto"
     flow_start: str = "diagonal"
 
     def for_family(self, family: Family) -> QStarSettings:
@@ -397,43 +407,87 @@ def _newton_one(
     Returns:
         `(new lambda [P], ELBO estimate at lambda)` (the entropy in closed form).
     """
-    q = family.distribution(lam)
+    moments = _newton_moments(model, family, site, num_samples, params, x, lam, key)
+    if eigen_frame and isinstance(family, DiagonalGaussian):
+        moments = _in_eigen_frame(model, site, params, x, lam, moments)
+    return _newton_update(family, lam, moments, step)
+
+
+class _Moments(NamedTuple):
+    """One datapoint's draws of log p and its derivatives, in the frame z = mu + R u that the
+    Newton step takes them in (R: `rot`; q's whitened frame for the full-rank family, z's own
+    frame or the eigenbasis of a first Hessian for the diagonal one)."""
+
+    lp: jax.Array  # log p(x, z_s), [S]
+    grads: jax.Array  # grad_u log p, [S, d]
+    hess: jax.Array  # mean_s hess_u log p, symmetrized, [d, d]
+    offsets: jax.Array  # the draws' displacement u_s from mu, [S, d]
+    cov: jax.Array  # q's covariance in u, [d, d]
+    rot: jax.Array  # R (identity but in the eigen frame; unused for the full-rank family)
+    eig: tuple[jax.Array, jax.Array]  # eigenvalues [d] and eigenvectors [d, d] of -hess
+
+
+def _with_moments(lp, grads, hess, offsets, cov, rot) -> _Moments:
+    """The draws with the eigendecomposition of -hess, which the step's saddle-free curvature,
+    the "auto" frame's condition test and the eigen frame's rotation all read."""
+    return _Moments(lp, grads, hess, offsets, cov, rot, jnp.linalg.eigh(-hess))
+
+
+def _newton_moments(model, family, site, num_samples, params, x, lam, key) -> _Moments:
+    """The Newton step's draws of ONE datapoint: z's frame for the diagonal Gaussian, q's
+    whitened frame for the full-rank one."""
     loc = family.mean(lam)
     z_dim = loc.shape[-1]
     eps = _antithetic(key, num_samples, z_dim, lam.dtype)
-    diagonal = isinstance(family, DiagonalGaussian)
     log_p = _log_p(model, params, x, site)
-
+    eye = jnp.eye(z_dim, dtype=lam.dtype)
     # The full-rank step works in q's whitened frame, z = mu + L u: there g_u = L^T g and
     # H_u = L^T H L (near -I close to q*) are computed by differentiating u -> log p(mu + L u)
     # itself. In float32 a dense H in z loses every eigenvalue below eps * |H|: on a posterior
     # of noise 1e-3 with x_dim 4 < z_dim 8 (condition number 3e7) the prior's eigenvalues 1
     # came out 0.6-1.5 and q* stayed 2.3 nats short of the exact posterior. The diagonal step
-    # keeps z's frame (its precision is a diagonal, which float32 holds at any condition).
-    # (offsets: the draws' displacement in the frame the Hessian is taken in; cov: q's
-    # covariance in that frame.)
-    if diagonal:
+    # keeps z's frame (its precision is a diagonal), or takes H again in the first one's
+    # eigenbasis where that frame loses precision (`_in_eigen_frame`).
+    if isinstance(family, DiagonalGaussian):
         _, log_scale = family.split(lam)
         offsets = jnp.exp(log_scale) * eps
         lp, grads, hess = _moments(log_p, loc + offsets)
-        cov = jnp.diag(jnp.exp(2 * log_scale))
-        if eigen_frame:
-            # A dense H in z's frame holds its small eigenvalues only to eps * |H| (noise 1e-3,
-            # x_dim 4 < z_dim 8: eigenvalues 1 against 1e6 come out anywhere in (0, 1.5), and
-            # each step overshot tenfold along them). Its eigenvectors separate the two
-            # clusters accurately (the gap is large), so H is taken again in their frame
-            # z = mu + R u, where each cluster's eigenvalues come out at its own scale.
-            rot = jnp.linalg.eigh(-hess)[1]
-            offsets = offsets @ rot
-            lp, grads, hess = _moments(lambda u: log_p(loc + rot @ u), offsets)
-            cov = rot.T @ cov @ rot
-    else:
-        _, frame = family.split(lam)
-        offsets = eps
-        lp, grads, hess = _moments(lambda u: log_p(loc + frame @ u), eps)
-        cov = jnp.eye(z_dim, dtype=lam.dtype)
-    g = grads.mean(0)
-    w, v = jnp.linalg.eigh(-hess)
+        return _with_moments(lp, grads, hess, offsets, jnp.diag(jnp.exp(2 * log_scale)), eye)
+    _, frame = family.split(lam)
+    lp, grads, hess = _moments(lambda u: log_p(loc + frame @ u), eps)
+    return _with_moments(lp, grads, hess, eps, eye, eye)
+
+
+def _in_eigen_frame(model, site, params, x, lam, first: _Moments) -> _Moments:
+    """A diagonal Gaussian's draws again, in the eigenbasis R of their first Hessian (z's frame).
+
+    A dense H in z's frame holds its small eigenvalues only to eps * |H| (noise 1e-3, x_dim 4 <
+    z_dim 8: eigenvalues 1 against 1e6 came out anywhere in (0, 1.5), and each step overshot
+    tenfold along them). Its eigenvectors separate the two clusters accurately (the gap is
+    large), so H is taken again in their frame z = mu + R u, where each cluster's eigenvalues
+    come out at their own scale. The same draws are used (rotated)."""
+    loc = DiagonalGaussian().mean(lam)
+    log_p = _log_p(model, params, x, site)
+    rot = first.eig[1]
+    offsets = first.offsets @ rot
+    lp, grads, hess = _moments(lambda u: log_p(loc + rot @ u), offsets)
+    return _with_moments(lp, grads, hess, offsets, rot.T @ first.cov @ rot, rot)
+
+
+def _ill_conditioned(m: _Moments) -> jax.Array:
+    """Whether float32 leaves the small eigenvalues of a Hessian in z's frame off by over 1% of
+    themselves: its condition number (eigenvalues' absolute values, the smallest floored at
+    `_MIN_CURVATURE`) above `EIGEN_FRAME_CONDITION`."""
+    w = jnp.abs(m.eig[0])
+    return jnp.max(w) > EIGEN_FRAME_CONDITION * jnp.maximum(jnp.min(w), _MIN_CURVATURE)
+
+
+def _newton_update(family, lam, m: _Moments, step) -> tuple[jax.Array, jax.Array]:
+    """The damped Newton step of `_newton_one` from its draws, and the ELBO estimate at lam."""
+    loc = family.mean(lam)
+    z_dim = loc.shape[-1]
+    g = m.grads.mean(0)
+    w, v = m.eig
     # |eigenvalues|: clipping negative ones at the floor made 1000-fold jumps along them; on the
     # quick MNIST FFG model (100 test digits, from the encoder) that left Newton's L[q*] 0.58 +-
     # 0.17 nats below Adam's (its 10 worst digits by 2.1-8.2 nats); with |w|, 0.09 +- 0.07 (one
@@ -441,18 +495,21 @@ def _newton_one(
     curvature = (v * jnp.maximum(jnp.abs(w), _MIN_CURVATURE)) @ v.T
     # The ELBO signal of the plateau rule, with the quadratic term as a control variate:
     # exact on a quadratic log p (it only steers the stopping rule; nothing reported uses it).
-    quad = 0.5 * jnp.einsum("si,ij,sj->s", offsets, hess, offsets)
-    elbo = jnp.mean(lp - quad) + 0.5 * jnp.sum(hess * cov) + q.entropy()
-    if diagonal:
-        move, diag = jnp.linalg.solve(curvature, g), jnp.diag(curvature)
-        if eigen_frame:  # back to z's frame
-            move, diag = rot @ move, jnp.einsum("ik,kl,il->i", rot, curvature, rot)
+    quad = 0.5 * jnp.einsum("si,ij,sj->s", m.offsets, m.hess, m.offsets)
+    elbo = (jnp.mean(m.lp - quad) + 0.5 * jnp.sum(m.hess * m.cov)
+            + family.distribution(lam).entropy())  # fmt: skip
+    if isinstance(family, DiagonalGaussian):
+        _, log_scale = family.split(lam)
+        # back to z's frame from R's (R = I in z's frame: the products are exact)
+        move = m.rot @ jnp.linalg.solve(curvature, g)
+        diag = jnp.einsum("ik,kl,il->i", m.rot, curvature, m.rot)
         precision = (1 - step) * jnp.exp(-2 * log_scale) + step * diag
         new = jnp.concatenate([loc + step * move, -0.5 * jnp.log(precision)])
     else:
         # In the whitened frame q's precision is I: Lambda_u <- (1 - a) I + a A_u, and the new
         # scale is L K with K K^T = Lambda_u^-1, K lower-triangular: with J the exchange
         # matrix and R R^T = J Lambda_u J (Cholesky), K = J R^-T J.
+        _, frame = family.split(lam)
         eye = jnp.eye(z_dim, dtype=lam.dtype)
         precision = (1 - step) * eye + step * curvature
         precision = 0.5 * (precision + precision.T)
@@ -732,6 +789,28 @@ def _optimize(
             )
         )(x, lam, keys)  # fmt: skip
 
+    def newton_step(x, lam, keys, step, moving):
+        """The slots' Newton steps; "newton_auto" takes every slot's Hessian again in its
+        eigenbasis when one moving slot's is ill-conditioned in z's frame (a test outside
+        vmap, so that the second Hessians cost nothing where none is needed)."""
+        moments = jax.vmap(
+            lambda xi, li, ki: _newton_moments(model, family, site, num_samples, params, xi,
+                                               li, ki)
+        )(x, lam, keys)  # fmt: skip
+        if method != "newton" and isinstance(family, DiagonalGaussian):
+
+            def again(m):
+                return jax.vmap(
+                    lambda xi, li, mi: _in_eigen_frame(model, site, params, xi, li, mi)
+                )(x, lam, m)
+
+            if method == "newton_eigen":
+                moments = again(moments)
+            else:
+                needed = jnp.any(jax.vmap(_ill_conditioned)(moments) & moving)
+                moments = jax.lax.cond(needed, again, lambda m: m, moments)
+        return jax.vmap(functools.partial(_newton_update, family))(lam, moments, step)
+
     def block(s: _Slots) -> _Slots:
         valid = s.idx < n
         base = datapoint_keys(key, s.idx)
@@ -740,13 +819,8 @@ def _optimize(
         def step(carry, j):
             lam, m, v, t, lam_sum = carry
             keys = jax.vmap(jax.random.fold_in)(base, (s.steps + j).astype(jnp.uint32))
-            if method in ("newton", "newton_eigen"):
-                new, per_point = jax.vmap(
-                    lambda xi, li, ki, ai: _newton_one(
-                        model, family, site, num_samples, params, xi, li, ki, ai,
-                        eigen_frame=method == "newton_eigen",
-                    )
-                )(s.x, lam, keys, s.lr)  # fmt: skip
+            if method.startswith("newton"):
+                new, per_point = newton_step(s.x, lam, keys, s.lr, moving)
                 lam = jnp.where(moving[:, None], new, lam)
                 return (lam, m, v, t, lam_sum + lam), per_point
 
@@ -1022,9 +1096,9 @@ def fit_local(
         raise ValueError(
             f"fit_local: flow_start must be 'diagonal' or 'full_rank'; got {settings.flow_start!r}"
         )
-    if settings.newton_frame not in ("z", "eigen"):
+    if settings.newton_frame not in NEWTON_FRAMES:
         raise ValueError(
-            f"fit_local: newton_frame must be 'z' or 'eigen'; got {settings.newton_frame!r}"
+            f"fit_local: newton_frame must be one of {NEWTON_FRAMES}; got {settings.newton_frame!r}"
         )
     if method == "newton" and settings.polish_steps:
         raise ValueError(
@@ -1070,13 +1144,13 @@ def fit_local(
     if progress:
         _PROGRESS[0] = tqdm(total=n, desc=desc, unit="pt")
     try:
-        eigen = method == "newton" and settings.newton_frame == "eigen"
+        frame = settings.newton_frame if method == "newton" else "z"
         optimize = functools.partial(
             _optimize,
             model,
             family,
             site,
-            "newton_eigen" if eigen else method,
+            method if frame == "z" else f"newton_{frame}",
             int(num_samples),
             int(block_size),
             int(monitor_samples),
@@ -1184,14 +1258,15 @@ def fit_local(
                 f"fit_local: q* stopped by its rule but not converged for "
                 f"{int(uncertified.sum())} of {n} datapoints: their certificate puts them up to "
                 f"{float(newton_gap[uncertified].max()):.3g} nats below the best "
-                f"{family.name} Gaussian (certify_tol={settings.certify_tol:g}). Use "
-                "method='newton', start nearer (init=), or raise patience or num_decays"
+                f"{family.name} Gaussian (certify_tol={settings.certify_tol:g}). "
+                + ("Use method='newton', s" if method != "newton" else "S")
+                + "tart nearer (init=), or raise patience or num_decays"
                 + (
                     "; for a posterior narrow along some directions and wide along others, "
                     "newton_frame='eigen'"
                     if method == "newton"
                     and isinstance(family, DiagonalGaussian)
-                    and settings.newton_frame == "z"
+                    and settings.newton_frame != "eigen"
                     else ""
                 )
                 + ".",
