@@ -301,8 +301,15 @@ def test_polishing_takes_a_noise_limited_end_close_to_the_optimum(collinear):
         loc, log_scale = np.split(np.asarray(fit.params, np.float64), 2, axis=1)
         return best - lg.elbo(x, loc, np.exp(log_scale))
 
-    noisy = dict(z_dim=5, final_samples=0, method="adam", num_samples=1, learning_rate=0.1,
-                 num_decays=0)  # fmt: skip
+    noisy = dict(
+        z_dim=5,
+        final_samples=0,
+        method="adam",
+        num_samples=1,
+        learning_rate=0.1,
+        num_decays=0,
+        certify_retries=0,
+    )  # fmt: skip  (no continuation: one stage)
     plain = fit_local(model, params, x, jax.random.key(1), **noisy)
     polished = fit_local(model, params, x, jax.random.key(1), polish_steps=1000, **noisy)
     assert plain.polished is None and polished.polished.mean() > 0.9
@@ -509,6 +516,34 @@ def test_the_newton_certificate_is_the_exact_distance_to_the_familys_best(family
     assert exact.min() < 0.05 and exact.max() > 100  # near the optimum and far from it
 
 
+def test_a_q_star_its_certificate_rejects_goes_on_until_it_passes(collinear):
+    """The noise-limited first stage of the polishing test (Adam, one draw per step at rate
+    0.1, no step-size reductions) stops 0.4 nats short of the best diagonal Gaussian, and the
+    certificate names the points; continued (certify_retries, twice the patience and one more
+    reduction per round) they climb, the others are left as they were."""
+    lg, model, params, x = collinear
+    best = lg.elbo(x, *lg.best_diagonal(x))
+
+    def short(fit):
+        loc, log_scale = np.split(np.asarray(fit.params, np.float64), 2, axis=1)
+        return best - lg.elbo(x, loc, np.exp(log_scale))
+
+    noisy = dict(z_dim=5, final_samples=0, method="adam", num_samples=1, learning_rate=0.1,
+                 num_decays=0)  # fmt: skip
+    with pytest.warns(UserWarning, match="after certify_retries=0 continuations"):
+        plain = fit_local(model, params, x, jax.random.key(1), certify_retries=0, **noisy)
+    flagged = plain.newton_gap > QStarSettings().certify_tol
+    assert flagged.sum() >= 5 and not plain.continued.any()
+    cont = fit_local(model, params, x, jax.random.key(1), **noisy)
+    np.testing.assert_array_equal(cont.continued, flagged)
+    np.testing.assert_array_equal(cont.params[~flagged], plain.params[~flagged])
+    assert np.all(cont.steps[flagged] > plain.steps[flagged])
+    assert short(cont)[flagged].mean() < 0.3 * short(plain)[flagged].mean(), (
+        short(cont)[flagged].mean(), short(plain)[flagged].mean())  # fmt: skip
+    assert np.all(short(cont) > -1e-4)
+    assert f"{flagged.sum()} continued after their certificate" in cont.convergence()["text"]
+
+
 def test_a_q_star_that_stalls_is_not_reported_converged():
     """Adam on a full-rank q of a narrow correlated posterior (noise 1e-2, x_dim 4 < z_dim 8):
     its plateau rule stops it 100+ nats short (measured: 122 on average over 100 points) and
@@ -521,7 +556,7 @@ def test_a_q_star_that_stalls_is_not_reported_converged():
     with pytest.warns(UserWarning, match=r"not converged for \d+ of 20 .*method='newton'"):
         fit = fit_local(
             model, params, x, jax.random.key(2), family=family, z_dim=8, final_samples=0,
-            method="adam",
+            method="adam", certify_retries=0,
         )  # fmt: skip
     loc, tril = family.split(jnp.asarray(fit.params))
     short = lg.gaussian_kl_to_posterior(x, np.asarray(loc), np.asarray(tril))

@@ -188,6 +188,10 @@ class QStarSettings(NamedTuple):
             q* (100 test digits each, 32 draws) it read at most 0.06 on the quick MNIST FFG
             model (0.009 on average) and 0.09 on the paper-length one (z = 50; -0.001 on
             average), against 122 nats for a stalled Adam (see the module docstring).
+        certify_retries: rounds of continuation for a Gaussian q* that its rule stopped but
+            its certificate does not pass: it goes on from where it stopped, with twice the
+            draws per step and the patience, and one more step-size stage, each round (see
+            the README for what it changed on MNIST). 0: warn only.
         newton_frame: where the diagonal Gaussian's Newton step takes the Hessian of log p:
             "z" (z's own frame: one Hessian per step), "eigen" (again in the first one's
             eigenbasis: two per step) or "auto" (the default: again in the eigenbasis only
@@ -232,6 +236,7 @@ class QStarSettings(NamedTuple):
     polish_learning_rate: float = 3e-3
     certify_samples: int = 32
     certify_tol: float = 0.25
+    certify_retries: int = 2
     newton_frame: str = "auto"
     flow_start: str = "diagonal"
 
@@ -304,6 +309,8 @@ class LocalFit(NamedTuple):
         newton_gap: the convergence certificate of a Gaussian q*, `[N]`: nats by which its
             ELBO lies below the best of its family by the Newton model (see
             `QStarSettings.certify_samples`; None for other families or with 0 draws).
+        continued: True where the certificate sent the datapoint on for more rounds
+            (`QStarSettings.certify_retries`), `[N]` (None where not recorded).
     """
 
     params: np.ndarray
@@ -318,6 +325,7 @@ class LocalFit(NamedTuple):
     stopped_fraction: float
     polished: np.ndarray | None = None
     newton_gap: np.ndarray | None = None
+    continued: np.ndarray | None = None
 
     def convergence(self) -> dict[str, Any]:
         """A summary of the convergence record for reports.
@@ -325,7 +333,8 @@ class LocalFit(NamedTuple):
         Returns:
             `{"num_datapoints", "converged_fraction", "hit_max_steps", "steps_mean",
             "steps_max", "gain_mean", "gain_max", "moved_fraction", "stopped_fraction",
-            "polished_fraction", "newton_gap_mean", "newton_gap_max", "certified", "text"}`,
+            "polished_fraction", "newton_gap_mean", "newton_gap_max", "certified",
+            "continued", "text"}`,
             where text reads e.g. "q* converged for 99.7% of 1000 points; 3 hit max_steps;
             2,310 steps on average" (the certificate's entries None without one). Without a
             certificate (`certified` False) `converged_fraction` is the share the rule stopped,
@@ -346,6 +355,7 @@ class LocalFit(NamedTuple):
             "newton_gap_mean": None,
             "newton_gap_max": None,
             "certified": self.newton_gap is not None,
+            "continued": None if self.continued is None else int(np.sum(self.continued)),
         }
         if self.newton_gap is not None:
             out["newton_gap_mean"] = float(np.mean(self.newton_gap))
@@ -369,6 +379,8 @@ class LocalFit(NamedTuple):
                 f"; below the family's best by {out['newton_gap_mean']:.4f} nats on average "
                 f"(max {out['newton_gap_max']:.4f}; Newton-model certificate)"
             )
+        if out["continued"]:
+            out["text"] += f"; {out['continued']} continued after their certificate"
         return out
 
 
@@ -1001,19 +1013,174 @@ def _full_rank_start(model, params, x, key, family, site, z_dim, settings, progr
 
 def _check_settings(*, learning_rate, min_improvement, lr_decay, final_samples, num_decays,
                     monitor_samples, polish_steps, polish_learning_rate, certify_samples,
-                    certify_tol, **positive_ints) -> None:  # fmt: skip
+                    certify_tol, certify_retries, **positive_ints) -> None:  # fmt: skip
     """fit_local's settings, each named with its allowed range when it is outside it."""
     check_int("fit_local", 1, **positive_ints)
     check_int(
         "fit_local", 0, final_samples=final_samples, num_decays=num_decays,
         monitor_samples=monitor_samples, polish_steps=polish_steps,
-        certify_samples=certify_samples,
+        certify_samples=certify_samples, certify_retries=certify_retries,
     )  # fmt: skip
     check_float("fit_local", "certify_tol", certify_tol, low=0, low_open=True)
     check_float("fit_local", "learning_rate", learning_rate, low=0, low_open=True)
     check_float("fit_local", "polish_learning_rate", polish_learning_rate, low=0, low_open=True)
     check_float("fit_local", "min_improvement", min_improvement, low=0)
     check_float("fit_local", "lr_decay", lr_decay, low=0, high=1, low_open=True, high_open=True)
+
+
+class _Round(NamedTuple):
+    """One round of `fit_local`'s optimizer on its datapoints (see `_fit_round`)."""
+
+    lam: np.ndarray  # the chosen lambda, [N, P]
+    steps: np.ndarray
+    converged: np.ndarray  # by the plateau rule
+    hit: np.ndarray
+    gain: np.ndarray
+    moved: np.ndarray
+    polished: np.ndarray | None
+    newton_gap: np.ndarray | None
+    continued: np.ndarray  # False in a first round
+    busy: int  # slot-steps on datapoints, and all slot-steps
+    capacity: int
+
+    def merged(self, rows: np.ndarray, later: _Round) -> _Round:
+        """This round with `rows` replaced by `later`, their continuation from where they
+        stopped: steps add up, and the start a later round kept is this round's end."""
+
+        def put(mine, theirs):
+            out = np.array(mine, copy=True)
+            out[rows] = theirs
+            return out
+
+        polished = None
+        if self.polished is not None:
+            polished = put(self.polished, np.where(later.moved, later.polished,
+                                                   self.polished[rows]))  # fmt: skip
+        return _Round(
+            lam=put(self.lam, later.lam),
+            steps=put(self.steps, self.steps[rows] + later.steps),
+            converged=put(self.converged, later.converged),
+            hit=put(self.hit, self.hit[rows] | later.hit),
+            gain=put(self.gain, later.gain),
+            moved=put(self.moved, self.moved[rows] | later.moved),
+            polished=polished,
+            newton_gap=put(self.newton_gap, later.newton_gap),
+            continued=put(self.continued, True),
+            busy=self.busy + later.busy,
+            capacity=self.capacity + later.capacity,
+        )
+
+
+def _fit_round(
+    model, family, site, method, settings, params, x, init, fit_key, select_key, num_slots, *,
+    gaussian, mesh, progress, **stage,
+) -> _Round:  # fmt: skip
+    """`fit_local`'s optimizer from `init` to its stopping rule (with `stage`'s patience and
+    num_decays where given), the polishing stage, the choice between start and end(s), and the
+    certificate of the Gaussian families. `settings` has every number resolved for `method`
+    (which names the Newton frame: "newton", "newton_eigen", "newton_auto")."""
+    settings = settings._replace(**stage)
+    n = x.shape[0]
+    if progress:
+        _PROGRESS[0] = tqdm(total=n, desc=progress, unit="pt")
+    try:
+        optimize = functools.partial(
+            _optimize, model, family, site, method, settings.num_samples, settings.block_size,
+            settings.monitor_samples,
+        )  # fmt: skip
+        numbers = (
+            jnp.float32(settings.learning_rate),
+            jnp.int32(settings.patience),
+            jnp.int32(settings.max_steps),
+            jnp.float32(settings.min_improvement),
+            jnp.float32(settings.lr_decay),
+            jnp.int32(settings.num_decays),
+        )
+        # Once the queue is empty, the loop stops when half of its slots are empty. Where the
+        # tail (the blocks since the queue emptied) has run for SHRINK_SECONDS, the slowest
+        # datapoints are slow enough to pay for compiling smaller loops (a few seconds each):
+        # the busy ones go on in half as many slots, and so on at every halving; a shorter
+        # tail goes on in the same slots to the end (one compiled loop).
+        final = _initial_slots(
+            model, family, site, settings.monitor_samples, int(num_slots), params, x, init,
+            fit_key, numbers[0],
+        )  # fmt: skip
+        slots, shrink, busy = num_slots, None, np.ones(1, bool)
+        while busy.any():
+            half = slots // 2
+            can = shrink is not False and half >= MIN_SLOTS
+            can = can and (mesh is None or half % mesh.shape[DATA_AXIS] == 0)
+            start, before = time.perf_counter(), int(final.tail_blocks)
+            final = optimize(
+                slots, bool(progress), bool(settings.stl), params, x, init, fit_key, *numbers,
+                jnp.int32(half if can else -1), final,
+            )  # fmt: skip
+            busy = np.asarray(final.idx) < n
+            if busy.any():  # (stopped at half: the queue is empty)
+                if shrink is None:  # decided once, at the first halving
+                    blocks = max(int(final.capacity) // slots, 1)
+                    tail = (int(final.tail_blocks) - before) / blocks
+                    shrink = (time.perf_counter() - start) * tail >= SHRINK_SECONDS
+                if shrink:
+                    final = _shrunk(final, np.argsort(~busy, kind="stable")[:half])
+                    slots = half
+        final = jax.block_until_ready(final)
+    finally:
+        if _PROGRESS[0] is not None:
+            _PROGRESS[0].update(n - _PROGRESS[0].n)
+            _PROGRESS[0].close()
+        _PROGRESS[0] = None
+    candidates = [np.asarray(init), np.asarray(final.out_lam)]
+    if settings.polish_steps:
+        polish = functools.partial(
+            _polish_batch, model, family, site, int(settings.polish_samples),
+            int(settings.polish_steps), bool(settings.stl),
+            learning_rate=jnp.float32(settings.polish_learning_rate),
+        )  # fmt: skip
+        polish_key = jax.random.fold_in(fit_key, jnp.uint32(2**32 - 2))  # no datapoint's index
+        bar = f"{progress} (polishing)" if progress else False
+        candidates.append(
+            map_datapoints(polish, params, polish_key, [x, candidates[1]],
+                           batch_size=num_slots, progress=bar)
+        )  # fmt: skip
+    # The start against the end(s), on common random numbers (independent of every other
+    # draw): q* is never worse than where it started, beyond this comparison's small noise.
+    candidates = np.stack(candidates, axis=1)  # [N, C, P]
+    scores = map_datapoints(
+        functools.partial(_duel_batch, model, family, site, int(settings.select_samples)),
+        params,
+        select_key,
+        [x, candidates],
+        batch_size=num_slots,
+    )
+    scores = np.where(np.isnan(scores), -np.inf, scores)  # (argmax would pick a NaN)
+    choice = np.argmax(scores, axis=1)  # ties keep the earlier candidate (the start first)
+    lam = candidates[np.arange(n), choice]
+    newton_gap = None
+    if gaussian and settings.certify_samples:
+        certify = functools.partial(
+            _newton_gap_batch, model, family, site, int(settings.certify_samples)
+        )
+        newton_gap = map_datapoints(
+            certify,
+            params,
+            jax.random.fold_in(fit_key, jnp.uint32(2**32 - 3)),  # no datapoint's index
+            [x, lam],
+            batch_size=num_slots,
+        )
+    return _Round(
+        lam=lam,
+        steps=np.asarray(final.out_steps) + settings.polish_steps,
+        converged=np.asarray(final.out_converged),
+        hit=np.asarray(final.out_hit),
+        gain=np.asarray(final.out_gain),
+        moved=choice > 0,
+        polished=(choice == 2) if settings.polish_steps else None,
+        newton_gap=None if newton_gap is None else np.asarray(newton_gap),
+        continued=np.zeros(n, bool),
+        busy=int(final.busy),
+        capacity=int(final.capacity),
+    )
 
 
 def fit_local(
@@ -1091,6 +1258,7 @@ def fit_local(
         polish_steps=settings.polish_steps, polish_samples=settings.polish_samples,
         polish_learning_rate=settings.polish_learning_rate,
         certify_samples=settings.certify_samples, certify_tol=settings.certify_tol,
+        certify_retries=settings.certify_retries,
     )  # fmt: skip
     if settings.flow_start not in ("diagonal", "full_rank"):
         raise ValueError(
@@ -1141,100 +1309,36 @@ def fit_local(
         check_divisible(num_slots, mesh)
         params, x, init = replicate(mesh, (params, x, init))
     desc = progress if isinstance(progress, str) else "q*"
-    if progress:
-        _PROGRESS[0] = tqdm(total=n, desc=desc, unit="pt")
-    try:
-        frame = settings.newton_frame if method == "newton" else "z"
-        optimize = functools.partial(
-            _optimize,
-            model,
-            family,
-            site,
-            method if frame == "z" else f"newton_{frame}",
-            int(num_samples),
-            int(block_size),
-            int(monitor_samples),
-        )
-        numbers = (
-            jnp.float32(learning_rate),
-            jnp.int32(patience),
-            jnp.int32(max_steps),
-            jnp.float32(min_improvement),
-            jnp.float32(lr_decay),
-            jnp.int32(num_decays),
-        )
-        # Once the queue is empty, the loop stops when half of its slots are empty. Where the
-        # tail (the blocks since the queue emptied) has run for SHRINK_SECONDS, the slowest
-        # datapoints are slow enough to pay for compiling smaller loops (a few seconds each):
-        # the busy ones go on in half as many slots, and so on at every halving; a shorter
-        # tail goes on in the same slots to the end (one compiled loop).
-        final = _initial_slots(
-            model, family, site, int(monitor_samples), int(num_slots), params, x, init,
-            fit_key, numbers[0],
+    frame = settings.newton_frame if method == "newton" else "z"
+    run = functools.partial(
+        _fit_round, model, family, site, method if frame == "z" else f"newton_{frame}",
+        settings._replace(
+            num_samples=int(num_samples), learning_rate=float(learning_rate),
+            block_size=int(block_size), monitor_samples=int(monitor_samples),
+        ),
+        params, gaussian=gaussian, mesh=mesh,
+    )  # fmt: skip
+    fit = run(x, init, fit_key, select_key, num_slots, progress=desc if progress else False)
+    # Continuation: a datapoint its rule stopped but its certificate does not pass goes on from
+    # where it stopped, with twice the draws per step and the patience and one more step-size
+    # stage, up to certify_retries times (its draws from this round's key and its place among those
+    # continued, so still independent of batch_size and chunking).
+    for retry in range(1, settings.certify_retries + 1):
+        if fit.newton_gap is None:
+            break
+        again = np.flatnonzero(fit.converged & ~(fit.newton_gap <= settings.certify_tol))
+        if not again.size:
+            break
+        rkey = jax.random.fold_in(fit_key, jnp.uint32(2**32 - 8 - retry))  # no datapoint's
+        more = run(  # index
+            x[again], fit.lam[again], *jax.random.split(rkey),
+            num_slots if mesh is not None else min(num_slots, again.size),  # (divisible)
+            progress=f"{desc} (continuing {again.size} uncertified)" if progress else False,
+            patience=settings.patience * 2**retry, num_decays=settings.num_decays + retry,
+            num_samples=int(num_samples) * 2**retry,
         )  # fmt: skip
-        slots, shrink, busy = num_slots, None, np.ones(1, bool)
-        while busy.any():
-            half = slots // 2
-            can = shrink is not False and half >= MIN_SLOTS
-            can = can and (mesh is None or half % mesh.shape[DATA_AXIS] == 0)
-            start, before = time.perf_counter(), int(final.tail_blocks)
-            final = optimize(
-                slots, bool(progress), bool(settings.stl), params, x, init, fit_key, *numbers,
-                jnp.int32(half if can else -1), final,
-            )  # fmt: skip
-            busy = np.asarray(final.idx) < n
-            if busy.any():  # (stopped at half: the queue is empty)
-                if shrink is None:  # decided once, at the first halving
-                    blocks = max(int(final.capacity) // slots, 1)
-                    tail = (int(final.tail_blocks) - before) / blocks
-                    shrink = (time.perf_counter() - start) * tail >= SHRINK_SECONDS
-                if shrink:
-                    final = _shrunk(final, np.argsort(~busy, kind="stable")[:half])
-                    slots = half
-        final = jax.block_until_ready(final)
-    finally:
-        if _PROGRESS[0] is not None:
-            _PROGRESS[0].update(n - _PROGRESS[0].n)
-            _PROGRESS[0].close()
-        _PROGRESS[0] = None
-    candidates = [np.asarray(init), np.asarray(final.out_lam)]
-    if settings.polish_steps:
-        polish = functools.partial(
-            _polish_batch, model, family, site, int(settings.polish_samples),
-            int(settings.polish_steps), bool(settings.stl),
-            learning_rate=jnp.float32(settings.polish_learning_rate),
-        )  # fmt: skip
-        polish_key = jax.random.fold_in(fit_key, jnp.uint32(2**32 - 2))  # no datapoint's index
-        bar = f"{desc} (polishing)" if progress else False
-        candidates.append(
-            map_datapoints(polish, params, polish_key, [x, candidates[1]],
-                           batch_size=num_slots, progress=bar)
-        )  # fmt: skip
-    # The start against the end(s), on common random numbers (independent of every other
-    # draw): q* is never worse than where it started, beyond this comparison's small noise.
-    candidates = np.stack(candidates, axis=1)  # [N, C, P]
-    scores = map_datapoints(
-        functools.partial(_duel_batch, model, family, site, int(select_samples)),
-        params,
-        select_key,
-        [x, candidates],
-        batch_size=num_slots,
-    )
-    scores = np.where(np.isnan(scores), -np.inf, scores)  # (argmax would pick a NaN)
-    choice = np.argmax(scores, axis=1)  # ties keep the earlier candidate (the start first)
-    lam = candidates[np.arange(n), choice]
-    newton_gap = None
-    if gaussian and settings.certify_samples:
-        certify = functools.partial(
-            _newton_gap_batch, model, family, site, int(settings.certify_samples)
-        )
-        newton_gap = map_datapoints(
-            certify,
-            params,
-            jax.random.fold_in(fit_key, jnp.uint32(2**32 - 3)),  # no datapoint's index
-            [x, lam],
-            batch_size=num_slots,
-        )
+        fit = fit.merged(again, more)
+    lam, newton_gap = fit.lam, fit.newton_gap
     elbo = iwae = None
     if final_samples:
         elbo, iwae = map_datapoints(  # evaluate_bounds without its checks, made above
@@ -1250,13 +1354,14 @@ def fit_local(
             [x, lam],
             batch_size=num_slots,
         )
-    converged = np.asarray(final.out_converged)
+    converged = fit.converged
     if newton_gap is not None:
         uncertified = converged & ~(newton_gap <= settings.certify_tol)
         if uncertified.any():
             warnings.warn(
                 f"fit_local: q* stopped by its rule but not converged for "
-                f"{int(uncertified.sum())} of {n} datapoints: their certificate puts them up to "
+                f"{int(uncertified.sum())} of {n} datapoints (after certify_retries="
+                f"{settings.certify_retries} continuations): their certificate puts them up to "
                 f"{float(newton_gap[uncertified].max()):.3g} nats below the best "
                 f"{family.name} Gaussian (certify_tol={settings.certify_tol:g}). "
                 + ("Use method='newton', s" if method != "newton" else "S")
@@ -1277,13 +1382,14 @@ def fit_local(
         params=lam,
         elbo=elbo,
         iwae=iwae,
-        steps=np.asarray(final.out_steps) + settings.polish_steps,
+        steps=fit.steps,
         converged=converged,
-        hit_max_steps=np.asarray(final.out_hit),
-        gain=np.asarray(final.out_gain),
-        moved=choice > 0,
+        hit_max_steps=fit.hit,
+        gain=fit.gain,
+        moved=fit.moved,
         num_samples=final_samples,
-        stopped_fraction=1.0 - int(final.busy) / max(int(final.capacity), 1),
-        polished=(choice == 2) if settings.polish_steps else None,
+        stopped_fraction=1.0 - fit.busy / max(fit.capacity, 1),
+        polished=fit.polished,
         newton_gap=newton_gap,
+        continued=fit.continued,
     )
