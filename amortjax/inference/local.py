@@ -190,8 +190,10 @@ class QStarSettings(NamedTuple):
             average), against 122 nats for a stalled Adam (see the module docstring).
         certify_retries: rounds of continuation for a Gaussian q* that its rule stopped but
             its certificate does not pass: it goes on from where it stopped, with twice the
-            draws per step and the patience, and one more step-size stage, each round (see
-            the README for what it changed on MNIST). 0: warn only.
+            draws per step and the patience, and one more step-size stage, each round. On the
+            quick MNIST FFG model (200 test digits) Newton's rule had stopped 3 digits from
+            the encoder 0.31-0.87 nats short and 5 from N(0, I) 0.24-470 short, all named by
+            the certificate; continued, every one passed it. 0: warn only.
         newton_frame: where the diagonal Gaussian's Newton step takes the Hessian of log p:
             "z" (z's own frame: one Hessian per step), "eigen" (again in the first one's
             eigenbasis: two per step) or "auto" (the default: again in the eigenbasis only
