@@ -63,7 +63,10 @@ never interact):
   and its last-stage gain was no signal either (extra step-size reductions drove it below 0.25
   nats with q* as far); the certificate read 121.7 (exact: 121.7). On the quick MNIST FFG
   model's converged q* it reads 0.009 nats on average (max 0.06; 100 test digits, 32 draws),
-  on the paper-length MNIST FFG model's -0.001 (max 0.09; z = 50).
+  on the paper-length MNIST FFG model's -0.001 (max 0.09; z = 50). A datapoint the certificate
+  rejects goes on from where it stopped (`certify_retries` rounds, each with twice the draws
+  and patience and one more step-size stage; `LocalFit.continued`), its draws keyed by this
+  round and its place among those continued; the warning names those still rejected after.
   Flows have no such certificate; their budget-doubling check is `tools/qstar_doubling.py`,
   and without `init` a flow starts at the diagonal Gaussian's certified q* (from N(0, I) on a
   narrow posterior its q* had ended 161 nats below that, its rule saying converged). Its rule
@@ -1077,10 +1080,11 @@ def _fit_round(
     model, family, site, method, settings, params, x, init, fit_key, select_key, num_slots, *,
     gaussian, mesh, progress, **stage,
 ) -> _Round:  # fmt: skip
-    """`fit_local`'s optimizer from `init` to its stopping rule (with `stage`'s patience and
-    num_decays where given), the polishing stage, the choice between start and end(s), and the
-    certificate of the Gaussian families. `settings` has every number resolved for `method`
-    (which names the Newton frame: "newton", "newton_eigen", "newton_auto")."""
+    """`fit_local`'s optimizer from `init` to its stopping rule (with `stage`'s settings where
+    given: a continuation's patience, num_decays and num_samples), the polishing stage, the
+    choice between start and end(s), and the certificate of the Gaussian families. `settings`
+    has every number resolved for `method` (which names the Newton frame: "newton",
+    "newton_eigen", "newton_auto")."""
     settings = settings._replace(**stage)
     n = x.shape[0]
     if progress:
