@@ -220,8 +220,8 @@ class QStarSettings(NamedTuple):
             nats below log p(x) from "diagonal" and within 1e-4 from "full_rank"
             (`test_flows.py`). On the quick MNIST Flow model (z = 50, 50 seeded test digits,
             the quick preset's Adam q* after each start, ELBOs on 2,000 common draws) q* from
-            "full_rank" ended 0.014 +- 0.005 nats below q* from "diagonal" (79 s against
-            106 s), and both below q* from the encoder's output (by 0.033 +- 0.005 and
+            "full_rank" ended 0.014 +- 0.005 nats below q* from "diagonal" (79-103 s against
+            105 s), and both below q* from the encoder's output (by 0.033 +- 0.005 and
             0.019 +- 0.004): so "diagonal" stays the default, and where an encoder exists its
             output is the better start.
     """
