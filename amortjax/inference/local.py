@@ -403,9 +403,10 @@ def _newton_one(
     lam: jax.Array,
     key: jax.Array,
     step: jax.Array,
-    eigen_frame: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """One damped Newton / natural-gradient step of a Gaussian q for ONE datapoint.
+    """One damped Newton / natural-gradient step of a Gaussian q for ONE datapoint, in z's frame
+    (the optimizer runs the same parts batched, taking the Hessian again in its eigenbasis where
+    a chunk needs it: `_in_eigen_frame`, `QStarSettings.newton_frame`).
 
     With S draws z_s = mu + L eps_s, g = mean_s grad log p(x, z_s) and
     H = mean_s hess log p(x, z_s) are unbiased estimates of the ELBO's gradient and Hessian in
@@ -423,14 +424,13 @@ def _newton_one(
     the fixed point of the Gaussian ELBO (Opper & Archambeau 2009; Khan & Lin's VON). On a
     linear-Gaussian model one step with a = 1 lands on the optimum up to the noise of g. The
     full-rank step computes all of it in q's whitened frame u = L^-1 (z - mu), where Lambda is
-    I and A near q* is near I, so float32 holds posteriors of any condition number (see below).
+    I and A near q* is near I, so float32 holds posteriors of any condition number (see
+    `_newton_moments`).
 
     Returns:
         `(new lambda [P], ELBO estimate at lambda)` (the entropy in closed form).
     """
     moments = _newton_moments(model, family, site, num_samples, params, x, lam, key)
-    if eigen_frame and isinstance(family, DiagonalGaussian):
-        moments = _in_eigen_frame(model, site, params, x, lam, moments)
     return _newton_update(family, lam, moments, step)
 
 
