@@ -151,3 +151,32 @@ def check_key(where: str, key: Any) -> jax.Array:
         + (f" of shape {shape}" if shape is not None else f" {key!r:.40}")
         + " (for an array of keys, pass one key: each datapoint's key is folded in from it)"
     )
+
+
+MAX_INDEX = 2**31  # datapoint indices stay below the keys reserved for other streams (2**32 - k)
+
+
+def check_indices(where: str, indices: Any, n: int | None) -> None:
+    """`indices`, each row's index in its dataset (which keys its draws), must be `[n]`
+    integers; where concrete, also distinct and in [0, 2**31). Works on traced indices too
+    (the shape only)."""
+    shape = getattr(indices, "shape", None)
+    kind = getattr(indices, "dtype", None)
+    if shape != (n,) or kind is None or not np.issubdtype(kind, np.integer):
+        raise ValueError(
+            f"{where}: indices must be [{n}] integers, each row's index in its dataset (its "
+            f"draws are keyed by it); got {type(indices).__name__}"
+            + (f" of shape {shape} and dtype {kind}" if shape is not None else "")
+        )
+    values = concrete(indices)
+    if values is None or not values.size:
+        return
+    if values.min() < 0 or values.max() >= MAX_INDEX:
+        raise ValueError(
+            f"{where}: indices must lie in [0, 2**31); got {values.min()} .. {values.max()}"
+        )
+    if np.unique(values).size < values.size:
+        raise ValueError(
+            f"{where}: indices must be distinct (two rows with one index would share their "
+            f"draws); {values.size - np.unique(values).size} repeated"
+        )

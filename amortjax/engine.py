@@ -107,6 +107,7 @@ def map_datapoints(
     batch_size: int,
     progress: bool | str = False,
     desc: str = "",
+    indices: jax.Array | np.ndarray | None = None,
 ) -> Any:
     """Runs `batch_fn(params, keys, *row_chunks)` over all datapoints, chunk by chunk.
 
@@ -115,7 +116,7 @@ def map_datapoints(
             `[B]` and one chunk `[B, ...]` of each array in `rows`; returns a pytree of arrays
             with a leading `[B]` axis (one row per datapoint).
         params: anything the function needs whole on every device (e.g. model parameters).
-        key: the base PRNG key; datapoint i gets `fold_in(key, i)`.
+        key: the base PRNG key; datapoint i gets `fold_in(key, indices[i])`.
         rows: per-datapoint inputs, each `[N, ...]` with the same N.
         batch_size: the most datapoints per call; the N datapoints go in the fewest calls
             that allows, of equal size (N = 500 at 400 per call: two calls of 250, not 400 and
@@ -123,6 +124,8 @@ def map_datapoints(
             it must split evenly over the devices (and so does every call).
         progress: show a progress bar (a string gives its description).
         desc: the bar's default description.
+        indices: the datapoints' own indices, `[N]` (None: their positions 0..N-1), so that a
+            subset of a dataset draws as it does within the whole.
 
     Returns:
         The outputs of `batch_fn` for all N datapoints, as numpy arrays `[N, ...]`.
@@ -135,6 +138,9 @@ def map_datapoints(
         raise ValueError(f"every per-datapoint input needs {n} rows; got {[r.shape for r in rows]}")
     if not isinstance(batch_size, int | np.integer) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    indices = jnp.arange(n) if indices is None else jnp.asarray(indices)
+    if indices.shape != (n,):
+        raise ValueError(f"indices must have shape [{n}] (one per datapoint); got {indices.shape}")
     mesh = active_mesh()
     devices = 1
     if mesh is not None:
@@ -153,7 +159,8 @@ def map_datapoints(
             chunk = [
                 jnp.concatenate([r, jnp.repeat(r[:1], batch_size - size, axis=0)]) for r in chunk
             ]
-        keys = datapoint_keys(key, jnp.arange(start, start + batch_size))
+        own = indices[start : start + batch_size]
+        keys = datapoint_keys(key, jnp.concatenate([own, jnp.repeat(own[:1], batch_size - size)]))
         keys, *chunk = shard_rows(mesh, keys, *chunk)
         # block_until_ready waits with the GIL released (np.asarray's buffer protocol may hold
         # it), so a callback the computation needs can always run

@@ -100,7 +100,8 @@ def test_refine_refuses_bad_settings_shapes_and_data_naming_the_fix(case):
             r"step_size must be a scalar or one per parameter, shape \[6\]",
         ),
         ({"lam0": lam0[:39]}, r"lam0 must have shape \[batch=40, num_params\]"),
-        ({"indices": jnp.arange(39)}, r"indices must have shape \[batch=40\]"),
+        ({"indices": jnp.arange(39)}, r"indices must be \[40\] integers"),
+        ({"indices": jnp.zeros(40, int)}, r"indices must be distinct .* 39 repeated"),
         ({"x": x.at[5, 0].set(jnp.nan)}, r"NaN or infinite values in 1 of 40 rows \(first: row 5"),
     ):
         with pytest.raises(ValueError, match=match):

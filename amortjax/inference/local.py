@@ -66,7 +66,7 @@ never interact):
   on the paper-length MNIST FFG model's -0.001 (max 0.09; z = 50). A datapoint the certificate
   rejects goes on from where it stopped (`certify_retries` rounds, each with twice the draws
   and patience and one more step-size stage; `LocalFit.continued`), its draws keyed by this
-  round and its place among those continued; the warning names those still rejected after.
+  round and its own index; the warning names those still rejected after.
   Flows have no such certificate; their budget-doubling check is `tools/qstar_doubling.py`,
   and without `init` a flow starts at the diagonal Gaussian's certified q* (from N(0, I) on a
   narrow posterior its q* had ended 161 nats below that, its rule saying converged). Its rule
@@ -90,8 +90,9 @@ the first stage from 129 s to 93 s (warm; `tools/qstar_tail.py`); the quick FFG 
 does not shrink, since its compiles would cost more than they save (13 s more, cold).
 Every draw of datapoint i comes from `fold_in(fold_in(key, i), step)` (its monitor's from
 `fold_in(fold_in(key, 2**32 - 1), i)`, its polishing steps' from `fold_in(fold_in(fold_in(key,
-2**32 - 2), i), step)`): its result depends on the seed and its index only, not on the slot, the
-batch size or the number of devices.
+2**32 - 2), i), step)`; i is its index, `indices[i]` where given): its result depends on the
+seed and its index only, not on the slot, the batch size, the number of devices or the other
+rows fitted with it (a subset fitted with its indices gives the whole fit's rows).
 """
 
 from __future__ import annotations
@@ -107,7 +108,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from amortjax.checks import check_finite, check_float, check_int, check_key, resolve_settings
+from amortjax.checks import (
+    check_finite,
+    check_float,
+    check_indices,
+    check_int,
+    check_key,
+    resolve_settings,
+)
 from amortjax.engine import datapoint_keys, map_datapoints
 from amortjax.estimators import SAMPLE_CHUNK, bounds_batch
 from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
@@ -703,10 +711,12 @@ def _shrunk(slots: _Slots, keep: np.ndarray) -> _Slots:
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
 def _initial_slots(
-    model, family, site, monitor_samples, num_slots, params, x_all, init_all, key, learning_rate
+    model, family, site, monitor_samples, num_slots, params, x_all, init_all, key, learning_rate,
+    indices=None,
 ):  # fmt: skip
     """`_optimize`'s first state: the first `num_slots` datapoints loaded and, with the
-    monitor, every datapoint's start scored up front (no block is spent on it)."""
+    monitor, every datapoint's start scored up front (no block is spent on it). `indices`:
+    the datapoints' own indices, which key their draws, `[N]` (None: their positions)."""
     n, num_params = init_all.shape
     dtype = init_all.dtype
     start_all = None
@@ -714,8 +724,9 @@ def _initial_slots(
         monitor = functools.partial(_monitor_score, model, family, site, monitor_samples, params,
                                     key)  # fmt: skip
         start_all = jax.lax.map(
-            lambda a: monitor(*a), (x_all, init_all, jnp.arange(n)), batch_size=num_slots
-        )
+            lambda a: monitor(*a), (x_all, init_all, _own_indices(indices, n)),
+            batch_size=num_slots,
+        )  # fmt: skip
     first_idx = jnp.minimum(jnp.arange(num_slots), n)
     src = jnp.minimum(first_idx, n - 1)
     zeros = jnp.zeros((num_slots, num_params), dtype)
@@ -749,6 +760,12 @@ def _initial_slots(
         init, first_idx < n, first_idx, x_all=x_all, init_all=init_all, lr0=learning_rate,
         start_all=start_all,
     )  # fmt: skip
+
+
+def _own_indices(indices: jax.Array | None, n: int) -> jax.Array:
+    """The datapoints' own indices `[N]` (uint32), which key their draws: `indices`, or their
+    positions where None."""
+    return jnp.arange(n, dtype=jnp.uint32) if indices is None else indices.astype(jnp.uint32)
 
 
 def _monitor_score(model, family, site, monitor_samples, params, key, x, lam, idx):
@@ -786,16 +803,18 @@ def _optimize(
     num_decays: jax.Array,
     shrink_at: jax.Array | int = -1,
     state: _Slots | None = None,
+    indices: jax.Array | None = None,
 ) -> _Slots:
     """Runs the blocks from `state` (None: `_initial_slots`) until every datapoint has
     finished, or until the queue is empty and at most `shrink_at` slots are busy (-1: never);
-    returns the state."""
+    returns the state. Datapoint i draws from `fold_in(key, indices[i])` (None: i)."""
     n = init_all.shape[0]
     if state is None:
         state = _initial_slots(
             model, family, site, monitor_samples, num_slots, params, x_all, init_all, key,
-            learning_rate,
+            learning_rate, indices,
         )  # fmt: skip
+    own = _own_indices(indices, n)
     monitor = functools.partial(_monitor_score, model, family, site, monitor_samples, params, key)
     fresh = functools.partial(
         _fresh, x_all=x_all, init_all=init_all, lr0=learning_rate,
@@ -834,7 +853,8 @@ def _optimize(
 
     def block(s: _Slots) -> _Slots:
         valid = s.idx < n
-        base = datapoint_keys(key, s.idx)
+        index = own[jnp.minimum(s.idx, n - 1)]  # (an empty slot draws as the last datapoint)
+        base = datapoint_keys(key, index)
         moving = valid & ~s.baseline
 
         def step(carry, j):
@@ -872,7 +892,7 @@ def _optimize(
         )
         lam_avg = lam_sum / block_size
         if monitor_samples:
-            score = jax.vmap(monitor)(s.x, lam_avg, s.idx)
+            score = jax.vmap(monitor)(s.x, lam_avg, index)
         else:
             score = jnp.where(jnp.isfinite(per_step), per_step, -jnp.inf).mean(0)
 
@@ -979,14 +999,14 @@ def _duel_batch(model, family, site, num_samples, params, keys, x, candidates):
     return jax.vmap(one)(x, keys, candidates)
 
 
-def _diagonal_start(model, params, x, key, family, site, z_dim, settings, progress):
+def _diagonal_start(model, params, x, indices, key, family, site, z_dim, settings, progress):
     """A flow's start: the diagonal Gaussian's q* (Newton, from N(0, I)) as the flow's base
     N(mu, sigma^2), its coupling layers the identity (`standard_params`), `[N, P]`."""
     desc = f"{progress if isinstance(progress, str) else 'q*'} (diagonal start)"
     diagonal = fit_local(
         model, params, x, jax.random.fold_in(key, jnp.uint32(2**32 - 4)),
         family=DiagonalGaussian(), site=site, z_dim=z_dim, method="newton", final_samples=0,
-        batch_size=settings.batch_size, newton_frame=settings.newton_frame,
+        batch_size=settings.batch_size, newton_frame=settings.newton_frame, indices=indices,
         progress=desc if progress else False,
     )  # fmt: skip
     loc, log_scale = jnp.split(jnp.asarray(diagonal.params), 2, axis=-1)
@@ -994,7 +1014,7 @@ def _diagonal_start(model, params, x, key, family, site, z_dim, settings, progre
     return family.pack(loc, log_scale, layers)
 
 
-def _full_rank_start(model, params, x, key, family, site, z_dim, settings, progress):
+def _full_rank_start(model, params, x, indices, key, family, site, z_dim, settings, progress):
     """A flow's start: the full-rank Gaussian's q* (Newton, from N(0, I), certified) made a
     coupling flow with the same distribution (`flow_start.flow_from_gaussian`), `[N, P]`."""
     desc = f"{progress if isinstance(progress, str) else 'q*'} (full-rank start)"
@@ -1002,7 +1022,7 @@ def _full_rank_start(model, params, x, key, family, site, z_dim, settings, progr
     gaussian = fit_local(
         model, params, x, jax.random.fold_in(key, jnp.uint32(2**32 - 6)), family=full,
         site=site, z_dim=z_dim, method="newton", final_samples=0,
-        batch_size=settings.batch_size, progress=desc if progress else False,
+        batch_size=settings.batch_size, indices=indices, progress=desc if progress else False,
     )  # fmt: skip
     loc, scale_tril = full.split(jnp.asarray(gaussian.params))
     lam, info = flow_from_gaussian(
@@ -1081,14 +1101,14 @@ class _Round(NamedTuple):
 
 
 def _fit_round(
-    model, family, site, method, settings, params, x, init, fit_key, select_key, num_slots, *,
-    gaussian, mesh, progress, **stage,
+    model, family, site, method, settings, params, x, init, indices, fit_key, select_key,
+    num_slots, *, gaussian, mesh, progress, **stage,
 ) -> _Round:  # fmt: skip
     """`fit_local`'s optimizer from `init` to its stopping rule (with `stage`'s settings where
     given: a continuation's patience, num_decays and num_samples), the polishing stage, the
     choice between start and end(s), and the certificate of the Gaussian families. `settings`
     has every number resolved for `method` (which names the Newton frame: "newton",
-    "newton_eigen", "newton_auto")."""
+    "newton_eigen", "newton_auto"); every draw of x[i] is keyed by `indices[i]`."""
     settings = settings._replace(**stage)
     n = x.shape[0]
     if progress:
@@ -1113,7 +1133,7 @@ def _fit_round(
         # tail goes on in the same slots to the end (one compiled loop).
         final = _initial_slots(
             model, family, site, settings.monitor_samples, int(num_slots), params, x, init,
-            fit_key, numbers[0],
+            fit_key, numbers[0], indices,
         )  # fmt: skip
         slots, shrink, busy = num_slots, None, np.ones(1, bool)
         while busy.any():
@@ -1123,7 +1143,7 @@ def _fit_round(
             start, before = time.perf_counter(), int(final.tail_blocks)
             final = optimize(
                 slots, bool(progress), bool(settings.stl), params, x, init, fit_key, *numbers,
-                jnp.int32(half if can else -1), final,
+                jnp.int32(half if can else -1), final, indices,
             )  # fmt: skip
             busy = np.asarray(final.idx) < n
             if busy.any():  # (stopped at half: the queue is empty)
@@ -1151,7 +1171,7 @@ def _fit_round(
         bar = f"{progress} (polishing)" if progress else False
         candidates.append(
             map_datapoints(polish, params, polish_key, [x, candidates[1]],
-                           batch_size=num_slots, progress=bar)
+                           batch_size=num_slots, progress=bar, indices=indices)
         )  # fmt: skip
     # The start against the end(s), on common random numbers (independent of every other
     # draw): q* is never worse than where it started, beyond this comparison's small noise.
@@ -1162,6 +1182,7 @@ def _fit_round(
         select_key,
         [x, candidates],
         batch_size=num_slots,
+        indices=indices,
     )
     scores = np.where(np.isnan(scores), -np.inf, scores)  # (argmax would pick a NaN)
     choice = np.argmax(scores, axis=1)  # ties keep the earlier candidate (the start first)
@@ -1177,6 +1198,7 @@ def _fit_round(
             jax.random.fold_in(fit_key, jnp.uint32(2**32 - 3)),  # no datapoint's index
             [x, lam],
             batch_size=num_slots,
+            indices=indices,
         )
     return _Round(
         lam=lam,
@@ -1204,6 +1226,7 @@ def fit_local(
     site: Site = "z",
     z_dim: int | None = None,
     init: np.ndarray | jax.Array | None = None,
+    indices: np.ndarray | jax.Array | None = None,
     progress: bool | str = False,
     **overrides: Any,
 ) -> LocalFit:
@@ -1216,7 +1239,10 @@ def fit_local(
         model: NumPyro model with local latents in the data plate; its parameters stay fixed.
         params: model parameters theta (e.g. a trained decoder).
         x: observations, `[N, ...]`.
-        key: PRNG key; datapoint i draws from `fold_in(key, i)` only.
+        key: PRNG key; row i draws from `fold_in(key, indices[i])` only (every stage: the
+            steps, the monitor, the polishing, the choice, the certificate, its continuation and
+            the final bounds), so its q* depends on neither batch_size, chunking, devices nor
+            the other rows given.
         family: the variational family (diagonal Gaussian by default).
         site: the model's local latents (a site name or a `LocalLatents`).
         z_dim: latent size; needed when init is None (start from the standard normal) and
@@ -1227,6 +1253,9 @@ def fit_local(
             flow starts where a diagonal Gaussian ends. (From N(0, I) on a narrow correlated
             posterior, noise 1e-2, x_dim = z_dim = 4, the flow's q* ended 161 nats below the
             best diagonal Gaussian while its rule said converged; started there, 0.80 above.)
+        indices: each row's index in its dataset, `[N]` distinct integers in [0, 2**31)
+            (None: its position in x), so that fitting a subset `x[idx]` with `indices=idx`
+            gives exactly those rows of the whole dataset's fit.
         settings: the optimizer's settings (`QStarSettings`; None: its defaults).
         progress: show a progress bar over datapoints (a string gives its description).
         **overrides: fields of `QStarSettings` replacing those of `settings` (e.g.
@@ -1286,6 +1315,10 @@ def fit_local(
     x = check_data(model, params, x)
     size = check_site(model, params, x, site, "fit_local", z_dim)
     n = x.shape[0]
+    if indices is None:
+        indices = np.arange(n)
+    check_indices("fit_local", indices, n)
+    indices = jnp.asarray(indices, jnp.uint32)
     if init is None:
         z_dim = latent_size(site, z_dim)
         if z_dim is None:
@@ -1294,11 +1327,11 @@ def fit_local(
                 "from find_local_latents, or init= the starting parameters)"
             )
         if isinstance(family, AffineCouplingFlow) and settings.flow_start == "full_rank":
-            init = _full_rank_start(model, params, x, key, family, site, z_dim, settings,
-                                    progress)  # fmt: skip
+            init = _full_rank_start(model, params, x, indices, key, family, site, z_dim,
+                                    settings, progress)  # fmt: skip
         elif isinstance(family, AffineCouplingFlow):
-            init = _diagonal_start(model, params, x, key, family, site, z_dim, settings,
-                                   progress)  # fmt: skip
+            init = _diagonal_start(model, params, x, indices, key, family, site, z_dim,
+                                   settings, progress)  # fmt: skip
         else:
             init = jnp.broadcast_to(family.standard_params(z_dim), (n, family.num_params(z_dim)))
     init = jnp.asarray(init, jnp.float32)
@@ -1317,7 +1350,7 @@ def fit_local(
     mesh = active_mesh()
     if mesh is not None:
         check_divisible(num_slots, mesh)
-        params, x, init = replicate(mesh, (params, x, init))
+        params, x, init, indices = replicate(mesh, (params, x, init, indices))
     desc = progress if isinstance(progress, str) else "q*"
     frame = settings.newton_frame if method == "newton" else "z"
     run = functools.partial(
@@ -1328,11 +1361,11 @@ def fit_local(
         ),
         params, gaussian=gaussian, mesh=mesh,
     )  # fmt: skip
-    fit = run(x, init, fit_key, select_key, num_slots, progress=desc if progress else False)
+    fit = run(x, init, indices, fit_key, select_key, num_slots,
+              progress=desc if progress else False)  # fmt: skip
     # Continuation: a datapoint its rule stopped but its certificate does not pass goes on from
     # where it stopped, with twice the draws per step and the patience and one more step-size
-    # stage, up to certify_retries times (its draws from this round's key and its place among those
-    # continued, so still independent of batch_size and chunking).
+    # stage, up to certify_retries times (its draws from this round's key and its own index).
     for retry in range(1, settings.certify_retries + 1):
         if fit.newton_gap is None:
             break
@@ -1341,7 +1374,7 @@ def fit_local(
             break
         rkey = jax.random.fold_in(fit_key, jnp.uint32(2**32 - 8 - retry))  # no datapoint's
         more = run(  # index
-            x[again], fit.lam[again], *jax.random.split(rkey),
+            x[again], fit.lam[again], indices[again], *jax.random.split(rkey),
             num_slots if mesh is not None else min(num_slots, again.size),  # (divisible)
             progress=f"{desc} (continuing {again.size} uncertified)" if progress else False,
             patience=settings.patience * 2**retry, num_decays=settings.num_decays + retry,
@@ -1363,6 +1396,7 @@ def fit_local(
             eval_key,
             [x, lam],
             batch_size=num_slots,
+            indices=indices,
         )
     converged = fit.converged
     if newton_gap is not None:

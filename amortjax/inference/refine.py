@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.checks import check_finite, check_key, resolve_settings
+from amortjax.checks import check_finite, check_indices, check_key, resolve_settings
 from amortjax.engine import datapoint_keys, map_datapoints
 from amortjax.families import Family
 from amortjax.guides.local import local_elbo
@@ -76,11 +76,8 @@ def _check_arguments(x, lam0, step_size, indices, num_steps, momentum, max_grad_
     check_refine_settings(
         "refine", num_steps, step_size, momentum, max_grad_norm, num_samples, jnp.shape(lam0)[1]
     )
-    if indices is not None and jnp.shape(indices) != (batch,):
-        raise ValueError(
-            f"refine: indices must have shape [batch={batch}] (each row's index in its "
-            f"dataset); got {jnp.shape(indices)}"
-        )
+    if indices is not None:
+        check_indices("refine", indices, batch)
 
 
 def refine(
