@@ -28,6 +28,20 @@ jax.config.update("jax_enable_x64", False)
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
+# The longest tests (end-to-end experiments and notebooks, 40-130 s each on a cold CI run) go
+# first, so that no worker starts one while the other is about to finish.
+LONG_FIRST = ("test_runner.py", "test_notebooks.py", "test_readme_example.py",
+              "test_worked_models.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONG_FIRST.index(name) if name in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its order (the same on every worker)
+
+
 @pytest.fixture(scope="session")
 def lg_correlated():
     """A factor-analysis model whose posterior is correlated (the diagonal family misses it)."""
