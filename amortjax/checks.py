@@ -156,10 +156,12 @@ def check_key(where: str, key: Any) -> jax.Array:
 MAX_INDEX = 2**31  # datapoint indices stay below the keys reserved for other streams (2**32 - k)
 
 
-def check_indices(where: str, indices: Any, n: int | None) -> None:
+def check_indices(where: str, indices: Any, n: int | None) -> Any:
     """`indices`, each row's index in its dataset (which keys its draws), must be `[n]`
     integers; where concrete, also distinct and in [0, 2**31). Works on traced indices too
-    (the shape only)."""
+    (the shape only). Returns them (None stays None: the rows' positions)."""
+    if indices is None:
+        return None
     shape = getattr(indices, "shape", None)
     kind = getattr(indices, "dtype", None)
     if shape != (n,) or kind is None or not np.issubdtype(kind, np.integer):
@@ -170,7 +172,7 @@ def check_indices(where: str, indices: Any, n: int | None) -> None:
         )
     values = concrete(indices)
     if values is None or not values.size:
-        return
+        return indices
     if values.min() < 0 or values.max() >= MAX_INDEX:
         raise ValueError(
             f"{where}: indices must lie in [0, 2**31); got {values.min()} .. {values.max()}"
@@ -180,3 +182,4 @@ def check_indices(where: str, indices: Any, n: int | None) -> None:
             f"{where}: indices must be distinct (two rows with one index would share their "
             f"draws); {values.size - np.unique(values).size} repeated"
         )
+    return indices

@@ -198,8 +198,10 @@ class PerExample:
         *,
         init=None,
         progress: bool | str = False,
+        indices=None,
     ) -> Inferred:
-        """q* for every datapoint of x, started at `init` `[N, num_params]` (default N(0, I))."""
+        """q* for every datapoint of x, started at `init` `[N, num_params]` (default N(0, I));
+        row i draws from `fold_in(key, indices[i])` (None: i; see `fit_local`)."""
         site = self.site if self.site is not None else resolve_site(None, model, jnp.asarray(x))
         start = time.perf_counter()
         fit = fit_local(
@@ -212,6 +214,7 @@ class PerExample:
             site=site,
             z_dim=self.z_dim,
             init=init,
+            indices=indices,
             progress=progress,
         )
         seconds = time.perf_counter() - start

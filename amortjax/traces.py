@@ -21,7 +21,7 @@ import numpy as np
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
-from amortjax.checks import refuse_missing_params
+from amortjax.checks import concrete, refuse_missing_params
 from amortjax.models import DATA_PLATE
 
 NESTED_PLATE_FIX = (
@@ -168,7 +168,14 @@ def log_weights(
 
     Returns:
         `[batch]`.
+
+    Raises:
+        ValueError: where x is concrete (called outside jit, or closed over by a vmap), data
+            the model cannot score (`check_data`: its shape, NaNs, values outside a
+            likelihood's support), naming the rows and the fix; traced x is not checked.
     """
+    if concrete(x) is not None:
+        x = check_data(model, params, x)
     latents, log_q = sample_guide(guide, params, x, key, *guide_args)
     return log_joint(model, params, x, latents) - log_q
 

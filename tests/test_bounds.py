@@ -181,6 +181,13 @@ def test_a_datapoints_bounds_do_not_depend_on_the_batch(correlated_case):
     np.testing.assert_allclose(a.elbo, b.elbo, rtol=0, atol=1e-4)
     c = evaluate_bounds(model, guide, params, x[5:9], jax.random.key(5), num_samples=300)
     assert not np.allclose(c.iwae, a.iwae[5:9])  # index i of the subset is a new datapoint
+    # ... unless it is given its index in the whole set: then it is the same datapoint
+    idx = np.array([8, 5, 7, 6])
+    d = evaluate_bounds(model, guide, params, x[idx], jax.random.key(5), num_samples=300,
+                        indices=idx)  # fmt: skip
+    np.testing.assert_allclose(d.iwae, a.iwae[idx], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match=r"evaluate_bounds: indices must be distinct"):
+        evaluate_bounds(model, guide, params, x[idx], jax.random.key(5), indices=idx * 0)
 
 
 def test_pair_scores_share_their_draws_and_the_mixture_is_a_bound(correlated_case):

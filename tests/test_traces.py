@@ -118,3 +118,16 @@ def test_every_evaluator_refuses_data_its_model_cannot_score(bernoulli_vae):
             with pytest.raises(ValueError, match=match):
                 call(bad)
                 pytest.fail(f"{name} accepted bad data")
+
+
+def test_log_weights_refuses_data_the_model_cannot_score(lg_correlated):
+    """Called on concrete data (here closed over by a vmap) it checks them as every evaluator
+    does; before, a NaN went on into NaN weights and a wrong width into a Flax shape error."""
+    model, guide, params = linear_gaussian_vae(lg_correlated)
+    x, _ = lg_correlated.sample(jax.random.key(0), 5)
+    keys = jax.random.split(jax.random.key(1), 3)
+    with pytest.raises(ValueError, match=r"NaN or infinite values in 1 of 5 rows \(first: row 2"):
+        jax.vmap(lambda k: log_weights(model, guide, params, x.at[2, 0].set(jnp.nan), k))(keys)
+    with pytest.raises(ValueError, match=r"x gives it shape \(5, 7\) but .* x_dim"):
+        log_weights(model, guide, params, x[:, :7], keys[0])
+    assert jax.vmap(lambda k: log_weights(model, guide, params, x, k))(keys).shape == (3, 5)

@@ -161,7 +161,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.checks import check_finite, check_key, resolve_settings
+from amortjax.checks import check_finite, check_indices, check_key, resolve_settings
 from amortjax.engine import map_datapoints
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.inference import hmc
@@ -595,9 +595,10 @@ def _run(
     batch_size: int,
     progress: bool | str,
     desc: str,
+    indices: jax.Array | None = None,
 ) -> tuple[np.ndarray, ...]:
     """Runs `_anneal_batch` over the datapoints with `amortjax.engine.map_datapoints` (fixed-size
-    chunks, devices, progress, datapoint i's key fold_in(key, i)); returns numpy arrays
+    chunks, devices, progress, row i's key fold_in(key, indices[i])); returns numpy arrays
     `(log_w [N, C], acceptance [N], final step sizes [N, C], schedule [N, T], z [N, C, D])`."""
 
     def batch_fn(shared, keys, xb, lam_b, eps_b, scale_b, *z0_b):
@@ -616,15 +617,18 @@ def _run(
         batch_size=batch_size,
         progress=progress,
         desc=desc,
+        indices=indices,
     )
 
 
-def _q0_scale(family: Family, lam: jax.Array, key: jax.Array, batch_size: int) -> np.ndarray:
+def _q0_scale(
+    family: Family, lam: jax.Array, key: jax.Array, batch_size: int, indices: jax.Array | None
+) -> np.ndarray:
     """q0's per-dimension standard deviation for every datapoint, `[N, D]` (see
     `_q0_scale_batch`)."""
     scale = map_datapoints(
         lambda _, keys, lam_b: _q0_scale_jit(family, lam_b, keys), None, key, [lam],
-        batch_size=batch_size,
+        batch_size=batch_size, indices=indices,
     )  # fmt: skip
     _check_positive(
         scale,
@@ -830,6 +834,7 @@ def _kernels(
     betas: np.ndarray,
     batch_size: int,
     progress: bool | str,
+    indices: jax.Array | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The estimating run's kernels, fixed before it starts: `(step sizes [N, T], scales
     [N, D])` for the forward temperatures `betas`; the pilot (and q0's draws for the scales)
@@ -847,7 +852,7 @@ def _kernels(
     scale = _check_step_scale(settings.step_scale, n, z_dim)
     pilot_key, scale_key = jax.random.split(key)
     if scale is None:
-        scale = _q0_scale(family, lam, scale_key, batch_size)
+        scale = _q0_scale(family, lam, scale_key, batch_size, indices)
     if is_schedule:
         return np.array(eps), scale
     if not settings.adapt_step_size:
@@ -875,6 +880,7 @@ def _kernels(
         batch_size=min(n, batch_size * max(1, settings.num_chains // chains)),
         progress=f"{progress} (pilot)" if isinstance(progress, str) else progress,
         desc=f"AIS pilot T={len(index) - 1}",
+        indices=indices,
     )
     if len(index) - 1 == num_temperatures:
         return schedule, scale
@@ -903,6 +909,7 @@ def _anneal(
     pilot_key: jax.Array | None,
     batch_size: int,
     progress: bool | str,
+    indices: jax.Array | None,
 ) -> AISResult:
     """`ais` (z None: chains start from q0 and anneal b = 0 -> 1) or `reverse_ais` (chains start
     at the exact posterior samples z and anneal b = 1 -> 0 with the forward kernels in reverse
@@ -914,6 +921,7 @@ def _anneal(
         model, params, x, z_dim, family, init_params, site, num_chains, leapfrog_steps,
         settings.target_accept, batch_size,
     )  # fmt: skip
+    indices = check_indices("ais", indices, x.shape[0])
     reverse = z is not None
     if reverse:
         z = _check_z(_start_latents(z, site), x.shape[0], z_dim)
@@ -931,6 +939,7 @@ def _anneal(
         betas=betas,
         batch_size=batch_size,
         progress=progress,
+        indices=indices,
     )
     what = "reverse AIS" if reverse else "AIS"
     log_w, acceptance, _, eps, _ = _run(
@@ -952,6 +961,7 @@ def _anneal(
         batch_size=batch_size,
         progress=progress,
         desc=f"{what} T={num_temperatures}",
+        indices=indices,
     )
     log_mean_w = _log_mean_exp(log_w)
     return AISResult(
@@ -1029,6 +1039,7 @@ def ais(
     pilot_key: jax.Array | None = None,
     batch_size: int = 100,
     progress: bool | str = False,
+    indices: np.ndarray | jax.Array | None = None,
     **overrides: Any,
 ) -> AISResult:
     """Forward AIS estimates of log p(x_i) (stochastic lower bounds) for every datapoint.
@@ -1043,7 +1054,7 @@ def ais(
         params: model parameters (e.g. a trained decoder).
         x: observations, `[N, ...]`.
         key: PRNG key. `split(key)` gives the estimating run's key and the pilot's (unless
-            `pilot_key` is given); datapoint i folds in i.
+            `pilot_key` is given); row i folds in `indices[i]`.
         z_dim: latent size; read from the model when None (checked against it when given).
         family: the family of q0 (diagonal Gaussian by default).
         init_params: q0's parameters: None for `family.standard_params(z_dim)` (N(0, I), the
@@ -1057,6 +1068,8 @@ def ais(
             same kernels.
         batch_size: datapoints per compiled call (B * C chains run at once).
         progress: show a progress bar over batches (a string gives its description).
+        indices: each row's index in its dataset, `[N]` distinct integers (None: its position
+            in x): `x[idx]` with `indices=idx` gives the whole dataset's rows.
         **overrides: fields of `AISSettings` replacing those of `settings` (e.g.
             `num_chains=8`).
 
@@ -1075,7 +1088,7 @@ def ais(
     return _anneal(
         model, params, x, None, key, settings, z_dim=z_dim, family=family,
         init_params=init_params, site=site, pilot_key=pilot_key, batch_size=batch_size,
-        progress=progress,
+        progress=progress, indices=indices,
     )  # fmt: skip
 
 
@@ -1094,6 +1107,7 @@ def reverse_ais(
     pilot_key: jax.Array | None = None,
     batch_size: int = 100,
     progress: bool | str = False,
+    indices: np.ndarray | jax.Array | None = None,
     **overrides: Any,
 ) -> AISResult:
     """Reverse AIS from exact posterior samples: stochastic upper bounds of log p(x_i).
@@ -1117,7 +1131,7 @@ def reverse_ais(
             real site "z", z itself). Constrained values passed as u give bounds that are
             no bounds (a warning names non-finite ones).
         settings, z_dim, family, init_params, site, pilot_key, batch_size, progress,
-            **overrides: as in `ais`; a `[N, T]` step_size is a forward schedule.
+            indices, **overrides: as in `ais`; a `[N, T]` step_size is a forward schedule.
 
     Returns:
         `AISResult` whose `log_px` is the upper bound -(logsumexp_c(log w'_c) - log C), whose
@@ -1132,7 +1146,7 @@ def reverse_ais(
     return _anneal(
         model, params, x, z, key, settings, z_dim=z_dim, family=family,
         init_params=init_params, site=site, pilot_key=pilot_key, batch_size=batch_size,
-        progress=progress,
+        progress=progress, indices=indices,
     )  # fmt: skip
 
 
@@ -1160,7 +1174,7 @@ def bdmc(
             vector u `[N, z_dim]` (as in `reverse_ais`).
         settings: the AIS settings (`AISSettings`) of both directions.
         **options: any other keyword argument of `ais` (z_dim, family, init_params, site,
-            pilot_key, batch_size, progress) or field of `AISSettings`, used by both.
+            pilot_key, batch_size, progress, indices) or field of `AISSettings`, used by both.
 
     Returns:
         `BDMCResult` with `[N]` arrays lower, upper and gap, both runs, the fraction of
@@ -1268,7 +1282,7 @@ def run_hmc(
     else:
         scale = _check_step_scale(step_scale, n, z_dim)
         if scale is None:
-            scale = _q0_scale(family, lam, key_scale, batch_size)
+            scale = _q0_scale(family, lam, key_scale, batch_size, None)
     _, acceptance, eps, _, z_final = _run(
         model,
         params,

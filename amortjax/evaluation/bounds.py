@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.checks import check_finite, check_key
+from amortjax.checks import check_finite, check_indices, check_key
 from amortjax.engine import chunked_draw_keys, compact_threefry, map_datapoints
 from amortjax.estimators import SAMPLE_CHUNK, bounds_batch
 from amortjax.families import Family
@@ -56,6 +56,7 @@ def evaluate_bounds(
     sample_chunk: int = SAMPLE_CHUNK,
     guide_args: tuple = (),
     progress: bool | str = False,
+    indices: np.ndarray | jax.Array | None = None,
 ) -> Bounds:
     """ELBO and IWAE-k of every datapoint of x under the guide's q.
 
@@ -64,8 +65,8 @@ def evaluate_bounds(
         guide: NumPyro guide over the same latent sites.
         params: parameters of model and guide.
         x: observations, `[num_datapoints, ...]`.
-        key: PRNG key; datapoint i draws from `fold_in(key, i)` (`amortjax.engine`), so its
-            numbers depend neither on `batch_size` nor on the number of devices.
+        key: PRNG key; row i draws from `fold_in(key, indices[i])` (`amortjax.engine`), so its
+            numbers depend neither on `batch_size`, the number of devices nor the other rows.
         num_samples: k, the draws per datapoint.
         batch_size: datapoints per compiled call.
         sample_chunk: draws evaluated at once per datapoint (bounds memory to
@@ -74,6 +75,8 @@ def evaluate_bounds(
         guide_args: per-datapoint inputs of the guide besides x, each `[num_datapoints, ...]`,
             batched with x (e.g. the lambdas of `given_params_guide`).
         progress: show a progress bar (a string gives its description).
+        indices: each row's index in its dataset, `[num_datapoints]` distinct integers (None:
+            its position in x): `x[idx]` with `indices=idx` gives the whole dataset's rows.
 
     Inside `amortjax.sharding.data_parallel()` each batch of datapoints is split over the
     mesh's devices (batch_size must divide evenly); the numbers do not depend on it.
@@ -99,6 +102,7 @@ def evaluate_bounds(
     for i, arg in enumerate(guide_args):
         check_finite("evaluate_bounds", f"guide_args[{i}]", arg)
     check_guide_draws(model, guide, params, x, "evaluate_bounds", *guide_args)
+    indices = check_indices("evaluate_bounds", indices, n)
     sample_chunk = min(sample_chunk, num_samples)
     elbo, iwae = map_datapoints(
         functools.partial(bounds_batch, model, guide, int(num_samples), int(sample_chunk)),
@@ -108,6 +112,7 @@ def evaluate_bounds(
         batch_size=batch_size,
         progress=progress,
         desc=f"IWAE-{num_samples}",
+        indices=indices,
     )
     return Bounds(elbo=elbo, iwae=iwae, num_samples=num_samples)
 
@@ -222,6 +227,7 @@ def evaluate_pair(
     batch_size: int = 100,
     sample_chunk: int = SAMPLE_CHUNK,
     progress: bool | str = False,
+    indices: np.ndarray | jax.Array | None = None,
 ) -> PairBounds:
     """Scores two members of a family per datapoint on common random numbers.
 
@@ -241,7 +247,7 @@ def evaluate_pair(
         params: model parameters.
         x: observations, `[N, ...]`.
         lam_a, lam_b: the two variational parameters of every datapoint, `[N, num_params]`.
-        key: PRNG key; datapoint i draws from `fold_in(key, i)`.
+        key: PRNG key; row i draws from `fold_in(key, indices[i])`.
         family: the variational family of both.
         site: the model's local latents (a site name or a `LocalLatents`).
         num_samples: k, draws from each distribution.
@@ -250,6 +256,7 @@ def evaluate_pair(
             2 * sample_chunk decoder evaluations (at 100, about 1.4 times slower on a 2-core
             CPU than at 50). The numbers do not depend on it.
         progress: show a progress bar (a string gives its description).
+        indices: each row's index in its dataset, `[N]` distinct integers (None: positions).
 
     Returns:
         `PairBounds` with `[N]` arrays.
@@ -265,6 +272,7 @@ def evaluate_pair(
             f"lam_a and lam_b must both be [N={x.shape[0]}, num_params]; got {lam_a.shape} and "
             f"{lam_b.shape}"
         )
+    indices = check_indices("evaluate_pair", indices, x.shape[0])
     sample_chunk = int(min(sample_chunk, num_samples))
     out = map_datapoints(
         functools.partial(_pair_batch, model, family, site, int(num_samples), sample_chunk),
@@ -274,5 +282,6 @@ def evaluate_pair(
         batch_size=batch_size,
         progress=progress,
         desc=f"q and q*, {num_samples} draws each",
+        indices=indices,
     )
     return PairBounds(*out, num_samples=int(num_samples))

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.checks import check_finite, check_int, check_key, resolve_settings
+from amortjax.checks import check_finite, check_indices, check_int, check_key, resolve_settings
 from amortjax.evaluation.ais import AISSettings, ais, log_weight_spread
 from amortjax.evaluation.bounds import evaluate_pair, mean_and_stderr
 from amortjax.families import DiagonalGaussian, Family, check_num_params
@@ -182,6 +182,7 @@ def gap_decomposition(
     batch_size: int = 100,
     ais_batch_size: int | None = None,
     progress: bool | str = False,
+    indices: np.ndarray | jax.Array | None = None,
 ) -> Gaps:
     """The gap decomposition of a trained model with its encoder, on datapoints x.
 
@@ -191,7 +192,8 @@ def gap_decomposition(
         x: observations, `[N, ...]` (training or held-out points: the caller says which).
         encoder_params: the encoder's variational parameters lambda_i = f_phi(x_i),
             `[N, num_params]` (e.g. `amortjax.guides.encode(encoder, params, x)`).
-        key: PRNG key; every evaluator draws per datapoint from it and the datapoint's index.
+        key: PRNG key; every evaluator draws per datapoint from it and the datapoint's index
+            (`indices[i]`), so a datapoint's numbers depend on no other row.
         family: the variational family of q and q* (diagonal Gaussian by default).
         site: the model's local latents (a site name or a `LocalLatents`).
         iwae_samples: k, the draws from each of q and q* behind L[q], L[q*], the IWAE-k bounds
@@ -209,6 +211,9 @@ def gap_decomposition(
             batch_size with at most `AIS_CHAINS_PER_CALL` chains (at least batch_size), e.g.
             400 for 8 chains and a batch_size of 100. No number depends on it.
         progress: show progress bars (a string prefixes their descriptions).
+        indices: each row's index in its dataset, `[N]` distinct integers (None: its position
+            in x): the decomposition of `x[idx]` with `indices=idx` is the whole dataset's
+            rows.
 
     Returns:
         `Gaps` with per-datapoint arrays.
@@ -229,6 +234,7 @@ def gap_decomposition(
     check_finite("gap_decomposition", "encoder_params", lam_q)
     size = check_site(model, params, jnp.asarray(x), site, "gap_decomposition")
     check_num_params(family, lam_q.shape[1], size, "encoder_params (the encoder)")
+    indices = check_indices("gap_decomposition", indices, x.shape[0])
     prefix = f"{progress}: " if isinstance(progress, str) else ""
     show = bool(progress)
     k_pair, k_fit, k_ais = jax.random.split(key, 3)
@@ -246,11 +252,9 @@ def gap_decomposition(
     start = time.perf_counter()
     # q* started at the encoder's output; final_samples=0: scored below, with q, on common
     # random numbers
-    fit = (
-        PerExample(settings, family=family, site=site)
-        .infer(model, params, x, k_fit, init=lam_q, progress=f"{prefix}q*" if show else False)
-        .fit
-    )
+    per_example = PerExample(settings, family=family, site=site)
+    bar = f"{prefix}q*" if show else False
+    fit = per_example.infer(model, params, x, k_fit, init=lam_q, indices=indices, progress=bar).fit
     seconds["qstar"] = time.perf_counter() - start
     start = time.perf_counter()
     pair = evaluate_pair(
@@ -265,6 +269,7 @@ def gap_decomposition(
         num_samples=iwae_samples,
         batch_size=batch_size,
         progress=f"{prefix}L and IWAE-{iwae_samples}, q and q*" if show else False,
+        indices=indices,
     )
     seconds["bounds"] = time.perf_counter() - start
     estimates = {"mixture": pair.mixture}
@@ -283,6 +288,7 @@ def gap_decomposition(
             site=site,
             batch_size=ais_batch_size,
             progress=f"{prefix}AIS" if show else False,
+            indices=indices,
         )
         ais_px = result.log_px
         estimates["ais"] = ais_px

@@ -1315,10 +1315,8 @@ def fit_local(
     x = check_data(model, params, x)
     size = check_site(model, params, x, site, "fit_local", z_dim)
     n = x.shape[0]
-    if indices is None:
-        indices = np.arange(n)
-    check_indices("fit_local", indices, n)
-    indices = jnp.asarray(indices, jnp.uint32)
+    indices = check_indices("fit_local", indices, n)
+    indices = jnp.asarray(np.arange(n) if indices is None else indices, jnp.uint32)
     if init is None:
         z_dim = latent_size(site, z_dim)
         if z_dim is None:
