@@ -12,9 +12,11 @@ reloaded from `bench/results/gap_fullset_models/`), on seeded test digits:
    from "diagonal" (the default without init) and from "full_rank"; L[q*] of each pair on
    2,000 common draws.
 
-Writes `bench/results/qstar_mnist_checks.json` and prints one line per fit.
+Writes `bench/results/qstar_mnist_checks.json` and prints one line per fit; `--sections` runs
+some of them and replaces only theirs in the file.
 
-    python tools/qstar_mnist_checks.py [--digits 200] [--flow-digits 50]
+    python tools/qstar_mnist_checks.py [--digits 200] [--flow-digits 50] \
+        [--sections newton_frame,certify_retries,flow_start]
 """
 
 import argparse
@@ -66,63 +68,81 @@ def _pair(setup, params, x, a, b, key, draws) -> dict:
     return {"difference": mean, "se": se, "per_point": diff}
 
 
-def main(digits: int, flow_digits: int) -> dict:
+SECTIONS = ("newton_frame", "certify_retries", "flow_start")
+
+
+def main(digits: int, flow_digits: int, sections: tuple[str, ...] = SECTIONS) -> dict:
     config = Config(datasets=("mnist",))
     data = load_data("mnist", seed=config.seed)
     key = jax.random.key(config.seed + 31)
     out: dict = {"digits": digits, "flow_digits": flow_digits}
+    if {"newton_frame", "certify_retries"} & set(sections):
+        setup, params, _ = _train(config, "diagonal", data, MODEL_DIR)
+        x = seeded_test_digits(config, data, digits)
+        lam = np.asarray(encode(setup.encoder, params, jnp.asarray(x)))
+        base = QStarSettings().for_family(setup.family)
+        if "newton_frame" in sections:
+            out["newton_frame"] = _newton_frame(setup, params, x, lam, key, base)
+        if "certify_retries" in sections:
+            out["certify_retries"] = _certify_retries(setup, params, x, lam, key, base, config)
+    if "flow_start" in sections:
+        out["flow_start"] = _flow_start(config, data, flow_digits, key)
+    return out
 
-    setup, params, _ = _train(config, "diagonal", data, MODEL_DIR)
-    x = seeded_test_digits(config, data, digits)
-    lam = np.asarray(encode(setup.encoder, params, jnp.asarray(x)))
-    base = QStarSettings().for_family(setup.family)
 
-    frames, out["newton_frame"] = {}, {}
+def _newton_frame(setup, params, x, lam, key, base) -> dict:
+    frames, out = {}, {}
     for turn in range(2):
         for frame in ("z", "auto", "eigen"):
             q, rec = _fit(setup, params, x, key, base._replace(newton_frame=frame), lam, None)
             frames[frame] = q
-            out["newton_frame"][f"{frame}_{'cold' if turn == 0 else 'warm'}"] = rec
+            out[f"{frame}_{'cold' if turn == 0 else 'warm'}"] = rec
             print("newton_frame", frame, rec, flush=True)
     for frame in ("auto", "eigen"):
         pair = _pair(setup, params, x, frames["z"], frames[frame], jax.random.fold_in(key, 1),
                      5000)  # fmt: skip
         pair.pop("per_point")
-        out["newton_frame"][f"{frame}_minus_z"] = pair
+        out[f"{frame}_minus_z"] = pair
         print(f"L[q*] {frame} - z", pair, flush=True)
+    return out
 
-    out["certify_retries"] = {}
+
+def _certify_retries(setup, params, x, lam, key, base, config) -> dict:
+    out = {}
     for start, init in (("encoder", lam), ("prior", None)):
         fits = {}
         for retries in (0, base.certify_retries):
             settings = base._replace(certify_retries=retries)
             fits[retries], rec = _fit(setup, params, x, key, settings, init, config.z_dim)
-            out["certify_retries"][f"{start}_{retries}"] = rec
+            out[f"{start}_{retries}"] = rec
             print("certify_retries", start, retries, rec, flush=True)
         pair = _pair(setup, params, x, fits[0], fits[base.certify_retries],
                      jax.random.fold_in(key, 1), 5000)  # fmt: skip
         continued = fits[base.certify_retries].continued
         pair["gain_of_the_continued"] = pair.pop("per_point")[continued].round(3).tolist()
-        out["certify_retries"][f"{start}_gain"] = pair
+        out[f"{start}_gain"] = pair
         print("continuation's gain", start, pair, flush=True)
+    return out
 
+
+def _flow_start(config, data, flow_digits, key) -> dict:
     setup, params, _ = _train(config, "flow", data, MODEL_DIR)
     x = seeded_test_digits(config, data, flow_digits)
     lam = np.asarray(encode(setup.encoder, params, jnp.asarray(x)))
     flow = qstar_settings(config, setup.family)
-    starts, out["flow_start"] = {}, {}
+    starts, out = {}, {}
     for name, init, settings in (
         ("encoder", lam, flow),
         ("diagonal", None, flow),
         ("full_rank", None, flow._replace(flow_start="full_rank")),
     ):
         starts[name], rec = _fit(setup, params, x, key, settings, init, config.z_dim)
-        out["flow_start"][name] = rec
+        out[name] = rec
         print("flow_start", name, rec, flush=True)
     for a, b in (("encoder", "diagonal"), ("encoder", "full_rank"), ("diagonal", "full_rank")):
         pair = _pair(setup, params, x, starts[a], starts[b], jax.random.fold_in(key, 1), 2000)
         pair.pop("per_point")
-        out["flow_start"][f"{b}_minus_{a}"] = pair
+        out[f"{b}_minus_{a}"] = pair
         print(f"L[q*] {b} - {a}", pair, flush=True)
     return out
 
@@ -131,8 +151,16 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--digits", type=int, default=200)
     parser.add_argument("--flow-digits", type=int, default=50)
+    parser.add_argument("--sections", default=",".join(SECTIONS))
     args = parser.parse_args()
-    result = main(args.digits, args.flow_digits)
+    sections = tuple(args.sections.split(","))
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     path = RESULTS_DIR / "qstar_mnist_checks.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    result = main(args.digits, args.flow_digits, sections)
+    if previous.get("digits") == args.digits and previous.get("flow_digits") == args.flow_digits:
+        result = {**previous, **result}  # the other sections' results, made on the same digits
     path.write_text(json.dumps(result, indent=1) + "\n")
     print("wrote", path)
