@@ -184,6 +184,13 @@ def test_hmc_at_b1_leaves_the_exact_posterior_invariant(case):
     np.testing.assert_array_equal(out.step_size, 0.25 * np.ones((8, 512), np.float32))
     assert np.abs(out.z - z0).mean() > 0.1  # the chains moved
     _moments_match(lg, x, out.z, mean_tol=4, cov_tol=0.05)
+    # A datapoint's chains draw by its index: two of them alone, given theirs, move as above.
+    idx = np.array([6, 1])
+    pair = run_hmc(
+        model, params, x[idx], z0[idx], jax.random.key(11), num_steps=20, step_size=0.25,
+        adapt_step_size=False, indices=idx,
+    )  # fmt: skip
+    np.testing.assert_allclose(pair.z, out.z[idx], atol=1e-5)
 
 
 def test_hmc_with_step_scales_leaves_the_exact_posterior_invariant(case):

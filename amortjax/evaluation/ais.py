@@ -1231,6 +1231,7 @@ def run_hmc(
     adapt_step_size: bool = True,
     batch_size: int = 100,
     progress: bool | str = False,
+    indices: np.ndarray | jax.Array | None = None,
 ) -> HMCResult:
     """The AIS transition kernel at one fixed temperature: HMC chains targeting f_b.
 
@@ -1251,7 +1252,7 @@ def run_hmc(
         step_scale: per-dimension scales of the leapfrog step: None (1 in every dimension),
             "q0", `[D]` or `[N, D]` (see `ais`).
         z_dim, family, init_params, site, leapfrog_steps, target_accept, batch_size,
-            progress: as in `ais`.
+            progress, indices: as in `ais`.
         adapt_step_size: adapt the step sizes during the run.
 
     Returns:
@@ -1276,13 +1277,14 @@ def run_hmc(
             f"z must be [num_datapoints={n}, num_chains, z_dim={z_dim}], got shape {z.shape}"
         )
     eps = _start_step_size(step_size, n, num_chains)
+    indices = check_indices("run_hmc", indices, n)
     key_run, key_scale = jax.random.split(key)
     if step_scale is None:
         scale = np.ones((n, z_dim), np.float32)
     else:
         scale = _check_step_scale(step_scale, n, z_dim)
         if scale is None:
-            scale = _q0_scale(family, lam, key_scale, batch_size, None)
+            scale = _q0_scale(family, lam, key_scale, batch_size, indices)
     _, acceptance, eps, _, z_final = _run(
         model,
         params,
@@ -1302,5 +1304,6 @@ def run_hmc(
         batch_size=batch_size,
         progress=progress,
         desc=f"HMC b={beta}",
+        indices=indices,
     )
     return HMCResult(z=z_final, acceptance=acceptance, step_size=eps)
