@@ -921,8 +921,8 @@ def _anneal(
         model, params, x, z_dim, family, init_params, site, num_chains, leapfrog_steps,
         settings.target_accept, batch_size,
     )  # fmt: skip
-    indices = check_indices("ais", indices, x.shape[0])
     reverse = z is not None
+    indices = check_indices("reverse_ais" if reverse else "ais", indices, x.shape[0])
     if reverse:
         z = _check_z(_start_latents(z, site), x.shape[0], z_dim)
     run_key, kernel_key = jax.random.split(key)
