@@ -170,12 +170,16 @@ def log_weights(
         `[batch]`.
 
     Raises:
-        ValueError: where x is concrete (called outside jit, or closed over by a vmap), data
-            the model cannot score (`check_data`: its shape, NaNs, values outside a
-            likelihood's support), naming the rows and the fix; traced x is not checked.
+        ValueError: outside jit (called directly, or with x closed over by a vmap), data the
+            model cannot score (`check_data`: its shape, NaNs, values outside a likelihood's
+            support), naming the rows and the fix; under jit, where the check's own results
+            are traced, nothing is checked.
     """
     if concrete(x) is not None:
-        x = check_data(model, params, x)
+        try:
+            x = check_data(model, params, x)
+        except jax.errors.ConcretizationTypeError:  # (inside jit: the check cannot run)
+            pass
     latents, log_q = sample_guide(guide, params, x, key, *guide_args)
     return log_joint(model, params, x, latents) - log_q
 
