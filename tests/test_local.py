@@ -548,12 +548,14 @@ def test_a_q_star_its_certificate_rejects_goes_on_until_it_passes(collinear):
     assert np.all(short(cont) > -1e-4)
     assert f"{flagged.sum()} continued after their certificate" in cont.convergence()["text"]
     # Every round's draws are keyed by the point's own index: a subset fitted with its indices,
-    # in another order, gives the whole fit's rows bit for bit, the continued ones included.
+    # in another order, gives the whole fit's rows, the continued ones included (bit for bit
+    # under `make test`; within 1.2e-6 at JAX 0.12's default optimization, which vectorizes
+    # other batch sizes differently; without indices they differ by up to 0.76).
     idx = np.array([50, 3, 17, 8, 41, 22, 33, 9, 58, 1, 27, 44])
     sub = fit_local(model, params, x[idx], jax.random.key(1), indices=idx, **noisy)
     assert sub.continued.sum() >= 3
     np.testing.assert_array_equal(sub.continued, cont.continued[idx])
-    np.testing.assert_array_equal(sub.params, cont.params[idx])
+    np.testing.assert_allclose(sub.params, cont.params[idx], rtol=0, atol=1e-4)
 
 
 def test_a_q_star_that_stalls_is_not_reported_converged():
