@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from amortjax.checks import check_key
+from amortjax.checks import check_indices, check_key
 from amortjax.sharding import DATA_AXIS, active_mesh, check_divisible, replicate, shard_rows
 
 
@@ -138,9 +138,8 @@ def map_datapoints(
         raise ValueError(f"every per-datapoint input needs {n} rows; got {[r.shape for r in rows]}")
     if not isinstance(batch_size, int | np.integer) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    indices = check_indices("map_datapoints", indices, n)
     indices = jnp.arange(n) if indices is None else jnp.asarray(indices)
-    if indices.shape != (n,):
-        raise ValueError(f"indices must have shape [{n}] (one per datapoint); got {indices.shape}")
     mesh = active_mesh()
     devices = 1
     if mesh is not None:

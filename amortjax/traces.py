@@ -175,11 +175,7 @@ def log_weights(
             support), naming the rows and the fix; under jit, where the check's own results
             are traced, nothing is checked.
     """
-    if concrete(x) is not None:
-        try:
-            x = check_data(model, params, x)
-        except jax.errors.ConcretizationTypeError:  # (inside jit: the check cannot run)
-            pass
+    x = check_data(model, params, x)
     latents, log_q = sample_guide(guide, params, x, key, *guide_args)
     return log_joint(model, params, x, latents) - log_q
 
@@ -260,11 +256,14 @@ def check_data(model: Callable, params: dict, x, *, chunk: int = 1000, **model_k
         **model_kwargs: passed to the model.
 
     Returns:
-        x as a JAX array.
+        x as a JAX array. Under jit (x traced, or the check's own results traced where x is
+        closed over) nothing can be checked, and x is returned as it is.
 
     Raises:
         ValueError: naming the problem, the offending rows and the fix.
     """
+    if concrete(x) is None:
+        return jnp.asarray(x)
     arr = check_array(x)
     n = arr.shape[0]
     chunk = min(chunk, n)
@@ -287,6 +286,8 @@ def check_data(model: Callable, params: dict, x, *, chunk: int = 1000, **model_k
                 "model (a parameter of another shape than the model makes means they belong to "
                 "a model of another size)"
             ) from err
+        if any(concrete(leaf) is None for leaf in jax.tree.leaves(sites)):  # (under jit)
+            return jnp.asarray(x)
         for name, (inside, fits, value_shape, expected) in sites.items():
             if not bool(fits):
                 raise _shape_mismatch(name, value_shape.tolist(), expected.tolist(), arr.shape)
