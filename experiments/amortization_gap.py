@@ -255,7 +255,9 @@ def upgrade_saved_config(data: dict) -> dict:
       the per-step ELBO values of each block: a q* group without the field reads as
       monitor_samples=0 (the default now scores the FFG's blocks with a 32-draw monitor);
     - saved before q*'s polishing stage (2026-12-05), no q* was polished: a group without
-      `polish_steps` reads as polish_steps=0 (the Flow's q* polishes by default now).
+      `polish_steps` reads as polish_steps=0 (the Flow's q* polishes by default now);
+    - saved before a flow's full-rank floor (2026-12-06), no flow's q* was checked against it
+      or went on from it: a group without `flow_floor` reads as flow_floor=False.
     """
     data = dict(data)
     flat = not isinstance(data.get("qstar"), dict)  # saved before the groups: qstar_* options
@@ -271,6 +273,7 @@ def upgrade_saved_config(data: dict) -> dict:
         data["flow_qstar"] = {
             **Config().qstar._asdict(),
             "monitor_samples": 0,
+            "flow_floor": False,
             **qstar,
             "num_samples": samples,
         }
@@ -278,7 +281,9 @@ def upgrade_saved_config(data: dict) -> dict:
         data["qstar.monitor_samples"] = 0
     for group in ("qstar", "flow_qstar"):
         if isinstance(data.get(group), dict):
-            data[group] = {"monitor_samples": 0, "polish_steps": 0, **data[group]}
+            data[group] = {
+                "monitor_samples": 0, "polish_steps": 0, "flow_floor": False, **data[group]
+            }  # fmt: skip
     return data
 
 

@@ -1,5 +1,7 @@
 """The affine coupling flow family: change of variables, layout, regimes, ground truth."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -274,11 +276,13 @@ def test_q_star_flow_beats_the_best_diagonal_and_nears_log_p():
     assert np.all(fit.elbo - best_diagonal > 0.28), fit.elbo - best_diagonal
     assert np.all(exact - fit.elbo < 0.04), exact - fit.elbo
     assert np.all(fit.iwae < exact + 0.01)
-    # No certificate for a flow: its record says the rule stopped it, not that it converged.
+    # No certificate for a flow, only its full-rank floor (one-sided): its record says the rule
+    # stopped it and the floor passed, not that it converged.
     report = fit.convergence()
     assert not report["certified"] and report["newton_gap_mean"] is None
-    assert "stopped by its rule (uncertified" in report["text"]
+    assert "stopped by its rule and not below the full-rank Gaussian floor" in report["text"]
     assert "converged for" not in report["text"]
+    assert report["floor_gap_max"] < 0.05 and not fit.continued.any()  # (measured 0.014)
     # Each datapoint has its own flow: the coupling weights differ between datapoints.
     _, _, layers = family.split(jnp.asarray(fit.params))
     assert float(jnp.abs(layers[0].w2[0] - layers[0].w2[1]).max()) > 1e-2
@@ -408,23 +412,46 @@ def test_bad_settings_and_shapes():
         )
 
 
-def test_a_flow_without_init_starts_at_the_diagonal_q_star_and_climbs_from_there():
-    """A narrow correlated posterior (noise 1e-2, x_dim = z_dim = 4, correlation 0.99+): from
-    N(0, I) the flow's q* ended 161 nats below the best diagonal Gaussian on average (20 of
-    20 points), its stopping rule saying converged; started, as now, at the diagonal Gaussian's
-    Newton q* (identity coupling layers), it ends above it on every point (measured +0.80)."""
+def test_a_flow_below_its_full_rank_floor_goes_on_from_the_floor_to_the_exact_posterior():
+    """A narrow correlated posterior (noise 1e-2, x_dim = z_dim = 4, correlation 0.99+). From
+    N(0, I) the flow's q* had ended 161 nats below the best diagonal Gaussian (20 of 20 points,
+    its rule saying converged); from the default start, the diagonal Gaussian's Newton q*, it
+    ends above that (+0.80) but still 0.55-1.35 nats below log p(x) on 11 of 12 points, its rule
+    saying converged. The full-rank Gaussian q* as a flow (`flow_floor`) scores 0.48-1.43 above
+    it on those 11 (measured), so with `certify_retries=0` they are warned and not "converged";
+    by default they go on from the floor and end within 0.002-0.006 nats of log p(x) (the
+    posterior is Gaussian, so the floor is the family's best here). A subset fitted with its
+    indices gets the same rows."""
     lg = make_linear_gaussian(jax.random.key(30), x_dim=4, z_dim=4, noise_scale=1e-2)
     model, _, params = linear_gaussian_vae(lg)
     x, _ = lg.sample(jax.random.key(31), 12)
+    exact = np.asarray(lg.log_marginal(x))
     best_diagonal = np.asarray(lg.elbo(x, *lg.best_diagonal(x)))
     family = AffineCouplingFlow()
-    fit = fit_local(model, params, x, jax.random.key(3), family=family, z_dim=4,
-                    final_samples=5000)  # fmt: skip
-    assert np.all(fit.elbo > best_diagonal - 0.05), fit.elbo - best_diagonal
-    assert np.mean(fit.elbo - best_diagonal) > 0.1
-    assert np.all(fit.elbo < np.asarray(lg.log_marginal(x)) + 0.05)
-    _, log_scale, _ = family.split(jnp.asarray(fit.params))
+    fit = partial(fit_local, model, params, family=family, z_dim=4)
+    with pytest.warns(UserWarning, match=r"below its full-rank Gaussian floor .* for 1[01] of 12"):
+        short = fit(x, jax.random.key(3), certify_retries=0, final_samples=2000)
+    assert np.all(short.elbo > best_diagonal - 0.05), short.elbo - best_diagonal
+    assert np.sum(exact - short.elbo > 0.4) >= 8, exact - short.elbo  # the rule's "converged"
+    below = short.floor_gap > 0.25
+    assert below.sum() >= 8 and not short.converged[below].any() and not short.continued.any()
+    _, log_scale, _ = family.split(jnp.asarray(short.params))
     assert np.all(np.asarray(log_scale) < -1.0)  # (the base: the narrow diagonal q*)
+
+    full = fit(x, jax.random.key(3), final_samples=2000)
+    assert np.all(np.abs(exact - full.elbo) < 0.02), exact - full.elbo
+    np.testing.assert_array_equal(full.continued, below)
+    assert full.converged.all() and np.all(full.floor_gap < 0.05), full.floor_gap
+    report = full.convergence()
+    assert "not below the full-rank Gaussian floor" in report["text"]
+    assert f"{below.sum()} continued from the floor" in report["text"]
+    idx = np.array([9, 0, 5])  # (point 9 passed the floor; 0 and 5 went on from it)
+    sub = fit(x[idx], jax.random.key(3), indices=idx, final_samples=2000)
+    np.testing.assert_array_equal(sub.continued, full.continued[idx])
+    # Bit for bit under JAX 0.10; under 0.12 (which vectorizes 3 rows otherwise than 12) a
+    # rounding difference moved one plateau stop by a block: params 0.36 apart, ELBO 7e-5 on
+    # common draws (the final bounds draw by index).
+    np.testing.assert_allclose(sub.elbo, full.elbo[idx], atol=2e-3)
 
 
 def test_a_flow_from_a_gaussian_has_that_gaussians_distribution():

@@ -726,6 +726,15 @@ def test_settings_groups_take_dotted_options_and_old_folders_resume():
     assert read == dataclasses.replace(
         config, flow_qstar=config.flow_qstar._replace(polish_steps=0)
     )
+    # Saved before a flow's full-rank floor: no q* went on from it, whatever today's default.
+    assert config.flow_qstar.flow_floor
+    unfloored = {g: {k: v for k, v in saved[g].items() if k != "flow_floor"} for g in groups}
+    read = config_from_dict(module.Config, module.upgrade_saved_config({**saved, **unfloored}))
+    assert read == dataclasses.replace(
+        config,
+        qstar=config.qstar._replace(flow_floor=False),
+        flow_qstar=config.flow_qstar._replace(flow_floor=False),
+    )
     # Saved before the flow_qstar group: the Flow's q* ran the qstar group's settings with its
     # own draws per step, and is read back as such, not as today's flow_qstar.
     older = {**{k: v for k, v in saved.items() if k != "flow_qstar"}, "flow_qstar_samples": 16}
