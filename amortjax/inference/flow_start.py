@@ -1,13 +1,15 @@
-"""A full-rank start for the per-example flow q*: the coupling flow whose q is N(m, L L^T).
+"""A flow q*'s full-rank start or floor: the coupling flow whose q is N(m, L L^T).
 
-What it is for: `fit_local(family=AffineCouplingFlow(), flow_start="full_rank")` without
-`init`. Adam on the flow's own weights cannot find a posterior that is narrow along oblique
-directions (a linear-Gaussian model, x_dim 4 < z_dim 8, noise 1e-2: 19.4 +- 0.65 nats below
-log p(x) from the diagonal start; 27,100 at noise 1e-3, where even the diagonal start
-diverged); the full-rank Gaussian's q* (Newton steps in q's whitened frame) reaches such a
-posterior at any condition number, and a 2-layer coupling flow with linear conditioners can
-represent every Gaussian. So the flow starts at the full-rank q*, and Adam goes on from there
-(on a non-Gaussian posterior the flow can do better than any Gaussian).
+What it is for: `fit_local(family=AffineCouplingFlow(), flow_start="full_rank")` without `init`,
+and every flow q*'s floor (`QStarSettings.flow_floor`: the flow family's best lies at or above
+this member of it, so a q* it beats is provably short). Adam on the flow's own weights cannot
+find a posterior that is narrow along oblique directions (a linear-Gaussian model, x_dim 4 <
+z_dim 8, noise 1e-2: 19.4 +- 0.65 nats below log p(x) from the diagonal start; 27,100 at noise
+1e-3, where even the diagonal start diverged); the full-rank Gaussian's q* (Newton steps in q's
+whitened frame) reaches such a posterior at any condition number, and a 2-layer coupling flow
+with linear conditioners can represent every Gaussian. So the flow starts at the full-rank q*,
+and Adam goes on from there (on a non-Gaussian posterior the flow can do better than any
+Gaussian).
 
 The construction. Write d = z_dim, a = ceil(d/2) (layer 0's conditioning half), b = d - a.
 With linear conditioners t_l(y) = A_l (y - c_l), every log-scale s = 0 and the base
