@@ -72,7 +72,7 @@ from amortjax.data.loading import dynamic_binarize
 from amortjax.evaluation.ais import LOG_WEIGHT_SPREAD, AISSettings
 from amortjax.evaluation.bounds import format_estimate
 from amortjax.evaluation.gaps import AIS_STARTS, Gaps, gap_decomposition
-from amortjax.evaluation.posterior_grid import posterior_grid
+from amortjax.evaluation.posterior_grid import covering_square, posterior_grid
 from amortjax.evaluation.subsets import random_subset
 from amortjax.families import DiagonalGaussian, Family
 from amortjax.flows import AffineCouplingFlow, FlowEncoder
@@ -709,21 +709,12 @@ def _latent_figure(config, key, workdir, figures, progress) -> Path:
         )  # fmt: skip
         qs[f"amortized {label}"] = (family, lam)
         qs[f"optimal {label}"] = (family, jnp.asarray(fitted.params))
-    # One square grid per datapoint holding every approximation: the union of each q's central
-    # 99% box (2,000 draws each), padded by a tenth. (A grid around the optimal FFG alone left
-    # a better mode off the figure: on MNIST at z=2 one digit's optimal Flow sat 2.3 away from
-    # its optimal FFG with an ELBO 8.4 nats higher, so the panel "true posterior" showed the
-    # minor mode.) 150 points per axis keep a narrow q several cells wide in a wide box.
-    lo, hi = [], []
-    for i, (family, lam) in enumerate(qs.values()):
-        z = family.distribution(lam).sample(jax.random.fold_in(key, 7003 + i), (2000,))
-        lo.append(np.quantile(np.asarray(z), 0.005, axis=0))
-        hi.append(np.quantile(np.asarray(z), 0.995, axis=0))
-    lo, hi = np.min(lo, axis=0), np.max(hi, axis=0)  # [4, 2]
-    grid = posterior_grid(
-        setup.model, params, x, qs, center=(lo + hi) / 2, half_width=0.55 * (hi - lo).max(-1),
-        points=150,
-    )  # fmt: skip
+    # One square grid per datapoint holding every approximation (not only the optimal FFG's,
+    # which left a better mode off the figure: `covering_square`); 150 points per axis keep a
+    # narrow q several cells wide in a wide square.
+    center, half_width = covering_square(qs, jax.random.fold_in(key, 7003))
+    grid = posterior_grid(setup.model, params, x, qs, center=center, half_width=half_width,
+                          points=150)  # fmt: skip
     fig = plotting.density_panels_figure(
         grid.grids,
         grid.densities,

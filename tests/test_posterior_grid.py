@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from amortjax.evaluation.posterior_grid import TRUE_POSTERIOR, posterior_grid
+from amortjax.evaluation.posterior_grid import TRUE_POSTERIOR, covering_square, posterior_grid
 from amortjax.families import DiagonalGaussian
 from amortjax.guides.linear_gaussian import linear_gaussian_vae
 from amortjax.models.linear_gaussian import make_linear_gaussian
@@ -74,3 +74,35 @@ def test_posterior_grid_names_bad_arguments():
     lg3 = make_linear_gaussian(jax.random.key(3), x_dim=1, z_dim=3)
     with pytest.raises(ValueError, match="site 'z' has 3 dimensions per datapoint"):
         posterior_grid(linear_gaussian_vae(lg3)[0], linear_gaussian_vae(lg3)[2], x, {}, **grid)
+
+
+def test_the_covering_square_holds_every_approximation():
+    """Two modes far apart (6 to 9 units, one q narrow, one wide): the square holds at least 98%
+    of each q's mass by exact normal cdfs (central 99% per axis, widened a tenth), where a
+    square of 4 sds around the narrow q alone holds none of the other's; it is not much wider
+    than the two need."""
+    rng = np.random.default_rng(0)
+    n = 3
+    loc_a = rng.normal(size=(n, 2))
+    loc_b = loc_a + np.array([[6.0, 0.0], [0.0, -7.0], [5.0, 7.0]])
+    a = np.concatenate([loc_a, np.full((n, 2), np.log(0.1))], 1)
+    b = np.concatenate([loc_b, np.full((n, 2), np.log(1.0))], 1)
+    family = DiagonalGaussian()
+    center, half = covering_square({"a": (family, a), "b": (family, b)}, jax.random.key(0))
+    assert center.shape == (n, 2) and half.shape == (n,)
+
+    def inside(loc, scale, c, h):  # exact q-mass of the square, float64
+        lo, hi = c - h[:, None], c + h[:, None]
+        return np.prod(stats.norm.cdf(hi, loc, scale) - stats.norm.cdf(lo, loc, scale), axis=1)
+
+    assert np.all(inside(loc_a, 0.1, center, half) > 0.98)
+    assert np.all(inside(loc_b, 1.0, center, half) > 0.98)
+    assert np.all(inside(loc_b, 1.0, loc_a, np.full(n, 0.4)) < 1e-6)  # (around a alone)
+    span = np.abs(loc_b - loc_a).max(1) + 2.6 + 0.26  # b's 99% half-interval, a's
+    assert np.all(2 * half < 1.3 * span), (2 * half, span)
+    with pytest.raises(ValueError, match="at least one approximation"):
+        covering_square({}, jax.random.key(0))
+    with pytest.raises(ValueError, match=r"mass must be in \(0, 1\)"):
+        covering_square({"a": (family, a)}, jax.random.key(0), mass=1.0)
+    with pytest.raises(ValueError, match="needs a 2-D latent"):
+        covering_square({"a": (family, np.zeros((n, 6)))}, jax.random.key(0))

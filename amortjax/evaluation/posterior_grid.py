@@ -43,6 +43,39 @@ class PosteriorGrid(NamedTuple):
     densities: dict[str, np.ndarray]
 
 
+def covering_square(
+    approximations: dict[str, tuple[Family, np.ndarray | jax.Array]],
+    key: jax.Array,
+    *,
+    mass: float = 0.99,
+    pad: float = 0.1,
+    num_samples: int = 2000,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each datapoint's square holding the central `mass` of every approximation: the union of
+    their per-axis central intervals (from `num_samples` draws each), widened by `pad` of its
+    side, as `posterior_grid`'s `center` `[N, 2]` and `half_width` `[N]`.
+
+    A square around one q alone can leave a better mode another q found off the figure (on a
+    z = 2 MNIST model one digit's optimal Flow sat 2.3 away from its optimal FFG, 8.4 nats
+    higher in ELBO, and the true-posterior panel then showed the minor mode).
+    """
+    if not approximations:
+        raise ValueError("covering_square needs at least one approximation {label: (family, lam)}")
+    if not 0.0 < mass < 1.0:
+        raise ValueError(f"covering_square: mass must be in (0, 1), got {mass!r}")
+    tail = (1.0 - mass) / 2
+    lo, hi = [], []
+    for i, (family, lam) in enumerate(approximations.values()):
+        q = family.distribution(jnp.asarray(lam))
+        z = np.asarray(q.sample(jax.random.fold_in(key, i), (int(num_samples),)))  # [S, N, 2]
+        if z.ndim != 3 or z.shape[-1] != 2:
+            raise ValueError(f"covering_square: needs a 2-D latent, got draws of shape {z.shape}")
+        lo.append(np.quantile(z, tail, axis=0))
+        hi.append(np.quantile(z, 1.0 - tail, axis=0))
+    lo, hi = np.min(lo, axis=0), np.max(hi, axis=0)  # [N, 2]
+    return (lo + hi) / 2, (0.5 + pad) * (hi - lo).max(-1)
+
+
 def posterior_grid(
     model: Callable,
     params: dict,
