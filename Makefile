@@ -12,6 +12,8 @@ TEST_WORKERS ?= 2
 # block every thread of XLA's pool, see amortjax/__init__.py) is stopped after 15 minutes, its
 # stacks printed, and its test run once more in a fresh process. Only such crashed processes are
 # rerun: the --only-rerun pattern (?!) matches no error, so a failing test fails once.
+# (The segfaults inside XLA's compiler of earlier runs were a test process running out of memory
+# mappings, vm.max_map_count: tests/conftest.py now frees executables after each module.)
 HANG_GUARD ?= --timeout 900 --timeout-method thread --reruns 1 --only-rerun "(?!)"
 # The second environment: the newest Python (3.12 or 3.13) the machine has, with the newest
 # releases pyproject.toml admits (today's JAX needs Python >= 3.12). `make test-newest`.
