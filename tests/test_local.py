@@ -582,3 +582,55 @@ def test_a_q_star_that_stalls_is_not_reported_converged():
     assert f"converged for {100 * (1 - bad.mean()):.1f}%" in report["text"]
     newton = fit_local(model, params, x, jax.random.key(2), family=family, z_dim=8)
     assert newton.converged.all() and newton.newton_gap.max() < 1e-3
+
+
+def _two_modes(x, n_data=None):
+    """x | z ~ N(z^2 + z / 2, 0.1^2), z ~ N(0, 1): the posterior has a mode at each root of
+    z^2 + z / 2 = x, equally narrow (|2z + 1/2| is the same at both); the prior favours the
+    one nearer 0, the positive root."""
+    with data_plate(x, n_data):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([1]).to_event(1))
+        numpyro.sample("x", dist.Normal(z**2 + 0.5 * z, 0.1).to_event(1), obs=x)
+
+
+def test_a_second_start_finds_the_higher_basin_an_encoder_start_missed():
+    """Started in the minor mode (as an encoder can start it), the diagonal Gaussian's q*
+    converges there and its certificate passes: it is local. Each mode is narrow, so q* in a
+    mode scores log p(x) + log(the mode's posterior mass), exact by quadrature in float64 (the
+    minor mode holds 24-33% here). `second_start` fits q* again from N(0, I), which climbs to
+    the major mode, and keeps it: basin_gap = log(major / minor mass), 0.72-1.12 nats."""
+    from scipy import integrate, stats
+
+    xs = np.array([[4.0], [3.0], [5.0], [2.0]])
+    roots = [np.sort(np.roots([1.0, 0.5, -x]))[::-1] for x in xs[:, 0]]  # (positive, negative)
+
+    def mass_near(r, x):  # the posterior's unnormalized mass within 1 of the root r
+        def joint(z):
+            return stats.norm.pdf(z) * stats.norm.pdf(x, z * z + 0.5 * z, 0.1)
+
+        return integrate.quad(joint, r - 1, r + 1, points=[r], epsabs=0, epsrel=1e-12)[0]
+
+    mass = np.array([[mass_near(r, x) for r in rs] for x, rs in zip(xs[:, 0], roots, strict=True)])
+    log_p, share = np.log(mass.sum(1)), mass / mass.sum(1, keepdims=True)
+    fam = DiagonalGaussian()
+    minor = jnp.stack([fam.pack(jnp.array([min(r)]), jnp.array([0.05])) for r in roots])
+    x = jnp.asarray(xs, jnp.float32)
+    kw = dict(family=fam, init=minor, final_samples=20_000)
+    stuck = fit_local(_two_modes, {}, x, jax.random.key(0), **kw)
+    assert stuck.converged.all() and stuck.basin_gap is None  # the certificate cannot tell
+    np.testing.assert_allclose(stuck.elbo - log_p, np.log(share[:, 1]), atol=0.02)
+    fit = fit_local(_two_modes, {}, x, jax.random.key(0), second_start=True, **kw)
+    np.testing.assert_allclose(fit.elbo - log_p, np.log(share[:, 0]), atol=0.02)
+    assert (fam.mean(jnp.asarray(fit.params))[:, 0] > 0).all() and fit.converged.all()
+    np.testing.assert_allclose(fit.basin_gap, np.log(share[:, 0] / share[:, 1]), atol=0.05)
+    report = fit.convergence()
+    assert (
+        report["second_start_won"] == 4
+        and "started again from the default start" in (report["text"])
+    )
+    # Each row's draws are its index's: a subset with its indices gets the same rows.
+    part = fit_local(_two_modes, {}, x[2:], jax.random.key(0), second_start=True,
+                     **{**kw, "init": minor[2:]}, indices=np.arange(2, 4))  # fmt: skip
+    np.testing.assert_array_equal(part.params, fit.params[2:])
+    with pytest.raises(ValueError, match="second_start must be True or False"):
+        fit_local(_two_modes, {}, x, jax.random.key(0), second_start="yes", **kw)
