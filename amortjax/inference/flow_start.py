@@ -27,8 +27,11 @@ For fixed D the best H is in closed form (von Neumann's trace inequality): pair 
 eigenvalues p_i ascending with Qy's q_i descending, 1 + s_i^2 = max(1, sqrt(q_i / p_i)),
 leaving KL*(D) = 1/2 [sum_i phi(p_i, q_i) + sum_{i > b} q_i - 2 sum log D + const],
 phi(p, q) = 2 sqrt(p q) if q >= p else p + q. KL* = 0 is an inverse eigenvalue problem in the
-d log-scales with no closed form known to us: it is solved in float64, vmapped over datapoints
-(at most 60 BFGS steps, then damped saddle-free Newton; a step must land where KL* can be
+d log-scales with no closed form known to us: it is solved in float64, one datapoint after
+another (`lax.map`: vmapped, its batched eigendecompositions, up to 15 in the compiled program,
+could each block a thread of XLA's CPU pool while waiting for it, and four at once deadlocked a
+4-thread pool: a hung `amortization_gap` run, and every first call at 2 or 3 threads; unbatched
+they run inline, in the same time and to the same digits, 1e-10) (at most 60 BFGS steps, then damped saddle-free Newton; a step must land where KL* can be
 trusted: KL* >= 0 and both scaled matrices conditioned below 1e12, else eigvalsh's roundoff
 lets KL* run to -1e100), from three starts, the best end kept. Measured (one start, before
 the other two were added): KL of the linear flow to N(m, L L^T) at most 1.1e-6 nats on
@@ -196,8 +199,8 @@ def _solve_one_hybrid(xinv, y, const, theta0, a, b, max_iter, tol):
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
 def _solve_batch(xinv, y, const, theta0, a, b, max_iter, tol):
-    return jax.vmap(lambda xi, yy, c, t0: _solve_one_hybrid(xi, yy, c, t0, a, b, max_iter, tol))(
-        xinv, y, const, theta0
+    return jax.lax.map(
+        lambda args: _solve_one_hybrid(*args, a, b, max_iter, tol), (xinv, y, const, theta0)
     )
 
 
