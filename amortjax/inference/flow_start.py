@@ -31,9 +31,10 @@ d log-scales with no closed form known to us: it is solved in float64, one datap
 another (`lax.map`: vmapped, its batched eigendecompositions, up to 15 in the compiled program,
 could each block a thread of XLA's CPU pool while waiting for it, and four at once deadlocked a
 4-thread pool: a hung `amortization_gap` run, and every first call at 2 or 3 threads; unbatched
-they run inline, in the same time and to the same digits, 1e-10) (at most 60 BFGS steps, then damped saddle-free Newton; a step must land where KL* can be
-trusted: KL* >= 0 and both scaled matrices conditioned below 1e12, else eigvalsh's roundoff
-lets KL* run to -1e100), from three starts, the best end kept. Measured (one start, before
+they run inline, in the same time and to the same digits, 1e-10) (at most 60 BFGS steps,
+then damped saddle-free Newton; a step must land where KL* can be trusted: KL* >= 0 and both
+scaled matrices conditioned below 1e12, else eigvalsh's roundoff lets KL* run to -1e100), from
+three starts, the best end kept. Measured (one start, before
 the other two were added): KL of the linear flow to N(m, L L^T) at most 1.1e-6 nats on
 linear-Gaussian posteriors z = 5 (odd), 8, 20, 50 at noise 1e-2 and 1e-3 and on 100 random
 z = 50 covariances of condition numbers up to 1e8; 8-40 ms per datapoint at z = 50 once
