@@ -220,6 +220,14 @@ class AffineCouplingFlow:
         self.z_dim(params.shape[-1])  # validates the sizes
         return params
 
+    def with_base(self, loc: jax.Array, log_scale: jax.Array) -> jax.Array:
+        """lambda `[..., P]` of the identity flow (the coupling layers of `standard_params`)
+        over the base N(loc, diag(exp(log_scale))^2): exactly that diagonal Gaussian, e.g. a
+        diagonal Gaussian's q* (`[..., z_dim]` each) as a flow's start."""
+        loc = jnp.asarray(loc)
+        _, _, layers = self.split(self.standard_params(loc.shape[-1]))
+        return self.pack(loc, jnp.asarray(log_scale), layers)
+
     def standard_params(self, z_dim: int) -> jax.Array:
         """lambda of exactly N(0, I), `[P]`, with nonzero first-layer weights.
 

@@ -124,6 +124,17 @@ def test_change_of_variables_against_the_full_jacobian(z_dim):
     np.testing.assert_allclose(*sample, rtol=1e-5, atol=1e-6)
 
 
+def test_with_base_is_exactly_that_diagonal_gaussian():
+    family = AffineCouplingFlow(num_layers=2, hidden=10)
+    rng = np.random.default_rng(3)
+    loc, log_scale = rng.normal(size=(5, 3)), rng.normal(scale=0.5, size=(5, 3))
+    lam = family.with_base(loc, log_scale)  # five datapoints' flows
+    z = loc + 3.0 * np.exp(log_scale) * rng.standard_normal((7, 5, 3))
+    exact = norm.logpdf(z, loc, np.exp(log_scale)).sum(-1)
+    np.testing.assert_allclose(family.distribution(lam).log_prob(z), exact, rtol=1e-5)
+    np.testing.assert_allclose(family.mean(lam), loc, rtol=1e-6)
+
+
 def test_standard_params_is_the_standard_normal_yet_trainable(lg_correlated):
     family = AffineCouplingFlow(num_layers=2, hidden=10)
     z_dim = 3

@@ -113,7 +113,7 @@ from __future__ import annotations
 import functools
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -375,10 +375,13 @@ class LocalFit(NamedTuple):
             numbers (noise of a few hundredths; <= 0 where q* is at or above that floor, and
             exactly 0 where q* is the floor itself); None for the Gaussian families or
             without the check.
-        basin_gap: with `QStarSettings.second_start`, L[q* from fit_local's own start] -
-            L[q* from init] on common random numbers, `[N]` (positive where the second start
-            ended higher; where it was kept, the other fields describe its fit); None without
-            it.
+        basin_gap: with further starts (`QStarSettings.second_start`, `fit_local(starts=)`),
+            the best of their L[q*] - L[q* from init] on common random numbers, `[N]`
+            (positive where a further start ended higher; where one was kept, the other fields
+            describe its fit); None without them.
+        start: with further starts, which fit each datapoint kept, `[N]` ints: 0 the fit from
+            init (or from the default start without init), j the fit from `starts[j - 1]`,
+            `len(starts) + 1` the second start; None without them.
     """
 
     params: np.ndarray
@@ -396,24 +399,32 @@ class LocalFit(NamedTuple):
     continued: np.ndarray | None = None
     floor_gap: np.ndarray | None = None
     basin_gap: np.ndarray | None = None
+    start: np.ndarray | None = None
 
-    def chosen(self, other: LocalFit, take: np.ndarray, basin_gap: np.ndarray) -> LocalFit:
-        """Each datapoint's row from `other` where `take`, else from this fit (both fits of the
-        same data under the same settings), with `basin_gap` recorded."""
+    def chosen(self, others: Sequence[LocalFit], start: np.ndarray, basin_gap: np.ndarray
+               ) -> LocalFit:  # fmt: skip
+        """Each datapoint's row from fit `start[i]` of `[self, *others]` (fits of the same data
+        under the same settings, from different starts), with `basin_gap` and `start`
+        recorded."""
+        fits = [self, *others]
+        start = np.asarray(start)
 
-        def pick(a, b):
-            if a is None or b is None:
+        def pick(f):
+            rows = [getattr(fit, f) for fit in fits]
+            if any(r is None for r in rows):
                 return None
-            a, b = np.asarray(a), np.asarray(b)
-            return np.where(take.reshape(take.shape + (1,) * (a.ndim - 1)), b, a)
+            rows = np.stack([np.asarray(r) for r in rows])  # [C, N, ...]
+            return np.take_along_axis(
+                rows, start.reshape((1, -1) + (1,) * (rows.ndim - 2)), axis=0
+            )[0]
 
         rows = {
-            f: pick(getattr(self, f), getattr(other, f))
+            f: pick(f)
             for f in self._fields
-            if f not in ("num_samples", "stopped_fraction", "basin_gap")
+            if f not in ("num_samples", "stopped_fraction", "basin_gap", "start")
         }
-        stopped = (self.stopped_fraction + other.stopped_fraction) / 2  # equal work each
-        return self._replace(**rows, stopped_fraction=stopped, basin_gap=basin_gap)
+        stopped = float(np.mean([fit.stopped_fraction for fit in fits]))  # equal work each
+        return self._replace(**rows, stopped_fraction=stopped, basin_gap=basin_gap, start=start)
 
     def convergence(self) -> dict[str, Any]:
         """A summary of the convergence record for reports.
@@ -422,8 +433,9 @@ class LocalFit(NamedTuple):
             `{"num_datapoints", "converged_fraction", "hit_max_steps", "steps_mean",
             "steps_max", "gain_mean", "gain_max", "moved_fraction", "stopped_fraction",
             "polished_fraction", "newton_gap_mean", "newton_gap_max", "certified",
-            "floor_gap_max", "floor_above", "continued", "second_start_won", "basin_gap_max",
-            "text"}`,
+            "floor_gap_max", "floor_above", "continued", "second_start_won", "other_start_kept",
+            "basin_gap_max", "text"}` (`second_start_won`: points where a further start ended
+            higher; `other_start_kept`: where one was kept),
             where text reads e.g. "q* converged for 99.7% of 1000 points; 3 hit max_steps;
             2,310 steps on average" (the certificate's entries None without one). Without a
             certificate (`certified` False: flows) `converged_fraction` is the share the rule
@@ -449,6 +461,7 @@ class LocalFit(NamedTuple):
             "floor_above": None if self.floor_gap is None else int(np.sum(self.floor_gap > 0)),
             "continued": None if self.continued is None else int(np.sum(self.continued)),
             "second_start_won": None if self.basin_gap is None else int(np.sum(self.basin_gap > 0)),
+            "other_start_kept": None if self.start is None else int(np.sum(self.start > 0)),
             "basin_gap_max": None if self.basin_gap is None else float(np.max(self.basin_gap)),
         }
         if self.newton_gap is not None:
@@ -490,9 +503,10 @@ class LocalFit(NamedTuple):
             )
         if self.basin_gap is not None:
             out["text"] += (
-                f"; started again from the default start, q* ended higher on "
+                f"; fitted again from further starts, q* ended higher on "
                 f"{out['second_start_won']} points (by at most {max(out['basin_gap_max'], 0):.4f}"
                 " nats)"
+                + ("" if self.start is None else f" and was kept on {out['other_start_kept']}")
             )
         return out
 
@@ -1095,6 +1109,70 @@ def _duel_batch(model, family, site, num_samples, params, keys, x, candidates):
     return jax.vmap(one)(x, keys, candidates)
 
 
+def _check_starts(starts, n, num_params) -> list[jax.Array]:
+    """`fit_local(starts=)` as a list of `[n, num_params]` float32 arrays, or a clear error."""
+    if starts is None:
+        return []
+    if isinstance(starts, np.ndarray | jax.Array) or not isinstance(starts, Sequence):
+        raise ValueError(
+            "fit_local: starts must be a list of starting lambdas, each [N, num_params] (for one "
+            "further start pass [lam], not lam)"
+        )
+    out = []
+    for j, lam in enumerate(starts):
+        lam = jnp.asarray(lam, jnp.float32)
+        if lam.shape != (n, num_params):
+            raise ValueError(
+                f"fit_local: starts[{j}] has shape {tuple(lam.shape)}; each start must be "
+                f"[{n}, {num_params}] (one row per datapoint, the family's parameters)"
+            )
+        check_finite("fit_local", f"starts[{j}]", lam)
+        out.append(lam)
+    return out
+
+
+def _best_of_starts(model, params, x, key, settings, family, site, size, init, indices, extra,
+                    second, progress) -> LocalFit:  # fmt: skip
+    """q* fitted from init (None: the default start), from each of `extra` and, if `second`,
+    from the default start, with keys independent of each other's (each row's draws still its
+    index's); per datapoint the best on common random numbers (`select_samples` draws). A fit
+    that did not converge replaces a converged first one only by more than certify_tol (a
+    smaller lead can be the duel's noise)."""
+    again = functools.partial(
+        fit_local, model, params, x, settings=settings, family=family, site=site, z_dim=size,
+        indices=indices, second_start=False,
+    )  # fmt: skip
+    label = progress if isinstance(progress, str) else "q*"
+    first = again(key, init=init, progress=progress)
+    others = [
+        again(jax.random.fold_in(key, jnp.uint32(2**32 - 11 - j)), init=lam,
+              progress=f"{label} (start {j + 2})" if progress else False)
+        for j, lam in enumerate(extra)
+    ]  # fmt: skip
+    if second:
+        others.append(
+            again(jax.random.fold_in(key, jnp.uint32(2**32 - 9)),
+                  progress=f"{label} (second start)" if progress else False)
+        )  # fmt: skip
+    duel = functools.partial(_duel_batch, model, family, site, int(settings.select_samples))
+    stack = jnp.stack([jnp.asarray(f.params) for f in (first, *others)], axis=1)  # [N, C, P]
+    duel_key = jax.random.fold_in(key, jnp.uint32(2**32 - 10))  # no datapoint's index
+    n = x.shape[0]
+    scores = map_datapoints(
+        duel, params, duel_key, [x, stack], batch_size=min(settings.batch_size, n),
+        indices=indices,
+    )  # fmt: skip
+    scores = np.where(np.isnan(scores), -np.inf, np.asarray(scores, np.float64))
+    lead = np.stack(
+        [np.where(f.converged | ~first.converged, 0.0, settings.certify_tol) for f in others], 1
+    )
+    ahead = scores[:, 1:] - scores[:, :1]
+    basin_gap = np.where(np.isinf(scores).all(axis=1), 0.0, ahead.max(axis=1))
+    eligible = np.where(ahead > lead, scores[:, 1:], -np.inf)
+    start = np.where(eligible.max(axis=1) > -np.inf, 1 + eligible.argmax(axis=1), 0)
+    return first.chosen(others, start, basin_gap)
+
+
 def _diagonal_start(model, params, x, indices, key, family, site, z_dim, settings, progress):
     """A flow's start: the diagonal Gaussian's q* (Newton, from N(0, I)) as the flow's base
     N(mu, sigma^2), its coupling layers the identity (`standard_params`), `[N, P]`."""
@@ -1105,9 +1183,7 @@ def _diagonal_start(model, params, x, indices, key, family, site, z_dim, setting
         batch_size=settings.batch_size, newton_frame=settings.newton_frame, indices=indices,
         progress=desc if progress else False,
     )  # fmt: skip
-    loc, log_scale = jnp.split(jnp.asarray(diagonal.params), 2, axis=-1)
-    _, _, layers = family.split(family.standard_params(z_dim))
-    return family.pack(loc, log_scale, layers)
+    return family.with_base(*jnp.split(jnp.asarray(diagonal.params), 2, axis=-1))
 
 
 def _full_rank_start(model, params, x, indices, key, family, site, z_dim, settings, progress,
@@ -1326,6 +1402,7 @@ def fit_local(
     z_dim: int | None = None,
     init: np.ndarray | jax.Array | None = None,
     indices: np.ndarray | jax.Array | None = None,
+    starts: Sequence[np.ndarray | jax.Array] | None = None,
     progress: bool | str = False,
     **overrides: Any,
 ) -> LocalFit:
@@ -1355,6 +1432,13 @@ def fit_local(
         indices: each row's index in its dataset, `[N]` distinct integers in [0, 2**31)
             (None: its position in x), so that fitting a subset `x[idx]` with `indices=idx`
             gives exactly those rows of the whole dataset's fit.
+        starts: further starting lambdas, each `[N, num_params]` of this family (e.g. several
+            draws from the prior as means, or another family's q* matched to this one); each is
+            fitted as init is, and per datapoint the best of all fits on common random numbers
+            (`select_samples` draws) is kept, as with `QStarSettings.second_start` (which adds
+            `fit_local`'s own start to them); `LocalFit.basin_gap` and `LocalFit.start` record
+            which won and by how much. Every certificate is local (q* tops its basin), so more
+            starts are the only check that no other basin is higher.
         settings: the optimizer's settings (`QStarSettings`; None: its defaults).
         progress: show a progress bar over datapoints (a string gives its description).
         **overrides: fields of `QStarSettings` replacing those of `settings` (e.g.
@@ -1424,6 +1508,12 @@ def fit_local(
     indices = jnp.asarray(np.arange(n) if indices is None else indices, jnp.uint32)
     flow = isinstance(family, AffineCouplingFlow)
     floor = None  # a flow's full-rank floor (QStarSettings.flow_floor)
+    extra = _check_starts(starts, n, family.num_params(size))
+    if extra or (settings.second_start and given):
+        return _best_of_starts(
+            model, params, x, key, settings, family, site, size, init if given else None,
+            indices, extra, settings.second_start and given, progress,
+        )  # fmt: skip
     if init is None:
         z_dim = latent_size(site, z_dim)
         if z_dim is None:
@@ -1450,32 +1540,6 @@ def fit_local(
             "output for it) or the family they belong to (family=)"
         )
     check_finite("fit_local", "init", init)
-    if settings.second_start and given:
-        # q* from init and from fit_local's own start (keys independent of each other's, each
-        # row's draws still its index's); per datapoint the better on common random numbers.
-        again = functools.partial(
-            fit_local, model, params, x, settings=settings, family=family, site=site,
-            indices=indices, second_start=False,
-        )  # fmt: skip
-        first = again(key, init=init, progress=progress)
-        second = again(
-            jax.random.fold_in(key, jnp.uint32(2**32 - 9)), z_dim=size,
-            progress=f"{progress if isinstance(progress, str) else 'q*'} (second start)"
-            if progress else False,
-        )  # fmt: skip
-        duel = functools.partial(_duel_batch, model, family, site, int(select_samples))
-        pair = jnp.stack([jnp.asarray(first.params), jnp.asarray(second.params)], axis=1)
-        duel_key = jax.random.fold_in(key, jnp.uint32(2**32 - 10))  # no datapoint's index
-        scores = map_datapoints(
-            duel, params, duel_key, [x, pair], batch_size=min(batch_size, n), indices=indices
-        )
-        scores = np.where(np.isnan(scores), -np.inf, scores)
-        basin_gap = np.where(np.isinf(scores).all(axis=1), 0.0, scores[:, 1] - scores[:, 0])
-        # A second fit that did not converge replaces a converged first one only by more than
-        # certify_tol (a smaller lead can be the duel's noise).
-        lead = np.where(second.converged | ~first.converged, 0.0, settings.certify_tol)
-        take = basin_gap > lead
-        return first.chosen(second, take, basin_gap)
     fit_key, select_key, eval_key = jax.random.split(key, 3)
     num_slots = min(batch_size, n)
     mesh = active_mesh()
