@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from amortjax.data.builders import DataNotFoundError
 from amortjax.data.loading import DamagedDataError
 from amortjax.inference.training import TrainingDivergedError
 from experiments.runner import available_experiments, run_experiment
+from experiments.watchdog import Watchdog, stall_seconds_from_env
 
 EXIT_BAD_OPTION = 2  # an unknown or out-of-range option, a folder of another experiment
 EXIT_MISSING = 3  # a file or folder that is not there (raw data, a resume folder)
 EXIT_DIVERGED = 4  # training diverged (NaN or infinite loss)
 EXIT_PERMISSION = 5  # a folder that cannot be written
 EXIT_DAMAGED = 6  # prepared data that cannot be read
+# EXIT_HUNG = 7 (experiments.watchdog): no CPU used for AMORTJAX_STALL_SECONDS, a deadlock
 _EXPECTED = {
     TrainingDivergedError: ("training diverged", EXIT_DIVERGED),
     FileNotFoundError: ("missing file", EXIT_MISSING),
@@ -30,6 +33,12 @@ def _classify(err: Exception) -> tuple[str, int]:
         if isinstance(err, cls):
             return found
     return "bad option or input", EXIT_BAD_OPTION
+
+
+def _newest_folder(parent: Path, since: float) -> Path | None:
+    """The newest results folder in `parent` made at or after `since` (None: none)."""
+    found = [p for p in parent.glob("*") if p.is_dir() and p.stat().st_mtime >= since - 1]
+    return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,13 +63,23 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_OPTION
     start = time.perf_counter()
     try:
-        workdir, _ = run_experiment(
-            args.name,
-            preset=args.preset or "quick",
-            overrides=args.overrides,
-            results_root=args.results,
-            resume=args.resume,
-        )
+        stall = stall_seconds_from_env()
+        began = time.time()
+
+        def resume_hint() -> str:
+            folder = args.resume or _newest_folder(Path(args.results) / args.name, began)
+            if folder is None:
+                return ""
+            return f"Resume with: python -m experiments {args.name} --resume {folder}"
+
+        with Watchdog(stall, describe=resume_hint):
+            workdir, _ = run_experiment(
+                args.name,
+                preset=args.preset or "quick",
+                overrides=args.overrides,
+                results_root=args.results,
+                resume=args.resume,
+            )
     except (ValueError, *_EXPECTED) as err:
         if args.debug:
             raise

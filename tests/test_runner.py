@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -804,3 +805,55 @@ def test_semi_amortized_saves_each_method_at_once_and_a_resume_reuses_it(tmp_pat
     other = dataclasses.replace(config, iwae_samples=5)  # another evaluation: recomputed
     assert semi_amortized.run(other, tmp_path, progress=False)["methods"]["vae"]["iwae"][0] < 0
     assert json.loads(saved.read_text())["config"]["iwae_samples"] == 5
+
+
+_STUCK = """
+import dataclasses, sys, time, types
+import experiments.runner
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    epochs: int = 1
+
+def run(config, workdir):
+    (workdir / "stage.json").write_text("{}")  # a stage saved before the hang
+    time.sleep(120)  # what a deadlocked XLA pool looks like from outside: no CPU at all
+
+module = types.SimpleNamespace(Config=Config, PRESETS={"quick": {}}, run=run)
+experiments.runner.load_experiment = lambda name: module
+from experiments.__main__ import main
+sys.exit(main(["stuck", "--results", sys.argv[1]]))
+"""
+
+
+def test_a_hung_run_ends_with_an_error_that_names_the_cause_and_the_resume(tmp_path):
+    """A run that uses no CPU for AMORTJAX_STALL_SECONDS (a deadlocked XLA pool) is ended by
+    the watchdog with EXIT_HUNG, every Python thread's stack and the folder to resume, its
+    saved stage kept; a busy run of the same length is not."""
+    from experiments.watchdog import EXIT_HUNG, Watchdog
+
+    env = {**os.environ, "AMORTJAX_STALL_SECONDS": "2", "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _STUCK, str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=100)  # fmt: skip
+    assert proc.returncode == EXIT_HUNG and time.perf_counter() - start < 60, proc.stderr
+    (folder,) = (tmp_path / "stuck").iterdir()
+    assert (folder / "stage.json").exists()
+    assert "error (hung)" in proc.stderr and "NPROC" in proc.stderr
+    assert f"python -m experiments stuck --resume {folder}" in proc.stderr
+    assert "the Python threads at the stall" in proc.stderr and "time.sleep" not in proc.stderr
+    assert 'File "<string>", line 11 in run' in proc.stderr  # the stuck main thread's frame
+
+    fired = []
+    with Watchdog(0.5, on_stall=fired.append):
+        end = time.process_time() + 1.5
+        while time.process_time() < end:  # busy: CPU time grows
+            pass
+    assert fired == []
+    with Watchdog(0.5, describe=lambda: "resume X", on_stall=fired.append):
+        time.sleep(1.5)
+    assert len(fired) == 1 and "resume X" in fired[0] and "error (hung)" in fired[0]
+    bad = subprocess.run([sys.executable, "-m", "experiments", "vae_mnist", "--results",
+                          str(tmp_path)], cwd=ROOT, env={**env, "AMORTJAX_STALL_SECONDS": "soon"},
+                         capture_output=True, text=True, timeout=100)  # fmt: skip
+    assert bad.returncode == 2 and "AMORTJAX_STALL_SECONDS='soon'" in bad.stderr
