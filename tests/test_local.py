@@ -672,6 +672,16 @@ def test_further_starts_keep_the_best_basin_on_common_random_numbers():
     np.testing.assert_array_equal(fit.start[[0, 2]], 1)
     np.testing.assert_allclose(fit.basin_gap[[0, 2]], (log_major - log_minor)[[0, 2]], atol=0.05)
     assert np.abs(fit.basin_gap[[1, 3]]).max() < 0.02  # the same basin, up to the duel's noise
+    # random_starts: means drawn from N(0, 1), each row's from its index; with 8 of them every
+    # row has a start on the major side and ends in the major mode.
+    rand = fit_local(_two_modes, {}, x, jax.random.key(1), random_starts=8, **kw)
+    np.testing.assert_allclose(rand.elbo - log_p, log_major - log_p, atol=0.02)
+    assert rand.start.max() <= 8 and (rand.start > 0).all()
+    part = fit_local(_two_modes, {}, x[1:3], jax.random.key(1), random_starts=8,
+                     **{**kw, "init": minor[1:3]}, indices=np.arange(1, 3))  # fmt: skip
+    np.testing.assert_array_equal(part.params, rand.params[1:3])
+    with pytest.raises(ValueError, match="random_starts"):
+        fit_local(_two_modes, {}, x, jax.random.key(1), random_starts=-1, **kw)
     with pytest.raises(ValueError, match=r"starts\[1\] has shape \(4, 3\)"):
         fit_local(_two_modes, {}, x, jax.random.key(1), starts=[mixed, jnp.zeros((4, 3))], **kw)
     with pytest.raises(ValueError, match="for one further start pass"):

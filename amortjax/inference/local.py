@@ -270,6 +270,11 @@ class QStarSettings(NamedTuple):
             posterior (`test_local.py`: started in a narrow bimodal posterior's minor mode,
             24-33% of the mass, the diagonal Gaussian's q* converged there, certified, 0.72-1.12
             nats below q* from N(0, I)). It doubles q*'s cost.
+        random_starts: further starts whose means are draws from N(0, I) (the prior of a
+            standard VAE's z, in the local latents' unconstrained space; each row's draw from
+            the key and its index), their scales and a flow's coupling layers those of the
+            family's standard start; each is fitted and the best per datapoint kept, as with
+            `fit_local(starts=)`. Each costs one more q* fit.
     """
 
     method: str = "auto"
@@ -296,6 +301,7 @@ class QStarSettings(NamedTuple):
     flow_start: str = "diagonal"
     flow_floor: bool = True
     second_start: bool = False
+    random_starts: int = 0
 
     def for_family(self, family: Family) -> QStarSettings:
         """Settings written for Adam, as `family` should run them, so that one settings object
@@ -1131,6 +1137,18 @@ def _check_starts(starts, n, num_params) -> list[jax.Array]:
     return out
 
 
+def _random_start(family, z_dim, key, indices, j) -> jax.Array:
+    """`QStarSettings.random_starts`' j-th start, `[N, P]`: the family's standard start with
+    its mean drawn from N(0, I), row i's from `fold_in(key_j, indices[i])`."""
+    key_j = jax.random.fold_in(key, jnp.uint32(2**32 - 20 - j))
+    loc = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key_j, i), (z_dim,)))(indices)
+    standard = family.split(jnp.broadcast_to(family.standard_params(z_dim),
+                                             (loc.shape[0], family.num_params(z_dim))))  # fmt: skip
+    if isinstance(family, DiagonalGaussian):
+        return family.pack(loc, jnp.exp(standard[1]))
+    return family.pack(loc, *standard[1:])
+
+
 def _best_of_starts(model, params, x, key, settings, family, site, size, init, indices, extra,
                     second, progress) -> LocalFit:  # fmt: skip
     """q* fitted from init (None: the default start), from each of `extra` and, if `second`,
@@ -1140,7 +1158,7 @@ def _best_of_starts(model, params, x, key, settings, family, site, size, init, i
     smaller lead can be the duel's noise)."""
     again = functools.partial(
         fit_local, model, params, x, settings=settings, family=family, site=site, z_dim=size,
-        indices=indices, second_start=False,
+        indices=indices, second_start=False, random_starts=0,
     )  # fmt: skip
     label = progress if isinstance(progress, str) else "q*"
     first = again(key, init=init, progress=progress)
@@ -1216,13 +1234,15 @@ def _full_rank_start(model, params, x, indices, key, family, site, z_dim, settin
 
 def _check_settings(*, learning_rate, min_improvement, lr_decay, final_samples, num_decays,
                     monitor_samples, polish_steps, polish_learning_rate, certify_samples,
-                    certify_tol, certify_retries, **positive_ints) -> None:  # fmt: skip
+                    certify_tol, certify_retries, random_starts, **positive_ints
+                    ) -> None:  # fmt: skip
     """fit_local's settings, each named with its allowed range when it is outside it."""
     check_int("fit_local", 1, **positive_ints)
     check_int(
         "fit_local", 0, final_samples=final_samples, num_decays=num_decays,
         monitor_samples=monitor_samples, polish_steps=polish_steps,
         certify_samples=certify_samples, certify_retries=certify_retries,
+        random_starts=random_starts,
     )  # fmt: skip
     check_float("fit_local", "certify_tol", certify_tol, low=0, low_open=True)
     check_float("fit_local", "learning_rate", learning_rate, low=0, low_open=True)
@@ -1481,7 +1501,7 @@ def fit_local(
         polish_steps=settings.polish_steps, polish_samples=settings.polish_samples,
         polish_learning_rate=settings.polish_learning_rate,
         certify_samples=settings.certify_samples, certify_tol=settings.certify_tol,
-        certify_retries=settings.certify_retries,
+        certify_retries=settings.certify_retries, random_starts=settings.random_starts,
     )  # fmt: skip
     for flag in ("flow_floor", "second_start"):
         if not isinstance(getattr(settings, flag), bool | np.bool_):
@@ -1509,6 +1529,7 @@ def fit_local(
     flow = isinstance(family, AffineCouplingFlow)
     floor = None  # a flow's full-rank floor (QStarSettings.flow_floor)
     extra = _check_starts(starts, n, family.num_params(size))
+    extra += [_random_start(family, size, key, indices, j) for j in range(settings.random_starts)]
     if extra or (settings.second_start and given):
         return _best_of_starts(
             model, params, x, key, settings, family, site, size, init if given else None,
