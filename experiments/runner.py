@@ -55,12 +55,14 @@ EXPERIMENTS_PACKAGE = "experiments"
 
 
 def available_experiments() -> list[str]:
-    """Names of the experiment modules in the experiments package (all but this runner)."""
+    """Names of the experiment modules in the experiments package (all but its machinery: this
+    runner and the watchdog)."""
     package = importlib.import_module(EXPERIMENTS_PACKAGE)
+    machinery = {__name__.rpartition(".")[2], "watchdog"}
     return sorted(
         m.name
         for m in pkgutil.iter_modules(package.__path__)
-        if not m.name.startswith("_") and m.name != __name__.rpartition(".")[2]
+        if not m.name.startswith("_") and m.name not in machinery
     )
 
 
@@ -186,6 +188,9 @@ _MIN_ZERO_INTS = frozenset(
         "final_samples",
         "monitor_samples",
         "polish_steps",
+        "certify_samples",
+        "certify_retries",
+        "random_starts",
     }
 )
 # Floats must be finite, and > 0 when their name ends in one of these ...

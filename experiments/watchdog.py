@@ -17,7 +17,9 @@ process with `EXIT_HUNG` (the main thread, blocked inside XLA, cannot be interru
 exception). Checkpoints and every result saved so far are on disk: `--resume FOLDER`
 continues from them.
 
-`AMORTJAX_STALL_SECONDS` sets the window (default 600 s; 0 turns the watchdog off).
+`AMORTJAX_STALL_SECONDS` sets the window (default 600 s; 0 turns the watchdog off). Only
+`python -m experiments` runs it: an experiment starts no other process, whereas `python -m
+bench` waits on child processes (whose CPU time this process does not see) for longer than that.
 """
 
 from __future__ import annotations

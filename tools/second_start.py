@@ -7,12 +7,13 @@ z = 50 MNIST model of the table and the z = 2 MNIST model of the latent figure, 
 seeded test digits each, q* with the run's own settings started at the encoder's output.
 Reports, per model, the digits where the second start ended higher by more than 0 / 0.25 (the
 certificate's tolerance) / 1 nats, the largest lead, where its q* was kept, and the mean gain
-of L[q*] (by how much the amortization gap's estimate rises), with q*'s time each way; then,
-on the z = 2 model, the latent figure's third start (`fit_local(starts=)`): each family's q*
+of L[q*] (by how much the amortization gap's estimate rises), with q*'s time each way, and
+what `random_starts` further starts drawn from the prior add after both; then, on the z = 2
+model, the latent figure's third start (`fit_local(starts=)`): each family's q*
 as a start for the other's (the Flow encoder trained on the frozen z = 2 decoder, reloaded).
 Writes `bench/results/second_start.json`.
 
-    python tools/second_start.py [RUN_FOLDER] [--points 200]
+    python tools/second_start.py [RUN_FOLDER] [--points 200] [--random-starts 4]
 """
 
 import argparse
@@ -108,6 +109,7 @@ def main() -> None:
     runs = sorted(Path("results/amortization_gap").glob("*_quick"))
     parser.add_argument("run", nargs="?", type=Path, default=runs[-1] if runs else None)
     parser.add_argument("--points", type=int, default=200)
+    parser.add_argument("--random-starts", type=int, default=4)
     args = parser.parse_args()
     if args.run is None or not (args.run / "config.json").exists():
         raise SystemExit("give a quick amortization_gap results folder (make experiment first)")
@@ -145,12 +147,35 @@ def main() -> None:
             "text_one_start": fits[False].convergence()["text"],
             "text": fits[True].convergence()["text"],
         }
+        # Further starts drawn from the prior, after both starts (`random_starts`).
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rnd = fit_local(setup.model, params, x, jax.random.key(14), settings,
+                            family=setup.family, init=fits[True].params, final_samples=0,
+                            random_starts=args.random_starts)  # fmt: skip
+        lead = np.where(rnd.start > 0, rnd.basin_gap, 0.0)
+        row["random_starts"] = {
+            "starts": args.random_starts,
+            "kept": int((rnd.start > 0).sum()),
+            "kept_by_0.25": int((lead > 0.25).sum()),
+            "kept_by_1": int((lead > 1.0).sum()),
+            "max_gain": float(lead.max()),
+            "mean_gain": mean_and_stderr(lead)[0],
+            "mean_gain_stderr": mean_and_stderr(lead)[1],
+            "seconds": time.perf_counter() - start,
+        }
         out[label] = row
         print(f"{label}: second start higher on {row['won']} of {args.points} digits, by > 0.25 "
               f"on {row['won_by_0.25']}, by > 1 on {row['won_by_1']} (max {row['max_gain']:.3f});"
               f" kept on {row['taken']}, mean gain of L[q*] {gain:.4f} +- {se:.4f} nats; q* "
               f"{seconds[False]:.0f} s -> "
               f"{seconds[True]:.0f} s")  # fmt: skip
+        r = row["random_starts"]
+        print(f"{label}: {r['starts']} prior-drawn starts after both: kept on {r['kept']} digits, "
+              f"by > 0.25 on {r['kept_by_0.25']}, by > 1 on {r['kept_by_1']} (max "
+              f"{r['max_gain']:.3f}), mean gain {r['mean_gain']:.4f} +- "
+              f"{r['mean_gain_stderr']:.4f}; {r['seconds']:.0f} s")  # fmt: skip
         if z2:
             out["mnist_z2_cross_family"] = _cross_family(
                 model_config, setup, params, data, x, args.run, fits[True]

@@ -88,7 +88,10 @@ never interact):
   output can start q* in a minor mode (seen on the quick run's z = 2 MNIST model: one digit's
   FFG q* 8.4 nats below the Flow's q*, in another mode). `QStarSettings.second_start` fits q*
   again from `fit_local`'s own start and keeps, per datapoint, the better of the two on common
-  random numbers (`LocalFit.basin_gap`); `tools/second_start.py` measures it on MNIST.
+  random numbers (`LocalFit.basin_gap`); `QStarSettings.random_starts` adds starts drawn from
+  the prior and `fit_local(starts=)` any others (another family's q*: that digit's FFG q*
+  started from the Flow's q* reached the major mode, which neither of its own starts did);
+  `tools/second_start.py` measures them on MNIST.
 
 Continuous batching: the `[B]` rows are slots, not datapoints. All datapoints wait in a queue on
 the device; when a datapoint finishes, its result is written out and the next waiting datapoint
