@@ -384,13 +384,14 @@ class LocalFit(NamedTuple):
             numbers (noise of a few hundredths; <= 0 where q* is at or above that floor, and
             exactly 0 where q* is the floor itself); None for the Gaussian families or
             without the check.
-        basin_gap: with further starts (`QStarSettings.second_start`, `fit_local(starts=)`),
-            the best of their L[q*] - L[q* from init] on common random numbers, `[N]`
-            (positive where a further start ended higher; where one was kept, the other fields
-            describe its fit); None without them.
+        basin_gap: with further starts (`fit_local(starts=)`, `QStarSettings.random_starts`,
+            `QStarSettings.second_start`), the best of their L[q*] - L[q* from init] on common
+            random numbers, `[N]` (positive where a further start ended higher; where one was
+            kept, the other fields describe its fit); None without them.
         start: with further starts, which fit each datapoint kept, `[N]` ints: 0 the fit from
-            init (or from the default start without init), j the fit from `starts[j - 1]`,
-            `len(starts) + 1` the second start; None without them.
+            init (or from the default start without init), j the fit from the j-th further
+            start (`starts`, then the `random_starts` draws), the last the second start; None
+            without them.
     """
 
     params: np.ndarray
@@ -1143,7 +1144,7 @@ def _check_starts(starts, n, num_params) -> list[jax.Array]:
 def _random_start(family, z_dim, key, indices, j) -> jax.Array:
     """`QStarSettings.random_starts`' j-th start, `[N, P]`: the family's standard start with
     its mean drawn from N(0, I), row i's from `fold_in(key_j, indices[i])`."""
-    key_j = jax.random.fold_in(key, jnp.uint32(2**32 - 20 - j))
+    key_j = jax.random.fold_in(key, jnp.uint32(2**32 - 10_000 - j))  # apart from the fits' keys
     loc = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key_j, i), (z_dim,)))(indices)
     standard = family.split(jnp.broadcast_to(family.standard_params(z_dim),
                                              (loc.shape[0], family.num_params(z_dim))))  # fmt: skip
