@@ -104,13 +104,17 @@ class Watchdog:
                 return
 
     def _fire(self, cpu: float, idle: float) -> None:
+        try:
+            more = self.describe()
+        except Exception as err:  # the message must go out whatever describe does
+            more = f"(describing the run failed: {err!r})"
         message = (
             f"error (hung): the run used {cpu:.2f} s of CPU in the last {idle:.0f} s, so it is "
             "stuck, not slow: most likely XLA's CPU thread pool deadlocked (as many batched "
             "LAPACK kernels at once as the pool has threads; see experiments/watchdog.py). "
             "Everything saved so far is kept. Set NPROC to more threads than the machine has "
             "cores (e.g. NPROC=8) and resume, or set "
-            f"{STALL_ENV}=0 to wait anyway. {self.describe()}"
+            f"{STALL_ENV}=0 to wait anyway. {more}"
         ).strip()
         if self.on_stall is not None:
             self.on_stall(message)

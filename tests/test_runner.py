@@ -853,6 +853,9 @@ def test_a_hung_run_ends_with_an_error_that_names_the_cause_and_the_resume(tmp_p
     with Watchdog(0.5, describe=lambda: "resume X", on_stall=fired.append):
         time.sleep(1.5)
     assert len(fired) == 1 and "resume X" in fired[0] and "error (hung)" in fired[0]
+    with Watchdog(0.5, describe=lambda: 1 / 0, on_stall=fired.append):
+        time.sleep(1.5)
+    assert len(fired) == 2 and "describing the run failed: ZeroDivisionError" in fired[1]
     bad = subprocess.run([sys.executable, "-m", "experiments", "vae_mnist", "--results",
                           str(tmp_path)], cwd=ROOT, env={**env, "AMORTJAX_STALL_SECONDS": "soon"},
                          capture_output=True, text=True, timeout=100)  # fmt: skip
