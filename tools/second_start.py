@@ -91,6 +91,8 @@ def _cross_family(config, setup, params, data, x, run: Path, ffg) -> dict:
         "ffg_from_flow_kept": int((again.start == 1).sum()),
         "ffg_from_flow_kept_by_1": int((ffg_gain > 1).sum()),
         "ffg_from_flow_max_gain": float(ffg_gain.max()),
+        "ffg_from_flow_max_gain_digit": int(ffg_gain.argmax()),
+        "flow_from_ffg_max_gain_digit": int(flow_gain.argmax()),
         "ffg_mean_gain": mean_and_stderr(ffg_gain)[0],
         "ffg_mean_gain_stderr": mean_and_stderr(ffg_gain)[1],
         "seconds": seconds,
@@ -100,7 +102,8 @@ def _cross_family(config, setup, params, data, x, run: Path, ffg) -> dict:
           f"max {row['flow_from_ffg_max_gain']:.3f}); the Flow's q* as a start kept for the FFG "
           f"on {row['ffg_from_flow_kept']} ({row['ffg_from_flow_kept_by_1']} by > 1, max "
           f"{row['ffg_from_flow_max_gain']:.3f}, mean gain {row['ffg_mean_gain']:.4f} +- "
-          f"{row['ffg_mean_gain_stderr']:.4f}); {seconds:.0f} s")  # fmt: skip
+          f"{row['ffg_mean_gain_stderr']:.4f}; largest on digit "
+          f"{row['ffg_from_flow_max_gain_digit']}); {seconds:.0f} s")  # fmt: skip
     return row
 
 
@@ -161,6 +164,7 @@ def main() -> None:
             "kept_by_0.25": int((lead > 0.25).sum()),
             "kept_by_1": int((lead > 1.0).sum()),
             "max_gain": float(lead.max()),
+            "max_gain_digit": int(lead.argmax()),  # its position among the seeded digits
             "mean_gain": mean_and_stderr(lead)[0],
             "mean_gain_stderr": mean_and_stderr(lead)[1],
             "seconds": time.perf_counter() - start,
@@ -175,7 +179,8 @@ def main() -> None:
         print(f"{label}: {r['starts']} prior-drawn starts after both: kept on {r['kept']} digits, "
               f"by > 0.25 on {r['kept_by_0.25']}, by > 1 on {r['kept_by_1']} (max "
               f"{r['max_gain']:.3f}), mean gain {r['mean_gain']:.4f} +- "
-              f"{r['mean_gain_stderr']:.4f}; {r['seconds']:.0f} s")  # fmt: skip
+              f"{r['mean_gain_stderr']:.4f}, largest on digit {r['max_gain_digit']}; "
+              f"{r['seconds']:.0f} s")  # fmt: skip
         if z2:
             out["mnist_z2_cross_family"] = _cross_family(
                 model_config, setup, params, data, x, args.run, fits[True]
