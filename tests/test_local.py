@@ -10,7 +10,13 @@ import pytest
 from amortjax.families import DiagonalGaussian, FullRankGaussian
 from amortjax.guides.linear_gaussian import linear_gaussian_vae
 from amortjax.guides.local import local_elbo
-from amortjax.inference.local import QStarSettings, _newton_gap_one, _newton_one, fit_local
+from amortjax.inference.local import (
+    QStarSettings,
+    _newton_gap_one,
+    _newton_one,
+    _random_start,
+    fit_local,
+)
 from amortjax.models import data_plate
 from amortjax.models.linear_gaussian import make_linear_gaussian
 
@@ -686,3 +692,26 @@ def test_further_starts_keep_the_best_basin_on_common_random_numbers():
         fit_local(_two_modes, {}, x, jax.random.key(1), starts=[mixed, jnp.zeros((4, 3))], **kw)
     with pytest.raises(ValueError, match="for one further start pass"):
         fit_local(_two_modes, {}, x, jax.random.key(1), starts=mixed, **kw)
+
+
+@pytest.mark.parametrize("family", ["diagonal", "full_rank", "flow"])
+def test_a_random_start_is_n_of_a_prior_draw_and_identity_per_index(family):
+    """`random_starts`' starts: q = N(m_i, I) in every family, m_i ~ N(0, I) drawn from the key
+    and row i's index only (a subset with its indices gets the same rows), other starts
+    independent."""
+    from jax.scipy.stats import norm
+
+    from amortjax.flows import AffineCouplingFlow
+
+    fam = {"diagonal": DiagonalGaussian(), "full_rank": FullRankGaussian(),
+           "flow": AffineCouplingFlow(num_layers=2, hidden=8)}[family]  # fmt: skip
+    key, z_dim, idx = jax.random.key(3), 3, jnp.arange(40, dtype=jnp.uint32)
+    lam = _random_start(fam, z_dim, key, idx, 0)
+    loc = fam.mean(lam)
+    z = loc + 2.0 * jax.random.normal(jax.random.key(4), loc.shape)
+    np.testing.assert_allclose(fam.distribution(lam).log_prob(z),
+                               norm.logpdf(z, loc, 1.0).sum(-1), rtol=1e-5)  # fmt: skip
+    # the means look like N(0, I) draws: 120 numbers, mean and variance within 4 standard errors
+    assert abs(float(loc.mean())) < 4 / np.sqrt(120) and abs(float(loc.var()) - 1) < 4 * 0.13
+    np.testing.assert_array_equal(_random_start(fam, z_dim, key, idx[5:9], 0), lam[5:9])
+    assert not np.allclose(fam.mean(_random_start(fam, z_dim, key, idx, 1)), loc)
