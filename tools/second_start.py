@@ -83,6 +83,7 @@ def _cross_family(config, setup, params, data, x, run: Path, ffg) -> dict:
     # from the Flow's q*; basin_gap the lead over the best of its own two.
     flow_gain = np.where(flow.start == 1, flow.basin_gap, 0.0)
     ffg_gain = np.where(again.start == 1, again.basin_gap, 0.0)
+    ffg_mean, ffg_se = mean_and_stderr(ffg_gain)
     row = {
         "flow_second_start_kept": int((flow.start == 2).sum()),
         "flow_from_ffg_kept": int((flow.start == 1).sum()),
@@ -93,8 +94,8 @@ def _cross_family(config, setup, params, data, x, run: Path, ffg) -> dict:
         "ffg_from_flow_max_gain": float(ffg_gain.max()),
         "ffg_from_flow_max_gain_digit": int(ffg_gain.argmax()),
         "flow_from_ffg_max_gain_digit": int(flow_gain.argmax()),
-        "ffg_mean_gain": mean_and_stderr(ffg_gain)[0],
-        "ffg_mean_gain_stderr": mean_and_stderr(ffg_gain)[1],
+        "ffg_mean_gain": ffg_mean,
+        "ffg_mean_gain_stderr": ffg_se,
         "seconds": seconds,
     }
     print(f"cross-family starts, z = 2: the FFG's q* as a start kept for the Flow on "
@@ -158,6 +159,7 @@ def main() -> None:
                             family=setup.family, init=fits[True].params, final_samples=0,
                             random_starts=args.random_starts)  # fmt: skip
         lead = np.where(rnd.start > 0, rnd.basin_gap, 0.0)
+        lead_mean, lead_se = mean_and_stderr(lead)
         row["random_starts"] = {
             "starts": args.random_starts,
             "kept": int((rnd.start > 0).sum()),
@@ -165,8 +167,8 @@ def main() -> None:
             "kept_by_1": int((lead > 1.0).sum()),
             "max_gain": float(lead.max()),
             "max_gain_digit": int(lead.argmax()),  # its position among the seeded digits
-            "mean_gain": mean_and_stderr(lead)[0],
-            "mean_gain_stderr": mean_and_stderr(lead)[1],
+            "mean_gain": lead_mean,
+            "mean_gain_stderr": lead_se,
             "seconds": time.perf_counter() - start,
         }
         out[label] = row

@@ -1119,6 +1119,19 @@ def _duel_batch(model, family, site, num_samples, params, keys, x, candidates):
     return jax.vmap(one)(x, keys, candidates)
 
 
+def _duel_scores(
+    model, family, site, settings, params, key, x, candidates, batch_size, indices
+) -> np.ndarray:
+    """ELBO estimates of each datapoint's candidates (`[N, C, P]`) on common random numbers
+    (`settings.select_samples` draws, row i's from `key` and `indices[i]`), `[N, C]` float64,
+    NaN read as -inf (an argmax would pick a NaN)."""
+    duel = functools.partial(_duel_batch, model, family, site, int(settings.select_samples))
+    scores = map_datapoints(duel, params, key, [x, candidates], batch_size=batch_size,
+                            indices=indices)  # fmt: skip
+    scores = np.asarray(scores, np.float64)
+    return np.where(np.isnan(scores), -np.inf, scores)
+
+
 def _check_starts(starts, n, num_params) -> list[jax.Array]:
     """`fit_local(starts=)` as a list of `[n, num_params]` float32 arrays, or a clear error."""
     if starts is None:
@@ -1176,15 +1189,10 @@ def _best_of_starts(model, params, x, key, settings, family, site, size, init, i
             again(jax.random.fold_in(key, jnp.uint32(2**32 - 9)),
                   progress=f"{label} (second start)" if progress else False)
         )  # fmt: skip
-    duel = functools.partial(_duel_batch, model, family, site, int(settings.select_samples))
     stack = jnp.stack([jnp.asarray(f.params) for f in (first, *others)], axis=1)  # [N, C, P]
     duel_key = jax.random.fold_in(key, jnp.uint32(2**32 - 10))  # no datapoint's index
-    n = x.shape[0]
-    scores = map_datapoints(
-        duel, params, duel_key, [x, stack], batch_size=min(settings.batch_size, n),
-        indices=indices,
-    )  # fmt: skip
-    scores = np.where(np.isnan(scores), -np.inf, np.asarray(scores, np.float64))
+    scores = _duel_scores(model, family, site, settings, params, duel_key, x, stack,
+                          min(settings.batch_size, x.shape[0]), indices)  # fmt: skip
     lead = np.stack(
         [np.where(f.converged | ~first.converged, 0.0, settings.certify_tol) for f in others], 1
     )
@@ -1375,15 +1383,8 @@ def _fit_round(
     # The start against the end(s), on common random numbers (independent of every other
     # draw): q* is never worse than where it started, beyond this comparison's small noise.
     candidates = np.stack(candidates, axis=1)  # [N, C, P]
-    scores = map_datapoints(
-        functools.partial(_duel_batch, model, family, site, int(settings.select_samples)),
-        params,
-        select_key,
-        [x, candidates],
-        batch_size=num_slots,
-        indices=indices,
-    )
-    scores = np.where(np.isnan(scores), -np.inf, scores)  # (argmax would pick a NaN)
+    scores = _duel_scores(model, family, site, settings, params, select_key, x, candidates,
+                          num_slots, indices)  # fmt: skip
     choice = np.argmax(scores, axis=1)  # ties keep the earlier candidate (the start first)
     lam = candidates[np.arange(n), choice]
     newton_gap = None
