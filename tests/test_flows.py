@@ -18,6 +18,7 @@ from amortjax.guides import amortized_guide, given_params_guide
 from amortjax.guides.amortized import encode
 from amortjax.guides.linear_gaussian import linear_gaussian_vae
 from amortjax.guides.local import local_elbo
+from amortjax.inference import local
 from amortjax.inference.local import fit_local
 from amortjax.models.linear_gaussian import make_linear_gaussian
 
@@ -423,7 +424,9 @@ def test_bad_settings_and_shapes():
         )
 
 
-def test_a_flow_below_its_full_rank_floor_goes_on_from_the_floor_to_the_exact_posterior():
+def test_a_flow_below_its_full_rank_floor_goes_on_from_the_floor_to_the_exact_posterior(
+    monkeypatch,
+):
     """A narrow correlated posterior (noise 1e-2, x_dim = z_dim = 4, correlation 0.99+). From
     N(0, I) the flow's q* had ended 161 nats below the best diagonal Gaussian (20 of 20 points,
     its rule saying converged); from the default start, the diagonal Gaussian's Newton q*, it
@@ -432,7 +435,9 @@ def test_a_flow_below_its_full_rank_floor_goes_on_from_the_floor_to_the_exact_po
     it on those 11 (measured), so with `certify_retries=0` they are warned and not "converged";
     by default they go on from the floor and end within 0.002-0.006 nats of log p(x) (the
     posterior is Gaussian, so the floor is the family's best here). A subset fitted with its
-    indices gets the same rows."""
+    indices gets the same rows. With a further start the floor is fitted once (it used to be
+    fitted again for each start) and checks both fits: the first fit is the one above, row for
+    row."""
     lg = make_linear_gaussian(jax.random.key(30), x_dim=4, z_dim=4, noise_scale=1e-2)
     model, _, params = linear_gaussian_vae(lg)
     x, _ = lg.sample(jax.random.key(31), 12)
@@ -463,6 +468,18 @@ def test_a_flow_below_its_full_rank_floor_goes_on_from_the_floor_to_the_exact_po
     # rounding difference moved one plateau stop by a block: params 0.36 apart, ELBO 7e-5 on
     # common draws (the final bounds draw by index).
     np.testing.assert_allclose(sub.elbo, full.elbo[idx], atol=2e-3)
+
+    roles = []
+    fitted = local._full_rank_start
+    monkeypatch.setattr(
+        local, "_full_rank_start", lambda *a, **k: roles.append(k.get("role")) or fitted(*a, **k)
+    )
+    two = fit(x, jax.random.key(3), random_starts=1, final_samples=2000)
+    assert roles == ["floor"], roles
+    first = two.start == 0
+    np.testing.assert_array_equal(two.params[first], full.params[first])
+    assert two.converged.all() and np.all(two.floor_gap < 0.05), two.floor_gap
+    assert np.all(np.abs(exact - two.elbo) < 0.02), exact - two.elbo
 
 
 def test_a_flow_from_a_gaussian_has_that_gaussians_distribution():

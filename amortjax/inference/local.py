@@ -1172,22 +1172,26 @@ def _best_of_starts(model, params, x, key, settings, family, site, size, init, i
     from the default start, with keys independent of each other's (each row's draws still its
     index's); per datapoint the best on common random numbers (`select_samples` draws). A fit
     that did not converge replaces a converged first one only by more than certify_tol (a
-    smaller lead can be the duel's noise)."""
-    again = functools.partial(
-        fit_local, model, params, x, settings=settings, family=family, site=site, z_dim=size,
-        indices=indices, second_start=False, random_starts=0,
-    )  # fmt: skip
+    smaller lead can be the duel's noise). A flow's full-rank floor (`QStarSettings.flow_floor`)
+    is fitted once, with the first fit's key (so the first fit is the one without further
+    starts), and checks every fit."""
+    fit = functools.partial(_fit_one, model, params, x, settings=settings, family=family,
+                            site=site, size=size, indices=indices)  # fmt: skip
+    floor = None
+    if isinstance(family, AffineCouplingFlow) and settings.flow_floor:
+        floor = _full_rank_start(model, params, x, indices, key, family, site, size, settings,
+                                 progress, role="floor")  # fmt: skip
     label = progress if isinstance(progress, str) else "q*"
-    first = again(key, init=init, progress=progress)
+    first = fit(key, init, progress=progress, floor=floor)
     others = [
-        again(jax.random.fold_in(key, jnp.uint32(2**32 - 11 - j)), init=lam,
-              progress=f"{label} (start {j + 2})" if progress else False)
+        fit(jax.random.fold_in(key, jnp.uint32(2**32 - 11 - j)), lam, floor=floor,
+            progress=f"{label} (start {j + 2})" if progress else False)
         for j, lam in enumerate(extra)
     ]  # fmt: skip
     if second:
         others.append(
-            again(jax.random.fold_in(key, jnp.uint32(2**32 - 9)),
-                  progress=f"{label} (second start)" if progress else False)
+            fit(jax.random.fold_in(key, jnp.uint32(2**32 - 9)), None, floor=floor,
+                progress=f"{label} (second start)" if progress else False)
         )  # fmt: skip
     stack = jnp.stack([jnp.asarray(f.params) for f in (first, *others)], axis=1)  # [N, C, P]
     duel_key = jax.random.fold_in(key, jnp.uint32(2**32 - 10))  # no datapoint's index
@@ -1463,7 +1467,8 @@ def fit_local(
             (`select_samples` draws) is kept, as with `QStarSettings.second_start` (which adds
             `fit_local`'s own start to them); `LocalFit.basin_gap` and `LocalFit.start` record
             which won and by how much. Every certificate is local (q* tops its basin), so more
-            starts are the only check that no other basin is higher.
+            starts are the only check that no other basin is higher. A flow's full-rank floor
+            (`QStarSettings.flow_floor`) is fitted once and checks every start's fit.
         settings: the optimizer's settings (`QStarSettings`; None: its defaults).
         progress: show a progress bar over datapoints (a string gives its description).
         **overrides: fields of `QStarSettings` replacing those of `settings` (e.g.
@@ -1492,7 +1497,6 @@ def fit_local(
             f"{family.name!r} takes method='adam'"
         )
     learning_rate, block_size = settings._replace(method=method).step_and_block()
-    monitor_samples = settings.monitor_for(family)
     if not isinstance(settings.stl, bool | np.bool_):
         raise ValueError(f"fit_local: stl must be True or False, got {settings.stl!r}")
     if method == "newton" and not 0.0 < learning_rate <= 1.0:
@@ -1531,41 +1535,61 @@ def fit_local(
     n = x.shape[0]
     indices = check_indices("fit_local", indices, n)
     indices = jnp.asarray(np.arange(n) if indices is None else indices, jnp.uint32)
-    flow = isinstance(family, AffineCouplingFlow)
-    floor = None  # a flow's full-rank floor (QStarSettings.flow_floor)
-    extra = _check_starts(starts, n, family.num_params(size))
-    extra += [_random_start(family, size, key, indices, j) for j in range(settings.random_starts)]
-    if extra or (settings.second_start and given):
-        return _best_of_starts(
-            model, params, x, key, settings, family, site, size, init if given else None,
-            indices, extra, settings.second_start and given, progress,
-        )  # fmt: skip
     if init is None:
-        z_dim = latent_size(site, z_dim)
-        if z_dim is None:
+        if latent_size(site, z_dim) is None:
             raise ValueError(
                 "fit_local needs z_dim when init is None (pass z_dim=, or site= a LocalLatents "
                 "from find_local_latents, or init= the starting parameters)"
             )
+    else:
+        init = jnp.asarray(init, jnp.float32)
+        if init.ndim != 2 or init.shape[0] != n:
+            raise ValueError(f"init must have shape [{n}, num_params]; got {init.shape}")
+        if init.shape[1] != family.num_params(size):
+            raise ValueError(
+                f"fit_local: init has {init.shape[1]} parameters per datapoint, but the "
+                f"{family.name} family over the model's {size} latent dimensions has "
+                f"{family.num_params(size)}; pass parameters of this family (e.g. the encoder's "
+                "output for it) or the family they belong to (family=)"
+            )
+        check_finite("fit_local", "init", init)
+    extra = _check_starts(starts, n, family.num_params(size))
+    extra += [_random_start(family, size, key, indices, j) for j in range(settings.random_starts)]
+    if extra or (settings.second_start and given):
+        return _best_of_starts(
+            model, params, x, key, settings, family, site, size, init, indices, extra,
+            settings.second_start and given, progress,
+        )  # fmt: skip
+    return _fit_one(model, params, x, key, init, settings=settings, family=family, site=site,
+                    size=size, indices=indices, progress=progress)  # fmt: skip
+
+
+def _fit_one(model, params, x, key, init, *, settings, family, site, size, indices, progress,
+             floor=None) -> LocalFit:  # fmt: skip
+    """`fit_local` from one start, its arguments checked: `init` `[N, P]` float32 or None (the
+    family's default start), `indices` `[N]` uint32, `size` the latent size; `floor` a flow's
+    full-rank floor `[N, P]` if already fitted (several starts share one), else None (fitted
+    here where `settings.flow_floor` asks for it)."""
+    method = _method_for(settings.method, family)
+    num_samples, select_samples = settings.num_samples, settings.select_samples
+    final_samples, batch_size = settings.final_samples, settings.batch_size
+    learning_rate, block_size = settings._replace(method=method).step_and_block()
+    monitor_samples = settings.monitor_for(family)
+    gaussian = isinstance(family, DiagonalGaussian | FullRankGaussian)
+    flow = isinstance(family, AffineCouplingFlow)
+    n = x.shape[0]
+    if init is None:
         if flow and settings.flow_start == "full_rank":
-            init = floor = _full_rank_start(model, params, x, indices, key, family, site, z_dim,
-                                            settings, progress)  # fmt: skip
+            if floor is None:
+                floor = _full_rank_start(model, params, x, indices, key, family, site, size,
+                                         settings, progress)  # fmt: skip
+            init = floor
         elif flow:
-            init = _diagonal_start(model, params, x, indices, key, family, site, z_dim,
+            init = _diagonal_start(model, params, x, indices, key, family, site, size,
                                    settings, progress)  # fmt: skip
         else:
-            init = jnp.broadcast_to(family.standard_params(z_dim), (n, family.num_params(z_dim)))
+            init = jnp.broadcast_to(family.standard_params(size), (n, family.num_params(size)))
     init = jnp.asarray(init, jnp.float32)
-    if init.ndim != 2 or init.shape[0] != n:
-        raise ValueError(f"init must have shape [{n}, num_params]; got {init.shape}")
-    if init.shape[1] != family.num_params(size):
-        raise ValueError(
-            f"fit_local: init has {init.shape[1]} parameters per datapoint, but the "
-            f"{family.name} family over the model's {size} latent dimensions has "
-            f"{family.num_params(size)}; pass parameters of this family (e.g. the encoder's "
-            "output for it) or the family they belong to (family=)"
-        )
-    check_finite("fit_local", "init", init)
     fit_key, select_key, eval_key = jax.random.split(key, 3)
     num_slots = min(batch_size, n)
     mesh = active_mesh()
@@ -1668,7 +1692,7 @@ def fit_local(
                     else ""
                 )
                 + ".",
-                stacklevel=2,
+                stacklevel=3,
             )
         converged = converged & ~uncertified
     if floor_gap is not None:
@@ -1682,7 +1706,7 @@ def fit_local(
                 + ("Set certify_retries >= 1 to go on from the floor, or r" if not
                    settings.certify_retries else "R")
                 + "aise patience, num_decays or polish_steps.",
-                stacklevel=2,
+                stacklevel=3,
             )  # fmt: skip
         converged = converged & ~below
     return LocalFit(
