@@ -156,6 +156,32 @@ def test_encoder_params_of_another_family_or_with_nan_are_named(exact):
 
 
 @pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"iwae_samples": 0}, r"gap_decomposition: iwae_samples must be an integer >= 1, got 0"),
+        ({"iwae_samples": 2.5}, r"gap_decomposition: iwae_samples must be an integer"),
+        ({"ais_settings": {"num_chains": 0}}, r"gap_decomposition \(ais_settings\): num_chains"),
+        ({"ais_settings": {"num_temperatures": 0}}, r"\(ais_settings\): num_temperatures"),
+        ({"ais_settings": {"schedule": "cosine"}}, r"\(ais_settings\): unknown schedule"),
+        ({"ais_settings": {"pilot_chains": 0}}, r"\(ais_settings\): pilot_chains must be"),
+    ],
+)
+def test_bad_bounds_or_ais_settings_are_refused_before_q_star_runs(exact, monkeypatch, kwargs,
+                                                                   message):  # fmt: skip
+    """They used to be refused only by the stage that reads them, after q* had run (minutes at
+    a paper's scale), in another function's words; num_chains=0 was a ZeroDivisionError."""
+    lg, x, _, _, lam, _ = exact
+    model, _, params = linear_gaussian_vae(lg)
+
+    def no_q_star(*args, **kwargs):
+        raise AssertionError("q* ran before the settings were checked")
+
+    monkeypatch.setattr("amortjax.regimes.fit_local", no_q_star)
+    with pytest.raises(ValueError, match=message):
+        gap_decomposition(model, params, x, lam, jax.random.key(0), **kwargs)
+
+
+@pytest.mark.parametrize(
     ("x_dim", "z_dim", "noise"), [(60, 50, 1e-2), (60, 50, 1e-3), (10, 1, 1e-3), (3, 5, 0.1)]
 )
 def test_narrow_and_correlated_posteriors_give_no_amortization_gap_at_the_optimum(

@@ -466,6 +466,19 @@ def _check_settings(
         raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
 
 
+def check_ais_settings(where: str, settings: AISSettings) -> None:
+    """Refuses AIS settings that `ais` would refuse, before any work, naming `where` (a caller
+    that runs other stages first, as `gap_decomposition` runs q* and the bounds)."""
+    try:
+        _check_settings(settings.num_chains, settings.leapfrog_steps, settings.target_accept, 1)
+        annealing_schedule(
+            settings.schedule, settings.num_temperatures, sigmoid_delta=settings.sigmoid_delta
+        )
+        _check_pilot(settings.pilot_chains, settings.pilot_temperatures)
+    except ValueError as err:
+        raise ValueError(f"{where} (ais_settings): {err}") from None
+
+
 def _check_x(x) -> jax.Array:
     x = jnp.asarray(x)
     if x.ndim < 1 or x.shape[0] == 0:

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amortjax.checks import check_finite, check_indices, check_int, check_key, resolve_settings
-from amortjax.evaluation.ais import AISSettings, ais, log_weight_spread
+from amortjax.evaluation.ais import AISSettings, ais, check_ais_settings, log_weight_spread
 from amortjax.evaluation.bounds import evaluate_pair, mean_and_stderr
 from amortjax.families import DiagonalGaussian, Family, check_num_params
 from amortjax.inference.local import LocalFit, QStarSettings
@@ -226,7 +226,7 @@ def gap_decomposition(
         raise ValueError(
             f"encoder_params must be [N={x.shape[0]}, num_params]; got shape {lam_q.shape}"
         )
-    check_int("gap_decomposition", 1, batch_size=batch_size)
+    check_int("gap_decomposition", 1, batch_size=batch_size, iwae_samples=iwae_samples)
     if ais_batch_size is not None:
         check_int("gap_decomposition", 1, ais_batch_size=ais_batch_size)
     if ais_start not in AIS_STARTS:
@@ -245,6 +245,7 @@ def gap_decomposition(
         ais_settings = resolve_settings(
             "gap_decomposition (ais_settings)", AISSettings, ais_settings, {}
         )
+        check_ais_settings("gap_decomposition", ais_settings)  # before q* and the bounds run
         if ais_batch_size is None:
             multiple = max(1, AIS_CHAINS_PER_CALL // ais_settings.num_chains // batch_size)
             ais_batch_size = multiple * batch_size
