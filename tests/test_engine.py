@@ -38,7 +38,16 @@ def test_map_datapoints_calls_equal_chunks_and_keeps_every_row():
     # each datapoint's key is its own, whatever the chunk
     again = map_datapoints(batch_fn, 2.0, jax.random.key(0), [x], batch_size=7)
     np.testing.assert_allclose(out, again, rtol=1e-6)
-    assert out.shape == (500,)
+    # ...and it is fold_in(key, i): the rows' draws, exactly, and all distinct
+    uniforms = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(jax.random.key(0), i)))(
+        jnp.arange(500, dtype=jnp.uint32)
+    )
+    np.testing.assert_allclose(out - 2.0 * x, uniforms, atol=1e-4)
+    assert len(np.unique(np.asarray(uniforms))) == 500
+    # given indices, row j draws from fold_in(key, indices[j])
+    idx = jnp.array([7, 3, 499])
+    sub = map_datapoints(batch_fn, 2.0, jax.random.key(0), [x[idx]], batch_size=2, indices=idx)
+    np.testing.assert_allclose(sub, out[idx], rtol=1e-6)
 
 
 def test_every_entry_point_refuses_a_key_that_is_not_one_prng_key():
@@ -55,6 +64,7 @@ def test_every_entry_point_refuses_a_key_that_is_not_one_prng_key():
     model, guide, params = linear_gaussian_vae(lg)
     x = jnp.zeros((4, 3))
     lam = jnp.zeros((4, 4))
+    trainer = aj.Trainer(model, guide, aj.make_optimizer(1e-3), n_data=4, batch_size=2)
     calls = {
         "evaluate_bounds": lambda k: aj.evaluate_bounds(model, guide, params, x, k),
         "evaluate_pair": lambda k: evaluate_pair(
@@ -66,6 +76,8 @@ def test_every_entry_point_refuses_a_key_that_is_not_one_prng_key():
         "bdmc": lambda k: aj.bdmc(model, params, x, jnp.zeros((4, 2)), k),
         "refine": lambda k: aj.refine(model, params, x, lam, k, family=DiagonalGaussian()),
         "gap_decomposition": lambda k: aj.gap_decomposition(model, params, x, lam, k),
+        "fit": lambda k: aj.fit(trainer, x, key=k, epochs=1, progress=False),
+        "Trainer.init": lambda k: trainer.init(k, x),
         "simulate": lambda k: aj.simulate(model, params, k, x),
         "dynamic_binarize": lambda k: aj.dynamic_binarize(k, x),
     }

@@ -209,6 +209,9 @@ def test_wrong_sizes_are_rejected():
         Trainer(None, None, opt, n_data=10, batch_size=5, num_particles=0)
     with pytest.raises(ValueError, match=r"Trainer: kl_warmup_epochs must be a finite number in"):
         Trainer(None, None, opt, n_data=10, batch_size=5, kl_warmup_epochs=float("nan"))
+    # a learning rate where the optimizer goes failed inside NumPyro's optimizer wrapper
+    with pytest.raises(ValueError, match=r"Trainer: optimizer must be an optax .*got 0.001"):
+        Trainer(None, None, 1e-3, n_data=10, batch_size=5)
 
 
 def test_fit_refuses_data_outside_the_likelihood_after_preprocessing():

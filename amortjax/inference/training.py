@@ -38,7 +38,7 @@ from numpyro.infer.svi import SVIState
 from numpyro.optim import optax_to_numpyro
 from tqdm.auto import tqdm
 
-from amortjax.checks import check_float, check_int
+from amortjax.checks import check_float, check_int, check_key
 from amortjax.inference.checkpoint import (
     check_settings,
     has_checkpoint,
@@ -169,6 +169,12 @@ class Trainer:
         mesh: Mesh | None = None,
     ):
         check_int("Trainer", 1, n_data=n_data, batch_size=batch_size, num_particles=num_particles)
+        if not (callable(getattr(optimizer, "init", None))
+                and callable(getattr(optimizer, "update", None))):  # fmt: skip
+            raise ValueError(
+                f"Trainer: optimizer must be an optax transformation (e.g. make_optimizer(1e-3) "
+                f"or optax.adam(1e-3)), got {optimizer!r}"
+            )
         check_float("Trainer", "kl_warmup_epochs", kl_warmup_epochs, low=0)
         if not 0 < batch_size <= n_data:
             raise ValueError(f"batch_size must be in [1, n_data={n_data}], got {batch_size}")
@@ -220,7 +226,7 @@ class Trainer:
         that leaves latents of the model undrawn, is refused instead of training the wrong
         objective.
         """
-        svi_key, run_key = jax.random.split(key)
+        svi_key, run_key = jax.random.split(check_key("Trainer.init", key))
         x0 = jnp.asarray(x_train[: self.batch_size])
         if self.preprocess is not None:
             x0 = self.preprocess(svi_key, x0)
@@ -395,6 +401,7 @@ def fit(
         TrainingDivergedError: when an epoch's loss or parameters are not finite; the last
             checkpoint (from before that epoch) is kept.
     """
+    key = check_key("fit", key)
     check_int("fit", 1, epochs=epochs, checkpoint_every=checkpoint_every, eval_every=eval_every)
     x_host = check_array(x_train)
     x_train = trainer.place(jnp.asarray(x_host))
