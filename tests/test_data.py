@@ -170,6 +170,17 @@ def test_a_seed_that_is_not_a_non_negative_integer_is_named():
             load_data("mnist", seed=seed)
         with pytest.raises(ValueError, match=r"random_subset: seed must be an integer >= 0"):
             random_subset(100, 10, seed)
+    # a negative split size returned an empty subset; a float one failed in NumPy
+    for n in (-5, 10.0):
+        with pytest.raises(ValueError, match=r"random_subset: num_datapoints must be an integer"):
+            random_subset(n, 3, 0)
+    for size in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=r"random_subset: size must be an integer >= 1"):
+            random_subset(100, size, 0)
+    subset = random_subset(100, 10, 0)  # sorted, distinct, in range; None or more: all of it
+    assert len(set(subset)) == 10 and np.all(np.diff(subset) > 0) and subset.max() < 100
+    np.testing.assert_array_equal(random_subset(7, None, 0), np.arange(7))
+    np.testing.assert_array_equal(random_subset(7, 9, 0), np.arange(7))
 
 
 def test_binarizers_refuse_raw_pixels_and_nan():

@@ -14,9 +14,9 @@ from amortjax.checks import check_int
 def random_subset(num_datapoints: int, size: int | None, seed: int) -> np.ndarray:
     """Sorted indices of `size` datapoints drawn without replacement (all if size is None or
     at least num_datapoints)."""
-    check_int("random_subset", 0, seed=seed)
+    check_int("random_subset", 0, seed=seed, num_datapoints=num_datapoints)
+    if size is not None:
+        check_int("random_subset", 1, size=size)  # None: the whole split
     if size is None or size >= num_datapoints:
         return np.arange(num_datapoints)
-    if size < 1:
-        raise ValueError(f"subset size must be >= 1, got {size}")
     return np.sort(np.random.default_rng(seed).choice(num_datapoints, size, replace=False))
