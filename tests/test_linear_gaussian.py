@@ -82,7 +82,23 @@ def test_closed_forms_are_float64_and_exact_for_narrow_posteriors():
         loc, scale = lg.best_diagonal(x)
         kl = lg.kl_to_posterior(x, loc, scale)
         assert np.all(kl >= 0) and np.all(np.isfinite(kl))
-        np.testing.assert_allclose(lg.elbo(x, loc, scale), log_px - kl)
+        # the ELBO against its direct float64 form E_q[log p(x | z) + log p(z) - log q(z)] (the
+        # class computes log p(x) - KL), at the best diagonal Gaussian and at a perturbed one
+        xs = np.asarray(x, np.float64)
+        rng = np.random.default_rng(x_dim)
+        moved = (loc + 0.01 * rng.normal(size=loc.shape),
+                 scale * np.exp(0.1 * rng.normal(size=scale.shape)))  # fmt: skip
+        for m, sd in ((loc, scale), moved):
+            mean_x = m @ w.T + b
+            expected_log_lik = np.sum(
+                -0.5 * np.log(2 * np.pi * psi**2)
+                - ((xs - mean_x) ** 2 + sd**2 @ (w**2).T) / (2 * psi**2),
+                axis=-1,
+            )
+            expected_log_prior = np.sum(-0.5 * np.log(2 * np.pi) - 0.5 * (m**2 + sd**2), axis=-1)
+            entropy = np.sum(0.5 * np.log(2 * np.pi * np.e * sd**2), axis=-1)
+            direct = expected_log_lik + expected_log_prior + entropy
+            np.testing.assert_allclose(lg.elbo(x, m, sd), direct, rtol=1e-9, atol=1e-5)
         # the full-rank KL of the exact posterior is 0
         tril = np.linalg.cholesky(cov)
         np.testing.assert_allclose(lg.gaussian_kl_to_posterior(x, mean, tril), 0.0, atol=1e-6)
