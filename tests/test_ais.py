@@ -445,7 +445,10 @@ def test_bdmc_maps_simulated_latents_and_catches_constrained_ones():
     mapped = bdmc(model, {}, x, latents, jax.random.key(1), **short)
     by_hand = bdmc(model, {}, x, jnp.log(latents["rate"])[:, None], jax.random.key(1), **short)
     np.testing.assert_array_equal(mapped.upper, by_hand.upper)
-    assert mapped.upper.mean() > gamma_poisson_log_marginal(x, 2.0, 0.1).mean() - 0.05
+    exact = gamma_poisson_log_marginal(x, 2.0, 0.1).mean()
+    # a bracket of the exact value on average, as wide as 4 chains x 50 temperatures leave it
+    # (measured: lower -10.7 +- 4.0, upper +2.7 +- 0.6 nats from it)
+    assert mapped.lower.mean() < exact < mapped.upper.mean() < exact + 6.0
     with pytest.warns(AISWarning, match="BDMC: the brackets are inverted .* not by chance"):
         bdmc(model, {}, x, latents["rate"][:, None], jax.random.key(1), **short)
     with pytest.raises(ValueError, match=r"without the local latent site\(s\) \['rate'\]"):
