@@ -3,6 +3,7 @@ runs as written, and its numbers are what the README says they show."""
 
 import contextlib
 import io
+import json
 import re
 from pathlib import Path
 
@@ -38,3 +39,55 @@ def test_the_readme_poisson_pca_example_runs_as_written():
     assert summary["approximation_gap"]["mean"] > -0.05
     assert summary["negative_approximation_gaps"] == 0
     assert "amortization_gap:" in printed and "training ELBO" in printed
+
+
+RESULTS = README.parent / "docs" / "results"
+MODELS = {
+    "MNIST, FFG": "mnist_diagonal",
+    "MNIST, Flow": "mnist_flow",
+    "Fashion-MNIST, FFG": "fashion_mnist_diagonal",
+    "Fashion-MNIST, Flow": "fashion_mnist_flow",
+}
+
+
+def _cell(value: dict) -> str:
+    return f"{value['mean']:.2f} ± {value['se']:.2f}"
+
+
+def test_the_readme_gap_table_is_the_committed_runs_metrics():
+    """Every cell of the README's amortization_gap table is the committed run's metrics.json
+    (docs/results/amortization_gap_quick/), to the digits shown: a table copied by hand could
+    drift from the run it names."""
+    metrics = json.loads((RESULTS / "amortization_gap_quick" / "metrics.json").read_text())
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in README.read_text().splitlines()
+        if re.match(r"\| (train|test) \| (MNIST|Fashion-MNIST), (FFG|Flow) \|", line)
+    ]
+    assert len(rows) == 8, rows
+    for split, model, log_px, elbo_qstar, elbo_q, approx, amort, inference, estimator in rows:
+        m = metrics["models"][MODELS[model]][split]
+        assert [log_px, elbo_qstar, elbo_q, approx, amort, inference, estimator] == [
+            _cell(m["log_px"]), f"{m['elbo_qstar']['mean']:.2f}", f"{m['elbo_q']['mean']:.2f}",
+            _cell(m["approximation_gap"]), _cell(m["amortization_gap"]),
+            _cell(m["inference_gap"]), "AIS" if m["log_px_estimator"] == "ais" else "mixture",
+        ], (split, model)  # fmt: skip
+
+
+def test_the_readme_vae_table_is_the_committed_runs_metrics():
+    """The README's vae_mnist table is the committed run's metrics.json
+    (docs/results/vae_mnist_quick/), to the digits shown."""
+    metrics = json.loads((RESULTS / "vae_mnist_quick" / "metrics.json").read_text())
+    test, loss = metrics["test"], metrics["final_train_loss"]
+    text = README.read_text()
+    expected = [
+        f"| ELBO | encoder | ELBO | 100 | test | {test['elbo_points']:,} | "
+        f"{test['elbo']:.2f} ± {test['elbo_se']:.2f} |",
+        f"| log p(x) | encoder | IWAE-5000 | {test['iwae_samples']} | test | "
+        f"{test['iwae_points']:,} (seeded random) | {test['iwae']:.2f} ± {test['iwae_se']:.2f} |",
+        f"| ELBO on the same {test['iwae_points']:,} points | encoder | ELBO | 5000 | test | "
+        f"{test['iwae_points']:,} | {test['elbo_on_iwae_points']:.2f} |",
+        f"| training loss, last epoch | encoder | -ELBO | 1 | train | 50,000 | {loss:.2f} |",
+    ]
+    for row in expected:
+        assert row in text, row
