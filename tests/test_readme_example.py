@@ -91,3 +91,29 @@ def test_the_readme_vae_table_is_the_committed_runs_metrics():
     ]
     for row in expected:
         assert row in text, row
+
+
+def test_the_readme_item_response_table_is_the_committed_runs_metrics():
+    """The README's item_response table is the committed run's metrics.json
+    (docs/results/item_response_quick/), every cell to the digits shown."""
+    metrics = json.loads((RESULTS / "item_response_quick" / "metrics.json").read_text())
+    text = README.read_text()
+    names = {
+        "amortized": "amortized (encoder)",
+        "per_example": "per-example (q* from N(0, I) for new people)",
+        "semi_amortized": "semi-amortized (SA, K=5 steps of 10 draws)",
+    }
+    for regime, name in names.items():
+        m = metrics["regimes"][regime]
+        keys = ("heldout_log_px_learned_questions", "heldout_elbo", "inference_gap_heldout")
+        cells = [f"{m[k][0]:.3f} ± {m[k][1]:.3f}" for k in keys]
+        row = (
+            f"| {name} | {' | '.join(cells)} | {m['trait_r2_heldout']:.3f} | "
+            f"{m['difficulty_corr']:.3f}, {m['discrimination_corr']:.3f} | "
+            f"{m['train_seconds']:.1f} | "
+        )
+        assert row in text, row
+    ref = metrics["reference"]
+    log_px, se = ref["heldout_log_px_true_questions"]
+    assert f"exact posterior means | {log_px:.3f} ± {se:.3f} | | 0 | " in text
+    assert f"| {ref['trait_r2_exact_posterior']:.3f} | 1, 1 |" in text
