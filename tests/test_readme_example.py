@@ -117,3 +117,26 @@ def test_the_readme_item_response_table_is_the_committed_runs_metrics():
     log_px, se = ref["heldout_log_px_true_questions"]
     assert f"exact posterior means | {log_px:.3f} ± {se:.3f} | | 0 | " in text
     assert f"| {ref['trait_r2_exact_posterior']:.3f} | 1, 1 |" in text
+
+
+def test_the_readme_semi_amortized_table_is_the_committed_runs_metrics():
+    """The README's semi_amortized table is the committed run's metrics.json
+    (docs/results/semi_amortized_quick/), every cell to the digits shown."""
+    metrics = json.loads((RESULTS / "semi_amortized_quick" / "metrics.json").read_text())
+    methods = metrics["methods"]
+    names = {
+        "vae": "VAE",
+        "svi": "per-example SVI (K=5 from the prior)",
+        "vae_svi": "VAE+SVI",
+        "vae_svi_kl": "VAE+SVI+KL",
+        "sa_vae": "SA-VAE",
+    }
+    text = README.read_text()
+    for key, name in names.items():
+        m = methods[key]
+        cells = [
+            "—" if m[k] is None else f"{m[k][0]:.2f} ± {m[k][1]:.2f}"
+            for k in ("encoder_elbo", "refined_elbo", "iwae")
+        ]
+        row = f"| {name} | {' | '.join(cells)} | {m['kl'][0]:.2f} | {m['train_seconds']:.0f} |"
+        assert row in text, row
