@@ -479,9 +479,9 @@ def test_loglog_slope_recovers_power_laws():
         assert loglog_slope(sizes, 3e-4 * sizes**power * noise) == pytest.approx(power, abs=0.05)
     # a fixed cost plus a linear one: the slope lies between 0 and 1
     assert 0.2 < loglog_slope(sizes, 1.0 + 0.05 * sizes) < 0.9
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="two or more distinct sizes"):
         loglog_slope([10, 10], [1.0, 2.0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be positive"):
         loglog_slope([1, 2], [0.0, 1.0])
 
 

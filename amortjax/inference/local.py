@@ -144,6 +144,12 @@ from amortjax.traces import check_data
 
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.999, 1e-8
 _MIN_CURVATURE = 1e-3  # floor of the Newton step's curvature eigenvalues
+CERTIFY_CHUNK = 2
+"""Draws whose Hessians the certificate (`_newton_gap_one`) takes at once: one antithetic pair.
+A Hessian pushes z_dim tangents through the decoder for each draw, so all 32 of
+`certify_samples` at once held 32 z_dim copies of the decoder's activations per datapoint: 12 GB
+resident for `fit_local` with batch_size=1000 at z_dim 50 (`python -m bench memory`), and an
+allocation of 110 GB at z_dim 2048 (`python -m bench scaling`, which failed)."""
 EIGEN_FRAME_CONDITION = 1e5
 """newton_frame="auto" takes the diagonal Gaussian's Hessian again in its eigenbasis where its
 condition number in z's frame passes this: float32 (eps 1.2e-7) then holds the smallest
@@ -688,10 +694,14 @@ def _log_p(model, params, x, site):
     return lambda z: log_joint_unconstrained(model, params, x[None], z[None], site)[0]
 
 
-def _moments(f, points):
-    """`(f [S], gradients [S, d], symmetrized mean Hessian [d, d])` of f at `points` [S, d]."""
+def _moments(f, points, chunk=None):
+    """`(f [S], gradients [S, d], symmetrized mean Hessian [d, d])` of f at `points` [S, d];
+    the Hessians `chunk` draws at a time (None: all S at once)."""
     lp, grads = jax.vmap(jax.value_and_grad(f))(points)
-    hess = jax.vmap(jax.hessian(f))(points).mean(0)
+    if chunk is None:
+        hess = jax.vmap(jax.hessian(f))(points).mean(0)
+    else:
+        hess = jax.lax.map(jax.hessian(f), points, batch_size=chunk).mean(0)
     return lp, grads, 0.5 * (hess + hess.T)
 
 
@@ -714,7 +724,7 @@ def _newton_gap_one(model, family, site, num_samples, params, x, lam, key):
     eps = _antithetic(key, num_samples, loc.shape[-1], lam.dtype)
     frame = _scale_matrix(family, lam)
     log_p = _log_p(model, params, x, site)
-    _, grads, hess = _moments(lambda u: log_p(loc + frame @ u), eps)
+    _, grads, hess = _moments(lambda u: log_p(loc + frame @ u), eps, CERTIFY_CHUNK)
     w, v = jnp.linalg.eigh(-hess)
     # (No floor at _MIN_CURVATURE here: a q too narrow along the posterior's long axis has
     # eigenvalues far below it, and their -log w is the gap; only float32's resolution.)
