@@ -28,7 +28,11 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def machine_info() -> dict[str, Any]:
-    """Where the benchmark ran: processor, core count, Python and JAX versions, backend, date."""
+    """Where and on what code the benchmark ran: processor, core count, Python and JAX
+    versions, backend, date, and `code` (`experiments.runner.code_version`: the git commit,
+    whether the checkout differed from it, the package versions)."""
+    from experiments.runner import code_version
+
     devices = jax.devices()
     return {
         "processor": platform.processor() or platform.machine(),
@@ -40,6 +44,7 @@ def machine_info() -> dict[str, Any]:
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in devices],
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "code": code_version(),
     }
 
 

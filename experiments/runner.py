@@ -10,7 +10,8 @@ An experiment is a module `experiments/<name>.py` with
 
 `run_experiment` resolves the config (preset, then `key=value` overrides, checked against the
 dataclass's field types), makes a fresh results folder, saves the resolved config there before
-anything runs, and calls `run`. Resuming a folder reuses its saved config, and the experiment's
+anything runs (with the code that runs it: `code_version`, the git commit and the package
+versions), and calls `run`. Resuming a folder reuses its saved config, and the experiment's
 trainer picks up its last checkpoint.
 
 What a resume may change. A results folder's checkpoints hold models trained under its
@@ -40,6 +41,7 @@ import math
 import os
 import pkgutil
 import shutil
+import subprocess
 import sys
 import tempfile
 import types
@@ -423,6 +425,50 @@ def check_resumable(module: types.ModuleType, name: str, workdir: Path, saved: A
         )
 
 
+def code_version() -> dict[str, Any]:
+    """What code made a result, saved beside it (`config.json`, each bench result).
+
+    Returns:
+        `{"commit": the git commit of this checkout, or None outside a git checkout or
+        without git; "dirty": whether tracked files differed from that commit (None where the
+        commit is); "python": its version; "packages": the installed versions of jax, jaxlib,
+        numpyro, flax, optax and numpy; "backend": JAX's default backend; "devices": its
+        devices}`. A result whose commit is dirty was made by code that no commit holds.
+    """
+    import importlib.metadata
+    import platform
+
+    import jax
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    packages = {}
+    for package in ("jax", "jaxlib", "numpyro", "flax", "optax", "numpy"):
+        try:
+            packages[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            packages[package] = None
+    return {
+        "commit": commit,
+        "dirty": None if status is None else bool(status),
+        "python": platform.python_version(),
+        "packages": packages,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
 def new_workdir(root: str | Path, name: str, preset: str) -> Path:
     """A fresh folder `root/name/<UTC time>_<preset>` (suffixed if it exists)."""
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
@@ -455,8 +501,8 @@ def run_experiment(
         resume: an earlier results folder: its saved config is used (overrides of the
             experiment's `RESUMABLE_OPTIONS` still apply, e.g. more epochs or more IWAE
             samples) and training continues from its checkpoint. `config.json` keeps the
-            original preset and overrides, and lists each resume under "history"; a refused or
-            failed resume leaves it as it was.
+            original preset, overrides and code (`code_version`), and lists each resume, with
+            its own code, under "history"; a refused or failed resume leaves it as it was.
 
     Returns:
         `(workdir, metrics)`.
@@ -475,6 +521,7 @@ def run_experiment(
             "preset": preset,
             "overrides": list(overrides),
             "config": config_to_dict(config),
+            "code": code_version(),
             "history": [],
         }
         write_json(workdir / CONFIG_FILE, record)
@@ -513,6 +560,7 @@ def run_experiment(
     history = [*record.get("history", []), {
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "overrides": list(overrides),
+        "code": code_version(),
     }]  # fmt: skip
     write_json(saved, {**record, "config": config_to_dict(config), "history": history})
     try:

@@ -66,6 +66,11 @@ def test_result_fields(result):
     assert result["quick"] is True
     for key in ("processor", "cpu_count", "jax_version", "jax_backend", "date"):
         assert key in result["machine"]
+    # the code that ran: the commit (None outside git) and the package versions
+    code = result["machine"]["code"]
+    assert code["packages"]["jax"] == result["machine"]["jax_version"]
+    assert code["backend"] == result["machine"]["jax_backend"]
+    assert code["commit"] is None or len(code["commit"]) == 40
     assert result["sizes"]["n_data"] == 3 * 32
     assert result["flops_per_step"] == 6 * 32 * (784 * 64 + 64 * 8 + 4 * 64 + 64 * 784)
     assert "flops_formula" in result

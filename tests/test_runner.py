@@ -594,6 +594,33 @@ def fake_experiment(monkeypatch):
     return calls
 
 
+def test_config_json_records_the_code_that_ran_and_each_resumes(
+    tmp_path, fake_experiment, monkeypatch
+):
+    """config.json names the commit (and whether the checkout differed from it) and the
+    package versions of the run, and of each resume; outside git the commit is None, not a
+    guess."""
+    import importlib.metadata
+
+    from experiments.runner import code_version
+
+    root = Path(__file__).resolve().parent.parent
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
+    workdir, _ = run_experiment("fake", results_root=tmp_path)
+    run_experiment("fake", overrides=["epochs=5"], resume=workdir)
+    record = json.loads((workdir / "config.json").read_text())
+    for code in (record["code"], record["history"][0]["code"]):
+        assert code["commit"] == (head or None)
+        assert code["dirty"] in ((True, False) if head else (None,))
+        assert code["packages"]["jax"] == importlib.metadata.version("jax")
+        assert code["packages"]["numpyro"] == importlib.metadata.version("numpyro")
+        assert code["backend"] == jax.default_backend()
+    monkeypatch.setenv("PATH", str(tmp_path))  # no git on the path
+    assert code_version()["commit"] is None and code_version()["dirty"] is None
+
+
 def test_resume_keeps_the_original_options_and_a_history(tmp_path, fake_experiment):
     workdir, _ = run_experiment("fake", overrides=["lr=0.01"], results_root=tmp_path)
     saved = workdir / "config.json"
