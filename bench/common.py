@@ -44,7 +44,33 @@ def machine_info() -> dict[str, Any]:
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in devices],
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "code": code_version(),
+        "code": code_version(exclude=[str(RESULTS_DIR.relative_to(RESULTS_DIR.parents[1]))]),
+    }
+
+
+def process_info() -> dict[str, Any]:
+    """This process after a benchmark (Linux; None elsewhere): `peak_rss_mib`, its peak
+    resident memory (VmHWM), and `memory_maps`, the number of its memory mappings, which the
+    kernel caps (`vm.max_map_count`, `max_map_count` here): compiled code takes mappings, and
+    a process that runs out of them fails to compile with "Cannot allocate memory"."""
+
+    def read(path: str) -> str | None:
+        try:
+            return Path(path).read_text()
+        except OSError:
+            return None
+
+    status, maps, cap = (
+        read(f) for f in ("/proc/self/status", "/proc/self/maps", "/proc/sys/vm/max_map_count")
+    )
+    peak = None
+    for line in (status or "").splitlines():
+        if line.startswith("VmHWM:"):
+            peak = int(line.split()[1]) / 1024
+    return {
+        "peak_rss_mib": peak,
+        "memory_maps": None if maps is None else maps.count("\n"),
+        "max_map_count": None if cap is None else int(cap),
     }
 
 
@@ -155,6 +181,7 @@ def run_and_save(
         sizes = {**sizes, "out_dir": Path(out_dir)}  # a module that writes files (figures)
     result = {"name": name, "quick": quick, "machine": machine_info()}
     result.update(module.run(quick=quick, **sizes))
+    result["process"] = process_info()
     report = to_markdown(name, result)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -425,8 +425,12 @@ def check_resumable(module: types.ModuleType, name: str, workdir: Path, saved: A
         )
 
 
-def code_version() -> dict[str, Any]:
+def code_version(exclude: Sequence[str] = ()) -> dict[str, Any]:
     """What code made a result, saved beside it (`config.json`, each bench result).
+
+    Args:
+        exclude: paths (relative to the checkout) whose changes do not make it "dirty": where
+            tracked results are being written (`bench/results`).
 
     Returns:
         `{"commit": the git commit of this checkout, or None outside a git checkout or
@@ -452,7 +456,9 @@ def code_version() -> dict[str, Any]:
         return proc.stdout.strip() if proc.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    excluded = [f":(exclude){path}" for path in exclude]
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
+    status = status if commit else None
     packages = {}
     for package in ("jax", "jaxlib", "numpyro", "flax", "optax", "numpy"):
         try:

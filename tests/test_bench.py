@@ -641,3 +641,38 @@ def test_newton_step_runs_and_both_fits_agree(tmp_path):
     agreement = result["agreement"]
     assert abs(agreement["mean_difference"]) < 4 * agreement["difference_se"] + 0.02
     assert "library / floor" in report
+
+
+def test_several_benchmarks_run_each_in_its_own_process_and_a_failure_costs_only_its_own(
+    tmp_path, monkeypatch, capsys
+):
+    """`python -m bench A B` runs each in a fresh `python -m bench NAME` (one process ran out of
+    memory mappings for compiled code after nine modules); a failed one does not stop the
+    others, and the command fails at the end naming it."""
+    import subprocess
+    import sys
+
+    import bench.__main__ as cli
+
+    commands = []
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 1 if "sa_step" in command else 0)
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    with pytest.raises(SystemExit, match=r"1 of 3 benchmarks failed: \['sa_step'\]"):
+        cli.main(["train_step", "sa_step", "evaluators", "--quick", "--out-dir", str(tmp_path)])
+    assert [c[3] for c in commands] == ["train_step", "sa_step", "evaluators"]
+    for c in commands:
+        assert c[:3] == [sys.executable, "-m", "bench"] and "--quick" in c and str(tmp_path) in c
+    assert "sa_step FAILED" in capsys.readouterr().err
+    commands.clear()
+    cli.main(["train_step", "evaluators"])  # all pass: no exit
+    assert len(commands) == 2 and all("--quick" not in c for c in commands)
+
+
+def test_a_result_records_its_process_memory_and_mappings(result):
+    process = result["process"]
+    assert process["peak_rss_mib"] > 100  # jax alone takes more
+    assert 0 < process["memory_maps"] < process["max_map_count"]
