@@ -20,6 +20,7 @@ small draws cheap.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +31,61 @@ from tqdm.auto import tqdm
 
 from amortjax.checks import check_indices, check_key
 from amortjax.sharding import DATA_AXIS, active_mesh, check_divisible, replicate, shard_rows
+
+MAP_COUNT_SHARE = 0.75
+"""Share of the kernel's cap on a process's memory mappings at which `release_compiled_programs`
+drops JAX's compiled programs."""
+
+
+def memory_maps() -> tuple[int, int] | None:
+    """`(mappings of this process, the kernel's cap on them: vm.max_map_count)`; None where
+    /proc does not tell (not Linux)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            count = f.read().count(b"\n")
+        with open("/proc/sys/vm/max_map_count") as f:
+            cap = int(f.read())
+    except (OSError, ValueError):
+        return None
+    return count, cap
+
+
+def release_compiled_programs() -> bool:
+    """Drops JAX's compiled programs when this process nears the kernel's cap on its memory
+    mappings; returns whether it did.
+
+    XLA keeps each program it compiles for the CPU in memory mappings of its own for as long as
+    JAX caches the program, and the library's compiled functions take the model and the
+    settings as static arguments, which JAX's cache keeps: so every model a process has fitted
+    keeps its programs, and their mappings, until the cache is cleared. Measured (2-core CPU,
+    jax 0.10.2): each `fit_local` on a new model (a new decoder size) left about 900 more
+    mappings (763 -> 4,774 after four), given back by `jax.clear_caches()` (869). Linux caps
+    a process's mappings (`vm.max_map_count`, 65,530 by default); at the cap LLVM cannot place
+    the next program's code and the process aborts ("LLVM ERROR: Unable to allocate section
+    memory"), losing everything it held. This ended `make bench`'s ten modules in one process
+    after 49 minutes (docs/BENCHMARKS.md), and would end a notebook after some 70 such fits.
+    Called where computations start (`map_datapoints`, `fit_local`, `training.fit`): past
+    `MAP_COUNT_SHARE` of the cap, `jax.clear_caches()` drops every cached program (each
+    compiles again when next used: seconds, not results) and a warning says so. Nothing
+    happens where /proc does not tell (not Linux).
+    """
+    maps = memory_maps()
+    if maps is None or maps[0] < MAP_COUNT_SHARE * maps[1]:
+        return False
+    jax.clear_caches()
+    after = memory_maps()
+    now = f"{after[0]:,}" if after else "?"
+    warnings.warn(
+        f"amortjax: this process held {maps[0]:,} memory mappings, near the kernel's cap of "
+        f"{maps[1]:,} (vm.max_map_count), most of them JAX's cached compiled programs; at the "
+        f"cap the next compilation aborts the process. They were dropped (jax.clear_caches(): "
+        f"{now} mappings now) and compile again when next used. "
+        f"To keep them, raise the cap (sudo sysctl -w vm.max_map_count=262144) or run "
+        f"independent jobs in separate processes.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return True
 
 
 def typed_key(key: jax.Array) -> jax.Array:
@@ -130,6 +186,7 @@ def map_datapoints(
     Returns:
         The outputs of `batch_fn` for all N datapoints, as numpy arrays `[N, ...]`.
     """
+    release_compiled_programs()
     rows = [jnp.asarray(r) for r in rows]
     n = rows[0].shape[0]
     if n == 0:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from amortjax.engine import even_chunk, map_datapoints
+from amortjax.engine import even_chunk, map_datapoints, memory_maps
 
 
 @pytest.mark.parametrize(
@@ -89,3 +89,32 @@ def test_every_entry_point_refuses_a_key_that_is_not_one_prng_key():
     np.testing.assert_array_equal(
         aj.dynamic_binarize(legacy, x + 0.5), aj.dynamic_binarize(jax.random.key(3), x + 0.5)
     )
+
+
+@pytest.mark.skipif(memory_maps() is None, reason="needs Linux's /proc")
+def test_compiled_programs_are_dropped_near_the_kernels_cap_on_memory_mappings(monkeypatch):
+    """Each compiled program holds memory mappings while JAX caches it; at the kernel's cap
+    (vm.max_map_count) the next compilation aborts the process (the fate of `make bench` in one
+    process). Past MAP_COUNT_SHARE of the cap every entry point drops them, with a warning, and
+    the numbers do not change; below it nothing is dropped."""
+    import amortjax.engine as engine
+
+    batch_fn = jax.jit(lambda p, keys, x: x * p)
+    x = jnp.arange(6.0)[:, None]
+    expected = map_datapoints(batch_fn, 2.0, jax.random.key(0), [x], batch_size=4)
+    # below the share: nothing dropped (clear_caches would fail the test)
+    monkeypatch.setattr(jax, "clear_caches", lambda: pytest.fail("dropped below the share"))
+    assert not engine.release_compiled_programs()
+    monkeypatch.undo()
+    # programs that hold mappings, kept alive as a notebook keeps its models
+    kept = [jax.jit(lambda v, i=i: jnp.sin(v) * i + v**i) for i in range(2, 30)]
+    for f in kept:
+        f(jnp.ones(3)).block_until_ready()
+    held = memory_maps()[0]
+    # a cap just above what the process holds now: past the share
+    monkeypatch.setattr(engine, "memory_maps", lambda: (held, held + 1))
+    with pytest.warns(RuntimeWarning, match=r"vm\.max_map_count.*jax\.clear_caches"):
+        again = map_datapoints(batch_fn, 2.0, jax.random.key(0), [x], batch_size=4)
+    np.testing.assert_array_equal(again, expected)
+    monkeypatch.undo()
+    assert memory_maps()[0] < held - 28  # the compiled programs' mappings were given back

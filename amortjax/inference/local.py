@@ -132,7 +132,7 @@ from amortjax.checks import (
     check_key,
     resolve_settings,
 )
-from amortjax.engine import datapoint_keys, map_datapoints
+from amortjax.engine import datapoint_keys, map_datapoints, release_compiled_programs
 from amortjax.estimators import SAMPLE_CHUNK, bounds_batch
 from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
 from amortjax.flows import AffineCouplingFlow
@@ -1542,6 +1542,7 @@ def fit_local(
         )
     x = check_data(model, params, x)
     size = check_site(model, params, x, site, "fit_local", z_dim)
+    release_compiled_programs()
     n = x.shape[0]
     indices = check_indices("fit_local", indices, n)
     indices = jnp.asarray(np.arange(n) if indices is None else indices, jnp.uint32)

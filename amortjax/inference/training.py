@@ -39,6 +39,7 @@ from numpyro.optim import optax_to_numpyro
 from tqdm.auto import tqdm
 
 from amortjax.checks import check_float, check_int, check_key
+from amortjax.engine import release_compiled_programs
 from amortjax.inference.checkpoint import (
     check_settings,
     has_checkpoint,
@@ -402,6 +403,7 @@ def fit(
             checkpoint (from before that epoch) is kept.
     """
     key = check_key("fit", key)
+    release_compiled_programs()
     check_int("fit", 1, epochs=epochs, checkpoint_every=checkpoint_every, eval_every=eval_every)
     x_host = check_array(x_train)
     x_train = trainer.place(jnp.asarray(x_host))
