@@ -58,16 +58,16 @@ def release_compiled_programs() -> bool:
     JAX caches the program, and the library's compiled functions take the model and the
     settings as static arguments, which JAX's cache keeps: so every model a process has fitted
     keeps its programs, and their mappings, until the cache is cleared. Measured (2-core CPU,
-    jax 0.10.2): each `fit_local` on a new model (a new decoder size) left about 900 more
-    mappings (763 -> 4,774 after four), given back by `jax.clear_caches()` (869). Linux caps
-    a process's mappings (`vm.max_map_count`, 65,530 by default); at the cap LLVM cannot place
-    the next program's code and the process aborts ("LLVM ERROR: Unable to allocate section
-    memory"), losing everything it held. This ended `make bench`'s ten modules in one process
-    after 49 minutes (docs/BENCHMARKS.md), and would end a notebook after some 70 such fits.
-    Called where computations start (`map_datapoints`, `fit_local`, `training.fit`): past
-    `MAP_COUNT_SHARE` of the cap, `jax.clear_caches()` drops every cached program (each
-    compiles again when next used: seconds, not results) and a warning says so. Nothing
-    happens where /proc does not tell (not Linux).
+    jax 0.10.2, `tools/memory_maps.py`): each `fit_local` on a new model (a new decoder size)
+    left about 920 more mappings (765 -> 4,779 after four), given back by `jax.clear_caches()`
+    (873). Linux caps a process's mappings (`vm.max_map_count`, 65,530 by default); at the cap
+    LLVM cannot place the next program's code and the process aborts ("LLVM ERROR: Unable to
+    allocate section memory"), losing everything it held. This ended `make bench`'s ten
+    modules in one process after 49 minutes (docs/BENCHMARKS.md), and would end a notebook
+    after some 70 such fits. Called where computations start (`map_datapoints`, `fit_local`,
+    `training.fit`): past `MAP_COUNT_SHARE` of the cap, `jax.clear_caches()` drops every
+    cached program (each compiles again when next used: seconds, not results) and a warning
+    says so. Nothing happens where /proc does not tell (not Linux).
     """
     maps = memory_maps()
     if maps is None or maps[0] < MAP_COUNT_SHARE * maps[1]:
