@@ -1,0 +1,113 @@
+"""The committed benchmark results are one whole `make bench`, and the README quotes them.
+
+`bench/results/<name>.json` holds every module's result of the last whole run that was
+committed. The README's benchmark table states each target's latest value; these tests read the
+values from the JSON files and check that the README's row of each benchmark states them as
+they are, so that a rerun that changes a number and leaves the README alone fails here, and so
+does a result left over from another run (another commit, a checkout that differed from it, a
+quick run, or a date hours away from the others).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import BENCHMARKS
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def _readme_row(name: str) -> str:
+    rows = [
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith(f"| `{name}` |")
+    ]
+    assert len(rows) == 1, f"the README's benchmark table needs one row for `{name}`"
+    return rows[0]
+
+
+def _local(result: dict, variant: str, datapoints: int, samples: int) -> dict:
+    (row,) = [
+        r
+        for r in result["results"]
+        if (r["variant"], r["datapoints"], r["num_samples"]) == (variant, datapoints, samples)
+    ]
+    return row
+
+
+def _table_row(result: dict, column: str, value: str) -> dict:
+    (row,) = [r for r in result["table"]["rows"] if r[column] == value]
+    return row
+
+
+def _quoted(name: str) -> list[str]:
+    """The numbers of benchmark `name`'s result that its README row states, as it writes them."""
+    r = _load(name)
+    if name == "train_step":
+        return [f"{r['ratios']['library_over_hand_scan']:.3f}"]
+    if name == "local_optimizer":
+        return [
+            f"{_local(r, 'library', 100, 1)['over_floor']:.3f}",
+            f"{_local(r, 'library', 100, 10)['over_floor']:.3f}",
+            f"{_local(r, 'library', 100, 1)['over_floor_signal']:.3f}",
+            f"{_local(r, 'library', 100, 10)['over_floor_signal']:.3f}",
+            f"{_local(r, 'floor_monitor', 100, 1)['over_floor']:.3f}",
+        ]
+    if name == "newton_step":
+        return [f"{r['library_over_floor']:.3f}"]
+    if name == "sa_step":
+        return [f"{max(m['time_over_xla_flop_ratio'] for m in r['results']):.2f}"]
+    if name == "evaluators":
+        return [f"{_table_row(r, 'estimator', e)['library / floor']:.3f}" for e in ("IWAE", "AIS")]
+    if name == "memory":
+        s = r["summary"]
+        return [
+            f"{s['iwae']['peak_mib_large_n']:,.0f}",
+            f"{s['local']['peak_mib_small_n']:,.0f}",
+            f"{s['local']['peak_mib_large_n']:,.0f}",
+            f"{s['local']['peak_mib_large_chunk']:,.0f}",
+        ]
+    if name == "scaling":
+        return [f"{r['slopes'][k]:.2f}" for k in ("iwae/N", "local/N", "iwae/S", "local/S")]
+    if name == "gap_fullset":
+        return [
+            f"{r['wall_seconds'] / 60:.1f} min",
+            *(f"{r['stages'][s]:.0f} s" for s in ("qstar", "bounds", "ais")),
+            f"{100 * r['qstar_stopped_fraction']:.1f}%",
+            f"+{r['doubling']['diagonal']['change']:.3f}",
+            f"+{r['doubling']['flow']['change']:.3f}",
+        ]
+    if name == "gap_preset":
+        return [f"{r['wall_seconds'] / 60:.1f} min"]
+    if name == "paper_presets":
+        return [f"{r['experiments'][e]['projected_hours']:.1f} h" for e in r["experiments"]]
+    raise AssertionError(f"no README check for benchmark {name!r}: add one above")
+
+
+def test_the_committed_results_are_one_whole_run_on_one_commit():
+    results = {name: _load(name) for name in BENCHMARKS}
+    dates = [datetime.datetime.fromisoformat(r["machine"]["date"]) for r in results.values()]
+    assert max(dates) - min(dates) < datetime.timedelta(hours=3), "results of several runs"
+    commits = {r["machine"]["code"]["commit"] for r in results.values()}
+    assert len(commits) == 1 and None not in commits, commits
+    for name, r in results.items():
+        assert r["quick"] is False, f"{name}.json is a --quick run"
+        assert r["machine"]["code"]["dirty"] is False, f"{name}.json: uncommitted code ran"
+        assert (RESULTS / f"{name}.md").exists()
+
+
+@pytest.mark.parametrize("name", list(BENCHMARKS))
+def test_the_readme_states_each_benchmarks_committed_values(name):
+    row = _readme_row(name)
+    missing = [value for value in _quoted(name) if value not in row]
+    assert not missing, f"README's `{name}` row lacks {missing} (bench/results/{name}.json)"
