@@ -433,10 +433,11 @@ def code_version(exclude: Sequence[str] = ()) -> dict[str, Any]:
             tracked results are being written (`bench/results`).
 
     Returns:
-        `{"commit": the git commit of this checkout, or None outside a git checkout or
-        without git; "dirty": whether tracked files differed from that commit (None where the
-        commit is); "python": its version; "packages": the installed versions of jax, jaxlib,
-        numpyro, flax, optax and numpy; "backend": JAX's default backend; "devices": its
+        `{"commit": the git commit of this checkout, or None where this code is not the top
+        of a git checkout (an installed copy) or git is missing; "dirty": whether tracked
+        files differed from that commit (None where the commit is); "python": its version;
+        "packages": the installed versions of jax, jaxlib, numpyro, flax, optax and numpy;
+        "backend": JAX's default backend; "devices": its
         devices}`. A result whose commit is dirty was made by code that no commit holds.
     """
     import importlib.metadata
@@ -455,7 +456,10 @@ def code_version(exclude: Sequence[str] = ()) -> dict[str, Any]:
             return None
         return proc.stdout.strip() if proc.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
+    # only this checkout's own repository: an installed copy inside another repository (a
+    # virtual environment in a user's project) must not report that project's commit
+    top = git("rev-parse", "--show-toplevel")
+    commit = git("rev-parse", "HEAD") if top and Path(top).resolve() == root else None
     excluded = [f":(exclude){path}" for path in exclude]
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded)
     status = status if commit else None

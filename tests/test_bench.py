@@ -674,5 +674,7 @@ def test_several_benchmarks_run_each_in_its_own_process_and_a_failure_costs_only
 
 def test_a_result_records_its_process_memory_and_mappings(result):
     process = result["process"]
+    if process["memory_maps"] is None:
+        pytest.skip("needs Linux's /proc")
     assert process["peak_rss_mib"] > 100  # jax alone takes more
     assert 0 < process["memory_maps"] < process["max_map_count"]
