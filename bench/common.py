@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amortjax.engine import memory_maps
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -53,24 +55,19 @@ def process_info() -> dict[str, Any]:
     resident memory (VmHWM), and `memory_maps`, the number of its memory mappings, which the
     kernel caps (`vm.max_map_count`, `max_map_count` here): compiled code takes mappings, and
     a process that runs out of them fails to compile with "Cannot allocate memory"."""
-
-    def read(path: str) -> str | None:
-        try:
-            return Path(path).read_text()
-        except OSError:
-            return None
-
-    status, maps, cap = (
-        read(f) for f in ("/proc/self/status", "/proc/self/maps", "/proc/sys/vm/max_map_count")
-    )
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        status = ""
     peak = None
-    for line in (status or "").splitlines():
+    for line in status.splitlines():
         if line.startswith("VmHWM:"):
             peak = int(line.split()[1]) / 1024
+    maps = memory_maps()
     return {
         "peak_rss_mib": peak,
-        "memory_maps": None if maps is None else maps.count("\n"),
-        "max_map_count": None if cap is None else int(cap),
+        "memory_maps": None if maps is None else maps[0],
+        "max_map_count": None if maps is None else maps[1],
     }
 
 
