@@ -96,7 +96,8 @@ def test_compiled_programs_are_dropped_near_the_kernels_cap_on_memory_mappings(m
     """Each compiled program holds memory mappings while JAX caches it; at the kernel's cap
     (vm.max_map_count) the next compilation aborts the process (the fate of `make bench` in one
     process). Past MAP_COUNT_SHARE of the cap every entry point drops them, with a warning, and
-    the numbers do not change; below it nothing is dropped."""
+    the numbers do not change; below it nothing is dropped. Here amortjax's own programs are
+    not enough to get below KEEP_SHARE, so every program goes, the caller's too."""
     import amortjax.engine as engine
 
     batch_fn = jax.jit(lambda p, keys, x: x * p)
@@ -111,10 +112,41 @@ def test_compiled_programs_are_dropped_near_the_kernels_cap_on_memory_mappings(m
     for f in kept:
         f(jnp.ones(3)).block_until_ready()
     held = memory_maps()[0]
-    # a cap just above what the process holds now: past the share
+    # a cap just above what the process holds now: past the share, and still past half the cap
+    # once amortjax's programs are gone
     monkeypatch.setattr(engine, "memory_maps", lambda: (held, held + 1))
-    with pytest.warns(RuntimeWarning, match=r"vm\.max_map_count.*jax\.clear_caches"):
+    with pytest.warns(RuntimeWarning, match=r"vm\.max_map_count.*not enough.*jax\.clear_caches"):
         again = map_datapoints(batch_fn, 2.0, jax.random.key(0), [x], batch_size=4)
     np.testing.assert_array_equal(again, expected)
     monkeypatch.undo()
     assert memory_maps()[0] < held - 28  # the compiled programs' mappings were given back
+    assert all(f._cache_size() == 0 for f in kept)
+
+
+@pytest.mark.skipif(memory_maps() is None, reason="needs Linux's /proc")
+def test_a_release_drops_amortjaxs_own_programs_first_and_keeps_the_callers(
+    monkeypatch, lg_diagonal
+):
+    """Where dropping amortjax's compiled programs gets the process below KEEP_SHARE of the cap,
+    the caller's own jitted functions keep theirs (a notebook's work is not recompiled)."""
+    import amortjax.engine as engine
+    import amortjax.inference.local  # noqa: F401  (the walk below meets the optimizer's too)
+    from amortjax.guides.linear_gaussian import linear_gaussian_vae
+    from amortjax.traces import _support_rows, check_data
+
+    model, _, params = linear_gaussian_vae(lg_diagonal)
+    check_data(model, params, jnp.ones((5, 8)))  # compiles one of amortjax's programs
+    assert _support_rows._cache_size() >= 1
+    ours = engine.library_programs()
+    names = {f.__name__ for f in ours}
+    assert {"_support_rows", "_optimize", "bounds_batch", "_anneal_batch"} <= names
+    mine = jax.jit(lambda v: jnp.cos(v) * 3.0)
+    mine(jnp.ones(2)).block_until_ready()
+    counts = iter([(900, 1000), (400, 1000)])  # past the share; then below half the cap
+    monkeypatch.setattr(engine, "memory_maps", lambda: next(counts))
+    monkeypatch.setattr(jax, "clear_caches", lambda: pytest.fail("the caller's programs dropped"))
+    kept = r"Dropped amortjax.s own compiled programs \(yours are kept\)"
+    with pytest.warns(RuntimeWarning, match=kept):
+        assert engine.release_compiled_programs()
+    assert mine._cache_size() == 1
+    assert all(f._cache_size() == 0 for f in ours)

@@ -2,7 +2,9 @@
 (`amortjax.engine.release_compiled_programs`): `fit_local` on a new model each round (a VAE
 decoder with one more hidden unit each time, 20 random binary rows of 30 pixels, 200 steps), the
 process's mappings counted after each fit (with the fitted model deleted and garbage collected),
-then after `jax.clear_caches()`. Linux caps a process's mappings (`vm.max_map_count`); at the
+then after amortjax's own compiled programs are dropped (`engine.library_programs`, what a
+release tries first, with a jitted function of the caller's kept alive beside them), then after
+`jax.clear_caches()`. Linux caps a process's mappings (`vm.max_map_count`); at the
 cap the next compilation aborts the process. Writes `bench/results/memory_maps.json` and prints
 one line per round.
 
@@ -19,7 +21,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from amortjax.engine import memory_maps
+import jax.numpy as jnp
+
+from amortjax.engine import library_programs, memory_maps
 from amortjax.inference.local import fit_local
 from amortjax.models import vae_model
 from amortjax.nets import MLP
@@ -34,6 +38,8 @@ def main(rounds: int = 4) -> dict:
     start, cap = memory_maps()
     out = {"machine": machine_info(), "max_map_count": cap, "start": start, "after_fit": []}
     print(f"start: {start} mappings (cap {cap})", flush=True)
+    mine = jax.jit(lambda v: jnp.cos(v) * 3.0)  # the caller's own program
+    mine(jnp.ones(2)).block_until_ready()
     for i in range(rounds):
         hidden = 8 + i  # a new model, new shapes: new programs
         model = vae_model(MLP((hidden,), 30, "elu"), z_dim=4)
@@ -43,9 +49,18 @@ def main(rounds: int = 4) -> dict:
         gc.collect()
         out["after_fit"].append(memory_maps()[0])
         print(f"after fit {i + 1} (hidden {hidden}): {out['after_fit'][-1]} mappings", flush=True)
+    for f in library_programs():
+        f.clear_cache()
+    gc.collect()
+    out["after_library_programs"] = memory_maps()[0]
+    out["callers_program_kept"] = mine._cache_size() == 1
+    print(f"after dropping amortjax's programs: {out['after_library_programs']} "
+          f"(the caller's kept: {out['callers_program_kept']})", flush=True)  # fmt: skip
     jax.clear_caches()
     gc.collect()
     out["after_clear_caches"] = memory_maps()[0]
+    grown = out["after_fit"][-1] - start
+    out["library_share"] = (out["after_fit"][-1] - out["after_library_programs"]) / grown
     steps = np.diff([start, *out["after_fit"]])
     out["per_fit_mean"] = float(np.mean(steps))
     print(f"after jax.clear_caches(): {out['after_clear_caches']}; {steps.mean():.0f} per fit")
