@@ -157,14 +157,24 @@ def test_full_rank_samples_have_the_covariance_l_lt():
 
 
 def test_reparameterized_gradient_flows_through_every_entry():
+    """The reparameterized gradient of E_q[mean_j z_j^2] through every packed entry (the mean,
+    the Cholesky factor's off-diagonal and its diagonal's transform) against the exact one of
+    (|loc|^2 + ||L||_F^2) / 3 (a dropped factor of the diagonal's transform or a permuted
+    entry would be off by tenths; measured with 200,000 draws: at most 0.0054)."""
     family = FullRankGaussian()
     lam = jax.random.normal(jax.random.key(0), (family.num_params(3),))
 
     def mean_square(lam):
-        return jnp.mean(family.distribution(lam).rsample(jax.random.key(1), (64,)) ** 2)
+        return jnp.mean(family.distribution(lam).rsample(jax.random.key(1), (200_000,)) ** 2)
+
+    def exact(lam):
+        q = family.distribution(lam)
+        return (jnp.sum(q.loc**2) + jnp.sum(q.scale_tril**2)) / 3
 
     grad = jax.grad(mean_square)(lam)
-    assert np.all(np.isfinite(grad)) and np.all(grad != 0)
+    assert np.all(np.abs(jax.grad(exact)(lam)) > 0.05)  # every entry matters here
+    np.testing.assert_allclose(grad, jax.grad(exact)(lam), atol=0.02)
+    assert float(mean_square(lam)) == pytest.approx(float(exact(lam)), rel=0.01)
 
 
 def test_full_rank_family_expresses_the_correlated_posterior(lg_correlated):

@@ -77,21 +77,29 @@ def test_each_term_matches_its_closed_form(exact, imperfect_encoder_gaps):
     _, _, log_px, best, _, encoder_elbo = exact
     g = imperfect_encoder_gaps
     np.testing.assert_allclose(g.elbo_q, encoder_elbo, atol=0.12)  # 4 standard errors
-    np.testing.assert_allclose(g.elbo_qstar, best, atol=0.06)
-    # log p̂ is a per-datapoint lower bound (mixture IS or AIS from q*), close on every point.
-    np.testing.assert_allclose(g.log_px, log_px, atol=0.05)
-    assert abs(g.log_px.mean() - log_px.mean()) < 0.05
+    # q*'s log-weights spread by about 0.4 nats: 20,000 draws leave an SE of 0.003 (measured:
+    # within 0.008 of the best diagonal Gaussian on every point)
+    np.testing.assert_allclose(g.elbo_qstar, best, atol=0.02)
+    # log p̂ is a per-datapoint lower bound (mixture IS or AIS from q*), close on every point
+    # (measured: within 0.01).
+    np.testing.assert_allclose(g.log_px, log_px, atol=0.03)
+    assert abs(g.log_px.mean() - log_px.mean()) < 0.02
     assert (best - encoder_elbo).mean() > 1.0  # the encoder's fault is clear ...
     np.testing.assert_allclose(g.amortization, best - encoder_elbo, atol=0.12)  # ... and measured
-    np.testing.assert_allclose(g.approximation, log_px - best, atol=0.12)
-    # The posterior is correlated: the diagonal family misses it (by 0.093 nats on average).
+    # The posterior is correlated: the diagonal family misses it (by 0.093 nats on average), and
+    # the decomposition measures by how much on each point (measured: within 0.008).
     assert (log_px - best).mean() > 0.05
-    assert g.approximation.mean() == pytest.approx((log_px - best).mean(), abs=0.04)
+    np.testing.assert_allclose(g.approximation, log_px - best, atol=0.03)
+    assert g.approximation.mean() == pytest.approx((log_px - best).mean(), abs=0.01)
 
 
-def test_gaps_add_up_and_the_summary_reports_them(imperfect_encoder_gaps):
+def test_the_inference_gap_and_the_summary(exact, imperfect_encoder_gaps):
+    _, _, log_px, _, _, encoder_elbo = exact
     g = imperfect_encoder_gaps
-    np.testing.assert_allclose(g.inference, g.approximation + g.amortization, atol=1e-5)
+    # the inference gap against its closed form, log p(x) - L[q]: L[q]'s 20,000 draws leave
+    # 0.03 nats of error per point (measured: at most 0.07 off; 0.004 on the mean)
+    np.testing.assert_allclose(g.inference, log_px - encoder_elbo, atol=0.15)
+    assert g.inference.mean() == pytest.approx((log_px - encoder_elbo).mean(), abs=0.04)
     s = g.summary()
     assert s["num_datapoints"] == 12
     assert s["log_px_estimator"] in ("mixture", "ais")
@@ -235,4 +243,7 @@ def test_common_random_numbers_make_the_amortization_gap_exact_where_q_star_is_q
     params, lam = _encoder_params(lg, "best_diagonal", x)
     g = gap_decomposition(model, params, x, lam, jax.random.key(1), iwae_samples=50)
     kept = ~g.qstar.moved
+    assert kept.sum() >= 3  # (measured: 5 of the 6 points keep their start)
     np.testing.assert_array_equal(g.elbo_qstar[kept], g.elbo_q[kept])
+    # where q* moved, it moved along a flat optimum: no gap either
+    assert np.abs(g.amortization).max() < 1e-3
