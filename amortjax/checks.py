@@ -32,9 +32,10 @@ def check_float(
     high_open: bool = False,
     fix: str = "",
 ) -> None:
-    """A finite number in [low, high] (an end excluded when `low_open`/`high_open`)."""
+    """A finite number in [low, high] (an end excluded when `low_open`/`high_open`); not a
+    string or a bool (which `float` would take: "1e-3" fails later, inside optax or XLA)."""
     try:
-        number = float(value)
+        number = math.nan if isinstance(value, str | bool) else float(value)
     except (TypeError, ValueError):
         number = math.nan
     ok = math.isfinite(number)

@@ -246,6 +246,35 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+FAMILY_METHODS = ("num_params", "z_dim", "distribution", "standard_params", "mean")
+
+
+def resolve_family(where: str, family: Family | None) -> Family:
+    """An entry point's family: None gives the diagonal Gaussian; anything that is not a
+    family instance (a name, a class, another object) is refused, naming the fix."""
+    if family is None:
+        return DiagonalGaussian()
+    if isinstance(family, str):
+        raise ValueError(
+            f"{where}: family must be a family instance, e.g. FullRankGaussian(); got the name "
+            f"{family!r} (get_family({family!r}) gives the instance; names: {sorted(FAMILIES)})"
+        )
+    if isinstance(family, type):
+        raise ValueError(
+            f"{where}: family must be a family instance; got the class {family.__name__}: "
+            f"call it, {family.__name__}()"
+        )
+    missing = [m for m in FAMILY_METHODS if not callable(getattr(family, m, None))]
+    if missing or not isinstance(getattr(family, "name", None), str):
+        raise ValueError(
+            f"{where}: family must be a variational family (DiagonalGaussian(), "
+            f"FullRankGaussian(), AffineCouplingFlow(...), or an object with a name and "
+            f"{', '.join(FAMILY_METHODS)}); got {type(family).__name__}"
+            + (f", which lacks {missing}" if missing else "")
+        )
+    return family
+
+
 def get_family(name: str) -> Family:
     """Looks up a family by name, with an error listing the known ones."""
     try:

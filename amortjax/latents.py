@@ -233,7 +233,9 @@ def find_local_latents(model: Callable, x: jax.Array, params: dict | None = None
     if not local:
         raise ValueError(
             f"the model has no latent sample site inside the plate {DATA_PLATE!r} "
-            f"(its latent sites: {[n for n, *_ in found['meta']]})"
+            f"(its latent sites: {[n for n, *_ in found['meta']]}): put each datapoint's "
+            "latents and observations inside `with amortjax.models.data_plate(x, n_data):` "
+            "(the plate amortjax batches over)"
         )
     return LocalLatents(tuple(local), tuple(global_))
 

@@ -109,6 +109,21 @@ class MLP(nn.Module):
     input_transform: InputTransform = "identity"
     output_bias: tuple[float, ...] | None = None
 
+    def __post_init__(self) -> None:
+        sizes = self.hidden_sizes
+        ok = isinstance(sizes, tuple | list) and all(
+            isinstance(w, int | np.integer) and not isinstance(w, bool) and w >= 1 for w in sizes
+        )
+        if not ok:
+            raise ValueError(
+                f"MLP: hidden_sizes must be a tuple of positive widths, e.g. (400,) or () for a "
+                f"linear map; got {sizes!r}"
+            )
+        out = self.out_size
+        if isinstance(out, bool) or not isinstance(out, int | np.integer) or out < 1:
+            raise ValueError(f"MLP: out_size must be a positive integer; got {out!r}")
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         act = activation_fn(self.activation)

@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from amortjax.checks import check_has_params
-from amortjax.families import DiagonalGaussian, Family, check_num_params
+from amortjax.checks import check_has_params, check_key
+from amortjax.families import DiagonalGaussian, Family, check_num_params, resolve_family
 from amortjax.guides.amortized import amortized_guide, encode
 from amortjax.guides.local import LOCAL_PARAMS, local_guide
 from amortjax.guides.semi_amortized import MODES, check_refine_settings, semi_amortized_guide
@@ -100,6 +100,9 @@ class Amortized:
     family: Family = dataclasses.field(default_factory=DiagonalGaussian)
     site: Site | None = None
     name: str = "amortized"
+
+    def __post_init__(self) -> None:
+        resolve_family("Amortized", self.family)
 
     def guide(self, model: Callable, x, global_guide: Callable | None = None) -> Callable:
         """`amortized_guide` for model, sized by the training data x `[N, x_dim]`."""
@@ -166,6 +169,9 @@ class PerExample:
     z_dim: int | None = None
     init_scale: float = 0.0
     name: str = "per_example"
+
+    def __post_init__(self) -> None:
+        resolve_family("PerExample", self.family)
 
     def guide(self, model: Callable, x, global_guide: Callable | None = None) -> Callable:
         """`local_guide` with one row per training datapoint of x `[N, ...]`."""
@@ -255,6 +261,7 @@ class SemiAmortized:
     name: str = "semi_amortized"
 
     def __post_init__(self) -> None:
+        resolve_family("SemiAmortized", self.family)
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose one of {list(MODES)}")
         if not isinstance(self.settings, RefineSettings):
@@ -288,6 +295,7 @@ class SemiAmortized:
     def infer(self, model: Callable, params: dict, x, key: jax.Array) -> Inferred:
         """The start (encoder or N(0, I)) refined by K steps, for x `[N, ...]`; the refinement
         draws from `fold_in(key, i)` for datapoint i."""
+        key = check_key("SemiAmortized.infer", key)  # (before jit, which would trace it)
         x = check_data(model, params, x)
         if self.encoder is not None:
             check_has_params("SemiAmortized.infer", params, "encoder$params")

@@ -22,7 +22,7 @@ import numpy as np
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
-from amortjax.checks import concrete, refuse_missing_params
+from amortjax.checks import check_key, concrete, refuse_missing_params
 from amortjax.models import DATA_PLATE
 
 NESTED_PLATE_FIX = (
@@ -171,12 +171,20 @@ def log_weights(
         `[batch]`.
 
     Raises:
-        ValueError: outside jit (called directly, or with x closed over by a vmap), data the
-            model cannot score (`check_data`: its shape, NaNs, values outside a likelihood's
-            support), naming the rows and the fix; under jit, where the check's own results
-            are traced, nothing is checked.
+        ValueError: a key that is not one PRNG key; outside jit (called directly, or with x
+            closed over by a vmap), data the model cannot score (`check_data`: its shape,
+            NaNs, values outside a likelihood's support), naming the rows and the fix, and a
+            guide whose parameters are missing from `params` (it would run a freshly
+            initialized encoder and return finite numbers) or that draws other latents than
+            the model's (`check_guide_draws`); under jit, where the checks' own results are
+            traced, only the key is checked.
     """
+    key = check_key("log_weights", key)
     x = check_data(model, params, x)
+    if all(concrete(a) is not None for a in (x, *guide_args)) and not any(
+        isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(params)
+    ):
+        check_guide_draws(model, guide, params, x, "log_weights", *guide_args)
     latents, log_q = sample_guide(guide, params, x, key, *guide_args)
     return log_joint(model, params, x, latents) - log_q
 
@@ -202,10 +210,12 @@ def _fits(site: dict) -> tuple[bool, tuple[int, ...]]:
 
 
 def _shape_mismatch(name: str, value_shape, expected, x_shape) -> ValueError:
+    single = tuple(x_shape) == tuple(expected)[1:]  # x's first axis taken for the datapoints
     return ValueError(
         f"observed site {name!r}: x gives it shape {tuple(value_shape)} but the model's "
         f"distribution has shape {tuple(expected)}: x has shape {tuple(x_shape)}; check it "
         "against the model's (e.g. its x_dim)"
+        + (f"; for one datapoint pass x[None], of shape {(1, *x_shape)}" if single else "")
     )
 
 
@@ -239,6 +249,26 @@ def _outside_values(model, params, row, name, model_kwargs) -> str:
     return f", with values {outside[:4].tolist()}; support {site['fn'].support}"
 
 
+def check_finite_params(params: dict) -> None:
+    """Refuses parameters with a NaN or an infinite entry (those of a diverged fit), naming
+    the parameter: a likelihood fed them fails deep inside NumPyro ("invalid logits
+    parameter") or scores NaN. Traced parameters (inside jit or grad) are not checked."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if isinstance(leaf, jax.core.Tracer) or not hasattr(leaf, "dtype"):
+            continue
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            continue
+        values = np.asarray(leaf)
+        if not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).sum())
+            raise ValueError(
+                f"params{jax.tree_util.keystr(path)} has {bad} NaN or infinite entries of "
+                f"{values.size}: these are the parameters of a fit that diverged; pass those of "
+                "a finite checkpoint (e.g. fit(...).params, or lower the learning rate and "
+                "train again)"
+            )
+
+
 def check_data(model: Callable, params: dict, x, *, chunk: int = 1000, **model_kwargs) -> jax.Array:
     """Refuses data the model cannot score, before an evaluator spends anything on it.
 
@@ -261,11 +291,13 @@ def check_data(model: Callable, params: dict, x, *, chunk: int = 1000, **model_k
         closed over) nothing can be checked, and x is returned as it is.
 
     Raises:
-        ValueError: naming the problem, the offending rows and the fix.
+        ValueError: naming the problem, the offending rows and the fix (also for parameters
+            with NaN or infinite entries, `check_finite_params`).
     """
     if concrete(x) is None:
         return jnp.asarray(x)
     arr = check_array(x)
+    check_finite_params(params)
     n = arr.shape[0]
     chunk = min(chunk, n)
     kwargs = tuple(sorted(model_kwargs.items()))

@@ -32,7 +32,7 @@ import numpy as np
 
 from amortjax.checks import check_float, check_has_params, check_int
 from amortjax.engine import map_datapoints
-from amortjax.families import DiagonalGaussian, Family, check_num_params
+from amortjax.families import DiagonalGaussian, Family, check_num_params, resolve_family
 from amortjax.guides.amortized import encode
 from amortjax.traces import check_array
 
@@ -201,7 +201,7 @@ def latent_activity(
         ValueError: if x is not `[N, x_dim]`, batch_size < 1, or the encoder's output holds
             NaN or inf.
     """
-    family = family or DiagonalGaussian()
+    family = resolve_family("latent_activity", family)
     x = np.asarray(x)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(
@@ -221,7 +221,7 @@ def latent_activity(
         raise ValueError(
             f"latent_activity: the encoder cannot run on x of shape {x.shape} (x_dim "
             f"{x.shape[1]}): {type(err).__name__}: {str(err)[:300]}. Check x_dim against the "
-            "encoder's input size"
+            "encoder's input size, and the encoder's sizes against those of its parameters"
         ) from err
     check_num_params(family, out.shape[-1], source="latent_activity: the encoder")
     # encoding draws nothing: the engine's per-datapoint keys go unused

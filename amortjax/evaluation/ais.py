@@ -163,7 +163,7 @@ import numpy as np
 
 from amortjax.checks import check_finite, check_indices, check_key, resolve_settings
 from amortjax.engine import map_datapoints
-from amortjax.families import DiagonalGaussian, Family
+from amortjax.families import Family, resolve_family
 from amortjax.inference import hmc
 from amortjax.latents import LocalLatents, Site, check_site
 from amortjax.traces import check_data
@@ -828,7 +828,7 @@ def _prepare(
     _check_settings(num_chains, leapfrog_steps, target_accept, batch_size)
     x = check_data(model, params, x)
     z_dim = check_site(model, params, x, site, "ais", z_dim)
-    family = family or DiagonalGaussian()
+    family = resolve_family("ais", family)
     lam = _start_params(family, init_params, z_dim, x.shape[0])
     return x, family, lam, z_dim
 
@@ -935,7 +935,10 @@ def _anneal(
         settings.target_accept, batch_size,
     )  # fmt: skip
     reverse = z is not None
-    indices = check_indices("reverse_ais" if reverse else "ais", indices, x.shape[0])
+    where = "reverse_ais" if reverse else "ais"
+    indices = check_indices(where, indices, x.shape[0])
+    if pilot_key is not None:
+        pilot_key = check_key(f"{where} (pilot_key)", pilot_key)
     if reverse:
         z = _check_z(_start_latents(z, site), x.shape[0], z_dim)
     run_key, kernel_key = jax.random.split(key)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.checks import check_finite, check_indices, check_key
+from amortjax.checks import check_finite, check_indices, check_int, check_key
 from amortjax.engine import chunked_draw_keys, compact_threefry, map_datapoints
 from amortjax.estimators import SAMPLE_CHUNK, bounds_batch
 from amortjax.families import Family
@@ -85,10 +85,12 @@ def evaluate_bounds(
         `Bounds` with `[num_datapoints]` arrays.
     """
     key = check_key("evaluate_bounds", key)
-    if not isinstance(num_samples, int | np.integer) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-    if not isinstance(sample_chunk, int | np.integer) or sample_chunk < 1:
-        raise ValueError(f"sample_chunk must be an integer >= 1, got {sample_chunk!r}")
+    check_int("evaluate_bounds", num_samples=num_samples, sample_chunk=sample_chunk)
+    if not isinstance(guide_args, tuple | list):
+        raise ValueError(
+            f"evaluate_bounds: guide_args must be a tuple of per-datapoint arrays, e.g. "
+            f"guide_args=(lam,); got {type(guide_args).__name__}"
+        )
     x = check_data(model, params, x)
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"x must be [num_datapoints, ...] with num_datapoints >= 1; got {x.shape}")

@@ -46,10 +46,11 @@ import numpy as np
 from amortjax.checks import check_finite, check_indices, check_int, check_key, resolve_settings
 from amortjax.evaluation.ais import AISSettings, ais, check_ais_settings, log_weight_spread
 from amortjax.evaluation.bounds import evaluate_pair, mean_and_stderr
-from amortjax.families import DiagonalGaussian, Family, check_num_params
+from amortjax.families import Family, check_num_params, resolve_family
 from amortjax.inference.local import LocalFit, QStarSettings
 from amortjax.latents import Site, check_site
 from amortjax.regimes import PerExample
+from amortjax.traces import check_data
 
 LOWER_BOUNDS = ("mixture", "ais")
 """The per-datapoint estimators of log p(x) that log p̂(x) is chosen from (those computed)."""
@@ -219,8 +220,8 @@ def gap_decomposition(
         `Gaps` with per-datapoint arrays.
     """
     key = check_key("gap_decomposition", key)
-    family = family or DiagonalGaussian()
-    x = np.asarray(x)
+    family = resolve_family("gap_decomposition", family)
+    x = np.asarray(check_data(model, params, x))  # (before encoder_params, sized by it)
     lam_q = np.asarray(encoder_params, np.float32)
     if lam_q.ndim != 2 or lam_q.shape[0] != x.shape[0]:
         raise ValueError(

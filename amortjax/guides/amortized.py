@@ -11,9 +11,11 @@ from collections.abc import Callable
 
 import flax.linen as nn
 import jax
+from flax.errors import ScopeParamShapeError
 from numpyro.contrib.module import flax_module
 
-from amortjax.families import DiagonalGaussian, Family, check_num_params
+from amortjax.checks import check_has_params
+from amortjax.families import Family, check_num_params, resolve_family
 from amortjax.guides.global_latents import draw_globals
 from amortjax.latents import Site, latent_size, resolve_site, sample_local
 from amortjax.models import data_plate
@@ -45,7 +47,7 @@ def amortized_guide(
     Returns:
         A NumPyro guide `guide(x, *, n_data=None)` with the param site "encoder$params".
     """
-    family = family or DiagonalGaussian()
+    family = resolve_family("amortized_guide", family)
 
     def guide(x: jax.Array, *, n_data: int | None = None) -> None:
         draw_globals(global_guide, x, n_data)
@@ -60,5 +62,19 @@ def amortized_guide(
 
 
 def encode(encoder: nn.Module, params: dict, x: jax.Array) -> jax.Array:
-    """The encoder's variational parameters lambda `[..., num_params]` for x `[..., x_dim]`."""
-    return encoder.apply({"params": params["encoder$params"]}, x)
+    """The encoder's variational parameters lambda `[..., num_params]` for x `[..., x_dim]`.
+
+    Raises:
+        ValueError: params without "encoder$params", or parameters of another architecture
+            (Flax's shape error, with the fix).
+    """
+    check_has_params("encode", params, "encoder$params")
+    try:
+        return encoder.apply({"params": params["encoder$params"]}, x)
+    except ScopeParamShapeError as err:
+        raise ValueError(
+            f"encode: the encoder's parameters do not fit this encoder on x of width "
+            f"{x.shape[-1]} ({str(err).splitlines()[0][:200]}): pass the parameters this "
+            "encoder was trained with, or build the encoder with the input and output sizes "
+            "they have"
+        ) from err

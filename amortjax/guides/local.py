@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpyro
 
-from amortjax.families import DiagonalGaussian, Family
+from amortjax.families import Family, resolve_family
 from amortjax.guides.global_latents import draw_globals
 from amortjax.latents import (
     Site,
@@ -47,7 +47,7 @@ def given_params_guide(family: Family | None = None, *, site: Site = "z") -> Cal
     Returns:
         A guide `guide(x, lam, *, n_data=None)`, x `[batch, ...]`, lam `[batch, num_params]`.
     """
-    return _given_params_guide(family or DiagonalGaussian(), site)
+    return _given_params_guide(resolve_family("given_params_guide", family), site)
 
 
 @functools.cache
@@ -104,7 +104,7 @@ def local_guide(
     Raises:
         ValueError: (when the guide runs) if the batch or the plate does not fit `n_data` rows.
     """
-    family = family or DiagonalGaussian()
+    family = resolve_family("local_guide", family)
     num_rows = n_data
     if site is None and model is None and z_dim is None:
         raise ValueError("local_guide needs z_dim, a LocalLatents site or the model")

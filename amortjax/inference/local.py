@@ -134,7 +134,7 @@ from amortjax.checks import (
 )
 from amortjax.engine import datapoint_keys, map_datapoints, release_compiled_programs
 from amortjax.estimators import SAMPLE_CHUNK, bounds_batch
-from amortjax.families import DiagonalGaussian, Family, FullRankGaussian
+from amortjax.families import DiagonalGaussian, Family, FullRankGaussian, resolve_family
 from amortjax.flows import AffineCouplingFlow
 from amortjax.guides.local import given_params_guide, local_elbo
 from amortjax.inference.flow_start import flow_from_gaussian
@@ -178,7 +178,9 @@ class QStarSettings(NamedTuple):
         block_size: steps per block of the stopping rule (default 50 for adam, 10 for newton).
         patience: blocks without improvement of the block score before the step size is
             reduced (or, after `num_decays` reductions, before the datapoint stops).
-        max_steps: cap on the Adam steps of any datapoint.
+        max_steps: cap on the steps of any datapoint; steps come in whole blocks, so a
+            datapoint stops at the last whole block within it (a cap under one block shortens
+            the block to it).
         min_improvement: nats a block score must gain over the best to count as improvement.
         lr_decay: factor of each step-size reduction, in (0, 1).
         num_decays: step-size reductions before convergence (0: Cremer et al.'s rule, stop at
@@ -341,10 +343,16 @@ class QStarSettings(NamedTuple):
         return MONITOR_SAMPLES if isinstance(family, DiagonalGaussian | FullRankGaussian) else 0
 
     def step_and_block(self) -> tuple[float, int]:
-        """The step size and block length the method runs with (its defaults where None)."""
+        """The step size and block length the method runs with (its defaults where None; a
+        `max_steps` under one block shortens the block to it)."""
         default_rate, default_block = DEFAULTS[self.method]
         rate = default_rate if self.learning_rate is None else self.learning_rate
-        return rate, default_block if self.block_size is None else self.block_size
+        block = default_block if self.block_size is None else self.block_size
+        cap = self.max_steps
+        ints = all(isinstance(v, int | np.integer) for v in (block, cap))
+        if ints and not isinstance(cap, bool) and cap >= 1:  # (fit_local refuses the others)
+            block = min(block, int(cap))
+        return rate, block
 
 
 def _method_for(method: str, family: Family) -> str:
@@ -1038,7 +1046,7 @@ def _optimize(
         plateau = moving & (stale >= patience)
         decay = plateau & (s.decays < num_decays)
         converged = plateau & ~decay
-        hit = moving & (steps >= max_steps) & ~converged
+        hit = moving & (steps + block_size > max_steps) & ~converged  # no room for a block
         done = converged | hit
         # A reduction restarts from the block's averaged iterate with the smaller step size.
         lam = jnp.where(decay[:, None], lam_avg, lam)
@@ -1496,7 +1504,7 @@ def fit_local(
     min_improvement, lr_decay = settings.min_improvement, settings.lr_decay
     num_decays, select_samples = settings.num_decays, settings.select_samples
     final_samples, batch_size = settings.final_samples, settings.batch_size
-    family = family or DiagonalGaussian()
+    family = resolve_family("fit_local", family)
     gaussian = isinstance(family, DiagonalGaussian | FullRankGaussian)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
@@ -1509,8 +1517,6 @@ def fit_local(
     learning_rate, block_size = settings._replace(method=method).step_and_block()
     if not isinstance(settings.stl, bool | np.bool_):
         raise ValueError(f"fit_local: stl must be True or False, got {settings.stl!r}")
-    if method == "newton" and not 0.0 < learning_rate <= 1.0:
-        raise ValueError(f"the Newton step's learning_rate must be in (0, 1], got {learning_rate}")
     _check_settings(
         num_samples=num_samples, block_size=block_size, patience=patience, max_steps=max_steps,
         select_samples=select_samples, batch_size=batch_size, final_samples=final_samples,
@@ -1522,6 +1528,8 @@ def fit_local(
         certify_samples=settings.certify_samples, certify_tol=settings.certify_tol,
         certify_retries=settings.certify_retries, random_starts=settings.random_starts,
     )  # fmt: skip
+    if method == "newton" and not 0.0 < learning_rate <= 1.0:
+        raise ValueError(f"the Newton step's learning_rate must be in (0, 1], got {learning_rate}")
     for flag in ("flow_floor", "second_start"):
         if not isinstance(getattr(settings, flag), bool | np.bool_):
             raise ValueError(

@@ -21,6 +21,8 @@ import optax
 from numpyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from numpyro.primitives import Messenger
 
+from amortjax.checks import check_float, check_int
+
 OBJECTIVES = ("elbo", "meanfield_elbo", "iwae")
 
 
@@ -218,6 +220,20 @@ def iwae_schedule(base_lr: float, steps_per_epoch: int, stages: int = 8) -> opta
     return optax.piecewise_constant_schedule(base_lr, boundaries)
 
 
+def check_optimizer_numbers(where: str, learning_rate, b1, b2, eps, clip_norm) -> None:
+    """Adam's numbers: a step size >= 0 (0 freezes the parameters) or an optax schedule, b1 and
+    b2 in [0, 1), eps > 0 and a clipping norm > 0 (or None)."""
+    if not callable(learning_rate):
+        fix = "a step size such as 1e-3, or an optax schedule (a negative one climbs the loss)"
+        check_float(where, "learning_rate", learning_rate, low=0, fix=fix)
+    for name, value in (("b1", b1), ("b2", b2)):
+        check_float(where, name, value, low=0, high=1, high_open=True)
+    check_float(where, "eps", eps, low=0, low_open=True)
+    if clip_norm is not None:
+        fix = "a positive gradient norm, or None for no clipping"
+        check_float(where, "clip_norm", clip_norm, low=0, low_open=True, fix=fix)
+
+
 def make_optimizer(
     learning_rate: float,
     *,
@@ -231,7 +247,7 @@ def make_optimizer(
     """Adam with an optional learning-rate schedule and gradient clipping.
 
     Args:
-        learning_rate: the (initial) step size.
+        learning_rate: the (initial) step size (>= 0), or an optax schedule of the step.
         schedule: "constant" or "iwae" (see `iwae_schedule`).
         steps_per_epoch: optimizer steps per epoch (for epoch-based schedules).
         b1, b2, eps: Adam's constants (Burda et al. use eps=1e-4).
@@ -239,7 +255,13 @@ def make_optimizer(
 
     Returns:
         An optax transformation (wrap with `numpyro.optim.optax_to_numpyro` for SVI).
+
+    Raises:
+        ValueError: a step size, clipping norm or Adam constant out of its range (a negative
+            step size would climb the loss, silently).
     """
+    check_optimizer_numbers("make_optimizer", learning_rate, b1, b2, eps, clip_norm)
+    check_int("make_optimizer", steps_per_epoch=steps_per_epoch)
     if schedule == "constant":
         lr: float | optax.Schedule = learning_rate
     elif schedule == "iwae":

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from amortjax.inference.objectives import make_optimizer
+from amortjax.inference.objectives import check_optimizer_numbers, make_optimizer
 
 LOCAL_PREFIX = "local$"
 
@@ -171,7 +171,13 @@ def make_local_optimizer(
     Returns:
         An optax transformation over the dict of NumPyro param sites (wrap with
         `numpyro.optim.optax_to_numpyro` for SVI; `Trainer` does).
+
+    Raises:
+        ValueError: a step size (either), clipping norm or Adam constant out of its range.
     """
+    check_optimizer_numbers("make_local_optimizer", learning_rate, b1, b2, eps, clip_norm)
+    if local_learning_rate is not None and not callable(local_learning_rate):
+        check_optimizer_numbers("make_local_optimizer", local_learning_rate, b1, b2, eps, None)
     global_opt = make_optimizer(
         learning_rate,
         schedule=schedule,

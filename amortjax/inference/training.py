@@ -222,12 +222,15 @@ class Trainer:
     def init(self, key: jax.Array, x_train: jax.Array) -> TrainState:
         """Initial state: parameters initialized from `key`, epoch 0.
 
-        Model and guide are checked first on the first batch
+        x_train is checked first (`amortjax.traces.check_array`: rows of finite numbers; a
+        NaN would otherwise surface as a misleading model error, or, past the first batch, as
+        NaN losses), then model and guide on the first batch
         (`amortjax.traces.check_model_and_guide`): a missing or unscaled data plate, or a guide
         that leaves latents of the model undrawn, is refused instead of training the wrong
-        objective.
+        objective. (`fit` also checks every row against the likelihood's support.)
         """
         svi_key, run_key = jax.random.split(check_key("Trainer.init", key))
+        check_array(x_train)
         x0 = jnp.asarray(x_train[: self.batch_size])
         if self.preprocess is not None:
             x0 = self.preprocess(svi_key, x0)

@@ -26,8 +26,25 @@ DATA_PLATE = "data"
 
 
 def data_plate(x: jax.Array, n_data: int | None = None) -> numpyro.plate:
-    """The plate over datapoints for a batch x `[batch, ...]` drawn from n_data datapoints."""
+    """The plate over datapoints for a batch x `[batch, ...]` drawn from n_data datapoints.
+
+    Raises:
+        ValueError: an n_data that is not an integer at least the batch's size (the dataset
+            the batch was drawn from cannot be smaller than the batch).
+    """
     batch = x.shape[0]
+    if n_data is not None and not isinstance(n_data, jax.core.Tracer):
+        value = np.asarray(n_data)
+        if (
+            isinstance(n_data, bool)
+            or value.ndim
+            or not np.issubdtype(value.dtype, np.integer)
+            or int(value) < batch
+        ):
+            raise ValueError(
+                f"data_plate: n_data must be an integer >= the batch's {batch} rows (the size of "
+                f"the dataset the batch was drawn from; None for the batch itself); got {n_data!r}"
+            )
     if n_data is None or n_data == batch:
         return numpyro.plate(DATA_PLATE, batch)
     return numpyro.plate(DATA_PLATE, n_data, subsample_size=batch)
