@@ -1,0 +1,89 @@
+"""What Adam's stopping signal costs at the block length q* runs with.
+
+`python -m bench local_optimizer` times `fit_local`'s compiled chunk in blocks of 100 steps
+(Cremer et al.'s, and the paper preset's). Adam's default block is 50 (`QStarSettings`), where a
+monitor scored once per block costs twice as much per step. This times, on the bench's problem
+(B = 100 binarized-MNIST test digits, decoder 20-400-784 relu, Adam 1e-3 from N(0, I), patience
+too large to stop), at S = 1 (1,000 steps) and S = 4 (q*'s default draws; 400 steps):
+
+- the gradient-only hand-written floor (`bench.local_optimizer.HandLocal`);
+- the library's chunk with its 32-draw monitor and the floor computing the same monitor, at
+  blocks of 50 and 100;
+- the library with the per-step signal (`monitor_samples=0`, the flows' default) at blocks of 50,
+  and the floor returning every step's values;
+
+the variants taking turns over 3 rounds after a warm-up round (medians). Writes
+`bench/results/monitor_block.json` and prints each variant's time and its ratio to the
+gradient-only floor.
+
+    python tools/monitor_block.py
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from amortjax.families import DiagonalGaussian
+from amortjax.inference.local import MONITOR_SAMPLES, _optimize
+from amortjax.models import vae_model
+from amortjax.nets import MLP
+from bench.common import RESULTS_DIR, machine_info, median, time_in_turns
+from bench.local_optimizer import HandLocal, decoder_params, load_test
+
+BATCH, RATE = 100, 1e-3
+
+
+def main(rounds: int = 3) -> dict:
+    x_np, data_note = load_test(BATCH, 784, "binarized_mnist", 0)
+    x = jnp.asarray(x_np)
+    model = vae_model(MLP((400,), 784, "relu"), z_dim=20, likelihood="bernoulli")
+    params = decoder_params(model, x=x[:2], x_dim=784, hidden=400, z_dim=20, seed=0)
+    family = DiagonalGaussian()
+    lam0 = jnp.zeros((BATCH, family.num_params(20)))
+
+    def library(samples: int, steps: int, block: int, monitor: int):
+        return lambda: _optimize(
+            model, family, "z", "adam", samples, block, monitor, BATCH, False, False, params,
+            x, lam0, jax.random.key(1), jnp.float32(RATE), jnp.int32(2**30), jnp.int32(steps),
+            jnp.float32(0.0), jnp.float32(0.3), jnp.int32(0),
+        ).out_lam  # fmt: skip
+
+    def floor(samples: int, steps: int, block: int, monitor: int = 0, with_value=False):
+        hand = HandLocal(params, num_samples=samples, learning_rate=RATE, steps=steps,
+                         with_value=with_value, monitor=monitor, block=block)  # fmt: skip
+        return lambda: hand.fit(x, lam0, jax.random.key(2))
+
+    jobs = {}
+    for samples, steps in ((1, 1000), (4, 400)):
+        jobs[("floor", samples, 100)] = floor(samples, steps, 100)
+        for block in (50, 100):
+            jobs[("library_monitor", samples, block)] = library(
+                samples, steps, block, MONITOR_SAMPLES
+            )
+            jobs[("floor_monitor", samples, block)] = floor(
+                samples, steps, block, monitor=MONITOR_SAMPLES
+            )
+        jobs[("library_values", samples, 50)] = library(samples, steps, 50, 0)
+        jobs[("floor_values", samples, 100)] = floor(samples, steps, 100, with_value=True)
+    times, _ = time_in_turns(jobs, rounds)
+    seconds = {job: median(t) for job, t in times.items()}
+    rows = []
+    for (variant, samples, block), s in seconds.items():
+        ratio = seconds[("floor", samples, 100)] / s
+        rows.append({"variant": variant, "S": samples, "block": block, "seconds": s,
+                     "x_gradient_only_floor": ratio})  # fmt: skip
+        print(f"{variant:16s} S={samples} block={block:3d}: {s:.3f} s, "
+              f"x gradient-only floor {ratio:.3f}", flush=True)  # fmt: skip
+    out = {"machine": machine_info(), "data": data_note, "batch": BATCH,
+           "monitor_samples": MONITOR_SAMPLES, "rounds": rounds, "rows": rows}  # fmt: skip
+    (RESULTS_DIR / "monitor_block.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
