@@ -39,6 +39,7 @@ from amortjax.inference.refine import RefineSettings
 from amortjax.inference.training import Trainer, fit
 from amortjax.latents import find_local_latents
 from amortjax.models.irt import (
+    discrimination_recovery,
     grid_log_marginal,
     grid_posterior_mean,
     irt_model,
@@ -249,7 +250,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             "trait_r2_heldout": trait_recovery(means, test_traits),
             "trait_r2_train": trait_recovery(train_means, true_traits[:n]),
             "difficulty_corr": _corr(questions["difficulty"], b_true),
-            "discrimination_corr": _corr(questions["discrimination"], a_true),
+            "discrimination_corr": discrimination_recovery(questions["discrimination"], a_true),
             "inference_ms_per_person": 1e3 * infer_seconds / config.num_test,
         }
     write_json(workdir / "metrics.json", metrics)
@@ -308,6 +309,14 @@ def _report(config: Config, metrics: dict, figures: list[str]) -> str:
         "steps.",
         "",
     ]
+    if config.num_traits > 1:
+        lines += [
+            f"corr(a): with {config.num_traits} traits, the correlation of the entries of A A^T "
+            "with the true ones (p(x) depends on the discriminations A only through A A^T: a "
+            "rotation or permutation of the trait space fits as well, so the a_j themselves are "
+            "not identified; `amortjax.models.irt.discrimination_recovery`).",
+            "",
+        ]
     semi = metrics["regimes"].get("semi_amortized")
     if semi is not None:
         lines.append(

@@ -134,6 +134,32 @@ def grid_posterior_mean(
     return jax.nn.softmax(log_joint, axis=-1) @ points
 
 
+def discrimination_recovery(estimate: np.ndarray, truth: np.ndarray) -> float:
+    """Correlation of estimated discriminations with the true ones, up to what the data cannot
+    identify.
+
+    With one trait (Q = 1) the plain correlation of the a_j (their sign is fixed by the
+    positive prior). With Q > 1, theta ~ N(0, I) makes the logits' trait part A theta ~
+    N(0, A A^T), so p(x) depends on A `[D, Q]` only through A A^T: any rotation or permutation
+    of the trait space fits the data as well (the flattened a_j of a fit whose trait axes came
+    out swapped correlate near 0 with the truth, or below it). There the correlation of the
+    entries of A A^T on and above the diagonal (D (D + 1) / 2 of them) is returned, 1 for
+    discriminations equal to the truth up to an orthogonal map.
+
+    Args:
+        estimate: `[D]` or `[D, Q]`.
+        truth: the same shape.
+    """
+    estimate, truth = np.asarray(estimate, np.float64), np.asarray(truth, np.float64)
+    if estimate.shape != truth.shape or estimate.ndim not in (1, 2):
+        raise ValueError(f"need two [D] or [D, Q] arrays; got {estimate.shape} and {truth.shape}")
+    if estimate.ndim == 1 or estimate.shape[1] == 1:
+        return float(np.corrcoef(estimate.ravel(), truth.ravel())[0, 1])
+    upper = np.triu_indices(estimate.shape[0])
+    gram = (estimate @ estimate.T)[upper], (truth @ truth.T)[upper]
+    return float(np.corrcoef(*gram)[0, 1])
+
+
 def trait_recovery(estimate: np.ndarray, truth: np.ndarray) -> float:
     """R^2 of the true traits regressed (least squares, with intercept) on estimated ones.
 
