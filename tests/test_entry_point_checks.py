@@ -209,3 +209,18 @@ def test_an_encoder_that_does_not_fit_its_parameters_is_named(vae):
         aj.Amortized(MLP((8,), 6)).infer(model, params, X)  # trained with out_size 4
     with pytest.raises(ValueError, match=r"encode: params has no 'encoder\$params'"):
         aj.encode(MLP((8,), 4), {"decoder$params": params["decoder$params"]}, X)
+
+
+def test_settings_that_failed_only_at_fit_time_are_refused_when_given(vae):
+    """A string for a schedule or a preprocessing function failed at the first epoch ("'str'
+    object is not callable"), a float z_dim inside Flax, a string beta inside a ufunc."""
+    model, guide, _ = vae
+    optimizer = aj.make_optimizer(1e-2)
+    with pytest.raises(ValueError, match=r"Trainer: kl_schedule must be a function .*'linear'"):
+        aj.Trainer(model, guide, optimizer, n_data=N, batch_size=4, kl_schedule="linear")
+    with pytest.raises(ValueError, match=r"Trainer: preprocess must be a function .*'binarize'"):
+        aj.Trainer(model, guide, optimizer, n_data=N, batch_size=4, preprocess="binarize")
+    with pytest.raises(ValueError, match=r"vae_model: z_dim must be an integer >= 1, got 2.0"):
+        aj.vae_model(MLP((8,), D), z_dim=2.0)
+    with pytest.raises(ValueError, match=r"kl_schedule: beta must be a finite number .* '1'"):
+        aj.kl_schedule("constant", beta="1")

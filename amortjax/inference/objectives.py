@@ -163,8 +163,7 @@ def kl_schedule(
     """
     if kind not in KL_SCHEDULES:
         raise ValueError(f"unknown KL schedule {kind!r}; choose one of {list(KL_SCHEDULES)}")
-    if not (np.isfinite(beta) and beta >= 0):
-        raise ValueError(f"beta must be finite and >= 0, got {beta}")
+    check_float("kl_schedule", "beta", beta, low=0)
     if warmup_steps and kind != "linear":
         raise ValueError(f"warmup_steps={warmup_steps} is for the 'linear' schedule, not {kind!r}")
     if start and kind != "linear":

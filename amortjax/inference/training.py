@@ -177,6 +177,12 @@ class Trainer:
                 f"or optax.adam(1e-3)), got {optimizer!r}"
             )
         check_float("Trainer", "kl_warmup_epochs", kl_warmup_epochs, low=0)
+        for name, fn, fix in (
+            ("kl_schedule", kl_schedule, "e.g. kl_schedule('linear', warmup_steps=1000)"),
+            ("preprocess", preprocess, "e.g. amortjax.dynamic_binarize"),
+        ):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"Trainer: {name} must be a function or None, got {fn!r} ({fix})")
         if not 0 < batch_size <= n_data:
             raise ValueError(f"batch_size must be in [1, n_data={n_data}], got {batch_size}")
         mesh = active_mesh() if mesh is None else mesh

@@ -21,6 +21,7 @@ import numpyro
 import numpyro.distributions as dist
 from numpyro.contrib.module import flax_module
 
+from amortjax.checks import check_int
 from amortjax.models.core import data_plate, get_likelihood
 
 
@@ -40,6 +41,7 @@ def vae_model(
         `[batch, z_dim]` and observed site "x" in the plate `DATA_PLATE`. Its decoder
         parameters are the param site "decoder$params".
     """
+    check_int("vae_model", z_dim=z_dim)
     lik = get_likelihood(likelihood)
 
     def model(x: jax.Array, *, n_data: int | None = None) -> None:
