@@ -187,6 +187,12 @@ def test_one_datapoint_without_its_batch_axis_is_told_to_add_it(vae):
         aj.gap_decomposition(model, params, X[0], lam, KEY)
     with pytest.raises(ValueError, match=fix):
         aj.evaluate_bounds(model, guide, params, X[0], KEY)
+    from amortjax.inference.refine import refine
+
+    with pytest.raises(ValueError, match=r"refine: lam0 must have shape \[batch=6.*" + fix):
+        refine(
+            model, params, X[0], lam, KEY, aj.RefineSettings(2, 0.1), family=aj.DiagonalGaussian()
+        )
 
 
 @pytest.mark.parametrize(

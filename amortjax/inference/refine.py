@@ -69,9 +69,12 @@ def _check_arguments(x, lam0, step_size, indices, num_steps, momentum, max_grad_
     """refine's settings and shapes (all static, so this runs under jit too)."""
     batch = jnp.shape(x)[0] if jnp.ndim(x) else None
     if jnp.ndim(lam0) != 2 or jnp.shape(lam0)[0] != batch:
+        single = jnp.ndim(lam0) == 2 and jnp.shape(lam0)[0] == 1 and jnp.ndim(x) == 1
+        hint = f" (for one datapoint pass x[None], of shape {(1, *jnp.shape(x))})"
         raise ValueError(
             f"refine: lam0 must have shape [batch={batch}, num_params] (one row of variational "
             f"parameters per row of x, e.g. the encoder's output); got {jnp.shape(lam0)}"
+            + (hint if single else "")
         )
     check_refine_settings(
         "refine", num_steps, step_size, momentum, max_grad_norm, num_samples, jnp.shape(lam0)[1]
