@@ -54,22 +54,31 @@ def memory_maps() -> tuple[int, int] | None:
     return count, cap
 
 
-def library_programs() -> list[Callable]:
+COMPILED_FACTORY = "holds_compiled_programs"
+"""Marks a cached factory (`functools.lru_cache`) of compiled functions: `release_compiled_programs`
+empties it, so that the functions it keeps, and their programs, go."""
+
+
+def library_programs() -> tuple[list[Callable], list[Callable]]:
     """amortjax's own compiled functions: every `jax.jit` function defined in an imported
-    amortjax module (found by walking the modules, so none can be forgotten). Those created per
-    call (a `Trainer`'s epoch, `regimes`' encoders) go with their owners."""
-    found: dict[int, Callable] = {}
+    amortjax module, and every cached factory of compiled functions marked `COMPILED_FACTORY`
+    (found by walking the modules, so none can be forgotten). Returns `(jitted, factories)`.
+    Those created per call and not cached (a `Trainer`'s epoch) go with their owners."""
+    jitted: dict[int, Callable] = {}
+    factories: dict[int, Callable] = {}
     for name, module in list(sys.modules.items()):
         if name != "amortjax" and not name.startswith("amortjax."):
             continue
         for obj in list(vars(module).values()):
-            if (
-                callable(getattr(obj, "clear_cache", None))
-                and hasattr(obj, "lower")
-                and str(getattr(obj, "__module__", "")).startswith("amortjax")
+            if not str(getattr(obj, "__module__", "")).startswith("amortjax"):
+                continue
+            if callable(getattr(obj, "clear_cache", None)) and hasattr(obj, "lower"):
+                jitted[id(obj)] = obj
+            elif getattr(obj, COMPILED_FACTORY, False) and callable(
+                getattr(obj, "cache_clear", None)
             ):
-                found[id(obj)] = obj
-    return list(found.values())
+                factories[id(obj)] = obj
+    return list(jitted.values()), list(factories.values())
 
 
 def release_compiled_programs() -> bool:
@@ -102,8 +111,11 @@ def release_compiled_programs() -> bool:
     if maps is None or maps[0] < MAP_COUNT_SHARE * maps[1]:
         return False
     count, cap = maps
-    for f in library_programs():
+    jitted, factories = library_programs()
+    for f in jitted:
         f.clear_cache()
+    for factory in factories:
+        factory.cache_clear()
     after = memory_maps()
     everything = after is None or after[0] >= KEEP_SHARE * cap
     if everything:

@@ -44,6 +44,7 @@ import numpy as np
 import optax
 
 from amortjax.checks import check_has_params, check_key
+from amortjax.engine import COMPILED_FACTORY
 from amortjax.families import DiagonalGaussian, Family, check_num_params, resolve_family
 from amortjax.guides.amortized import amortized_guide, encode
 from amortjax.guides.local import LOCAL_PARAMS, local_guide
@@ -144,6 +145,9 @@ def _cached(factory: Callable, *args: Any) -> Callable:
 @functools.lru_cache(maxsize=32)
 def _encode_jit(encoder: nn.Module) -> Callable:
     return jax.jit(lambda params, x: encode(encoder, params, x))
+
+
+setattr(_encode_jit, COMPILED_FACTORY, True)  # (emptied by engine.release_compiled_programs)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -329,6 +333,8 @@ def _refine_jit(model, encoder, family, site, size, settings) -> Callable:
 
     return jax.jit(run)
 
+
+setattr(_refine_jit, COMPILED_FACTORY, True)
 
 Regime = Amortized | PerExample | SemiAmortized
 """Any of the three; a new regime is a class with `guide`, `optimizer` and `infer`."""

@@ -137,9 +137,15 @@ def test_a_release_drops_amortjaxs_own_programs_first_and_keeps_the_callers(
     model, _, params = linear_gaussian_vae(lg_diagonal)
     check_data(model, params, jnp.ones((5, 8)))  # compiles one of amortjax's programs
     assert _support_rows._cache_size() >= 1
-    ours = engine.library_programs()
+    import amortjax.regimes as regimes
+    from amortjax.nets import MLP
+
+    encode_fn = regimes._encode_jit(MLP((), 2 * lg_diagonal.z_dim))  # a cached factory's program
+    assert regimes._encode_jit.cache_info().currsize >= 1
+    ours, factories = engine.library_programs()
     names = {f.__name__ for f in ours}
     assert {"_support_rows", "_optimize", "bounds_batch", "_anneal_batch"} <= names
+    assert {f.__name__ for f in factories} == {"_encode_jit", "_refine_jit"}
     mine = jax.jit(lambda v: jnp.cos(v) * 3.0)
     mine(jnp.ones(2)).block_until_ready()
     counts = iter([(900, 1000), (400, 1000)])  # past the share; then below half the cap
@@ -150,3 +156,5 @@ def test_a_release_drops_amortjaxs_own_programs_first_and_keeps_the_callers(
         assert engine.release_compiled_programs()
     assert mine._cache_size() == 1
     assert all(f._cache_size() == 0 for f in ours)
+    assert regimes._encode_jit.cache_info().currsize == 0  # its functions, and programs, go
+    del encode_fn

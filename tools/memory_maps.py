@@ -49,8 +49,11 @@ def main(rounds: int = 4) -> dict:
         gc.collect()
         out["after_fit"].append(memory_maps()[0])
         print(f"after fit {i + 1} (hidden {hidden}): {out['after_fit'][-1]} mappings", flush=True)
-    for f in library_programs():
+    jitted, factories = library_programs()
+    for f in jitted:
         f.clear_cache()
+    for factory in factories:
+        factory.cache_clear()
     gc.collect()
     out["after_library_programs"] = memory_maps()[0]
     out["callers_program_kept"] = mine._cache_size() == 1
