@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -42,22 +43,25 @@ def test_the_readme_poisson_pca_example_runs_as_written():
             for name in fits}  # fmt: skip
     assert amort["mean"] > 2 * amort["se"]
     assert elbo["per_example"] > elbo["amortized"] + 20
-    # and the numbers it prints are the README's (to the digits the README shows, with room
-    # for another JAX version's rounding)
+    # and the numbers it prints are the README's: to the digits it shows with the JAX version
+    # it names; with another, within what forty epochs of another rounding moved them (jax
+    # 0.12: 0.9 nats of training ELBO, 0.03 and 0.7 nats of the gaps)
     said = re.search(
-        r"training ELBOs of (-?[\d.]+) \(amortized\), (-?[\d.]+)\s+\(per-example\) and "
-        r"(-?[\d.]+) \(semi-amortized\).*?approximation gap of ([\d.]+) ± [\d.]+ and an "
-        r"amortization gap of ([\d.]+) ± [\d.]+ nats",
+        r"with jax ([\d.]+),.*?training ELBOs of\s+(-?[\d.]+) \(amortized\), (-?[\d.]+)\s+"
+        r"\(per-example\) and (-?[\d.]+) \(semi-amortized\).*?approximation gap of ([\d.]+) "
+        r"± [\d.]+ and an amortization gap of ([\d.]+) ± [\d.]+\s+nats",
         README.read_text(),
         re.S,
     )
     assert said, "the README's sentence with the example's numbers changed: update this test"
-    amortized, per_example, semi, approx_said, amort_said = map(float, said.groups())
-    assert elbo["amortized"] == pytest.approx(amortized, abs=0.3)
-    assert elbo["per_example"] == pytest.approx(per_example, abs=0.3)
-    assert elbo["semi_amortized"] == pytest.approx(semi, abs=0.3)
-    assert approx["mean"] == pytest.approx(approx_said, abs=0.02)
-    assert amort["mean"] == pytest.approx(amort_said, abs=0.2)
+    version, *numbers = said.groups()
+    amortized, per_example, semi, approx_said, amort_said = map(float, numbers)
+    same = version == jax.__version__
+    assert elbo["amortized"] == pytest.approx(amortized, abs=0.3 if same else 2.0)
+    assert elbo["per_example"] == pytest.approx(per_example, abs=0.3 if same else 2.0)
+    assert elbo["semi_amortized"] == pytest.approx(semi, abs=0.3 if same else 2.0)
+    assert approx["mean"] == pytest.approx(approx_said, abs=0.02 if same else 0.1)
+    assert amort["mean"] == pytest.approx(amort_said, abs=0.2 if same else 1.5)
 
 
 RESULTS = README.parent / "docs" / "results"
