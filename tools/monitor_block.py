@@ -12,9 +12,14 @@ too large to stop), at S = 1 (1,000 steps) and S = 4 (q*'s default draws; 400 st
 - the library with the per-step signal (`monitor_samples=0`, the flows' default) at blocks of 50,
   and the floor returning every step's values;
 
-the variants taking turns over 3 rounds after a warm-up round (medians). Writes
-`bench/results/monitor_block.json` and prints each variant's time and its ratio to the
-gradient-only floor.
+the variants taking turns over 3 rounds after a warm-up round (medians). Then what a longer
+block buys or loses: Adam q* (`fit_local`, method "adam", 32-draw monitor, no certificate rounds)
+with blocks of 50 and patience 4 (the defaults: a plateau is 200 steps without a better score),
+blocks of 100 and patience 2 (the same 200 steps, half the monitor's cost per step) and blocks
+of 100 and patience 4, on two correlated linear-Gaussian posteriors (factor analysis x 8, z 3,
+noise 0.7; x 3 < z 5, noise 0.1; 40 points each, keys 1-3, S = 1 and 4): each q*'s shortfall
+from the best diagonal Gaussian in exact ELBO (closed forms), mean and worst, and its steps.
+Writes `bench/results/monitor_block.json` and prints both tables.
 
     python tools/monitor_block.py
 """
@@ -25,12 +30,15 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from amortjax.families import DiagonalGaussian
-from amortjax.inference.local import MONITOR_SAMPLES, _optimize
+from amortjax.guides.linear_gaussian import linear_gaussian_vae
+from amortjax.inference.local import MONITOR_SAMPLES, _optimize, fit_local
 from amortjax.models import vae_model
+from amortjax.models.linear_gaussian import make_linear_gaussian
 from amortjax.nets import MLP
 from bench.common import RESULTS_DIR, machine_info, median, time_in_turns
 from bench.local_optimizer import HandLocal, decoder_params, load_test
@@ -80,9 +88,49 @@ def main(rounds: int = 3) -> dict:
         print(f"{variant:16s} S={samples} block={block:3d}: {s:.3f} s, "
               f"x gradient-only floor {ratio:.3f}", flush=True)  # fmt: skip
     out = {"machine": machine_info(), "data": data_note, "batch": BATCH,
-           "monitor_samples": MONITOR_SAMPLES, "rounds": rounds, "rows": rows}  # fmt: skip
+           "monitor_samples": MONITOR_SAMPLES, "rounds": rounds, "rows": rows,
+           "accuracy": accuracy()}  # fmt: skip
     (RESULTS_DIR / "monitor_block.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+def accuracy(keys: tuple[int, ...] = (1, 2, 3)) -> list[dict]:
+    """Adam q*'s shortfall from the best diagonal Gaussian per (case, S, block, patience)."""
+    cases = {
+        "factor analysis x 8, z 3, noise 0.7": make_linear_gaussian(
+            jax.random.key(0), x_dim=8, z_dim=3, noise_scale=0.7
+        ),
+        "x 3 < z 5, noise 0.1": make_linear_gaussian(
+            jax.random.key(3), x_dim=3, z_dim=5, noise_scale=0.1
+        ),
+    }
+    rows = []
+    for case, lg in cases.items():
+        model, _, params = linear_gaussian_vae(lg)
+        x, _ = lg.sample(jax.random.key(7), 40)
+        best = np.asarray(lg.elbo(x, *lg.best_diagonal(x)))
+        for samples in (1, 4):
+            for block, patience in ((50, 4), (100, 2), (100, 4)):
+                short, steps = [], []
+                for k in keys:
+                    fit = fit_local(
+                        model, params, x, jax.random.key(k), z_dim=lg.z_dim, final_samples=0,
+                        batch_size=40, method="adam", num_samples=samples, block_size=block,
+                        patience=patience, certify_retries=0,
+                    )  # fmt: skip
+                    lam = np.asarray(fit.params, np.float64)
+                    scale = np.exp(lam[:, lg.z_dim :])
+                    short.append(best - np.asarray(lg.elbo(x, lam[:, : lg.z_dim], scale)))
+                    steps.append(np.mean(fit.steps))
+                short = np.concatenate(short)
+                rows.append({"case": case, "S": samples, "block": block, "patience": patience,
+                             "shortfall_mean": float(short.mean()),
+                             "shortfall_max": float(short.max()),
+                             "steps_mean": float(np.mean(steps))})  # fmt: skip
+                print(f"{case}, S={samples}, block {block}, patience {patience}: short "
+                      f"{short.mean():.4f} (worst {short.max():.3f}), {np.mean(steps):.0f} steps",
+                      flush=True)  # fmt: skip
+    return rows
 
 
 if __name__ == "__main__":
