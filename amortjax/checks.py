@@ -114,6 +114,12 @@ def concrete(values: Any) -> np.ndarray | None:
         return None
 
 
+def traced(*trees: Any) -> bool:
+    """Whether any leaf of `trees` is traced (inside jit, vmap or grad), where no check of
+    values is possible; costs no copy (unlike `concrete`)."""
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
+
+
 def check_finite(where: str, name: str, values: Any) -> None:
     """Refuses values `[N, ...]` (parameters or latents a user gives, one row per datapoint)
     with a NaN or an infinite entry, naming the rows: an evaluator would report NaN for them.

@@ -22,7 +22,7 @@ import numpy as np
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
-from amortjax.checks import check_key, concrete, refuse_missing_params
+from amortjax.checks import check_key, concrete, refuse_missing_params, traced
 from amortjax.models import DATA_PLATE
 
 NESTED_PLATE_FIX = (
@@ -181,9 +181,7 @@ def log_weights(
     """
     key = check_key("log_weights", key)
     x = check_data(model, params, x)
-    if all(concrete(a) is not None for a in (x, *guide_args)) and not any(
-        isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(params)
-    ):
+    if not traced(x, params, guide_args):
         check_guide_draws(model, guide, params, x, "log_weights", *guide_args)
     latents, log_q = sample_guide(guide, params, x, key, *guide_args)
     return log_joint(model, params, x, latents) - log_q
@@ -254,7 +252,7 @@ def check_finite_params(params: dict) -> None:
     the parameter: a likelihood fed them fails deep inside NumPyro ("invalid logits
     parameter") or scores NaN. Traced parameters (inside jit or grad) are not checked."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        if isinstance(leaf, jax.core.Tracer) or not hasattr(leaf, "dtype"):
+        if traced(leaf) or not hasattr(leaf, "dtype"):
             continue
         if not jnp.issubdtype(leaf.dtype, jnp.inexact):
             continue

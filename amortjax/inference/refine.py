@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amortjax.checks import check_finite, check_indices, check_key, resolve_settings
+from amortjax.checks import check_finite, check_indices, check_key, resolve_settings, traced
 from amortjax.engine import datapoint_keys, map_datapoints
 from amortjax.families import Family
 from amortjax.guides.local import local_elbo
@@ -58,10 +58,6 @@ class RefineSettings(NamedTuple):
     max_grad_norm: float | None = 5.0
     num_samples: int = 1
     checkpoint: bool = True
-
-
-def _traced(*trees) -> bool:
-    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(trees))
 
 
 def _check_arguments(x, lam0, step_size, indices, num_steps, momentum, max_grad_norm,
@@ -128,7 +124,7 @@ def refine(
     _check_arguments(
         x, lam0, s.step_size, indices, s.num_steps, s.momentum, s.max_grad_norm, s.num_samples
     )
-    concrete = not _traced(x, params, lam0)
+    concrete = not traced(x, params, lam0)
     if concrete:
         x = check_data(model, params, x)
         check_site(model, params, x, site, "refine")

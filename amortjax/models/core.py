@@ -20,7 +20,7 @@ import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.primitives import Messenger
 
-from amortjax.checks import check_key, refuse_missing_params
+from amortjax.checks import check_key, refuse_missing_params, traced
 
 DATA_PLATE = "data"
 
@@ -33,7 +33,7 @@ def data_plate(x: jax.Array, n_data: int | None = None) -> numpyro.plate:
             the batch was drawn from cannot be smaller than the batch).
     """
     batch = x.shape[0]
-    if n_data is not None and not isinstance(n_data, jax.core.Tracer):
+    if n_data is not None and not traced(n_data):
         value = np.asarray(n_data)
         if (
             isinstance(n_data, bool)
