@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -163,10 +164,73 @@ def test_resume_refuses_a_checkpoint_trained_under_other_settings(tmp_path):
     more = fit(trainer, x, key=jax.random.key(0), epochs=3, checkpoint_dir=tmp_path, progress=False)
     assert more.history["train_loss"][1][:2] == first.history["train_loss"][1]
     # A checkpoint written before the settings were recorded cannot be checked: refused.
+    meta = json.loads((tmp_path / "meta.json").read_text())  # the epoch-3 save's
     del meta["settings"]
     (tmp_path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="records no training settings.*new checkpoint_dir"):
         fit(trainer, x, key=jax.random.key(0), epochs=3, checkpoint_dir=tmp_path, progress=False)
+
+
+def test_a_save_killed_between_its_two_files_is_completed_or_refused(tmp_path, monkeypatch):
+    """state.npz and meta.json are renamed one after the other; a kill between the renames
+    paired the new state (epoch 3) with the old metadata (epoch 2), and a resume restored it,
+    dropping epoch 3 from the history. Now the new metadata's temporary file completes the
+    pair; without it the checkpoint is refused, naming the fix."""
+    import shutil
+
+    from amortjax.inference import checkpoint
+
+    trainer, x = _tiny_bernoulli_trainer(n=64)
+    full = fit(trainer, x, key=jax.random.key(0), epochs=4, progress=False)
+    fit(trainer, x, key=jax.random.key(0), epochs=2, checkpoint_dir=tmp_path, progress=False)
+    replace = os.replace
+
+    class Killed(BaseException):
+        pass
+
+    def killed_before_meta(src, dst):
+        if Path(dst).name == "meta.json":
+            raise Killed
+        replace(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed_before_meta)
+    with pytest.raises(Killed):
+        fit(trainer, x, key=jax.random.key(0), epochs=3, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
+    assert json.loads((tmp_path / "meta.json").read_text())["epoch"] == 2  # the torn pair
+    torn = tmp_path.parent / "torn"
+    shutil.copytree(tmp_path, torn)
+    resumed = fit(
+        trainer, x, key=jax.random.key(0), epochs=4, checkpoint_dir=tmp_path, progress=False
+    )
+    assert resumed.history["train_loss"] == full.history["train_loss"]  # epochs 1, 2, 3, 4
+    assert not (tmp_path / "meta.json.tmp").exists()
+    # without the temporary file the state's history is lost: refused, not restored
+    (torn / "meta.json.tmp").unlink()
+    with pytest.raises(ValueError, match=r"torn: state.npz is from save .* move .* away"):
+        fit(trainer, x, key=jax.random.key(0), epochs=4, checkpoint_dir=torn, progress=False)
+    # a checkpoint written before the save ids: its epochs are compared
+    with np.load(torn / "state.npz") as data:
+        leaves = {k: data[k] for k in data.files if k != "checkpoint_id"}
+    np.savez(torn / "state.npz", **leaves)
+    with pytest.raises(ValueError, match="torn: its state has trained 3 epochs.*records 2"):
+        fit(trainer, x, key=jax.random.key(0), epochs=4, checkpoint_dir=torn, progress=False)
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_fix(tmp_path):
+    """A truncated state.npz raised zipfile.BadZipFile, a truncated meta.json "Unterminated
+    string starting at ...", naming neither the file nor the fix."""
+    trainer, x = _tiny_bernoulli_trainer(n=64)
+    fit(trainer, x, key=jax.random.key(0), epochs=1, checkpoint_dir=tmp_path, progress=False)
+    for name in ("meta.json", "state.npz"):
+        path = tmp_path / name
+        whole = path.read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])
+        with pytest.raises(ValueError, match=f"damaged: .*{name} cannot be read.*Move .* away"):
+            fit(trainer, x, key=jax.random.key(0), epochs=2, checkpoint_dir=tmp_path,
+                progress=False)  # fmt: skip
+        path.write_bytes(whole)
+    fit(trainer, x, key=jax.random.key(0), epochs=2, checkpoint_dir=tmp_path, progress=False)
 
 
 def test_seed_determines_the_run():

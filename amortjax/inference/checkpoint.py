@@ -3,8 +3,13 @@
 A state is any pytree (the trainer's `TrainState`: parameters, optimizer state, RNG keys,
 epoch). Its leaves go to one `.npz` file and a JSON file carries metadata (epoch, history).
 Restoring needs a template of the same structure (a freshly initialized state), so nothing is
-pickled and a checkpoint outlives code changes that keep the structure. Files are written to a
-temporary name and renamed, so a run killed mid-write keeps its previous checkpoint.
+pickled and a checkpoint outlives code changes that keep the structure.
+
+Both files are written whole to temporary names, then renamed, state first. Each save draws an
+id stored in both, so that a run killed between the two renames (a new state beside the old
+metadata) is recognized on restore: the new metadata's temporary file completes the pair, and
+a pair that cannot be completed is refused rather than restored with a history that does not
+match its parameters. A damaged file is refused with a message naming it and the fix.
 
 The metadata carries the settings the state was trained under (`amortjax.inference.training`'s
 fingerprint); `check_settings` refuses to continue a checkpoint under other ones, so that a
@@ -15,6 +20,8 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +30,30 @@ import numpy as np
 
 STATE_FILE = "state.npz"
 META_FILE = "meta.json"
+ID_KEY = "checkpoint_id"  # in the .npz beside the leaves, and in the metadata
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def _tmp(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def _write_tmp(path: Path, write) -> Path:
+    """Writes path's temporary file whole (flushed to disk); the caller renames it."""
+    tmp = _tmp(path)
     with open(tmp, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return tmp
+
+
+def _damaged(directory: Path, name: str, err: Exception) -> ValueError:
+    return ValueError(
+        f"the checkpoint in {directory} is damaged: {directory / name} cannot be read "
+        f"({type(err).__name__}: {err}). amortjax writes it atomically, so it was damaged "
+        f"outside amortjax (a full disk, a copy cut short). Move {directory} away (or delete "
+        "it) to train that model afresh, or start a fresh run"
+    )
 
 
 def _to_numpy(leaf: Any) -> np.ndarray:
@@ -45,19 +67,57 @@ def save_checkpoint(directory: str | Path, state: Any, metadata: dict | None = N
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     leaves = [_to_numpy(leaf) for leaf in jax.tree.leaves(state)]
-    _atomic_write(
-        directory / STATE_FILE,
-        lambda f: np.savez(f, **{f"leaf_{i}": v for i, v in enumerate(leaves)}),
+    save_id = uuid.uuid4().hex
+    arrays = {f"leaf_{i}": v for i, v in enumerate(leaves)}
+    state_tmp = _write_tmp(
+        directory / STATE_FILE, lambda f: np.savez(f, **arrays, **{ID_KEY: np.array(save_id)})
     )
-    # The metadata is written last: its presence marks a complete checkpoint.
-    _atomic_write(directory / META_FILE, lambda f: f.write(json.dumps(metadata or {}).encode()))
+    meta = {**(metadata or {}), ID_KEY: save_id}
+    meta_tmp = _write_tmp(directory / META_FILE, lambda f: f.write(json.dumps(meta).encode()))
+    # Both are whole on disk before either is renamed: a kill between the renames leaves the
+    # new metadata in its temporary file, which `restore_checkpoint` pairs with the new state.
+    os.replace(state_tmp, directory / STATE_FILE)
+    os.replace(meta_tmp, directory / META_FILE)
     return directory
 
 
 def has_checkpoint(directory: str | Path) -> bool:
     """Whether directory holds a complete checkpoint."""
     directory = Path(directory)
-    return (directory / STATE_FILE).exists() and (directory / META_FILE).exists()
+    meta = directory / META_FILE
+    return (directory / STATE_FILE).exists() and (meta.exists() or _tmp(meta).exists())
+
+
+def _read_meta(directory: Path, path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _damaged(directory, path.name, err) from err
+
+
+def _matching_meta(directory: Path, save_id: str | None) -> dict:
+    """The metadata written with the state of id `save_id`, completing a save that was killed
+    between its two renames; refuses a state whose metadata is lost."""
+    path = directory / META_FILE
+    meta = _read_meta(directory, path) if path.exists() else None
+    if save_id is None or (meta is not None and meta.get(ID_KEY) == save_id):
+        if meta is None:
+            raise _damaged(directory, META_FILE, FileNotFoundError("missing"))
+        return meta  # a checkpoint written before the ids holds no pair to check here
+    pending = _tmp(path)
+    if pending.exists():
+        candidate = _read_meta(directory, pending)
+        if candidate.get(ID_KEY) == save_id:
+            os.replace(pending, path)  # the rename the killed save did not reach
+            return candidate
+    found = "no metadata" if meta is None else f"metadata of save {meta.get(ID_KEY)}"
+    raise ValueError(
+        f"the checkpoint in {directory} is torn: {STATE_FILE} is from save {save_id}, "
+        f"{META_FILE} holds {found}, and the metadata of that save is lost (the writing "
+        "process was killed between the two files and the temporary file was removed). "
+        "Restoring it would pair the parameters with another epoch's history: move "
+        f"{directory} away (or delete it) to train that model afresh, or start a fresh run"
+    )
 
 
 def restore_checkpoint(directory: str | Path, template: Any) -> tuple[Any, dict]:
@@ -71,12 +131,19 @@ def restore_checkpoint(directory: str | Path, template: Any) -> tuple[Any, dict]
         `(state, metadata)`.
 
     Raises:
-        ValueError: if the checkpoint does not fit the template.
+        ValueError: if the checkpoint does not fit the template; if a file is damaged, or
+            the state's metadata is lost (each naming the file and the fix).
     """
     directory = Path(directory)
     leaves, treedef = jax.tree.flatten(template)
-    with np.load(directory / STATE_FILE) as data:
-        saved = [data[f"leaf_{i}"] for i in range(len(data.files))]
+    try:
+        with np.load(directory / STATE_FILE) as data:
+            count = sum(name.startswith("leaf_") for name in data.files)
+            saved = [data[f"leaf_{i}"] for i in range(count)]
+            save_id = str(data[ID_KEY]) if ID_KEY in data.files else None
+    except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise _damaged(directory, STATE_FILE, err) from err
+    metadata = _matching_meta(directory, save_id)
     if len(saved) != len(leaves):
         raise ValueError(
             f"checkpoint in {directory} has {len(saved)} arrays, the state has {len(leaves)}: "
@@ -93,7 +160,6 @@ def restore_checkpoint(directory: str | Path, template: Any) -> tuple[Any, dict]
                 f"{np.shape(like)}: it was written for another architecture"
             )
         restored.append(jax.numpy.asarray(value, dtype=jax.numpy.result_type(like)))
-    metadata = json.loads((directory / META_FILE).read_text())
     return jax.tree.unflatten(treedef, restored), metadata
 
 

@@ -434,6 +434,14 @@ def fit(
         settings = training_fingerprint(trainer, state, x_host, key)
     if checkpoint_dir is not None and has_checkpoint(checkpoint_dir):
         state, meta = restore_checkpoint(checkpoint_dir, state)
+        if meta.get("epoch", int(state.epoch)) != int(state.epoch):
+            # a checkpoint written before the save ids, torn between its two files
+            raise ValueError(
+                f"the checkpoint in {checkpoint_dir} is torn: its state has trained "
+                f"{int(state.epoch)} epochs, its metadata (history) records {meta['epoch']}; "
+                "restoring it would lose the history between them. Move the folder away (or "
+                "delete it) to train afresh"
+            )
         check_settings(checkpoint_dir, meta.get("settings"), settings)
         if int(state.epoch) > epochs:
             raise ValueError(
