@@ -55,6 +55,7 @@ class LatentSite:
             compile once.
         unconstrained_shape: the shape of u^(s) for one datapoint (differs from `shape` for
             supports such as the simplex, whose bijection drops a dimension).
+        support_key: `repr(support)`, set from it (what equality and hashing compare).
     """
 
     name: str

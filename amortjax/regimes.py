@@ -1,7 +1,8 @@
 """The three regimes of inference as objects: how each datapoint's variational parameters are made.
 
 A regime differs from another only in how it produces lambda_i, the parameters of q(z_i | x_i)
-(`../DESIGN.md`); the model, the family, the ELBO and every estimator are shared:
+(DESIGN.md, in `../shared/` beside the repository); the model, the family, the ELBO and every
+estimator are shared:
 
     Amortized(encoder)                     lambda_i = f_phi(x_i)
     PerExample(settings)                   lambda_i free per datapoint: trained as parameters
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from amortjax.checks import check_has_params, check_key
+from amortjax.checks import check_has_params, check_indices, check_key
 from amortjax.engine import COMPILED_FACTORY
 from amortjax.families import DiagonalGaussian, Family, check_num_params, resolve_family
 from amortjax.guides.amortized import amortized_guide, encode
@@ -120,8 +121,12 @@ class Amortized:
         """Adam (`make_optimizer`, which takes the same keyword arguments)."""
         return make_optimizer(learning_rate, **kwargs)
 
-    def infer(self, model: Callable, params: dict, x, key: jax.Array | None = None) -> Inferred:
-        """The encoder's lambda for x `[N, x_dim]` (key unused: encoding draws nothing)."""
+    def infer(
+        self, model: Callable, params: dict, x, key: jax.Array | None = None, *, indices=None
+    ) -> Inferred:
+        """The encoder's lambda for x `[N, x_dim]` (key and indices unused: encoding draws
+        nothing; they are taken so that one call serves the three regimes)."""
+        del indices
         x = check_data(model, params, x)
         check_has_params("Amortized.infer", params, "encoder$params")
         start = time.perf_counter()
@@ -210,7 +215,9 @@ class PerExample:
         progress: bool | str = False,
         indices=None,
     ) -> Inferred:
-        """q* for every datapoint of x, started at `init` `[N, num_params]` (default N(0, I));
+        """q* for every datapoint of x, started at `init` `[N, num_params]` (default: N(0, I)
+        for the Gaussians; for a flow, `fit_local`'s own start, see `QStarSettings.flow_start`,
+        while `Inferred.start` holds the identity flow on N(0, I));
         row i draws from `fold_in(key, indices[i])` (None: i; see `fit_local`)."""
         site = self.site if self.site is not None else resolve_site(None, model, jnp.asarray(x))
         start = time.perf_counter()
@@ -296,11 +303,15 @@ class SemiAmortized:
         """Adam (`make_optimizer`, which takes the same keyword arguments)."""
         return make_optimizer(learning_rate, **kwargs)
 
-    def infer(self, model: Callable, params: dict, x, key: jax.Array) -> Inferred:
-        """The start (encoder or N(0, I)) refined by K steps, for x `[N, ...]`; the refinement
-        draws from `fold_in(key, i)` for datapoint i."""
+    def infer(self, model: Callable, params: dict, x, key: jax.Array, *, indices=None) -> Inferred:
+        """The start (encoder or N(0, I)) refined by K steps, for x `[N, ...]`; row i's
+        refinement draws from `fold_in(key, indices[i])` (None: i), so a datapoint's result
+        depends on its index in its dataset, not on its position in x (pass the indices of a
+        subset: `evaluation.subsets.random_subset`)."""
         key = check_key("SemiAmortized.infer", key)  # (before jit, which would trace it)
         x = check_data(model, params, x)
+        indices = check_indices("SemiAmortized.infer", indices, x.shape[0])
+        indices = jnp.asarray(np.arange(x.shape[0]) if indices is None else indices, jnp.uint32)
         if self.encoder is not None:
             check_has_params("SemiAmortized.infer", params, "encoder$params")
         site = self.site if self.site is not None else resolve_site(None, model, x)
@@ -309,26 +320,29 @@ class SemiAmortized:
             raise ValueError("SemiAmortized without an encoder needs z_dim for a site name")
         run = _cached(_refine_jit, model, self.encoder, self.family, site, size, self.settings)
         start = time.perf_counter()
-        lam0, lam = jax.block_until_ready(run(params, x, key))
+        lam0, lam = jax.block_until_ready(run(params, x, key, indices))
         seconds = time.perf_counter() - start
         if self.settings.num_steps:  # (warns where the steps lowered the ELBO)
             check_refinement(model, params, x, lam0, lam, key, self.settings,
-                             family=self.family, site=site)  # fmt: skip
+                             family=self.family, site=site, indices=indices)  # fmt: skip
         steps = np.full(x.shape[0], self.settings.num_steps, np.int32)
         return Inferred(np.asarray(lam), np.asarray(lam0), steps, seconds)
 
 
 @functools.lru_cache(maxsize=32)
 def _refine_jit(model, encoder, family, site, size, settings) -> Callable:
-    """One compiled function of (params, x, key) -> (lambda_0, lambda_K) per configuration."""
+    """One compiled function of (params, x, key, indices) -> (lambda_0, lambda_K) per
+    configuration."""
 
-    def run(params, x, key):
+    def run(params, x, key, indices):
         if encoder is None:
             standard = family.standard_params(size)
             lam0 = jnp.broadcast_to(standard, (x.shape[0], *standard.shape))
         else:
             lam0 = encode(encoder, params, x)
-        lam = refine(model, params, x, lam0, key, settings, family=family, site=site)
+        lam = refine(
+            model, params, x, lam0, key, settings, family=family, site=site, indices=indices
+        )
         return lam0, lam
 
     return jax.jit(run)

@@ -795,7 +795,7 @@ def _qstar_text(config: Config) -> str:
     for name in config.families:
         family, _ = make_family_and_encoder(config, name, (), config.z_dim)
         s = qstar_settings(config, family)
-        rate, block = s.step_and_block()
+        rate, block = s.step_and_block(family)
         how = (
             f"Newton steps damped by {rate:g}"
             if s.method == "newton"

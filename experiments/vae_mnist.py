@@ -394,14 +394,20 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         progress=f"test IWAE-{config.iwae_samples}" if progress else False,
     )
     # the test set's latent means draw the figures; the active units are counted on
-    # activity_split (Burda et al.: the first 500 training images)
+    # activity_split: on the training split its first activity_points images (Burda et al.'s
+    # protocol: the first 500), on the test split a seeded random sample of them
     test_activity = latent_activity(
         encoder, params, data.test, threshold=config.activity_threshold, family=family
     )
     activity = test_activity
     if config.activity_split == "train" or config.activity_points is not None:
         counted = data.train if config.activity_split == "train" else data.test
-        counted = np.asarray(counted)[: config.activity_points]
+        if config.activity_split == "train":
+            counted = np.asarray(counted)[: config.activity_points]
+        else:
+            counted = np.asarray(counted)[
+                random_subset(len(counted), config.activity_points, config.seed + 3)
+            ]
         if config.activity_split == "train" and data.dynamic_binarization:
             counted = np.asarray(dynamic_binarize(jax.random.fold_in(fig_key, 1), counted))
         activity = latent_activity(

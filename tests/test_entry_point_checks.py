@@ -80,6 +80,18 @@ def test_max_steps_is_a_cap_and_a_learning_rate_string_is_refused(vae):
             aj.fit_local(model, params, X, KEY, z_dim=Z, method=method, learning_rate="1e-3")
 
 
+def test_step_and_block_resolves_auto_with_the_family_or_says_how():
+    """`QStarSettings().step_and_block()` raised `KeyError: 'auto'` at the default method."""
+    settings = aj.QStarSettings()
+    with pytest.raises(ValueError, match=r"step_and_block\(family\)"):
+        settings.step_and_block()
+    assert settings.step_and_block(aj.DiagonalGaussian()) == (0.5, 10)  # Newton's defaults
+    assert settings.step_and_block(aj.AffineCouplingFlow()) == (3e-3, 50)  # Adam's
+    assert settings._replace(max_steps=20).step_and_block(aj.AffineCouplingFlow())[1] == 20
+    with pytest.raises(ValueError, match=r"method must be one of .*'sgd'"):
+        settings._replace(method="sgd").step_and_block()
+
+
 def test_trainer_init_refuses_nan_data_instead_of_blaming_the_model(vae):
     """A NaN in the first batch was reported as "the model's likelihood changes between two
     runs" (hidden randomness), an inf as an encoder overflow; one past the first batch

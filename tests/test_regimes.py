@@ -66,6 +66,15 @@ def test_semi_amortized_infers_the_refined_encoder_output(case):
                       step_size=0.05)  # fmt: skip
     np.testing.assert_allclose(inferred.params, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(inferred.start, lam0, rtol=1e-6)
+    # a subset given its indices refines as it does inside the whole set (its draws are keyed
+    # by the datapoint's index, not its position; without them, row 0 of x[5:] drew as row 0)
+    regime = SemiAmortized(encoder, settings, site="z")
+    part = regime.infer(model, params, x[5:], key, indices=np.arange(5, x.shape[0]))
+    np.testing.assert_allclose(part.params, inferred.params[5:], rtol=1e-5, atol=1e-6)
+    shifted = regime.infer(model, params, x[5:], key)
+    assert np.abs(shifted.params - inferred.params[5:]).max() > 1e-3
+    with pytest.raises(ValueError, match=r"SemiAmortized.infer: indices must be"):
+        regime.infer(model, params, x[5:], key, indices=np.arange(3))
     # from the prior (no encoder): K steps raise the exact ELBO above the prior's
     prior = SemiAmortized(None, settings, site="z", z_dim=3).infer(model, params, x, key)
     np.testing.assert_allclose(prior.start, 0.0)

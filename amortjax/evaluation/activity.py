@@ -60,7 +60,9 @@ class LatentActivity(NamedTuple):
     """What `latent_activity` computes on a dataset.
 
     Attributes:
-        means: `[N, z_dim]` the encoder's posterior means E_q[z | x_i].
+        means: `[N, z_dim]` `family.mean` of the encoder's output for each x_i: E_q[z | x_i]
+            for the Gaussian families; for a flow the flow applied to its base mean (a point
+            of high density, not E_q[z], which has no closed form there).
         variance: `[z_dim]` A_u (see `ActiveUnits`).
         active: `[z_dim]` bool, A_u > threshold.
         num_active: the number of active units.

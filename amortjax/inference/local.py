@@ -342,10 +342,24 @@ class QStarSettings(NamedTuple):
             return self.monitor_samples
         return MONITOR_SAMPLES if isinstance(family, DiagonalGaussian | FullRankGaussian) else 0
 
-    def step_and_block(self) -> tuple[float, int]:
+    def step_and_block(self, family: Family | None = None) -> tuple[float, int]:
         """The step size and block length the method runs with (its defaults where None; a
-        `max_steps` under one block shortens the block to it)."""
-        default_rate, default_block = DEFAULTS[self.method]
+        `max_steps` under one block shortens the block to it). Method "auto" depends on the
+        family: pass it (`family`), or call `for_family(family)` first."""
+        method = self.method
+        if method == "auto":
+            if family is None:
+                raise ValueError(
+                    'QStarSettings.step_and_block: method "auto" runs Newton steps for the '
+                    "Gaussian families and Adam otherwise; pass the family, "
+                    "step_and_block(family), or resolve it first with for_family(family)."
+                )
+            method = _method_for(method, family)
+        if method not in DEFAULTS:
+            raise ValueError(
+                f"QStarSettings.step_and_block: method must be one of {METHODS}, got {method!r}."
+            )
+        default_rate, default_block = DEFAULTS[method]
         rate = default_rate if self.learning_rate is None else self.learning_rate
         block = default_block if self.block_size is None else self.block_size
         cap = self.max_steps
@@ -1514,7 +1528,7 @@ def fit_local(
             f"method='newton' needs a Gaussian family (diagonal or full_rank); family "
             f"{family.name!r} takes method='adam'"
         )
-    learning_rate, block_size = settings._replace(method=method).step_and_block()
+    learning_rate, block_size = settings.step_and_block(family)
     if not isinstance(settings.stl, bool | np.bool_):
         raise ValueError(f"fit_local: stl must be True or False, got {settings.stl!r}")
     _check_settings(
@@ -1592,7 +1606,7 @@ def _fit_one(model, params, x, key, init, *, settings, family, site, size, indic
     method = _method_for(settings.method, family)
     num_samples, select_samples = settings.num_samples, settings.select_samples
     final_samples, batch_size = settings.final_samples, settings.batch_size
-    learning_rate, block_size = settings._replace(method=method).step_and_block()
+    learning_rate, block_size = settings.step_and_block(family)
     monitor_samples = settings.monitor_for(family)
     gaussian = isinstance(family, DiagonalGaussian | FullRankGaussian)
     flow = isinstance(family, AffineCouplingFlow)

@@ -5,6 +5,8 @@
 - `factor_analysis`: factor analysis / probabilistic PCA, with exact log p(x) and posterior.
 - `gamma_poisson`: a Gamma rate with Poisson counts, with exact log p(x) (a skewed, positive
   latent).
+- `linear_gaussian`: the linear-Gaussian model, the ground truth of the tests (closed-form
+  log p(x), posterior and best diagonal Gaussian, in float64).
 - `irt`: an item-response model (people answering binary questions), with global question
   latents beside the local traits.
 
