@@ -71,6 +71,7 @@ import numpy as np
 from amortjax import plotting
 from amortjax.data import BINARIZATIONS, DATASETS, load_data, resolve_binarization
 from amortjax.data.loading import dynamic_binarize
+from amortjax.engine import datapoint_keys
 from amortjax.evaluation.ais import LOG_WEIGHT_SPREAD, AISSettings
 from amortjax.evaluation.bounds import format_estimate
 from amortjax.evaluation.gaps import AIS_STARTS, Gaps, gap_decomposition
@@ -404,7 +405,11 @@ class _Setup:
         )
 
 
-def _decompose(config, model, encoder, family, params, x, key, *, curve=False, progress=False):
+def _decompose(
+    config, model, encoder, family, params, x, key, *, indices, curve=False, progress=False
+):
+    """The gap decomposition of x `[N, x_dim]`, rows `indices` `[N]` of their split (which key
+    each row's draws: a digit's numbers do not depend on the subset around it)."""
     lam = np.asarray(encode(encoder, params, jnp.asarray(x)))
     qstar = qstar_settings(config, family)
     if curve:  # a cheaper q* for the curves over training (no polishing stage, no floor)
@@ -425,6 +430,7 @@ def _decompose(config, model, encoder, family, params, x, key, *, curve=False, p
         ais_settings=None if curve else _ais_settings(config),
         ais_start=config.ais_start,
         batch_size=config.eval_batch_size,
+        indices=indices,
         progress=progress,
     )
 
@@ -455,17 +461,20 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         )
         for split in (data.valid, data.test):
             check_observations(split, x_dim=x_dim, likelihood="bernoulli")
-        # Evaluation points: seeded random subsets, binarized with a fixed seed (train).
+        # Evaluation points: seeded random subsets (the training images binarized with a
+        # fixed seed, each by its index), passed with their indices in their split, which key
+        # each point's draws.
         train_idx = random_subset(len(data.train), config.train_points, config.seed + 11)
         x_train_eval = data.train[train_idx]
         if data.dynamic_binarization:
-            x_train_eval = np.asarray(
-                dynamic_binarize(jax.random.key(config.seed + 12), x_train_eval)
-            )
-        x_test = data.test[random_subset(len(data.test), config.test_points, config.seed + 13)]
+            binarize_keys = datapoint_keys(jax.random.key(config.seed + 12), train_idx)
+            x_train_eval = np.asarray(jax.vmap(dynamic_binarize)(binarize_keys, x_train_eval))
+        test_idx = random_subset(len(data.test), config.test_points, config.seed + 13)
+        x_test = data.test[test_idx]
+        valid_idx = random_subset(len(data.valid), config.curve_points, config.seed)
         curve_x = {
-            "train": x_train_eval[: config.curve_points],
-            "valid": data.valid[random_subset(len(data.valid), config.curve_points, config.seed)],
+            "train": (x_train_eval[: config.curve_points], train_idx[: config.curve_points]),
+            "valid": (data.valid[valid_idx], valid_idx),
         }
         for f_i, family_name in enumerate(config.families):
             name = f"{dataset}_{family_name}"
@@ -480,7 +489,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             def evaluate(state, setup=setup, model_key=model_key, curve_x=curve_x):
                 params = setup.trainer.params(state)
                 out = {}
-                for split, xs in curve_x.items():
+                for s_i, (split, (xs, idx)) in enumerate(curve_x.items()):
                     g = _decompose(
                         config,
                         setup.model,
@@ -488,7 +497,8 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
                         setup.family,
                         params,
                         xs,
-                        jax.random.fold_in(model_key, int(state.epoch)),
+                        jax.random.fold_in(jax.random.fold_in(model_key, int(state.epoch)), s_i),
+                        indices=idx,
                         curve=True,
                     )
                     out[f"{split}_log_px"] = float(g.log_px.mean())
@@ -524,7 +534,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
                 "epoch_seconds": list(result.run_epoch_seconds),
                 "final_train_loss": result.history["train_loss"][1][-1],
             }
-            for split, xs in (("train", x_train_eval), ("test", x_test)):
+            for split, xs, idx in (("train", x_train_eval, train_idx), ("test", x_test, test_idx)):
                 g = _decompose(
                     config,
                     setup.model,
@@ -533,6 +543,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
                     params,
                     xs,
                     jax.random.fold_in(model_key, 10_000 + (split == "test")),
+                    indices=idx,
                     progress=f"{name} {split}" if progress else False,
                 )
                 entry[split] = _summary(g, split, f"{len(xs)} seeded random {split} points")
@@ -643,7 +654,8 @@ def _frozen_decoder(config, trained, key, workdir, progress) -> dict:
         source = f"{dataset}_diagonal" if "diagonal" in config.families else None
         source = source or f"{dataset}_{config.families[0]}"
         setup, params, data = trained[source]
-        x_test = data.test[random_subset(len(data.test), config.test_points, config.seed + 13)]
+        test_idx = random_subset(len(data.test), config.test_points, config.seed + 13)
+        x_test = data.test[test_idx]
         for f_i, family_name in enumerate(FAMILY_NAMES):
             name = f"{dataset}_frozen_{family_name}"
             saved = workdir / "models" / f"{name}.json"
@@ -658,7 +670,8 @@ def _frozen_decoder(config, trained, key, workdir, progress) -> dict:
                 continue
             g = _decompose(
                 config, setup.model, encoder, family, all_params, x_test,
-                jax.random.fold_in(k, 1), progress=f"{name} test" if progress else False,
+                jax.random.fold_in(k, 1), indices=test_idx,
+                progress=f"{name} test" if progress else False,
             )  # fmt: skip
             entry = {
                 "config": config_to_dict(config),
@@ -704,7 +717,8 @@ def _latent_figure(config, key, workdir, figures, progress) -> Path:
         small, setup, params, "flow", config.encoder_hidden, data, jax.random.fold_in(key, 7001),
         workdir, f"{dataset}_z2_flow_on_frozen", config.latent_epochs, progress,
     )  # fmt: skip
-    x = data.test[random_subset(len(data.test), 4, config.seed + 14)]
+    x_idx = random_subset(len(data.test), 4, config.seed + 14)
+    x = data.test[x_idx]
     xj = jnp.asarray(x)
 
     # "Optimal": the best of q* from the encoder, from the default start and from the other
@@ -716,7 +730,7 @@ def _latent_figure(config, key, workdir, figures, progress) -> Path:
         return fit_local(
             setup.model, params, x, jax.random.fold_in(key, 7002 + salt),
             qstar_settings(small, family)._replace(second_start=second_start), family=family,
-            init=init, starts=starts, final_samples=10,
+            init=init, starts=starts, final_samples=10, indices=x_idx,
         ).params  # fmt: skip
 
     ffg_lam, flow_lam = encode(setup.encoder, params, xj), encode(flow_encoder, flow_params, xj)

@@ -182,10 +182,11 @@ def _test_time(
     return SemiAmortized(None if method == "svi" else encoder, settings, mode=mode, z_dim=z_dim)
 
 
-def _timed(regime: Regime, *args) -> Inferred:
-    """`regime.infer(*args)` called twice: the second call's result and seconds (compiled)."""
-    regime.infer(*args)
-    return regime.infer(*args)
+def _timed(regime: Regime, *args, **kwargs) -> Inferred:
+    """`regime.infer(*args, **kwargs)` called twice: the second call's result and seconds
+    (compiled)."""
+    regime.infer(*args, **kwargs)
+    return regime.infer(*args, **kwargs)
 
 
 def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
@@ -207,7 +208,10 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     encoder = MLP(config.encoder_hidden, family.num_params(config.z_dim), config.activation)
     model = vae_model(decoder, z_dim=config.z_dim)
     settings = config.refine
-    x_eval = jnp.asarray(data.test[random_subset(len(data.test), config.eval_points, config.seed)])
+    # a seeded random subset; each digit draws by its index in the test set (`indices=`), so its
+    # numbers do not depend on eval_points
+    eval_idx = random_subset(len(data.test), config.eval_points, config.seed)
+    x_eval = jnp.asarray(data.test[eval_idx])
     n_eval = x_eval.shape[0]
     key = jax.random.key(config.seed)
     evaluation_guide = given_params_guide(family)
@@ -221,6 +225,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             jax.random.fold_in(key, k),
             num_samples=num_samples,
             guide_args=(lam,),
+            indices=eval_idx[: x.shape[0]],
         )
 
     results, curves, trained = {}, {}, {}
@@ -265,7 +270,9 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
 
         # at test time every model's q is refined by K steps, from its encoder (or the prior)
         test_time = _test_time(method, encoder, settings, config.z_dim)
-        refined_q = _timed(test_time, model, params, x_eval, jax.random.fold_in(key, 7))
+        refined_q = _timed(
+            test_time, model, params, x_eval, jax.random.fold_in(key, 7), indices=eval_idx
+        )
         lam0, lam_k = refined_q.start, refined_q.params
         encoder_seconds = (
             0.0
@@ -282,6 +289,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             jax.random.fold_in(key, 3),
             num_samples=config.iwae_samples,
             guide_args=(lam_k,),
+            indices=eval_idx,
             progress=f"{method}: IWAE-{config.iwae_samples}" if progress else False,
         )
         prior = dist.Normal(0.0, 1.0).expand([config.z_dim]).to_event(1)
@@ -302,7 +310,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
                 params,
                 x_eval,
                 _test_time(method, encoder, settings._replace(num_steps=k), config.z_dim)
-                .infer(model, params, x_eval, jax.random.fold_in(key, 7))
+                .infer(model, params, x_eval, jax.random.fold_in(key, 7), indices=eval_idx)
                 .params,
                 4,
                 config.eval_samples,
@@ -319,7 +327,9 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             },
         )
 
-    decoder_of, frontier = _frontier(config, model, encoder, trained, x_eval, key, settings, bounds)
+    decoder_of, frontier = _frontier(
+        config, model, encoder, trained, x_eval, eval_idx, key, settings, bounds
+    )
     metrics = {
         "dataset": config.dataset,
         "eval_split": "test",
@@ -359,7 +369,9 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     return metrics
 
 
-def _frontier(config, model, encoder, trained, x_eval, key, settings, bounds) -> tuple[str, dict]:
+def _frontier(
+    config, model, encoder, trained, x_eval, eval_idx, key, settings, bounds
+) -> tuple[str, dict]:
     """Quality and cost of inference for new data with one trained decoder (the VAE's, else the
     first trained), one regime object each: amortized (encoder), semi-amortized (encoder + K
     steps), per-example (K steps from the prior, and Adam to convergence: q*)."""
@@ -367,6 +379,7 @@ def _frontier(config, model, encoder, trained, x_eval, key, settings, bounds) ->
     params = trained[method]
     x_eval = x_eval[: config.frontier_points]  # x_eval is already a seeded random subset
     n = x_eval.shape[0]
+    idx = eval_idx[:n]  # (`bounds` keys by the same indices)
     starts = {"per-example (SGD from the prior)": None}
     out = {}
     if method != "svi":
@@ -383,7 +396,9 @@ def _frontier(config, model, encoder, trained, x_eval, key, settings, bounds) ->
         series = {"steps": [], "ms_per_datapoint": [], "elbo": []}
         for k in config.frontier_steps:
             regime = SemiAmortized(start, settings._replace(num_steps=k), z_dim=config.z_dim)
-            inferred = _timed(regime, model, params, x_eval, jax.random.fold_in(key, 8))
+            inferred = _timed(
+                regime, model, params, x_eval, jax.random.fold_in(key, 8), indices=idx
+            )
             series["steps"].append(k)
             series["ms_per_datapoint"].append(1e3 * inferred.seconds / n)
             series["elbo"].append(
@@ -394,7 +409,7 @@ def _frontier(config, model, encoder, trained, x_eval, key, settings, bounds) ->
         config.qstar._replace(final_samples=config.eval_samples),
         site="z",
         z_dim=config.z_dim,
-    ).infer(model, params, x_eval, jax.random.fold_in(key, 9))
+    ).infer(model, params, x_eval, jax.random.fold_in(key, 9), indices=idx)
     out["per-example q* (Adam to convergence)"] = {
         "steps": [float(q_star.steps.mean())],
         "ms_per_datapoint": [1e3 * q_star.seconds / n],

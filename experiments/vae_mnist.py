@@ -342,7 +342,10 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     )
     key = jax.random.key(config.seed)
     train_key, valid_key, test_key, fig_key = jax.random.split(key, 4)
-    x_valid = data.valid[random_subset(len(data.valid), config.valid_points, config.seed)]
+    # seeded random subsets; each image draws by its index in its split (`indices=`), so its
+    # numbers do not depend on the subset's size
+    valid_idx = random_subset(len(data.valid), config.valid_points, config.seed)
+    x_valid = data.valid[valid_idx]
 
     def evaluate(state):
         b = evaluate_bounds(
@@ -352,6 +355,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             x_valid,
             valid_key,
             num_samples=config.valid_samples,
+            indices=valid_idx,
         )
         return {
             "valid_elbo": float(b.elbo.mean()),
@@ -391,6 +395,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         data.test[iwae_idx],
         iwae_key,
         num_samples=config.iwae_samples,
+        indices=iwae_idx,
         progress=f"test IWAE-{config.iwae_samples}" if progress else False,
     )
     # the test set's latent means draw the figures; the active units are counted on
