@@ -16,15 +16,17 @@ from experiments.watchdog import Watchdog, stall_seconds_from_env
 EXIT_BAD_OPTION = 2  # an unknown or out-of-range option, a folder of another experiment
 EXIT_MISSING = 3  # a file or folder that is not there (raw data, a resume folder)
 EXIT_DIVERGED = 4  # training diverged (NaN or infinite loss)
-EXIT_PERMISSION = 5  # a folder that cannot be written
+EXIT_PERMISSION = 5  # a path that cannot be written (permissions, a full or read-only disk, a file)
 EXIT_DAMAGED = 6  # prepared data that cannot be read
 # EXIT_HUNG = 7 (experiments.watchdog): no CPU used for AMORTJAX_STALL_SECONDS, a deadlock
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 _EXPECTED = {
     TrainingDivergedError: ("training diverged", EXIT_DIVERGED),
     FileNotFoundError: ("missing file", EXIT_MISSING),
     DataNotFoundError: ("missing raw data", EXIT_MISSING),
     PermissionError: ("cannot write", EXIT_PERMISSION),
     DamagedDataError: ("damaged prepared data", EXIT_DAMAGED),
+    OSError: ("cannot write", EXIT_PERMISSION),
 }
 
 
@@ -35,10 +37,18 @@ def _classify(err: Exception) -> tuple[str, int]:
     return "bad option or input", EXIT_BAD_OPTION
 
 
-def _newest_folder(parent: Path, since: float) -> Path | None:
-    """The newest results folder in `parent` made at or after `since` (None: none)."""
-    found = [p for p in parent.glob("*") if p.is_dir() and p.stat().st_mtime >= since - 1]
-    return max(found, key=lambda p: p.stat().st_mtime, default=None)
+def _cannot_write(err: OSError, resume: str | None) -> str:
+    """The message for an operating-system error on a path: the runner raises its own missing
+    files without one (a resume folder without config.json), so an error naming a path is one
+    met while making or writing the results (--results naming a file, a read-only or full
+    disk), whatever its errno."""
+    where = err.filename if err.filename2 is None else f"{err.filename} -> {err.filename2}"
+    fix = (
+        f"make {resume} writable, or copy it somewhere writable and resume the copy"
+        if resume is not None
+        else "choose another --results"
+    )
+    return f"cannot write {where} ({err.strerror or err}): {fix}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,16 +72,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_BAD_OPTION
     start = time.perf_counter()
+    workdirs: list[Path] = []  # the folder this run writes, once the runner has made it
+
+    def announce(workdir: Path) -> None:
+        workdirs.append(workdir)
+        print(f"results folder: {workdir}", flush=True)
+
+    def resume_hint() -> str:
+        # this run's own folder: another run may be writing a newer one under the same root
+        if not workdirs or not workdirs[0].exists():
+            return ""
+        return f"Resume with: python -m experiments {args.name} --resume {workdirs[0]}"
+
     try:
         stall = stall_seconds_from_env()
-        began = time.time()
-
-        def resume_hint() -> str:
-            folder = args.resume or _newest_folder(Path(args.results) / args.name, began)
-            if folder is None:
-                return ""
-            return f"Resume with: python -m experiments {args.name} --resume {folder}"
-
         with Watchdog(stall, describe=resume_hint):
             workdir, _ = run_experiment(
                 args.name,
@@ -79,10 +93,25 @@ def main(argv: list[str] | None = None) -> int:
                 overrides=args.overrides,
                 results_root=args.results,
                 resume=args.resume,
+                on_workdir=announce,
             )
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        hint = resume_hint()
+        kept = (
+            f"everything saved so far (checkpoints, finished results) is in {workdirs[0]}. {hint}"
+            if hint
+            else "nothing was saved, so nothing was kept (the fresh results folder was removed)"
+        )
+        print(f"\ninterrupted: {kept}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ValueError, *_EXPECTED) as err:
         if args.debug:
             raise
+        if isinstance(err, OSError) and err.filename is not None:
+            print(f"error (cannot write): {_cannot_write(err, args.resume)}", file=sys.stderr)
+            return EXIT_PERMISSION
         kind, status = _classify(err)
         print(f"error ({kind}): {err}", file=sys.stderr)
         if status == EXIT_DIVERGED:

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -364,15 +364,18 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return path
 
 
-def read_json(path: str | Path) -> Any:
-    """Reads a JSON file; a damaged one raises a ValueError that names it and the fix."""
+def read_json(path: str | Path, fix: str | None = None) -> Any:
+    """Reads a JSON file; a damaged one raises a ValueError that names it and the fix (`fix`;
+    by default: delete it and run again to recompute it, right for a result, not for a file
+    that cannot be recomputed, such as a results folder's config.json)."""
     path = Path(path)
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        fix = fix or "delete it and run again to recompute it"
         raise ValueError(
             f"{path} is not valid JSON ({err}); it was damaged outside amortjax (its writes "
-            f"are atomic): delete it and run again to recompute it"
+            f"are atomic): {fix}"
         ) from err
 
 
@@ -500,6 +503,7 @@ def run_experiment(
     overrides: Sequence[str] = (),
     results_root: str | Path = "results",
     resume: str | Path | None = None,
+    on_workdir: Callable[[Path], None] | None = None,
 ) -> tuple[Path, dict]:
     """Runs an experiment into a fresh results folder, or resumes one.
 
@@ -513,6 +517,9 @@ def run_experiment(
             samples) and training continues from its checkpoint. `config.json` keeps the
             original preset, overrides and code (`code_version`), and lists each resume, with
             its own code, under "history"; a refused or failed resume leaves it as it was.
+        on_workdir: called with the results folder once it is made (a fresh run) or checked
+            (a resume), before the experiment runs: the command line prints it, and names it
+            in the resume command of an interrupted or hung run.
 
     Returns:
         `(workdir, metrics)`.
@@ -535,6 +542,8 @@ def run_experiment(
             "history": [],
         }
         write_json(workdir / CONFIG_FILE, record)
+        if on_workdir is not None:
+            on_workdir(workdir)
         try:
             return workdir, module.run(config, workdir)
         except BaseException:
@@ -550,7 +559,15 @@ def run_experiment(
             f"cannot resume: {saved} does not exist (give the results folder of an earlier run, "
             f"e.g. results/{name}/<time>_<preset>)"
         )
-    record = read_json(saved)
+    record = read_json(
+        saved,
+        fix=(
+            "it holds the options this folder's models were trained under, and cannot be "
+            "recomputed; do not delete it (without it the folder cannot be resumed): restore it "
+            f"from a backup, or start a fresh run (python -m experiments {name} --results "
+            "<folder> ...)"
+        ),
+    )
     if record.get("experiment", name) != name:
         raise ValueError(
             f"cannot resume {workdir} as {name}: that folder holds a {record['experiment']} run "
@@ -573,6 +590,8 @@ def run_experiment(
         "code": code_version(),
     }]  # fmt: skip
     write_json(saved, {**record, "config": config_to_dict(config), "history": history})
+    if on_workdir is not None:
+        on_workdir(workdir)
     try:
         return workdir, module.run(config, workdir)
     except BaseException:

@@ -1,6 +1,7 @@
 """Experiment runner: presets, overrides, results folders, the command line, resume."""
 
 import dataclasses
+import errno
 import json
 import os
 import subprocess
@@ -586,6 +587,15 @@ def fake_experiment(monkeypatch):
         if config.name == "fail-late":
             (workdir / "checkpoint").mkdir(exist_ok=True)
             raise FloatingPointError("diverged")
+        if config.name == "interrupt-early":
+            raise KeyboardInterrupt
+        if config.name == "interrupt-late":
+            (workdir / "checkpoint").mkdir(exist_ok=True)
+            (workdir.parent / "zz-another-run").mkdir()  # newer, beside it in the same root
+            raise KeyboardInterrupt
+        if config.name == "disk-full":
+            (workdir / "checkpoint").mkdir(exist_ok=True)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(workdir / "metrics.json"))
         (workdir / "metrics.json").write_text("{}")
         return {"epochs": config.epochs}
 
@@ -712,6 +722,49 @@ def test_cli_ends_expected_failures_with_a_message_and_a_status(tmp_path):
     assert not (tmp_path / "vae_mnist").exists()  # refused before any folder was made
     preset = _cli("vae_mnist", "--resume", str(tmp_path), "--preset", "paper", cwd=ROOT)
     assert preset.returncode == 2 and "--preset does not apply with --resume" in preset.stderr
+
+
+def test_cli_ctrl_c_and_unwritable_results_end_with_a_message_and_a_status(
+    tmp_path, fake_experiment, capsys
+):
+    """Ctrl-C gave a raw KeyboardInterrupt traceback with no folder to resume; --results naming
+    a file, an unmakeable folder or a full disk gave tracebacks or "missing file". Now the
+    folder is printed at the start, Ctrl-C names the resume command of this run's own folder
+    (not a newer one beside it) with status 130, and a path that cannot be written is named
+    with the operating system's reason and the fix, status 5."""
+    from experiments.__main__ import EXIT_INTERRUPTED, EXIT_PERMISSION, main
+
+    root = tmp_path / "results"
+    assert main(["fake", "--results", str(root), "name=interrupt-late"]) == EXIT_INTERRUPTED
+    out, err = capsys.readouterr()
+    (folder,) = [p for p in (root / "fake").iterdir() if p.name != "zz-another-run"]
+    assert f"results folder: {folder}" in out
+    assert "interrupted: everything saved so far" in err and "Traceback" not in err
+    assert f"Resume with: python -m experiments fake --resume {folder}\n" in err
+    assert main(["fake", "--results", str(root), "name=interrupt-early"]) == EXIT_INTERRUPTED
+    assert "nothing was saved, so nothing was kept" in capsys.readouterr().err
+    assert len(list((root / "fake").iterdir())) == 2  # the early one's folder was removed
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for results, message in (
+        (a_file, f"cannot write {a_file / 'fake'} (Not a directory): choose another --results"),
+        (Path("/proc/x"), "cannot write /proc/x (No such file or directory): choose another"),
+        (root, "metrics.json (No space left on device): choose another --results"),
+    ):
+        name = "name=disk-full" if results == root else "name=a"
+        assert main(["fake", "--results", str(results), name]) == EXIT_PERMISSION
+        err = capsys.readouterr().err
+        assert "error (cannot write): " in err and message in err, err
+
+
+def test_a_damaged_config_json_is_refused_without_telling_to_delete_it(tmp_path, fake_experiment):
+    """read_json told the user to delete a damaged file and run again; for config.json that
+    makes the folder unresumable."""
+    workdir, _ = run_experiment("fake", results_root=tmp_path)
+    (workdir / "config.json").write_text('{"experiment": "fa')
+    with pytest.raises(ValueError, match="config.json is not valid JSON.*do not delete it.*fresh"):
+        run_experiment("fake", overrides=["epochs=5"], resume=workdir)
 
 
 def test_settings_groups_take_dotted_options_and_old_folders_resume():
