@@ -611,7 +611,7 @@ def _curves_figure(dataset: str, config: Config, curves_by_model: dict):
 
 
 def _train_encoder(config, setup: _Setup, params: dict, family_name, hidden, data, key, workdir,
-                   name, epochs, progress):  # fmt: skip
+                   name, epochs, progress, epochs_option="frozen_epochs"):  # fmt: skip
     """A new encoder (family `family_name`, trunk `hidden`) trained on setup's frozen decoder;
     the latent size is `config.z_dim`, the one setup's model was built with. Its checkpoint is
     kept per decoder (a digest of the frozen parameters): `fit` cannot see what the model holds
@@ -643,6 +643,7 @@ def _train_encoder(config, setup: _Setup, params: dict, family_name, hidden, dat
         checkpoint_dir=workdir / "checkpoints" / name / f"decoder-{decoder}",
         checkpoint_every=config.checkpoint_every,
         progress=progress,
+        epochs_option=epochs_option,
     )
     return family, encoder, {**fixed, **result.params}
 
@@ -711,11 +712,13 @@ def _latent_figure(config, key, workdir, figures, progress) -> Path:
         checkpoint_dir=workdir / "checkpoints" / name,
         checkpoint_every=config.checkpoint_every,
         progress=progress,
+        epochs_option="latent_epochs",
     )
     params = result.params
     flow_family, flow_encoder, flow_params = _train_encoder(
         small, setup, params, "flow", config.encoder_hidden, data, jax.random.fold_in(key, 7001),
         workdir, f"{dataset}_z2_flow_on_frozen", config.latent_epochs, progress,
+        epochs_option="latent_epochs",
     )  # fmt: skip
     x_idx = random_subset(len(data.test), 4, config.seed + 14)
     x = data.test[x_idx]
@@ -731,6 +734,7 @@ def _latent_figure(config, key, workdir, figures, progress) -> Path:
             setup.model, params, x, jax.random.fold_in(key, 7002 + salt),
             qstar_settings(small, family)._replace(second_start=second_start), family=family,
             init=init, starts=starts, final_samples=10, indices=x_idx,
+            progress=f"{name} figure q*" if progress else False,
         ).params  # fmt: skip
 
     ffg_lam, flow_lam = encode(setup.encoder, params, xj), encode(flow_encoder, flow_params, xj)

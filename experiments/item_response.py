@@ -205,7 +205,10 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         # new people, each regime its own way (timed on a second, compiled call)
         k_fit, k_refine, k_elbo = jax.random.split(jax.random.fold_in(eval_key, i), 3)
         k_infer = k_fit if regime == "per_example" else k_refine
-        regime_.infer(fixed, params, x_test, k_infer)
+        if isinstance(regime_, PerExample):  # (a bar on the first call; the second is timed)
+            regime_.infer(fixed, params, x_test, k_infer, progress=f"{regime} q*" * progress)
+        else:
+            regime_.infer(fixed, params, x_test, k_infer)
         inferred = regime_.infer(fixed, params, x_test, k_infer)
         lam, infer_seconds = inferred.params, inferred.seconds
         train_lam = (

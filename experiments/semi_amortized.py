@@ -305,6 +305,8 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             "encoder_ms_per_datapoint": 1e3 * encoder_seconds / n_eval,
             "refine_ms_per_datapoint": 1e3 * refined_q.seconds / n_eval,
         }
+        if progress:
+            print(f"[{method}] test-time refinement: ELBO after {list(config.test_steps)} steps")
         steps_elbo = [
             bounds(
                 params,
@@ -328,7 +330,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         )
 
     decoder_of, frontier = _frontier(
-        config, model, encoder, trained, x_eval, eval_idx, key, settings, bounds
+        config, model, encoder, trained, x_eval, eval_idx, key, settings, bounds, progress
     )
     metrics = {
         "dataset": config.dataset,
@@ -370,7 +372,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
 
 
 def _frontier(
-    config, model, encoder, trained, x_eval, eval_idx, key, settings, bounds
+    config, model, encoder, trained, x_eval, eval_idx, key, settings, bounds, progress=False
 ) -> tuple[str, dict]:
     """Quality and cost of inference for new data with one trained decoder (the VAE's, else the
     first trained), one regime object each: amortized (encoder), semi-amortized (encoder + K
@@ -393,6 +395,8 @@ def _frontier(
             ],
         }
     for name, start in starts.items():
+        if progress:
+            print(f"[frontier] {name}: {list(config.frontier_steps)} steps on {n} points")
         series = {"steps": [], "ms_per_datapoint": [], "elbo": []}
         for k in config.frontier_steps:
             regime = SemiAmortized(start, settings._replace(num_steps=k), z_dim=config.z_dim)
@@ -405,6 +409,9 @@ def _frontier(
                 float(bounds(params, x_eval, inferred.params, 6, config.eval_samples).elbo.mean())
             )
         out[name] = series
+    if progress:  # (no bar: the call is timed)
+        print(f"[frontier] q* by Adam to convergence on {n} points (timed, up to "
+              f"{config.qstar.max_steps} steps each)")  # fmt: skip
     q_star = PerExample(
         config.qstar._replace(final_samples=config.eval_samples),
         site="z",
