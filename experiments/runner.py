@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from amortjax.data import split_sizes
+from amortjax.inference.training import CheckpointAheadError
 
 CONFIG_FILE = "config.json"
 EXPERIMENTS_PACKAGE = "experiments"
@@ -516,7 +517,11 @@ def run_experiment(
             experiment's `RESUMABLE_OPTIONS` still apply, e.g. more epochs or more IWAE
             samples) and training continues from its checkpoint. `config.json` keeps the
             original preset, overrides and code (`code_version`), and lists each resume, with
-            its own code, under "history"; a refused or failed resume leaves it as it was.
+            its own code and how it ended ("status": "completed", "interrupted", "failed:
+            <exception>"; "started" if the process was killed), under "history". A refused
+            resume, or one that failed or was interrupted before writing anything, leaves it
+            as it was; one that wrote a checkpoint or a result under the new options keeps
+            them there, so that config.json always describes what the folder holds.
         on_workdir: called with the results folder once it is made (a fresh run) or checked
             (a resume), before the experiment runs: the command line prints it, and names it
             in the resume command of an interrupted or hung run.
@@ -582,20 +587,61 @@ def run_experiment(
     check_config(config)
     check_resumable(module, name, workdir, saved_config, config)
     # config.json keeps the original options and records each resume; it is rewritten only
-    # once the resumed run's options are checked, and put back if the resumed run fails.
+    # once the resumed run's options are checked. If the resumed run fails or is interrupted,
+    # it is put back only when the run wrote nothing: once a checkpoint, a saved result or the
+    # metrics were written under the new options, config.json must keep describing them (its
+    # history entry then says how the resume ended).
     before = saved.read_text()
-    history = [*record.get("history", []), {
+    files_before = _file_stamps(workdir)
+    entry = {
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "overrides": list(overrides),
         "code": code_version(),
-    }]  # fmt: skip
-    write_json(saved, {**record, "config": config_to_dict(config), "history": history})
+        "status": "started",  # left so by a killed process
+    }
+    history = [*record.get("history", []), entry]
+    resumed = {**record, "config": config_to_dict(config), "history": history}
+    write_json(saved, resumed)
     if on_workdir is not None:
         on_workdir(workdir)
     try:
-        return workdir, module.run(config, workdir)
-    except BaseException:
-        tmp = saved.with_name(f".{saved.name}.restore")
-        tmp.write_text(before)
-        os.replace(tmp, saved)
+        try:
+            metrics = module.run(config, workdir)
+        except CheckpointAheadError as err:
+            option = err.option
+            raise ValueError(
+                f"cannot resume {workdir} with {option}={err.epochs}: its checkpoint "
+                f"{err.directory} has trained {err.trained} epochs already, and a resume cannot "
+                f"train fewer. Resume with {option}={err.trained} or more (python -m experiments "
+                f"{name} --resume {workdir} {option}={err.trained}), or start a fresh run for "
+                f"{err.epochs} (python -m experiments {name} --results <folder> "
+                f"{option}={err.epochs} ...)"
+            ) from err
+    except BaseException as err:
+        if _file_stamps(workdir) == files_before:
+            tmp = saved.with_name(f".{saved.name}.restore")
+            tmp.write_text(before)
+            os.replace(tmp, saved)
+        else:
+            interrupted = isinstance(err, KeyboardInterrupt)
+            entry["status"] = "interrupted" if interrupted else f"failed: {type(err).__name__}"
+            write_json(saved, resumed)
         raise
+    entry["status"] = "completed"
+    write_json(saved, resumed)
+    return workdir, metrics
+
+
+def _file_stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    """(modification time, size) of every file under folder but config.json: what a run
+    wrote there changes it."""
+    stamps = {}
+    for path in folder.rglob("*"):
+        name = str(path.relative_to(folder))
+        try:
+            if name != CONFIG_FILE and path.is_file():
+                stat = path.stat()
+                stamps[name] = (stat.st_mtime_ns, stat.st_size)
+        except FileNotFoundError:  # a temporary file renamed meanwhile
+            continue
+    return stamps

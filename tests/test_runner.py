@@ -16,6 +16,7 @@ import pytest
 
 from amortjax.families import DiagonalGaussian
 from amortjax.flows import AffineCouplingFlow
+from amortjax.inference.training import CheckpointAheadError
 from experiments.runner import (
     apply_overrides,
     available_experiments,
@@ -591,8 +592,15 @@ def fake_experiment(monkeypatch):
             raise KeyboardInterrupt
         if config.name == "interrupt-late":
             (workdir / "checkpoint").mkdir(exist_ok=True)
-            (workdir.parent / "zz-another-run").mkdir()  # newer, beside it in the same root
+            (workdir / "checkpoint" / "state.npz").write_text(str(config.epochs))
+            (workdir.parent / "zz-another-run").mkdir(exist_ok=True)  # newer, in the same root
             raise KeyboardInterrupt
+        if config.name == "fail-after-writing":
+            (workdir / "checkpoint").mkdir(exist_ok=True)
+            (workdir / "checkpoint" / "state.npz").write_text(str(config.epochs))
+            raise FloatingPointError("diverged")
+        if config.name == "ahead":
+            raise CheckpointAheadError(workdir / "checkpoint", 70, config.epochs, "frozen_epochs")
         if config.name == "disk-full":
             (workdir / "checkpoint").mkdir(exist_ok=True)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(workdir / "metrics.json"))
@@ -647,6 +655,37 @@ def test_resume_keeps_the_original_options_and_a_history(tmp_path, fake_experime
         run_experiment("fake", overrides=["name=fail-late"], resume=workdir)
     assert saved.read_bytes() == before
     assert len(fake_experiment) == 3  # the refused resume never ran
+
+
+def test_a_resume_that_wrote_anything_keeps_its_options_however_it_ends(tmp_path, fake_experiment):
+    """A failed or interrupted resume put the old config.json back even after it had trained
+    the checkpoint further and written results under the new options: the folder then held
+    a checkpoint at epoch 70 beside a config.json saying epochs=1. Now config.json keeps the
+    new options once anything was written, its history entry saying how the resume ended."""
+    workdir, _ = run_experiment("fake", results_root=tmp_path)
+    saved = workdir / "config.json"
+    for name, epochs, error, status in (
+        ("fail-after-writing", 7, FloatingPointError, "failed: FloatingPointError"),
+        ("interrupt-late", 9, KeyboardInterrupt, "interrupted"),
+    ):
+        with pytest.raises(error):
+            run_experiment("fake", overrides=[f"name={name}", f"epochs={epochs}"], resume=workdir)
+        record = json.loads(saved.read_text())
+        assert record["config"]["epochs"] == epochs and record["config"]["name"] == name
+        assert record["history"][-1]["status"] == status
+    run_experiment("fake", overrides=["name=a"], resume=workdir)
+    record = json.loads(saved.read_text())
+    statuses = [h["status"] for h in record["history"]]
+    assert statuses == ["failed: FloatingPointError", "interrupted", "completed"]
+    # a checkpoint trained further than the epochs asked for: refused in command-line terms,
+    # naming the option (fit's epochs_option), and, nothing written, config.json put back
+    before = saved.read_bytes()
+    with pytest.raises(ValueError, match=(
+        r"has trained 70 epochs already.*Resume with frozen_epochs=70 or more \(python -m "
+        rf"experiments fake --resume {workdir} frozen_epochs=70\), or start a fresh run"
+    )):  # fmt: skip
+        run_experiment("fake", overrides=["name=ahead", "epochs=2"], resume=workdir)
+    assert saved.read_bytes() == before
 
 
 def test_resume_refuses_options_that_decide_what_is_trained(tmp_path, monkeypatch, capsys):

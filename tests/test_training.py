@@ -160,6 +160,10 @@ def test_resume_refuses_a_checkpoint_trained_under_other_settings(tmp_path):
                 progress=False)  # fmt: skip
     with pytest.raises(ValueError, match="has trained 2 epochs, more than epochs=1"):
         fit(trainer, x, key=jax.random.key(0), epochs=1, checkpoint_dir=tmp_path, progress=False)
+    # the refusal names the caller's option (an encoder on a frozen decoder: frozen_epochs)
+    with pytest.raises(ValueError, match="more than frozen_epochs=1: give frozen_epochs >= 2"):
+        fit(trainer, x, key=jax.random.key(0), epochs=1, checkpoint_dir=tmp_path, progress=False,
+            epochs_option="frozen_epochs")  # fmt: skip
     assert json.loads((tmp_path / "meta.json").read_text()) == meta  # the refusals wrote nothing
     more = fit(trainer, x, key=jax.random.key(0), epochs=3, checkpoint_dir=tmp_path, progress=False)
     assert more.history["train_loss"][1][:2] == first.history["train_loss"][1]

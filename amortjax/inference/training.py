@@ -59,6 +59,26 @@ class TrainingDivergedError(FloatingPointError):
     """The loss or the parameters became NaN or infinite."""
 
 
+class CheckpointAheadError(ValueError):
+    """A checkpoint has trained more epochs than `fit` was asked for (it cannot be continued
+    to fewer); carries what a caller needs to say the fix in its own terms.
+
+    Attributes:
+        directory: the checkpoint's folder.
+        trained: the epochs it has trained.
+        epochs: the epochs asked for.
+        option: the name under which the caller's user gives `epochs` (`fit`'s `epochs_option`).
+    """
+
+    def __init__(self, directory: str | Path, trained: int, epochs: int, option: str):
+        self.directory, self.trained, self.epochs, self.option = directory, trained, epochs, option
+        super().__init__(
+            f"the checkpoint in {directory} has trained {trained} epochs, more than "
+            f"{option}={epochs}: give {option} >= {trained} to continue it, or a new "
+            f"checkpoint_dir to train {epochs}"
+        )
+
+
 def with_data_indices(fn: Callable) -> Callable:
     """Wraps a model or guide to take the data plate's indices as a `data_indices` keyword.
 
@@ -382,6 +402,7 @@ def fit(
     eval_every: int = 1,
     on_epoch_end: Callable[[TrainState, History], None] | None = None,
     progress: bool = True,
+    epochs_option: str = "epochs",
 ) -> FitResult:
     """Trains for `epochs` epochs in all, resuming from `checkpoint_dir` when it holds a state.
 
@@ -399,6 +420,8 @@ def fit(
         eval_every: epochs between evaluations.
         on_epoch_end: called with the state and history after each epoch (after checkpointing).
         progress: show a progress bar with the running loss.
+        epochs_option: the name of the caller's option that gives `epochs` (e.g. an
+            experiment's `frozen_epochs`), named by the refusal of a checkpoint trained longer.
 
     Returns:
         A `FitResult`; history["train_loss"] is the mean per-datapoint loss of each epoch;
@@ -407,7 +430,8 @@ def fit(
 
     Raises:
         ValueError: a checkpoint in checkpoint_dir trained under other settings (each named,
-            old and new), under unrecorded ones, or for more than `epochs` epochs.
+            old and new), under unrecorded ones, or for more than `epochs` epochs (a
+            `CheckpointAheadError`).
         TrainingDivergedError: when an epoch's loss or parameters are not finite; the last
             checkpoint (from before that epoch) is kept.
     """
@@ -444,11 +468,7 @@ def fit(
             )
         check_settings(checkpoint_dir, meta.get("settings"), settings)
         if int(state.epoch) > epochs:
-            raise ValueError(
-                f"the checkpoint in {checkpoint_dir} has trained {int(state.epoch)} epochs, "
-                f"more than epochs={epochs}: give epochs >= {int(state.epoch)} to continue it, "
-                f"or a new checkpoint_dir to train {epochs}"
-            )
+            raise CheckpointAheadError(checkpoint_dir, int(state.epoch), epochs, epochs_option)
         state = trainer.place(state)
         history = {k: (list(v[0]), list(v[1])) for k, v in meta.get("history", {}).items()}
         seconds_before = float(meta.get("train_seconds", 0.0))
