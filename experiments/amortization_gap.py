@@ -93,6 +93,7 @@ from experiments.runner import (
     check_choice,
     check_config,
     check_set_elsewhere,
+    code_version,
     config_to_dict,
     load_saved_result,
     write_json,
@@ -247,6 +248,24 @@ RESUMABLE_OPTIONS = (
     "eval_batch_size",
     "checkpoint_every",
 )
+# Options a saved model's gap results (`models/<dataset>_<family>.json`) do not depend on, so
+# a resume that changes only these reuses them (`runner.load_saved_result`): the spacing of
+# checkpoints (training resumes to identical parameters) and of the gap curves (computed beside
+# training, from its states, with keys of their own), and the variants trained after the models
+# with keys of their own. The evaluation options (test_points, iwae_samples, ais,
+# eval_batch_size, ...) do enter them.
+MODEL_RESULT_IGNORES = (
+    "checkpoint_every",
+    "curve_every",
+    "frozen_decoder",
+    "frozen_epochs",
+    "latent_figure",
+    "latent_epochs",
+)
+# ... and those the results of an encoder on a frozen decoder
+# (`models/<dataset>_frozen_<family>.json`) do not depend on (the decoder's training and
+# frozen_epochs do enter them)
+FROZEN_RESULT_IGNORES = ("checkpoint_every", "curve_every", "latent_figure", "latent_epochs")
 
 
 def upgrade_saved_config(data: dict) -> dict:
@@ -521,13 +540,14 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             params = result.params
             trained[name] = (setup, params, data)
             curves_by_model[name] = result.history
-            reused = load_saved_result(saved, config)
+            reused = load_saved_result(saved, config, ignore=MODEL_RESULT_IGNORES)
             if reused is not None:
                 results[name] = reused
                 continue
             start = time.perf_counter()
             entry: dict[str, Any] = {
                 "config": config_to_dict(config),  # what the saved result was computed under
+                "code": code_version(),  # ... and by
                 "dataset": dataset,
                 "family": family_name,
                 "train_seconds": train_seconds,
@@ -665,7 +685,7 @@ def _frozen_decoder(config, trained, key, workdir, progress) -> dict:
                 config, setup, params, family_name, (), data, k, workdir, name,
                 config.frozen_epochs, progress,
             )  # fmt: skip
-            reused = load_saved_result(saved, config)
+            reused = load_saved_result(saved, config, ignore=FROZEN_RESULT_IGNORES)
             if reused is not None:
                 out[name] = reused
                 continue
@@ -676,6 +696,7 @@ def _frozen_decoder(config, trained, key, workdir, progress) -> dict:
             )  # fmt: skip
             entry = {
                 "config": config_to_dict(config),
+                "code": code_version(),
                 "dataset": dataset,
                 "family": family_name,
                 "decoder_of": source,

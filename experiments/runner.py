@@ -20,7 +20,8 @@ training and recomputes what the new options change. An experiment lists in
 `RESUMABLE_OPTIONS` the options a resume may change: the number of epochs (training
 continues; fewer epochs than a checkpoint has is refused by `fit`), and the options of
 evaluations that are recomputed from the trained models (results saved per model are reused
-only under the exact config that made them: `load_saved_result`). Any other change, e.g.
+only under the config that made them, up to the options the experiment names as not entering
+them; a superseded one is kept beside its replacement: `load_saved_result`). Any other change, e.g.
 `learning_rate`, `batch_size` or `seed`, is refused before anything runs, naming each option
 with its old and new value, and the fix: a fresh run (`--results`) with the new values, or the
 resume with the old ones. Options that draw what is recorded during training (e.g. the gap
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import importlib
 import json
 import math
@@ -380,24 +382,99 @@ def read_json(path: str | Path, fix: str | None = None) -> Any:
         ) from err
 
 
-def load_saved_result(path: str | Path, config: Any) -> dict | None:
+def _flat(config: dict) -> dict[str, Any]:
+    """A saved config's options, a settings group's fields as `group.field`."""
+    flat = {}
+    for name, value in config.items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{field}": v for field, v in value.items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+def _supersede(path: Path) -> Path:
+    """Moves a saved result that will be recomputed to `<name>.superseded-<n>.json` beside it,
+    so that nothing computed is lost (the files a run reads are named without the suffix)."""
+    n = 1
+    while (kept := path.with_name(f"{path.stem}.superseded-{n}{path.suffix}")).exists():
+        n += 1
+    os.replace(path, kept)
+    return kept
+
+
+@functools.cache
+def _this_code() -> dict[str, Any]:
+    return code_version()
+
+
+def _code_text(code: dict | None) -> str:
+    if not code:
+        return "unrecorded code"
+    dirty = " with uncommitted changes" if code.get("dirty") else ""
+    packages = ", ".join(f"{k} {v}" for k, v in sorted((code.get("packages") or {}).items()))
+    return (
+        f"commit {code.get('commit')}{dirty} (python {code.get('python')}, {packages}; "
+        f"{code.get('backend')})"
+    )
+
+
+def load_saved_result(path: str | Path, config: Any, ignore: Sequence[str] = ()) -> dict | None:
     """A result saved by `write_json` with its config under "config", if it is reusable.
 
-    Returns the saved dict when the file exists, is valid JSON and was computed under exactly
-    `config`; otherwise None (the caller recomputes it), with a note on stderr saying why.
-    Results computed under other settings are never reused.
+    Args:
+        path: the saved result (e.g. `models/<name>.json`).
+        config: the config of the run that would reuse it.
+        ignore: options that cannot change this result (a group's name covers its fields),
+            e.g. how often checkpoints are written, or the options of other results: a
+            result saved under other values of only these is reused. Name only options
+            verified not to enter the result's numbers.
+
+    Returns:
+        The saved dict when the file exists, is valid JSON and was computed under `config`
+        up to `ignore`; otherwise None (the caller recomputes it), with a note on stderr
+        naming the options that differ (old -> new), and the old file moved aside to
+        `<name>.superseded-<n>.json`. A result reused although made by other code than this
+        run's (its "code", `code_version`, if the caller saved it) is reused with a note
+        naming both versions; one made by a checkout with uncommitted changes counts as other
+        code, since its commit does not say what ran.
     """
     path = Path(path)
     if not path.exists():
         return None
     try:
         saved = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        print(f"note: {path} is damaged; recomputing it", file=sys.stderr)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        kept = _supersede(path)
+        print(f"note: {path} is damaged; recomputing it (the damaged file: {kept})",
+              file=sys.stderr)  # fmt: skip
         return None
-    if saved.get("config") != json.loads(json.dumps(config_to_dict(config), default=float)):
-        print(f"note: {path} was computed under other settings; recomputing it", file=sys.stderr)
+    old = _flat(saved.get("config") or {})
+    new = _flat(json.loads(json.dumps(config_to_dict(config), default=float)))
+    differ = [
+        f"{name}: {old.get(name, '(unset)')!r} -> {new.get(name, '(unset)')!r}"
+        for name in sorted(old.keys() | new.keys())
+        if old.get(name) != new.get(name) and not {name, name.partition(".")[0]} & set(ignore)
+    ]
+    if differ:
+        kept = _supersede(path)
+        print(
+            f"note: {path} was computed under other settings ({'; '.join(differ)}); "
+            f"recomputing it (the old result is kept as {kept.name})",
+            file=sys.stderr,
+        )
         return None
+    code, this = saved.get("code"), _this_code()
+    same = code is not None and not code.get("dirty") and not this.get("dirty")
+    keys = ("commit", "python", "packages", "backend")
+    if not same or any(code.get(k) != this.get(k) for k in keys):
+        print(
+            f"NOTE: reusing {path}, made by other code than this run's (or code that cannot "
+            f"be told apart): it was made by {_code_text(code)}; this run is "
+            f"{_code_text(this)}. Its numbers are those of the code named in it; move it away "
+            "to recompute it with this code",
+            file=sys.stderr,
+        )
     return saved
 
 

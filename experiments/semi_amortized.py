@@ -64,6 +64,7 @@ from experiments.runner import (
     check_choice,
     check_config,
     check_set_elsewhere,
+    code_version,
     config_to_dict,
     load_saved_result,
     write_json,
@@ -146,6 +147,11 @@ RESUMABLE_OPTIONS = (
     "qstar",
     "checkpoint_every",
 )
+# Options a saved method's results (`methods/<method>.json`) do not depend on, so a resume that
+# changes only these reuses them (`runner.load_saved_result`): the frontier's, computed after
+# them from the trained models, and the spacing of checkpoints (training resumes to identical
+# parameters).
+METHOD_RESULT_IGNORES = ("frontier_steps", "frontier_points", "qstar", "checkpoint_every")
 
 PRESETS: dict[str, dict] = {
     "quick": {},
@@ -262,7 +268,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         params = result.params
         trained[method] = params
         saved = workdir / "methods" / f"{method}.json"
-        reused = load_saved_result(saved, config)
+        reused = load_saved_result(saved, config, ignore=METHOD_RESULT_IGNORES)
         if reused is not None:
             results[method] = reused["results"]
             curves[method] = tuple(reused["elbo_vs_test_steps"])
@@ -324,6 +330,7 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
             saved,
             {
                 "config": config_to_dict(config),  # what the saved results were computed under
+                "code": code_version(),  # ... and by
                 "results": results[method],
                 "elbo_vs_test_steps": curves[method],
             },

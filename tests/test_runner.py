@@ -534,15 +534,36 @@ def test_write_json_is_atomic(tmp_path, monkeypatch):
 
 
 def test_saved_results_are_reused_only_under_the_same_settings(tmp_path, capsys):
+    """A saved result is reused under the config that made it, up to the options the caller
+    names as not entering it (any other change used to discard and overwrite it, and the note
+    did not say which option changed); a superseded or damaged one is kept beside it, and one
+    made by other code is reused with a note naming both versions."""
+    from experiments.runner import code_version
+
     path = tmp_path / "model.json"
-    write_json(path, {"config": config_to_dict(_Config()), "value": 7})
+    write_json(path, {"config": config_to_dict(_Config()), "code": code_version(), "value": 7})
     assert load_saved_result(path, _Config())["value"] == 7
-    assert load_saved_result(path, _Config(epochs=4)) is None
-    assert "computed under other settings; recomputing" in capsys.readouterr().err
+    assert load_saved_result(path, _Config(flag=True), ignore=("flag",))["value"] == 7
+    capsys.readouterr()
+    assert load_saved_result(path, _Config(epochs=4, flag=True), ignore=("flag",)) is None
+    assert (
+        "computed under other settings (epochs: 3 -> 4); recomputing it (the old result is "
+        "kept as model.superseded-1.json)"
+    ) in capsys.readouterr().err
+    assert not path.exists()
+    assert json.loads((tmp_path / "model.superseded-1.json").read_text())["value"] == 7
+    other = {**code_version(), "commit": "0123abc", "dirty": False}
+    write_json(path, {"config": config_to_dict(_Config()), "code": other, "value": 8})
+    assert load_saved_result(path, _Config())["value"] == 8  # reused, and said so
+    err = capsys.readouterr().err
+    assert "NOTE: reusing" in err and "made by commit 0123abc (python" in err
+    assert f"this run is commit {code_version()['commit']}" in err
     path.write_text('{"config": {"epo')  # damaged outside amortjax
     assert load_saved_result(path, _Config()) is None
     assert "damaged" in capsys.readouterr().err
+    assert (tmp_path / "model.superseded-2.json").read_text() == '{"config": {"epo'
     assert load_saved_result(tmp_path / "missing.json", _Config()) is None
+    path.write_text('{"config": {"epo')
     with pytest.raises(ValueError, match="model.json is not valid JSON.*delete it"):
         read_json(path)
 
@@ -921,9 +942,17 @@ def test_semi_amortized_saves_each_method_at_once_and_a_resume_reuses_it(tmp_pat
     resumed = semi_amortized.run(config, tmp_path, progress=False)
     assert resumed["methods"]["vae"]["iwae"] == [123.0, 0.0]
     assert resumed["elbo_vs_test_steps"]["vae"][0] == [0]
+    assert entry["code"]["packages"]["jax"] == jax.__version__  # the code that made it
+    # options the method's results do not depend on (the frontier's, the checkpoints'
+    # spacing) used to discard them: reused
+    same = dataclasses.replace(config, frontier_steps=(1, 2), frontier_points=4,
+                               checkpoint_every=3)  # fmt: skip
+    assert semi_amortized.run(same, tmp_path, progress=False)["methods"]["vae"]["iwae"][0] == 123
     other = dataclasses.replace(config, iwae_samples=5)  # another evaluation: recomputed
     assert semi_amortized.run(other, tmp_path, progress=False)["methods"]["vae"]["iwae"][0] < 0
     assert json.loads(saved.read_text())["config"]["iwae_samples"] == 5
+    kept = json.loads((saved.parent / "vae.superseded-1.json").read_text())  # nothing is lost
+    assert kept["results"]["iwae"] == [123.0, 0.0]
 
 
 _STUCK = """
