@@ -152,6 +152,13 @@ def test_kl_schedules_at_known_steps():
     # Exact far past float32's consecutive integers (2^24): a step just after a cycle starts.
     long = kl_schedule("cyclical", cycles=4, total_steps=4 * 2**23)
     assert float(long(3 * 2**23 + 1)) == pytest.approx(2 / 2**23, rel=1e-6)
+    # and where step * cycles passes 2^31 (int32 wrapped it: 0.34 here, in and out of jit)
+    many = kl_schedule("cyclical", cycles=100, total_steps=30_000_000)
+    expected = (25_000_000 % 300_000) / 300_000 / 0.5  # (s mod P) / P / ratio, P = 3e5
+    for weight in (many(25_000_000), jax.jit(many)(jnp.int32(25_000_000))):
+        assert float(weight) == pytest.approx(expected, rel=1e-6)
+    huge = kl_schedule("cyclical", cycles=4, total_steps=2_000_000_000)
+    assert float(huge(600_000_000)) == pytest.approx(0.2 / 0.5, rel=1e-6)  # P = 5e8
 
 
 def test_kl_schedule_rejects_bad_options():
@@ -161,6 +168,8 @@ def test_kl_schedule_rejects_bad_options():
         kl_schedule("cyclical", cycles=4)
     with pytest.raises(ValueError, match="cycles must be"):
         kl_schedule("cyclical", cycles=0, total_steps=10)
+    with pytest.raises(ValueError, match=r"below 2\*\*31"):
+        kl_schedule("cyclical", cycles=2, total_steps=2**31)
     with pytest.raises(ValueError, match="beta"):
         kl_schedule("constant", beta=-1.0)
     with pytest.raises(ValueError, match="'linear' schedule, not 'constant'"):

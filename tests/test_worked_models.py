@@ -43,6 +43,7 @@ from amortjax.models.irt import (
     simulate_irt,
     trait_recovery,
 )
+from amortjax.models.linear_gaussian import LinearGaussian
 from amortjax.traces import log_joint
 
 N_TRAIN, N_TEST, QUESTIONS = 400, 100, 25
@@ -207,6 +208,11 @@ def test_ppca_trained_by_amortized_svi_reaches_the_closed_form_maximum_likelihoo
         z[:5] @ mle.weight.T + mle.bias, mle.noise_scale
     ).log_prob(x[:5]).sum(-1)
     np.testing.assert_allclose(joint, expected, rtol=1e-5)
+    # a model with two noise scales is not probabilistic PCA: their geometric mean made
+    # another model (log p(x) -0.894 for -1.890), now refused
+    two = LinearGaussian(jnp.array([[1.0], [0.5]]), jnp.zeros(2), jnp.array([0.1, 1.0]))
+    with pytest.raises(ValueError, match=r"needs one noise scale.*0.1 to 1.*noise='diagonal'"):
+        linear_gaussian_params(two, noise="isotropic")
 
 
 def test_conditional_vae_scores_the_row_after_its_condition_and_uses_the_condition():

@@ -94,8 +94,22 @@ def ppca_mle(x: np.ndarray | jax.Array, z_dim: int) -> LinearGaussian:
 
 
 def linear_gaussian_params(lg: LinearGaussian, *, noise: str = "diagonal") -> dict:
-    """`factor_analysis_model` params that make it the given closed-form model."""
+    """`factor_analysis_model` params that make it the given closed-form model.
+
+    Raises:
+        ValueError: noise="isotropic" for a model whose noise scales differ (probabilistic PCA
+            has one; their geometric mean would make another model, off by a nat or more).
+    """
+    if noise not in NOISE:
+        raise ValueError(f"noise must be one of {NOISE}, got {noise!r}")
     log_scale = jnp.log(lg.noise_scale)
     if noise == "isotropic":
+        scales = np.asarray(lg.noise_scale, np.float64)
+        if not np.allclose(scales, scales.flat[0], rtol=1e-5, atol=0):
+            raise ValueError(
+                f"linear_gaussian_params: noise='isotropic' needs one noise scale, but this "
+                f"model's range from {scales.min():.4g} to {scales.max():.4g}; use "
+                "noise='diagonal' (factor analysis) for it."
+            )
         log_scale = log_scale.mean()
     return {"fa_weight": lg.weight, "fa_bias": lg.bias, "fa_log_noise_scale": log_scale}
