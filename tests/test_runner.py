@@ -407,8 +407,8 @@ def test_amortization_gap_rejects_unknown_families(tmp_path):
     assert "option families=('diagonal', 'iaf'): unknown 'iaf'; choose from" in proc.stderr
 
 
-@pytest.mark.slow  # ~75 s; the regimes on this model are also checked by test_worked_models and
-# the item_response notebook, which the default run executes
+@pytest.mark.slow  # ~75 s; the regimes on this model are also checked by test_worked_models (and
+# by the item_response notebook, in make test-slow)
 def test_item_response_compares_the_three_regimes_against_exact_answers(tmp_path):
     from experiments import item_response
 

@@ -181,7 +181,9 @@ def check_settings(directory: str | Path, saved: dict | None, settings: dict) ->
             f"the checkpoint in {directory} records no training settings (it was written "
             "before amortjax recorded them), so whether it was trained under this run's "
             "settings cannot be checked; train afresh in a new checkpoint_dir (or move that "
-            "folder away), or continue it with the amortjax version that wrote it"
+            "folder away), or continue it with the amortjax version that wrote it (from "
+            "`python -m experiments`: start a fresh run, or move that folder away to retrain "
+            "that model in the resumed run)"
         )
     settings = json.loads(json.dumps(settings))  # tuples as lists, as the saved ones read
     differ = [
@@ -195,5 +197,6 @@ def check_settings(directory: str | Path, saved: dict | None, settings: dict) ->
             + "; ".join(differ)
             + ". Continuing it would return or extend parameters those settings did not train: "
             "train in a new checkpoint_dir, or resume with the checkpoint's settings (only the "
-            "number of epochs may grow on resume)"
+            "number of epochs may grow on resume; from `python -m experiments`: resume with the "
+            "options in the run's config.json, or start a fresh run with the new ones)"
         )
