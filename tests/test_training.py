@@ -26,10 +26,10 @@ def _binarize(key, x):
     return (jax.random.uniform(key, x.shape) < x).astype(x.dtype)
 
 
-def _tiny_bernoulli_trainer(n=240, lr=3e-3, **settings):
+def _tiny_bernoulli_trainer(n=240, lr=3e-3, activation="relu", **settings):
     """A small Bernoulli VAE's trainer and grey-level data; `settings` replace Trainer's."""
     grey = np.random.default_rng(0).uniform(size=(n, 12)).astype(np.float32)
-    model = vae_model(MLP((16,), 12), z_dim=3)
+    model = vae_model(MLP((16,), 12, activation), z_dim=3)
     guide = amortized_guide(MLP((16,), 6), x_dim=12)
     settings = {"batch_size": 32, "kl_warmup_epochs": 1.5, "preprocess": _binarize, **settings}
     trainer = Trainer(model, guide, make_optimizer(lr), n_data=n, **settings)
@@ -134,7 +134,8 @@ def test_killed_process_resumes_to_identical_parameters(tmp_path):
 
 def test_resume_refuses_a_checkpoint_trained_under_other_settings(tmp_path):
     """A checkpoint continues only under the settings that trained it: any other learning
-    rate, batch size, objective, KL schedule, preprocessing, data or key is named and refused
+    rate, batch size, objective, KL schedule, preprocessing, data, key or decoder (by its loss
+    at the initial parameters) is named and refused
     (it used to return the first run's parameters, or extend them under the new settings);
     only the number of epochs may grow."""
     trainer, x = _tiny_bernoulli_trainer(n=64)
@@ -153,6 +154,8 @@ def test_resume_refuses_a_checkpoint_trained_under_other_settings(tmp_path):
         ({"preprocess": None}, (x > 0.5).astype(np.float32), 0, "preprocess: 'digest"),
         ({}, other_data, 0, "data_digest"),
         ({}, x, 99, r"key: \[0, 0\] in the checkpoint, \[0, 99\] now"),
+        # the same parameter shapes, another decoder (was continued without a word)
+        ({"activation": "tanh"}, x, 0, "model_loss: .* another model, guide, likelihood"),
     ):
         other, _ = _tiny_bernoulli_trainer(n=64, **changes)
         with pytest.raises(ValueError, match=f"other settings.*{named}.*new checkpoint_dir"):

@@ -19,6 +19,7 @@ run never returns, or adds epochs to, parameters trained under settings it did n
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
 import zipfile
@@ -163,6 +164,27 @@ def restore_checkpoint(directory: str | Path, template: Any) -> tuple[Any, dict]
     return jax.tree.unflatten(treedef, restored), metadata
 
 
+APPROXIMATE = {  # settings compared to a relative tolerance: (tolerance, what a change means)
+    "model_loss": (
+        1e-4,
+        "the loss of the model and guide at the initial parameters: another "
+        "model, guide, likelihood or activation",
+    ),
+}
+
+
+def _same(name: str, saved: dict, settings: dict) -> bool:
+    """Whether setting `name` agrees; an `APPROXIMATE` one to its tolerance, and not compared
+    where the checkpoint predates it (it only adds a check)."""
+    old, new = saved.get(name), settings.get(name)
+    if name in APPROXIMATE:
+        if name not in saved:
+            return True
+        if isinstance(old, int | float) and isinstance(new, int | float):
+            return math.isclose(old, new, rel_tol=APPROXIMATE[name][0])
+    return old == new
+
+
 def check_settings(directory: str | Path, saved: dict | None, settings: dict) -> None:
     """Refuses a checkpoint whose recorded training settings are not `settings`.
 
@@ -188,8 +210,9 @@ def check_settings(directory: str | Path, saved: dict | None, settings: dict) ->
     settings = json.loads(json.dumps(settings))  # tuples as lists, as the saved ones read
     differ = [
         f"{name}: {saved.get(name)!r} in the checkpoint, {settings.get(name)!r} now"
+        + (f" ({APPROXIMATE[name][1]})" if name in APPROXIMATE else "")
         for name in sorted(saved.keys() | settings.keys())
-        if saved.get(name) != settings.get(name)
+        if not _same(name, saved, settings)
     ]
     if differ:
         raise ValueError(

@@ -324,8 +324,12 @@ def training_fingerprint(
     under fixed probe gradients (1, 1000 and 0.001 in every coordinate: Adam's step size, its
     constants and gradient clipping all show), the KL weights of the first `KL_PROBE_STEPS`
     steps (a digest and the first and last), and a digest of the first minibatch
-    preprocessed with a fixed key. The model and guide enter only through the shapes of their
-    parameters, which `restore_checkpoint` checks.
+    preprocessed with a fixed key. The model and guide enter by the shapes of their
+    parameters, which `restore_checkpoint` checks, and by what they compute: the loss at the
+    initial parameters on that minibatch with the initial state's key, per datapoint
+    (`model_loss`, compared to `checkpoint.APPROXIMATE`'s relative tolerance, so that another
+    device's rounding passes and another activation, likelihood or refinement does not: a
+    ReLU VAE's checkpoint was continued as a tanh one).
 
     Args:
         trainer: the run's trainer.
@@ -360,6 +364,11 @@ def training_fingerprint(
     if trainer.preprocess is not None:
         batch = jnp.asarray(x_train[: trainer.batch_size])
         preprocess = f"digest {_digest(trainer.preprocess(jax.random.key(0), batch))}"
+    first = jnp.asarray(x_train[: trainer.batch_size])
+    if trainer.preprocess is not None:
+        first = trainer.preprocess(jax.random.key(0), first)
+    kwargs = trainer._kwargs(jnp.zeros((), jnp.int32), jnp.arange(trainer.batch_size))
+    loss = jax.jit(lambda s, xb: trainer.svi.evaluate(s, xb, **kwargs))(state.svi_state, first)
     x = np.asarray(x_train)
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)
@@ -371,6 +380,7 @@ def training_fingerprint(
         "optimizer_first_steps": steps,
         "kl_weights": kl,
         "preprocess": preprocess,
+        "model_loss": float(f"{float(loss) / trainer.n_data:.6g}"),
         "data_shape": list(x.shape),
         "data_dtype": str(x.dtype),
         "data_digest": _digest(x),
