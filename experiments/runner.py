@@ -102,9 +102,20 @@ def _parse_value(key: str, text: str, kind: Any) -> Any:
         pass
     else:
         raise TypeError(f"option {key!r} has a type the command line cannot set: {kind}")
-    raise ValueError(
-        f"option {key}={text!r}: expected a value of type {getattr(kind, '__name__', kind)}"
-    )
+    raise ValueError(f"option {key}={text!r}: expected {_type_text(kind)}")
+
+
+def _type_text(kind: Any) -> str:
+    """What the command line expects for an option of type `kind`, with an example."""
+    if typing.get_origin(kind) is tuple:
+        (item, *_) = typing.get_args(kind)
+        name = getattr(item, "__name__", item)
+        example = "200,200" if item is int else "0.1,0.5" if item is float else "a,b"
+        return f"comma-separated {name}s, e.g. {example}"
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        return f"{_type_text(args[0])} or none"
+    return f"a value of type {getattr(kind, '__name__', kind)}"
 
 
 def _is_group(kind: Any) -> bool:

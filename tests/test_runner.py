@@ -61,6 +61,8 @@ def test_overrides_are_parsed_by_field_type():
         ("epoch=3", "unknown option 'epoch'; options are: epochs, lr"),
         ("epochs=three", r"epochs='three': expected a value of type int"),
         ("flag=maybe", "flag='maybe'"),
+        # (said "expected a value of type tuple", naming neither the items nor the form)
+        ("hidden=a,b", r"hidden='a,b': expected comma-separated ints, e\.g\. 200,200"),
         ("epochs", "not of the form key=value"),
     ],
 )
