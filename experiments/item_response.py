@@ -206,7 +206,8 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
         k_fit, k_refine, k_elbo = jax.random.split(jax.random.fold_in(eval_key, i), 3)
         k_infer = k_fit if regime == "per_example" else k_refine
         if isinstance(regime_, PerExample):  # (a bar on the first call; the second is timed)
-            regime_.infer(fixed, params, x_test, k_infer, progress=f"{regime} q*" * progress)
+            bar = f"{regime} q*" if progress else False
+            regime_.infer(fixed, params, x_test, k_infer, progress=bar)
         else:
             regime_.infer(fixed, params, x_test, k_infer)
         inferred = regime_.infer(fixed, params, x_test, k_infer)

@@ -406,15 +406,13 @@ def run(config: Config, workdir: str | Path, *, progress: bool = True) -> dict:
     )
     activity = test_activity
     if config.activity_split == "train" or config.activity_points is not None:
-        counted = data.train if config.activity_split == "train" else data.test
         if config.activity_split == "train":
-            counted = np.asarray(counted)[: config.activity_points]
+            counted = np.asarray(data.train)[: config.activity_points]
+            if data.dynamic_binarization:
+                counted = np.asarray(dynamic_binarize(jax.random.fold_in(fig_key, 1), counted))
         else:
-            counted = np.asarray(counted)[
-                random_subset(len(counted), config.activity_points, config.seed + 3)
-            ]
-        if config.activity_split == "train" and data.dynamic_binarization:
-            counted = np.asarray(dynamic_binarize(jax.random.fold_in(fig_key, 1), counted))
+            test = np.asarray(data.test)
+            counted = test[random_subset(len(test), config.activity_points, config.seed + 3)]
         activity = latent_activity(
             encoder, params, counted, threshold=config.activity_threshold, family=family
         )

@@ -361,12 +361,10 @@ def training_fingerprint(
             f"digest {_digest(weights.round(6))}"
         )
     preprocess = None
-    if trainer.preprocess is not None:
-        batch = jnp.asarray(x_train[: trainer.batch_size])
-        preprocess = f"digest {_digest(trainer.preprocess(jax.random.key(0), batch))}"
     first = jnp.asarray(x_train[: trainer.batch_size])
     if trainer.preprocess is not None:
         first = trainer.preprocess(jax.random.key(0), first)
+        preprocess = f"digest {_digest(first)}"
     kwargs = trainer._kwargs(jnp.zeros((), jnp.int32), jnp.arange(trainer.batch_size))
     loss = jax.jit(lambda s, xb: trainer.svi.evaluate(s, xb, **kwargs))(state.svi_state, first)
     x = np.asarray(x_train)
