@@ -12,8 +12,9 @@ Adam on its local ELBO with S reparameterized samples per step, under a fixed de
    (patience so large that no datapoint stops early), timed directly so that the final
    evaluation and compilation are left out; `fit_local` end to end is timed once as well. Its
    stopping signal is its default one (each block's averaged iterate scored with
-   `monitor_samples` fixed draws, the steps computing gradients only), and once more Cremer et
-   al.'s (`monitor_samples=0`: every step's ELBO values, averaged over the block), whose first
+   `monitor_samples` fixed draws, the steps computing gradients only) at its default blocks
+   (`MONITOR_BLOCK`, or the whole run where shorter), and once more Cremer et al.'s
+   (`monitor_samples=0`: every step's ELBO values, averaged over blocks of 100), whose first
    block scores the start without moving (counted as work: steps + one block). The
    chunk runs with the plain reparameterization gradient (`stl=False`), the gradient the floor
    and the loop compute (`fit_local`'s default, sticking the landing, differs only in the
@@ -59,6 +60,9 @@ from bench.common import hand_bernoulli_log_px, load_binarized, median, time_cal
 from bench.train_step import matmul_peak
 
 MONITOR = QStarSettings(method="adam").monitor_for(DiagonalGaussian())
+MONITOR_BLOCK = QStarSettings(method="adam").step_and_block(DiagonalGaussian())[1]
+"""The block Adam runs its monitor with by default (400 steps: the monitor costs M forward
+passes per block); the per-step signal's rows keep Cremer et al.'s blocks of 100."""
 
 FLOP_FORMULA = (
     "flops_per_datapoint_step = S * 2 * 2 * (z_dim*hidden + hidden*x_dim): per sample the"
@@ -295,16 +299,19 @@ def library_chunk(
     monitor: int,
     learning_rate: float,
     key: jax.Array,
+    block: int | None = None,
 ) -> Callable[[], Any]:
     """A thunk running `fit_local`'s compiled chunk (`_optimize`) on x `[B, x_dim]` from
     N(0, I): B slots, S = `samples` draws per step, exactly `steps` Adam steps in blocks of
-    min(100, steps) (patience too large to stop), the plain reparameterization gradient, the
-    stopping signal's `monitor` draws (0: per-step values); returns the fitted lambdas."""
+    `block` (None: min(100, steps); patience too large to stop), the plain reparameterization
+    gradient, the stopping signal's `monitor` draws (0: per-step values); returns the fitted
+    lambdas."""
     family = DiagonalGaussian()
     batch = x.shape[0]
     lam0 = jnp.zeros((batch, family.num_params(_z_dim(params))))
     return lambda: _optimize(
-        model, family, "z", "adam", samples, min(100, steps), monitor, batch, False, False,
+        model, family, "z", "adam", samples, block or min(100, steps), monitor, batch, False,
+        False,
         params, x, lam0, key, jnp.float32(learning_rate), jnp.int32(2**30), jnp.int32(steps),
         jnp.float32(0.0), jnp.float32(0.3), jnp.int32(0),
     ).out_lam  # fmt: skip
@@ -376,8 +383,10 @@ def run(
     Args:
         quick: small problems and few repeats, for tests and smoke runs.
         configs: (B datapoints, S samples, steps) for the vectorized optimizers; steps is a
-            multiple of the block size min(100, steps). Default (100, 1, 1000), (500, 1, 200),
-            (100, 10, 100), (500, 10, 20), equal work per row; quick (20, 1, 50), (20, 4, 50).
+            multiple of the blocks min(100, steps) (the per-step signal's) and
+            min(MONITOR_BLOCK, steps) (the monitor's). Default (100, 1, 1200), (500, 1, 200),
+            (100, 10, 100), (500, 10, 20), about equal work per row; quick (20, 1, 50),
+            (20, 4, 50).
         loop_datapoints: datapoints of the one-at-a-time loop (default 10, quick 3).
         loop_steps: steps per datapoint of the loop (default 200, quick 50).
         x_dim, hidden, z_dim: the decoder z_dim-hidden-x_dim.
@@ -401,7 +410,7 @@ def run(
     configs = configs or (
         ((20, 1, 50), (20, 4, 50))
         if quick
-        else ((100, 1, 1000), (500, 1, 200), (100, 10, 100), (500, 10, 20))
+        else ((100, 1, 1200), (500, 1, 200), (100, 10, 100), (500, 10, 20))
     )
     loop_datapoints = loop_datapoints or (3 if quick else 10)
     loop_steps = loop_steps or (50 if quick else 200)
@@ -410,8 +419,11 @@ def run(
     matmul_repeats = matmul_repeats or (2 if quick else 5)
     agreement_samples = agreement_samples or (500 if quick else 2000)
     for _, _, steps in configs:
-        if steps % min(100, steps):
-            raise ValueError(f"steps {steps} is not a multiple of the block size 100")
+        if steps % min(100, steps) or steps % min(MONITOR_BLOCK, steps):
+            raise ValueError(
+                f"steps {steps} is not a multiple of the blocks 100 and {MONITOR_BLOCK} (the "
+                "per-step signal's and the monitor's)"
+            )
 
     peak = matmul_peak(tuple(matmul_sizes), matmul_repeats)
     round_n = int(max(peak["gflops_by_size"], key=peak["gflops_by_size"].get))
@@ -428,6 +440,7 @@ def run(
         return library_chunk(
             model, params, x_all[:batch], samples=samples, steps=steps, monitor=monitor,
             learning_rate=learning_rate, key=jax.random.key(seed + 1),
+            block=min(MONITOR_BLOCK if monitor else 100, steps),
         )  # fmt: skip
 
     def floor(
@@ -440,7 +453,7 @@ def run(
             steps=steps,
             with_value=with_value,
             monitor=monitor,
-            block=min(100, steps),
+            block=min(MONITOR_BLOCK if monitor else 100, steps),
         )
         x = x_all[:batch]
         lam0 = jnp.zeros((batch, num_params))
@@ -546,11 +559,14 @@ def run(
              "floor_value": 4, "loop": 5, "torch_loop": 6}  # fmt: skip
     configs_out.sort(key=lambda e: (e["num_samples"], order[e["variant"]], e["datapoints"]))
     names = {
-        "library": f"library (fit_local chunk, vectorized; monitor of {MONITOR} draws)",
+        "library": (
+            f"library (fit_local chunk, vectorized; monitor of {MONITOR} draws per block of "
+            f"{MONITOR_BLOCK} or of the run)"
+        ),
         "library_values": "library, per-step ELBO values as the signal (monitor_samples=0)",
         "floor": "hand-written vectorized floor",
         "floor_value": "hand-written floor + per-step ELBO values",
-        "floor_monitor": f"hand-written floor + a monitor of {MONITOR} draws per block",
+        "floor_monitor": "hand-written floor + the library's monitor and blocks",
         "loop": "one-at-a-time loop (jitted step)",
         "torch_loop": "one-at-a-time loop (PyTorch eager, as the papers' code)",
     }
@@ -635,7 +651,7 @@ def run(
     end_to_end_out: dict[str, Any] = {}
     if end_to_end:
         batch, samples, steps = configs[0]
-        block = min(100, steps)
+        block = min(MONITOR_BLOCK, steps)  # (the chunk's, timed beside)
 
         def call(fam: DiagonalGaussian | None) -> Callable[[], Any]:
             return lambda: fit_local(

@@ -843,7 +843,7 @@ def _qstar_text(config: Config) -> str:
         parts.append(
             f"{_LABEL[name]}: {how}, S={s.num_samples}, blocks of {block} steps"
             f"{_score_text(s, family)}; after "
-            f"{s.patience} blocks without improvement the step size is multiplied by "
+            f"{s.patience_for(family)} blocks without improvement the step size is multiplied by "
             f"{s.lr_decay:g}, {s.num_decays} times, then q* has converged"
             + (
                 f", and {s.polish_steps:,} polishing steps follow at rate "

@@ -73,8 +73,15 @@ class Config:
     batch_size: int = 100
     learning_rate: float = 3e-2
     refine: RefineSettings = RefineSettings(num_steps=5, step_size=0.05, num_samples=10)
+    # (blocks of 50, patience 4: its 2,000 steps are five of the monitor's default blocks)
     qstar: QStarSettings = QStarSettings(
-        method="adam", learning_rate=0.02, num_samples=10, max_steps=2000, final_samples=10
+        method="adam",
+        learning_rate=0.02,
+        num_samples=10,
+        block_size=50,
+        patience=4,
+        max_steps=2000,
+        final_samples=10,
     )
     elbo_samples: int = 1000
     grid_size: int = 801

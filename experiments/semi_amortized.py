@@ -100,8 +100,15 @@ class Config:
     frontier_steps: tuple[int, ...] = (1, 5, 20, 100, 500)
     frontier_points: int | None = 100
     # the frontier's q* (its final ELBO draws are eval_samples)
+    # (blocks of 50, patience 4: those its tables were run with, Adam's defaults before its
+    # monitor's became blocks of 400 and patience 1)
     qstar: QStarSettings = QStarSettings(
-        method="adam", num_samples=10, learning_rate=1e-2, max_steps=100_000
+        method="adam",
+        num_samples=10,
+        learning_rate=1e-2,
+        block_size=50,
+        patience=4,
+        max_steps=100_000,
     )
     checkpoint_every: int = 1
     seed: int = 0

@@ -66,13 +66,15 @@ def test_an_optimizer_that_would_climb_the_loss_or_fail_inside_optax_is_refused(
 
 
 def test_max_steps_is_a_cap_and_a_learning_rate_string_is_refused(vae):
-    """Steps come in blocks (Adam's 50): `max_steps=20` used to run 50 steps, and 120 ran
+    """Steps come in blocks (here 50): `max_steps=20` used to run 50 steps, and 120 ran
     150. Now no datapoint passes its cap."""
     model, _, params = vae
     kwargs = dict(z_dim=Z, method="adam", final_samples=0, certify_retries=0)
     short = aj.fit_local(model, params, X, KEY, max_steps=20, **kwargs)
     assert short.steps.max() == 20  # one block, shortened to the cap
-    ragged = aj.fit_local(model, params, X, KEY, max_steps=120, patience=100, **kwargs)
+    ragged = aj.fit_local(
+        model, params, X, KEY, max_steps=120, block_size=50, patience=100, **kwargs
+    )
     np.testing.assert_array_equal(ragged.steps, 100)  # the last whole block within 120
     assert ragged.hit_max_steps.all()
     for method in ("adam", "auto"):  # (the Newton step's own range check came first)
@@ -88,6 +90,18 @@ def test_step_and_block_resolves_auto_with_the_family_or_says_how():
     assert settings.step_and_block(aj.DiagonalGaussian()) == (0.5, 10)  # Newton's defaults
     assert settings.step_and_block(aj.AffineCouplingFlow()) == (3e-3, 50)  # Adam's
     assert settings._replace(max_steps=20).step_and_block(aj.AffineCouplingFlow())[1] == 20
+    # Adam's blocks and patience follow its stopping signal: the monitor's (the Gaussians')
+    # blocks of 400 with patience 1, the per-step average's (the flows') 50 with patience 4
+    adam = settings._replace(method="adam")
+    assert adam.step_and_block(aj.DiagonalGaussian()) == (3e-3, 400)
+    assert adam.patience_for(aj.FullRankGaussian()) == 1
+    assert adam.patience_for(aj.AffineCouplingFlow()) == 4
+    assert settings.patience_for(aj.DiagonalGaussian()) == 4  # Newton's
+    assert adam._replace(monitor_samples=0).step_and_block() == (3e-3, 50)
+    assert adam._replace(patience=7).patience_for() == 7
+    for where in ("step_and_block", "patience_for"):
+        with pytest.raises(ValueError, match=rf"{where}\(family\)"):
+            getattr(adam, where)()
     with pytest.raises(ValueError, match=r"method must be one of .*'sgd'"):
         settings._replace(method="sgd").step_and_block()
 

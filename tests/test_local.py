@@ -323,6 +323,8 @@ def test_polishing_takes_a_noise_limited_end_close_to_the_optimum(collinear):
         method="adam",
         num_samples=1,
         learning_rate=0.1,
+        block_size=50,  # (a block of 400 averages much of the noise away: not noise-limited)
+        patience=4,
         num_decays=0,
         certify_retries=0,
     )  # fmt: skip  (no continuation: one stage)
@@ -389,7 +391,15 @@ def test_a_long_tail_shrinks_to_the_busy_slots_and_a_short_one_does_not(case, mo
     from amortjax.inference import local
 
     _, model, params, x = case
-    kwargs = dict(z_dim=3, batch_size=32, final_samples=0, method="adam", num_samples=1)
+    kwargs = dict(
+        z_dim=3,
+        batch_size=32,
+        final_samples=0,
+        method="adam",
+        num_samples=1,
+        block_size=50,
+        patience=4,
+    )  # (short blocks: steps that differ enough)
     monkeypatch.setattr(local, "SHRINK_SECONDS", float("inf"))
     short = fit_local(model, params, x[:32], jax.random.key(5), **kwargs)
     monkeypatch.setattr(local, "SHRINK_SECONDS", 0.0)

@@ -1,25 +1,27 @@
-"""What Adam's stopping signal costs at the block length q* runs with.
+"""What Adam's stopping signal costs at the block length q* runs with, and what a longer block
+buys: the measurement behind the monitor's default blocks (`inference.local.DEFAULTS`).
 
-`python -m bench local_optimizer` times `fit_local`'s compiled chunk in blocks of 100 steps
-(Cremer et al.'s, and the paper preset's). Adam's default block is 50 (`QStarSettings`), where a
-monitor scored once per block costs twice as much per step. This times, on the bench's problem
-(B = 100 binarized-MNIST test digits, decoder 20-400-784 relu, Adam 1e-3 from N(0, I), patience
-too large to stop), at S = 1 (1,000 steps) and S = 4 (q*'s default draws; 400 steps):
+`python -m bench local_optimizer` times `fit_local`'s compiled chunk at the monitor's default
+blocks (400 steps). Adam's monitor is scored once per block, so its cost per step falls with the
+block: it was 50 until 2026-12-07 (patience 4), where it costs eight times as much per step.
+This times, on the bench's problem (B = 100 binarized-MNIST test digits, decoder 20-400-784
+relu, Adam 1e-3 from N(0, I), patience too large to stop), at S = 1 (1,200 steps) and S = 4
+(400 steps):
 
 - the gradient-only hand-written floor (`bench.local_optimizer.HandLocal`);
 - the library's chunk with its 32-draw monitor and the floor computing the same monitor, at
-  blocks of 50 and 100;
+  blocks of 50, 100 and 400;
 - the library with the per-step signal (`monitor_samples=0`, the flows' default) at blocks of 50,
   and the floor returning every step's values;
 
 the variants taking turns over 3 rounds after a warm-up round (medians). Then what a longer
 block buys or loses: Adam q* (`fit_local`, method "adam", 32-draw monitor, no certificate rounds)
-with blocks of 50 and patience 4 (the defaults: a plateau is 200 steps without a better score),
-blocks of 100 and patience 2 (the same 200 steps, half the monitor's cost per step) and blocks
-of 100 and patience 4, on two correlated linear-Gaussian posteriors (factor analysis x 8, z 3,
-noise 0.7; x 3 < z 5, noise 0.1; 40 points each, keys 1-3, S = 1 and 4): each q*'s shortfall
-from the best diagonal Gaussian in exact ELBO (closed forms), mean and worst, and its steps.
-Writes `bench/results/monitor_block.json` and prints both tables.
+with blocks of 50 and patience 4 (the old defaults: a plateau is 200 steps without a better
+score), blocks of 100 and patience 2 (the same 200 steps), blocks of 100 and patience 4, and
+blocks of 400 and patience 1 (the defaults now), on two correlated linear-Gaussian posteriors
+(factor analysis x 8, z 3, noise 0.7; x 3 < z 5, noise 0.1; 40 points each, keys 1-3, S = 1 and
+4): each q*'s shortfall from the best diagonal Gaussian in exact ELBO (closed forms), mean and
+worst, and its steps. Writes `bench/results/monitor_block.json` and prints both tables.
 
     python tools/monitor_block.py
 """
@@ -67,9 +69,9 @@ def main(rounds: int = 3) -> dict:
         return lambda: hand.fit(x, lam0, jax.random.key(2))
 
     jobs = {}
-    for samples, steps in ((1, 1000), (4, 400)):
+    for samples, steps in ((1, 1200), (4, 400)):
         jobs[("floor", samples, 100)] = floor(samples, steps, 100)
-        for block in (50, 100):
+        for block in (50, 100, 400):
             jobs[("library_monitor", samples, block)] = library(
                 samples, steps, block, MONITOR_SAMPLES
             )
@@ -110,7 +112,7 @@ def accuracy(keys: tuple[int, ...] = (1, 2, 3)) -> list[dict]:
         x, _ = lg.sample(jax.random.key(7), 40)
         best = np.asarray(lg.elbo(x, *lg.best_diagonal(x)))
         for samples in (1, 4):
-            for block, patience in ((50, 4), (100, 2), (100, 4)):
+            for block, patience in ((50, 4), (100, 2), (100, 4), (400, 1)):
                 short, steps = [], []
                 for k in keys:
                     fit = fit_local(
