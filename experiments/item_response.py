@@ -48,7 +48,13 @@ from amortjax.models.irt import (
 )
 from amortjax.nets import MLP
 from amortjax.regimes import Amortized, PerExample, Regime, SemiAmortized
-from experiments.runner import check_at_most, check_choice, check_config, write_json
+from experiments.runner import (
+    check_at_most,
+    check_choice,
+    check_config,
+    upgrade_adam_blocks,
+    write_json,
+)
 
 REGIMES = ("amortized", "per_example", "semi_amortized")
 
@@ -110,6 +116,12 @@ RENAMED_OPTIONS = {
     "qstar_samples": "qstar.num_samples",
     "qstar_max_steps": "qstar.max_steps",
 }
+
+
+def upgrade_saved_config(data: dict) -> dict:
+    """An older folder's config read as what it ran (`runner.upgrade_adam_blocks`)."""
+    return upgrade_adam_blocks(data)
+
 
 # What a resume may change (`runner.check_resumable`): the epochs (training continues) and the
 # evaluations of the trained regimes; `refine` and `qstar` also set how the semi-amortized and

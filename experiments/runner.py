@@ -320,6 +320,23 @@ def resolve_config(module: types.ModuleType, preset: str, overrides: Sequence[st
     return config
 
 
+def upgrade_adam_blocks(data: dict, group: str = "qstar") -> dict:
+    """A q* group saved before 2026-12-07 (Adam, no `block_size`) ran Adam's blocks of 50 then
+    (its patience was saved): read as `block_size=50`, not as today's monitor default of 400.
+    (A folder saved since with `block_size=none` on purpose is read so too: resume it with
+    `qstar.block_size=400` to keep today's default.)"""
+    qstar = data.get(group)
+    if qstar is None:  # saved before the settings groups: flat options, Adam's then
+        return {f"{group}.block_size": 50, f"{group}.patience": 4, **data}
+    if (
+        isinstance(qstar, dict)
+        and qstar.get("method") == "adam"
+        and qstar.get("block_size") is None
+    ):
+        data = {**data, group: {"patience": 4, **qstar, "block_size": 50}}
+    return data
+
+
 def config_to_dict(config: Any) -> dict:
     """The config as JSON-ready data, a settings group as a dict of its fields."""
     return {

@@ -67,10 +67,18 @@ from experiments.runner import (
     code_version,
     config_to_dict,
     load_saved_result,
+    upgrade_adam_blocks,
     write_json,
 )
 
 METHODS = ("vae", "svi", "vae_svi", "vae_svi_kl", "sa_vae")
+
+
+def upgrade_saved_config(data: dict) -> dict:
+    """An older folder's config read as what it ran (`runner.upgrade_adam_blocks`)."""
+    return upgrade_adam_blocks(data)
+
+
 _MODES = {"svi": "svi", "vae_svi": "svi", "vae_svi_kl": "svi_kl", "sa_vae": "sa"}
 
 

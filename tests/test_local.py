@@ -558,8 +558,16 @@ def test_a_q_star_its_certificate_rejects_goes_on_until_it_passes(collinear):
         loc, log_scale = np.split(np.asarray(fit.params, np.float64), 2, axis=1)
         return best - lg.elbo(x, loc, np.exp(log_scale))
 
-    noisy = dict(z_dim=5, final_samples=0, method="adam", num_samples=1, learning_rate=0.1,
-                 num_decays=0)  # fmt: skip
+    noisy = dict(
+        z_dim=5,
+        final_samples=0,
+        method="adam",
+        num_samples=1,
+        learning_rate=0.1,
+        block_size=50,
+        patience=4,
+        num_decays=0,
+    )  # fmt: skip  (the polishing test's)
     with pytest.warns(UserWarning, match="after certify_retries=0 continuations"):
         plain = fit_local(model, params, x, jax.random.key(1), certify_retries=0, **noisy)
     flagged = plain.newton_gap > QStarSettings().certify_tol

@@ -1010,3 +1010,20 @@ def test_a_hung_run_ends_with_an_error_that_names_the_cause_and_the_resume(tmp_p
                           str(tmp_path)], cwd=ROOT, env={**env, "AMORTJAX_STALL_SECONDS": "soon"},
                          capture_output=True, text=True, timeout=100)  # fmt: skip
     assert bad.returncode == 2 and "AMORTJAX_STALL_SECONDS='soon'" in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["semi_amortized", "item_response"])
+def test_a_folder_saved_before_the_monitors_blocks_resumes_with_the_blocks_it_ran(name):
+    """Adam's default blocks became 400 with patience 1 (the monitor's) on 2026-12-07; these
+    experiments pin 50 and 4 now, and a folder saved before (`block_size: null`, as the
+    committed quick runs were) is read as the 50 it ran, not as today's default."""
+    module = load_experiment(name)
+    saved = json.loads((ROOT / "docs" / "results" / f"{name}_quick" / "config.json").read_text())
+    assert saved["config"]["qstar"]["block_size"] is None  # (what the older folders hold)
+    config = config_from_dict(
+        module.Config, module.upgrade_saved_config(saved["config"]), module.RENAMED_OPTIONS
+    )
+    assert (config.qstar.block_size, config.qstar.patience) == (50, 4)
+    assert config.qstar == module.Config().qstar  # the preset's own q*, as the folder ran it
+    later = {**saved["config"], "qstar": {**saved["config"]["qstar"], "block_size": 400}}
+    assert module.upgrade_saved_config(later)["qstar"]["block_size"] == 400

@@ -307,10 +307,13 @@ def gap_decomposition(
         }
         seconds["ais"] = time.perf_counter() - start
     name, log_px = best_lower_bound(estimates)
+    rate, block = settings.for_family(family).step_and_block(family)
+    ran = {"method": settings.for_family(family).method, "learning_rate": rate,
+           "block_size": block, "patience": settings.patience_for(family)}  # fmt: skip
     info = {
         "family": family.name,
         "iwae_samples": iwae_samples,
-        "qstar": {**settings._asdict(), "init": "encoder"},
+        "qstar": {**settings._asdict(), **ran, "init": "encoder"},  # as q* ran (defaults resolved)
         "ais": None if ais_settings is None else {**ais_settings._asdict(), "start": ais_start},
         "estimates_mean": {k: float(np.mean(v)) for k, v in estimates.items()},
         "ais_diagnostics": ais_diagnostics,

@@ -11,20 +11,20 @@ with `given_params_guide`), so the model's own log joint is what gets maximized.
 The optimizer, per datapoint (every quantity below is a row of a `[B, ...]` array; the rows
 never interact):
 
-- Adam on lambda_i with its own step size lr_i, on the "sticking the landing" gradient (the
-  score term of log q dropped: unbiased, and quiet near q*; `stl`, see
+- Adam on lambda_i with its own step size lr_i, on the "sticking the landing" gradient (the score
+  term of log q dropped: unbiased, and quiet near q*; `stl`, see
   `amortjax.guides.local.local_elbo`). Steps are grouped in blocks of `block_size`; a block
   reports the average of its iterates (Polyak averaging: at a plateau the averaged iterate sits
-  closer to the optimum than any single noisy iterate) and a score, its stopping signal. The
-  score is either the average of the block's per-step S-draw ELBO estimates (Cremer et al.'s
-  rule; `monitor_samples=0`) or the ELBO of the block's averaged iterate estimated with
+  closer to the optimum than any single noisy iterate) and a score, its stopping signal. The score
+  is either the average of the block's per-step S-draw ELBO estimates (Cremer et al.'s rule;
+  `monitor_samples=0`) or the ELBO of the block's averaged iterate estimated with
   `monitor_samples` = M draws fixed for the datapoint through the run (the monitor). On those
   common random numbers two blocks' scores differ by what the iterate gained, plus noise that
-  grows with the distance it moved and with the dimension it moved in, where independent draws
-  add fresh noise to every block and can end a slow climb as if it were a plateau. The
-  monitor is Adam's default for the Gaussian families, the per-step average for the others:
-  measured (with Adam, S = 4), on a correlated posterior (factor analysis, x_dim 8, z_dim 3, 40
-  points, three keys) the diagonal Gaussian's q* ended 0.044-0.055 nats below the best
+  grows with the distance it moved and with the dimension it moved in, where independent draws add
+  fresh noise to every block and can end a slow climb as if it were a plateau. The monitor is
+  Adam's default for the Gaussian families, the per-step average for the others: measured (with
+  Adam, S = 4, blocks of 50, patience 4), on a correlated posterior (factor analysis, x_dim 8,
+  z_dim 3, 40 points, three keys) the diagonal Gaussian's q* ended 0.044-0.055 nats below the best
   diagonal Gaussian on average (0.22-0.27 at worst) with the per-step average, 0.0064-0.0069
   (0.036-0.054) with a 32-draw monitor; on the quick MNIST FFG model (100 test digits, from the
   encoder) both reached the same L[q*] (+0.000 nats), the monitor in 0.80 of the time (its steps
@@ -58,15 +58,15 @@ never interact):
   draws of the gradient and Hessian of log p in q's whitened frame. It is exact on a
   linear-Gaussian model and zero at the optimum of any model; a q* whose certificate exceeds
   `certify_tol` is not converged, whatever its stopping rule said (with a warning). Measured: a
-  stopping rule cannot tell a stall from an optimum, Adam on a full-rank q of a narrow
-  correlated posterior (noise 1e-2, x_dim 4 < z_dim 8) plateaued 122 nats short on average
-  and its last-stage gain was no signal either (extra step-size reductions drove it below 0.25
-  nats with q* as far); the certificate read 121.7 (exact: 121.7). On the quick MNIST FFG
-  model's converged q* it reads 0.009 nats on average (max 0.06; 100 test digits, 32 draws),
-  on the paper-length MNIST FFG model's -0.001 (max 0.09; z = 50). A datapoint the certificate
-  rejects goes on from where it stopped (`certify_retries` rounds, each with twice the draws
-  and patience and one more step-size stage; `LocalFit.continued`), its draws keyed by this
-  round and its own index; the warning names those still rejected after.
+  stopping rule cannot tell a stall from an optimum, Adam on a full-rank q of a narrow correlated
+  posterior (noise 1e-2, x_dim 4 < z_dim 8; blocks of 50, patience 4) plateaued 122 nats short on
+  average and its last-stage gain was no signal either (extra step-size reductions drove it below
+  0.25 nats with q* as far); the certificate read 121.7 (exact: 121.7). On the quick MNIST FFG
+  model's converged q* it reads 0.009 nats on average (max 0.06; 100 test digits, 32 draws), on
+  the paper-length MNIST FFG model's -0.001 (max 0.09; z = 50). A datapoint the certificate
+  rejects goes on from where it stopped (`certify_retries` rounds, each with twice the draws and
+  patience and one more step-size stage; `LocalFit.continued`), its draws keyed by this round and
+  its own index; the warning names those still rejected after.
   Flows have no such certificate (a Newton model over a flow's thousands of parameters is out
   of reach), and their rule alone can stop far short: on a narrow correlated posterior
   (linear-Gaussian, noise 1e-2, x_dim 4 < z_dim 8, 20 points; a 2-layer coupling flow can reach
@@ -395,10 +395,9 @@ class QStarSettings(NamedTuple):
             )
         if family is not None:
             method = _method_for(method, family)
-        if method == "adam" and (
-            self.monitor_samples if family is None else self.monitor_for(family)
-        ):
-            method = "adam_monitor"
+        monitor = self.monitor_samples if family is None else self.monitor_for(family)
+        if method == "adam" and isinstance(monitor, int | np.integer) and monitor > 0:
+            method = "adam_monitor"  # (a monitor_samples of the wrong kind: fit_local refuses it)
         return DEFAULTS[method]
 
 
