@@ -307,9 +307,10 @@ def gap_decomposition(
         }
         seconds["ais"] = time.perf_counter() - start
     name, log_px = best_lower_bound(estimates)
-    rate, block = settings.for_family(family).step_and_block(family)
-    ran = {"method": settings.for_family(family).method, "learning_rate": rate,
-           "block_size": block, "patience": settings.patience_for(family)}  # fmt: skip
+    resolved = settings.for_family(family)
+    rate, block = resolved.step_and_block(family)
+    ran = {"method": resolved.method, "learning_rate": rate, "block_size": block,
+           "patience": settings.patience_for(family)}  # fmt: skip
     info = {
         "family": family.name,
         "iwae_samples": iwae_samples,

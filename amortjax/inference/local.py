@@ -1552,11 +1552,11 @@ def fit_local(
     final_samples, batch_size = settings.final_samples, settings.batch_size
     family = resolve_family("fit_local", family)
     gaussian = isinstance(family, DiagonalGaussian | FullRankGaussian)
-    if method in METHODS:  # (a patience left None takes its stopping signal's default)
-        settings = settings._replace(patience=settings.patience_for(family))
-        patience = settings.patience
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    # a patience left None takes its stopping signal's default
+    settings = settings._replace(patience=settings.patience_for(family))
+    patience = settings.patience
     method = _method_for(method, family)
     if method == "newton" and not gaussian:
         raise ValueError(
