@@ -132,6 +132,23 @@ def test_an_exact_encoder_has_no_amortization_gap(lg_diagonal):
     assert np.abs(g.approximation).max() < 1e-3
 
 
+def test_the_info_records_the_settings_q_star_ran_with(lg_diagonal):
+    """info["qstar"] holds what fit_local ran: "auto" resolved for the family, defaults filled
+    in, and fields the caller gave kept as given (not replaced by Newton's defaults)."""
+    lg = lg_diagonal
+    model, _, _ = linear_gaussian_vae(lg)
+    x, _ = lg.sample(jax.random.key(3), 4)
+    params, lam = _encoder_params(lg, "best_diagonal", x)
+    kw = dict(iwae_samples=50, ais_settings=None)
+    g = gap_decomposition(model, params, x, lam, jax.random.key(1), **kw)
+    ran = {k: g.info["qstar"][k] for k in ("method", "learning_rate", "block_size", "patience")}
+    assert ran == {"method": "newton", "learning_rate": 0.5, "block_size": 10, "patience": 4}
+    qstar = {"method": "auto", "learning_rate": 0.25, "patience": 2, "max_steps": 40}
+    g = gap_decomposition(model, params, x, lam, jax.random.key(1), qstar=qstar, **kw)
+    ran = {k: g.info["qstar"][k] for k in ("method", "learning_rate", "block_size", "patience")}
+    assert ran == {"method": "newton", "learning_rate": 0.25, "block_size": 10, "patience": 2}
+
+
 def test_best_lower_bound_and_bad_input():
     name, values = best_lower_bound({"a": np.array([1.0, 3.0]), "b": np.array([2.5, 2.0])})
     assert name == "b" and values.tolist() == [2.5, 2.0]

@@ -440,12 +440,16 @@ def test_settings_for_a_family_resolve_auto_and_give_newton_its_own_step():
     from amortjax.flows import AffineCouplingFlow
     from amortjax.inference.local import QStarSettings
 
-    adam = QStarSettings(method="auto", learning_rate=3e-3, block_size=50, num_samples=10)
+    adam = QStarSettings(
+        method="auto", learning_rate=3e-3, block_size=50, num_samples=10, patience=10
+    )
     for family in (DiagonalGaussian(), FullRankGaussian()):
         s = adam.for_family(family)
         assert (s.method, s.learning_rate, s.block_size, s.num_samples) == ("newton", None, None, 4)
+        assert s.patience_for(family) == 4  # Newton's, not the 10 written for Adam's blocks
     s = adam.for_family(AffineCouplingFlow(num_layers=1, hidden=4))
     assert (s.method, s.learning_rate, s.block_size, s.num_samples) == ("adam", 3e-3, 50, 10)
+    assert s.patience == 10
     assert adam._replace(method="adam").for_family(DiagonalGaussian()).learning_rate == 3e-3
 
 

@@ -307,10 +307,11 @@ def gap_decomposition(
         }
         seconds["ais"] = time.perf_counter() - start
     name, log_px = best_lower_bound(estimates)
-    resolved = settings.for_family(family)
-    rate, block = resolved.step_and_block(family)
-    ran = {"method": resolved.method, "learning_rate": rate, "block_size": block,
-           "patience": settings.patience_for(family)}  # fmt: skip
+    # as fit_local ran them: "auto" resolved for the family, the fields as given (not
+    # for_family's Newton defaults, which apply only where the caller asks for them)
+    rate, block = settings.step_and_block(family)
+    ran = {"method": settings.for_family(family).method, "learning_rate": rate,
+           "block_size": block, "patience": settings.patience_for(family)}  # fmt: skip
     info = {
         "family": family.name,
         "iwae_samples": iwae_samples,

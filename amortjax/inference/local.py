@@ -333,8 +333,9 @@ class QStarSettings(NamedTuple):
         serves a table of several families (as `amortization_gap`'s does): method "auto" is
         resolved (Newton steps for the diagonal and full-rank Gaussians, Adam otherwise), as is
         `monitor_samples` (`monitor_for`), and where the method is Newton, `learning_rate`,
-        `block_size` and `num_samples` (Adam's here) are set back to Newton's own defaults and
-        the (Adam) polishing stage is dropped."""
+        `block_size`, `patience` and `num_samples` (Adam's here: a paper preset's patience of
+        10 blocks of 100 Adam steps is not Newton's 4 blocks of 10 steps) are set back to
+        Newton's own defaults and the (Adam) polishing stage is dropped."""
         method = _method_for(self.method, family)
         monitor = self.monitor_for(family)
         if method == "newton":
@@ -342,6 +343,7 @@ class QStarSettings(NamedTuple):
                 method=method,
                 learning_rate=None,
                 block_size=None,
+                patience=None,
                 num_samples=QStarSettings().num_samples,
                 monitor_samples=monitor,
                 polish_steps=0,
