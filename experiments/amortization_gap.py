@@ -708,11 +708,18 @@ def _frozen_decoder(config, trained, key, workdir, progress) -> dict:
     return out
 
 
-def _matched_diagonal(family, lam, key, num_samples: int = 4096) -> jax.Array:
+def _matched_diagonal(family, lam, key, indices, num_samples: int = 4096) -> jax.Array:
     """The diagonal Gaussian with each datapoint's mean and variance under q(z; lam) (Monte
-    Carlo, `num_samples` draws), `[N, 2 z_dim]`: a flow's q* as a start for the FFG's."""
-    z = family.distribution(jnp.asarray(lam)).sample(jax.random.fold_in(key, 7004), (num_samples,))
-    return DiagonalGaussian().pack(z.mean(0), z.std(0))
+    Carlo, `num_samples` draws from the key of the datapoint's index in `indices`, so a row's
+    start does not depend on which others are fitted with it), `[N, 2 z_dim]`: a flow's q* as
+    a start for the FFG's."""
+    keys = datapoint_keys(jax.random.fold_in(key, 7004), indices)
+
+    def moments(k, lam_i):
+        z = family.distribution(lam_i).sample(k, (num_samples,))
+        return z.mean(0), z.std(0)
+
+    return DiagonalGaussian().pack(*jax.vmap(moments)(keys, jnp.asarray(lam)))
 
 
 def _latent_figure(config, key, workdir, figures, progress) -> Path:
@@ -761,7 +768,7 @@ def _latent_figure(config, key, workdir, figures, progress) -> Path:
     ffg_lam, flow_lam = encode(setup.encoder, params, xj), encode(flow_encoder, flow_params, xj)
     ffg = q_star(setup.family, ffg_lam)
     flow = q_star(flow_family, flow_lam, [flow_family.with_base(*jnp.split(ffg, 2, axis=-1))])
-    ffg = q_star(setup.family, ffg, [_matched_diagonal(flow_family, flow, key)], False, 1)
+    ffg = q_star(setup.family, ffg, [_matched_diagonal(flow_family, flow, key, x_idx)], False, 1)
     qs = {
         "amortized FFG": (setup.family, ffg_lam),
         "optimal FFG": (setup.family, jnp.asarray(ffg)),

@@ -1027,3 +1027,17 @@ def test_a_folder_saved_before_the_monitors_blocks_resumes_with_the_blocks_it_ra
     assert config.qstar == module.Config().qstar  # the preset's own q*, as the folder ran it
     later = {**saved["config"], "qstar": {**saved["config"]["qstar"], "block_size": 400}}
     assert module.upgrade_saved_config(later)["qstar"]["block_size"] == 400
+
+
+def test_the_flows_matched_diagonal_draws_by_each_points_index():
+    """The figure's third FFG start (a flow q*'s moments) draws per datapoint index: a row's
+    start is the same fitted alone or with others."""
+    from experiments import amortization_gap as gap
+
+    flow = AffineCouplingFlow(num_layers=2, hidden=4)
+    lam = 0.3 * jax.random.normal(jax.random.key(0), (3, flow.num_params(2)))
+    key = jax.random.key(1)
+    together = np.asarray(gap._matched_diagonal(flow, lam, key, np.array([5, 6, 7])))
+    alone = np.asarray(gap._matched_diagonal(flow, lam[1:2], key, np.array([6])))
+    np.testing.assert_allclose(alone[0], together[1], rtol=1e-6)
+    assert np.abs(together[0] - together[1]).max() > 1e-3

@@ -57,7 +57,7 @@ def main(points: int = 300) -> dict:
     qstar = fit_local(
         setup.model, params, x, jax.random.key(1), family=setup.family, init=lam,
         final_samples=0, batch_size=config.eval_batch_size,
-        settings=qstar_settings(config, "diagonal"),
+        settings=qstar_settings(config, setup.family),
     )  # fmt: skip
     runs, out = {}, {"points": points, "estimating_run": None, "pilots": {}}
     for name, pilot in PILOTS.items():

@@ -73,7 +73,7 @@ def _cross_family(config, setup, params, data, x, run: Path, ffg) -> dict:
         base = flow_family.with_base(*jnp.split(jnp.asarray(ffg.params), 2, axis=-1))
         flow = fit_local(setup.model, params, x, jax.random.key(12), fl_settings, starts=[base],
                          **kw)  # fmt: skip
-        matched = ag._matched_diagonal(flow_family, flow.params, key)
+        matched = ag._matched_diagonal(flow_family, flow.params, key, np.arange(len(x)))
         again = fit_local(setup.model, params, x, jax.random.key(13), ffg_settings,
                           family=setup.family, init=ffg.params, starts=[matched],
                           final_samples=0)  # fmt: skip
