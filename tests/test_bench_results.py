@@ -111,3 +111,32 @@ def test_the_readme_states_each_benchmarks_committed_values(name):
     row = _readme_row(name)
     missing = [value for value in _quoted(name) if value not in row]
     assert not missing, f"README's `{name}` row lacks {missing} (bench/results/{name}.json)"
+
+
+def test_the_paired_ratio_tool_reads_the_ratios_the_bench_reported():
+    """`tools/bench_paired_ratios.py` pairs each round's library and floor times; its ratio of
+    the medians must be the ratio each module reported (else it pairs the wrong times)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_paired_ratios", ROOT / "tools" / "bench_paired_ratios.py"
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    ratios = tool.main(RESULTS)
+    reported = {
+        "evaluators IWAE": _table_row(_load("evaluators"), "estimator", "IWAE")["library / floor"],
+        "evaluators AIS": _table_row(_load("evaluators"), "estimator", "AIS")["library / floor"],
+        "local_optimizer B=100 S=1": _local(_load("local_optimizer"), "library", 100, 1)[
+            "over_floor"
+        ],
+        "local_optimizer B=100 S=10": _local(_load("local_optimizer"), "library", 100, 10)[
+            "over_floor"
+        ],
+        "newton_step": _load("newton_step")["library_over_floor"],
+    }
+    assert set(ratios) == set(reported)
+    for name, value in reported.items():
+        assert ratios[name]["ratio_of_medians"] == pytest.approx(value, rel=1e-9), name
+        low, high = ratios[name]["range"]
+        assert low <= ratios[name]["median_per_round"] <= high
