@@ -46,7 +46,10 @@ def _newton_step(r: dict) -> dict[str, tuple[list[float], list[float], float, fl
     lib, floor = r["results"]["library"], r["results"]["floor"]
     return {
         "newton_step": (
-            lib["seconds_all"], floor["seconds_all"], lib["steps_of_work"], floor["steps_of_work"]
+            lib["seconds_all"],
+            floor["seconds_all"],
+            lib["steps_of_work"],
+            floor["steps_of_work"],
         )
     }
 
