@@ -113,6 +113,33 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
+def round_ratios(
+    library: list[float], floor: list[float], library_work: float = 1.0, floor_work: float = 1.0
+) -> dict[str, Any]:
+    """Library / floor in throughput (work per second) within each timed round of
+    `time_in_turns`, where the two ran seconds apart, beside the ratio of the medians that the
+    modules report. The medians can come from different rounds, so a machine whose speed drifts
+    between rounds moves that ratio although both variants saw every round; the per-round ratios
+    show the drift, and their median does not pair two rounds' times.
+
+    Args:
+        library, floor: seconds per round, in the order the rounds ran, `[repeats]` each.
+        library_work, floor_work: the work each timed call did (datapoint-steps, decoder
+            evaluations).
+
+    Returns:
+        `{"per_round": [...], "median_per_round": m, "range": [min, max],
+        "ratio_of_medians": r}`.
+    """
+    rounds = [(library_work / a) / (floor_work / b) for a, b in zip(library, floor, strict=True)]
+    return {
+        "per_round": rounds,
+        "median_per_round": median(rounds),
+        "range": [min(rounds), max(rounds)],
+        "ratio_of_medians": (library_work / median(library)) / (floor_work / median(floor)),
+    }
+
+
 def _format(value: Any) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):

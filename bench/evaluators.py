@@ -55,7 +55,7 @@ from amortjax.families import DiagonalGaussian
 from amortjax.guides.local import given_params_guide
 from amortjax.models import vae_model
 from amortjax.nets import MLP
-from bench.common import hand_bernoulli_log_px, median, time_call
+from bench.common import hand_bernoulli_log_px, median, round_ratios, time_call
 from bench.local_optimizer import decoder_params, load_test
 from bench.train_step import matmul_peak
 
@@ -198,7 +198,7 @@ def run(
             runs at its default, `SAMPLE_CHUNK`).
         ais_chains, ais_temperatures, ais_leapfrog: C, T, L (default 16, 100, 10; quick 2, 5).
         hidden, z_dim, x_dim: the decoder z_dim-hidden-x_dim.
-        repeats: timed calls after the warm-up (default 3, quick 1).
+        repeats: timed calls after the warm-up (default 5, quick 1).
         matmul_sizes: square sizes of the peak (default 1024, 2048; quick 128).
         data: "binarized_mnist" (random data if it cannot be loaded) or "random".
         seed: seed of parameters, data and draws.
@@ -210,7 +210,7 @@ def run(
     k = iwae_samples or (50 if quick else 5000)
     chains = ais_chains or (2 if quick else 16)
     temps = ais_temperatures or (5 if quick else 100)
-    repeats = repeats or (1 if quick else 3)
+    repeats = repeats or (1 if quick else 5)
     matmul_sizes = tuple(matmul_sizes or ((128,) if quick else (1024, 2048)))
     peak = matmul_peak(matmul_sizes, 2 if quick else 5)
     x_np, data_note = load_test(n, x_dim, data, seed)
@@ -315,6 +315,12 @@ def run(
         if floor is not None:
             row["library / floor"] = row["decoder evals/s"] / floor["decoder_evaluations_per_s"]
     rows.append({"estimator": "matmul peak (jnp.dot f32)", "GFLOP/s": peak["peak_gflops"]})
+    for name in ("IWAE", "AIS"):  # the reported ratio of medians, and the ratio round by round
+        lib, floor = results[name], results[f"{name} floor"]
+        lib["over_floor_by_round"] = round_ratios(
+            lib["seconds_all"], floor["seconds_all"],
+            lib["decoder_evaluations"], floor["decoder_evaluations"],
+        )  # fmt: skip
     keyed_ratio = (
         results["IWAE"]["decoder_evaluations_per_s"]
         / results["IWAE floor, per-draw keys"]["decoder_evaluations_per_s"]
@@ -352,5 +358,12 @@ def run(
             f"IWAE: library / the floor with the library's per-draw keys {keyed_ratio:.3f}; that "
             f"floor / the floor with one batched draw per chunk {keys_cost:.3f} (the price of "
             "numbers that depend on neither batch nor chunk)",
+            "library / floor round by round (the two timed in the same round): "
+            + "; ".join(
+                f"{name} "
+                + ", ".join(f"{v:.3f}" for v in results[name]["over_floor_by_round"]["per_round"])
+                + f" (median {results[name]['over_floor_by_round']['median_per_round']:.3f})"
+                for name in ("IWAE", "AIS")
+            ),
         ],
     }

@@ -56,7 +56,14 @@ from amortjax.guides.local import given_params_guide, local_elbo
 from amortjax.inference.local import QStarSettings, _optimize, fit_local
 from amortjax.models import vae_model
 from amortjax.nets import MLP
-from bench.common import hand_bernoulli_log_px, load_binarized, median, time_call, time_in_turns
+from bench.common import (
+    hand_bernoulli_log_px,
+    load_binarized,
+    median,
+    round_ratios,
+    time_call,
+    time_in_turns,
+)
 from bench.train_step import matmul_peak
 
 MONITOR = QStarSettings(method="adam").monitor_for(DiagonalGaussian())
@@ -391,7 +398,7 @@ def run(
         loop_steps: steps per datapoint of the loop (default 200, quick 50).
         x_dim, hidden, z_dim: the decoder z_dim-hidden-x_dim.
         learning_rate: Adam's step size for every optimizer.
-        repeats: timed rounds after a warm-up round (default 3, quick 1).
+        repeats: timed rounds after a warm-up round (default 5, quick 1).
         matmul_sizes: square sizes of the up-front peak (default 1024, 2048; quick 128, 256);
             the largest is also timed in every round.
         matmul_repeats: timed matmuls per size up front (default 5, quick 2).
@@ -414,7 +421,7 @@ def run(
     )
     loop_datapoints = loop_datapoints or (3 if quick else 10)
     loop_steps = loop_steps or (50 if quick else 200)
-    repeats = repeats or (1 if quick else 3)
+    repeats = repeats or (1 if quick else 5)
     matmul_sizes = matmul_sizes or ((128, 256) if quick else (1024, 2048))
     matmul_repeats = matmul_repeats or (2 if quick else 5)
     agreement_samples = agreement_samples or (500 if quick else 2000)
@@ -545,6 +552,7 @@ def run(
                 e["over_torch_loop"] = e["datapoint_steps_per_s"] / torch_rate[e["num_samples"]]
             floor_e = by_key[("floor", e["datapoints"], e["num_samples"])]
             e["over_floor"] = e["datapoint_steps_per_s"] / floor_e["datapoint_steps_per_s"]
+            e["over_floor_by_round"] = round_ratios(e["seconds_all"], floor_e["seconds_all"])
         # Each library row against the floor that computes its stopping signal too.
         signal = {"library": "floor_monitor", "library_values": "floor_value"}.get(e["variant"])
         if signal:
@@ -733,6 +741,13 @@ def run(
         + ", floor with values / floor "
         + ", ".join(
             f"{by_key[('floor_value', e['datapoints'], e['num_samples'])]['over_floor']:.3f}"
+            for e in lib_rows
+        ),
+        "library / floor (gradient only) round by round, the two timed in the same round: "
+        + "; ".join(
+            ", ".join(f"{v:.3f}" for v in e["over_floor_by_round"]["per_round"])
+            + f" (median {e['over_floor_by_round']['median_per_round']:.3f}; B={e['datapoints']}, "
+            f"S={e['num_samples']})"
             for e in lib_rows
         ),
         f"same objective: after {loop_steps} steps (S={agree_s}) from N(0, I) on "

@@ -41,7 +41,7 @@ from amortjax.families import DiagonalGaussian
 from amortjax.inference.local import _MIN_CURVATURE, DEFAULTS, QStarSettings, _optimize
 from amortjax.models import vae_model
 from amortjax.nets import MLP
-from bench.common import hand_bernoulli_log_px, median, time_in_turns
+from bench.common import hand_bernoulli_log_px, median, round_ratios, time_in_turns
 from bench.local_optimizer import decoder_params, load_test
 
 STEP_SIZE, BLOCK, _ = DEFAULTS["newton"]  # (its patience is not timed)
@@ -200,6 +200,9 @@ def run(
         for name, ts in times.items()
     }
     ratio = results["library"]["datapoint_steps_per_s"] / results["floor"]["datapoint_steps_per_s"]
+    by_round = round_ratios(
+        times["library"], times["floor"], work["library"], work["floor"]
+    )  # per step of work, round by round
     auto_over_z = (results["library"]["datapoint_steps_per_s"]
                    / results["library_z"]["datapoint_steps_per_s"])  # fmt: skip
     moving_ratio = (results["library"]["moving_datapoint_steps_per_s"]
@@ -237,7 +240,9 @@ def run(
         f"N(0, I); Newton step {STEP_SIZE}, S = {NUM_SAMPLES} antithetic draws, blocks of "
         f"{BLOCK}; median of {repeats} rounds after a warm-up round, variants taking turns",
         f"library / floor {ratio:.3f} per step of work (the library's start-scoring block "
-        f"counted), {moving_ratio:.3f} per moving step",
+        f"counted), {moving_ratio:.3f} per moving step; round by round, per step of work, "
+        + ", ".join(f"{v:.3f}" for v in by_round["per_round"])
+        + f" (median {by_round['median_per_round']:.3f})",
         f"newton_frame '{FRAME}' (the default: a test of each Hessian's condition number, a "
         f"second Hessian only where it passes 1e5) / 'z': {auto_over_z:.3f}",
         f"same optimizer: mean ELBO ({score_samples} common draws) library "
@@ -260,6 +265,7 @@ def run(
         "results": results,
         "library_over_floor": ratio,
         "library_over_floor_moving_steps": moving_ratio,
+        "library_over_floor_by_round": by_round,
         "default_frame_over_z_frame": auto_over_z,
         "agreement": agreement,
         "table": {"columns": list(rows[0]), "rows": rows},

@@ -152,6 +152,11 @@ def test_local_optimizer_fields(local_result):
         if row["variant"] in ("floor_value", "floor_monitor"):
             assert _positive_finite(row["over_floor"])
     assert len(local_result["table"]["rows"]) == len(rows) + 2
+    for row in rows:
+        if row["variant"] == "library":
+            by_round = row["over_floor_by_round"]
+            assert by_round["ratio_of_medians"] == pytest.approx(row["over_floor"])
+            assert len(by_round["per_round"]) == len(row["seconds_all"])
 
 
 def test_floor_with_values_takes_the_same_steps():
@@ -297,6 +302,20 @@ def test_sa_step_xla_flops_of_a_vae_step():
 # --- evaluators: IWAE and AIS throughput ------------------------------------------------------
 
 
+def test_round_ratios_pair_each_rounds_times():
+    """Library / floor in throughput within each round, beside the ratio of the medians (which
+    pairs the library's median round with the floor's: here two different rounds)."""
+    from bench.common import round_ratios
+
+    r = round_ratios([2.0, 1.0, 1.1], [1.9, 1.05, 0.9])
+    assert r["per_round"] == pytest.approx([0.95, 1.05, 0.9 / 1.1])
+    assert r["median_per_round"] == pytest.approx(0.95)
+    assert r["range"] == pytest.approx([0.9 / 1.1, 1.05])
+    assert r["ratio_of_medians"] == pytest.approx(1.05 / 1.1)
+    # per unit of work: the library doing twice the floor's work per call is twice as fast
+    assert round_ratios([2.0], [1.0], 2.0, 1.0)["per_round"] == pytest.approx([1.0])
+
+
 def test_evaluators_benchmark_counts_work_and_reports_rates(tmp_path):
     result, report = run_and_save(
         "evaluators",
@@ -331,6 +350,9 @@ def test_evaluators_benchmark_counts_work_and_reports_rates(tmp_path):
             assert _positive_finite(r[key]), key
     ratios = {row["estimator"]: row["library / floor"] for row in result["table"]["rows"][:4]}
     assert _positive_finite(ratios["IWAE"]) and _positive_finite(ratios["AIS"])
+    for name in ("IWAE", "AIS"):  # the same ratio, and round by round
+        by_round = result["results"][name]["over_floor_by_round"]
+        assert by_round["ratio_of_medians"] == pytest.approx(ratios[name])
 
 
 def test_evaluator_floors_score_the_library_models_log_joint():
@@ -638,6 +660,8 @@ def test_newton_step_runs_and_both_fits_agree(tmp_path):
     assert result["results"]["library"]["steps_of_work"] == 30  # its start-scoring block
     assert _positive_finite(result["default_frame_over_z_frame"])
     assert _positive_finite(result["library_over_floor"])
+    by_round = result["library_over_floor_by_round"]
+    assert by_round["ratio_of_medians"] == pytest.approx(result["library_over_floor"])
     agreement = result["agreement"]
     assert abs(agreement["mean_difference"]) < 4 * agreement["difference_se"] + 0.02
     assert "library / floor" in report

@@ -7,16 +7,21 @@ so a machine that speeds up or slows down between rounds (this 2-core CPU's matm
 10-20% within an hour) moves the ratio although the library and its floor shared every round.
 This reads the committed results (`bench/results/*.json`, their `seconds_all`: one time per
 round, in the order the rounds ran) and gives, for each ratio with a target, the ratio within
-each round (library and floor timed back to back), their median and their range, beside the
-reported ratio of medians. It times nothing.
+each round (library and floor timed seconds apart), their median and their range, beside the
+reported ratio of medians (`bench.common.round_ratios`, which the modules also record since
+this tool was written, as `over_floor_by_round`; older runs have only the times). It times
+nothing.
 
-    python tools/bench_paired_ratios.py [RESULTS_DIR]
+    .venv/bin/python tools/bench_paired_ratios.py [RESULTS_DIR]
 """
 
 import json
-import statistics
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import round_ratios
 
 
 def _evaluators(r: dict) -> dict[str, tuple[list[float], list[float], float, float]]:
@@ -58,18 +63,6 @@ READERS = {"evaluators": _evaluators, "local_optimizer": _local_optimizer,
            "newton_step": _newton_step}  # fmt: skip
 
 
-def paired(lib_s: list[float], floor_s: list[float], lib_work: float, floor_work: float) -> dict:
-    """Library / floor in throughput: within each round, and as the ratio of the medians."""
-    rounds = [(lib_work / a) / (floor_work / b) for a, b in zip(lib_s, floor_s, strict=True)]
-    of_medians = (lib_work / statistics.median(lib_s)) / (floor_work / statistics.median(floor_s))
-    return {
-        "per_round": rounds,
-        "median_per_round": statistics.median(rounds),
-        "range": [min(rounds), max(rounds)],
-        "ratio_of_medians": of_medians,
-    }
-
-
 def main(results_dir: Path) -> dict:
     out = {}
     for module, read in READERS.items():
@@ -79,7 +72,7 @@ def main(results_dir: Path) -> dict:
         r = json.loads(path.read_text())
         commit = r["machine"]["code"]["commit"]
         for name, args in read(r).items():
-            out[name] = {**paired(*args), "commit": commit}
+            out[name] = {**round_ratios(*args), "commit": commit}
     print("| ratio | reported (ratio of medians) | per round | median per round |")
     print("| --- | --- | --- | --- |")
     for name, p in out.items():
