@@ -302,20 +302,6 @@ def test_sa_step_xla_flops_of_a_vae_step():
 # --- evaluators: IWAE and AIS throughput ------------------------------------------------------
 
 
-def test_round_ratios_pair_each_rounds_times():
-    """Library / floor in throughput within each round, beside the ratio of the medians (which
-    pairs the library's median round with the floor's: here two different rounds)."""
-    from bench.common import round_ratios
-
-    r = round_ratios([2.0, 1.0, 1.1], [1.9, 1.05, 0.9])
-    assert r["per_round"] == pytest.approx([0.95, 1.05, 0.9 / 1.1])
-    assert r["median_per_round"] == pytest.approx(0.95)
-    assert r["range"] == pytest.approx([0.9 / 1.1, 1.05])
-    assert r["ratio_of_medians"] == pytest.approx(1.05 / 1.1)
-    # per unit of work: the library doing twice the floor's work per call is twice as fast
-    assert round_ratios([2.0], [1.0], 2.0, 1.0)["per_round"] == pytest.approx([1.0])
-
-
 def test_evaluators_benchmark_counts_work_and_reports_rates(tmp_path):
     result, report = run_and_save(
         "evaluators",

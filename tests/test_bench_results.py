@@ -140,3 +140,17 @@ def test_the_paired_ratio_tool_reads_the_ratios_the_bench_reported():
         assert ratios[name]["ratio_of_medians"] == pytest.approx(value, rel=1e-9), name
         low, high = ratios[name]["range"]
         assert low <= ratios[name]["median_per_round"] <= high
+
+
+def test_round_ratios_pair_each_rounds_times():
+    """Library / floor in throughput within each round, beside the ratio of the medians (which
+    pairs the library's median round with the floor's: here two different rounds)."""
+    from bench.common import round_ratios
+
+    r = round_ratios([2.0, 1.0, 1.1], [1.9, 1.05, 0.9])
+    assert r["per_round"] == pytest.approx([0.95, 1.05, 0.9 / 1.1])
+    assert r["median_per_round"] == pytest.approx(0.95)
+    assert r["range"] == pytest.approx([0.9 / 1.1, 1.05])
+    assert r["ratio_of_medians"] == pytest.approx(1.05 / 1.1)
+    # per unit of work: twice the floor's work in twice its time is the same speed
+    assert round_ratios([2.0], [1.0], 2.0, 1.0)["per_round"] == pytest.approx([1.0])
