@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.stats
 
 from amortjax.engine import memory_maps
 
@@ -82,7 +83,8 @@ def time_in_turns(
     jobs: dict[Any, Callable[[], Any]], repeats: int
 ) -> tuple[dict[Any, list[float]], dict[Any, float]]:
     """Times each thunk of `jobs` in `repeats` rounds after a warm-up round, the jobs taking
-    turns within each round (so that each sees the same minutes of a shared machine).
+    turns within each round (so that each sees the same minutes of a shared machine), in
+    reverse order every other round (so that no job always runs right after the same one).
 
     Returns:
         `(times, first_call)`: each job's seconds in the timed rounds, and its first call's
@@ -91,13 +93,19 @@ def time_in_turns(
     times: dict[Any, list[float]] = {job: [] for job in jobs}
     first_call: dict[Any, float] = {}
     for r in range(repeats + 1):  # round 0 compiles
-        for job, thunk in jobs.items():
+        for job, thunk in turns(list(jobs.items()), r):
             seconds = time_call(thunk)
             if r == 0:
                 first_call[job] = seconds
             else:
                 times[job].append(seconds)
     return times, first_call
+
+
+def turns(items: list, round_index: int) -> list:
+    """`items` in the order round `round_index` times them: as given in even rounds, reversed
+    in odd ones."""
+    return items if round_index % 2 == 0 else items[::-1]
 
 
 def hand_bernoulli_log_px(x: jax.Array, logits: jax.Array) -> jax.Array:
@@ -120,7 +128,7 @@ def round_ratios(
     `time_in_turns`, where the two ran seconds apart, beside the ratio of the medians that the
     modules report. The medians can come from different rounds, so a machine whose speed drifts
     between rounds moves that ratio although both variants saw every round; the per-round ratios
-    show the drift, and their median does not pair two rounds' times.
+    show the drift, and `ratio_interval` turns them into a mean with a confidence interval.
 
     Args:
         library, floor: seconds per round, in the order the rounds ran, `[repeats]` each.
@@ -129,7 +137,7 @@ def round_ratios(
 
     Returns:
         `{"per_round": [...], "median_per_round": m, "range": [min, max],
-        "ratio_of_medians": r}`.
+        "ratio_of_medians": r, **ratio_interval(per_round)}`.
     """
     rounds = [(library_work / a) / (floor_work / b) for a, b in zip(library, floor, strict=True)]
     return {
@@ -137,7 +145,56 @@ def round_ratios(
         "median_per_round": median(rounds),
         "range": [min(rounds), max(rounds)],
         "ratio_of_medians": (library_work / median(library)) / (floor_work / median(floor)),
+        **ratio_interval(rounds),
     }
+
+
+def ratio_interval(ratios: list[float], confidence: float = 0.95) -> dict[str, Any]:
+    """The geometric mean of per-round ratios r_1..r_n and its Student-t confidence interval:
+    with l_i = log r_i, mean m and standard error s / sqrt(n) (s the sample standard deviation),
+    `exp(m -+ t_{(1+confidence)/2, n-1} s / sqrt(n))`. Logs, because a ratio's noise is
+    multiplicative (a round slowed by a neighbour scales both times) and the interval then never
+    crosses zero. The rounds must be independent for the interval to hold; the library and the
+    floor timed seconds apart in each round share that round's machine speed, which is what
+    pairing them removes.
+
+    Returns:
+        `{"geometric_mean": g, "interval": [low, high], "confidence": confidence}`, the interval
+        `None` for fewer than two rounds.
+    """
+    logs = np.log(np.asarray(ratios, dtype=np.float64))
+    mean = float(logs.mean())
+    interval = None
+    if len(logs) >= 2:
+        half = float(scipy.stats.t.ppf((1 + confidence) / 2, len(logs) - 1))
+        half *= float(logs.std(ddof=1)) / math.sqrt(len(logs))
+        interval = [math.exp(mean - half), math.exp(mean + half)]
+    return {"geometric_mean": math.exp(mean), "interval": interval, "confidence": confidence}
+
+
+def verdict(interval: list[float] | None, target: float) -> str:
+    """Reads "met" when a ratio's whole confidence interval (`ratio_interval`) is at or above
+    `target`, "not met" when it is wholly below, "not resolved" when it straddles the target
+    (more rounds, or a quieter machine, would decide it)."""
+    if interval is None:
+        return "not resolved"
+    if interval[0] >= target:
+        return "met"
+    if interval[1] < target:
+        return "not met"
+    return "not resolved"
+
+
+def describe_rounds(by_round: dict[str, Any], target: float) -> str:
+    """One line for a module's notes: the per-round ratios, their median, geometric mean and
+    interval, and the verdict against `target` (`round_ratios`' output)."""
+    low, high = by_round["interval"] or (float("nan"), float("nan"))
+    return (
+        ", ".join(f"{v:.3f}" for v in by_round["per_round"])
+        + f" (median {by_round['median_per_round']:.3f}; geometric mean"
+        f" {by_round['geometric_mean']:.3f}, {100 * by_round['confidence']:.0f}% interval"
+        f" {low:.3f}-{high:.3f}: >= {target} {verdict(by_round['interval'], target)})"
+    )
 
 
 def _format(value: Any) -> str:

@@ -50,6 +50,16 @@ def _table_row(result: dict, column: str, value: str) -> dict:
     return row
 
 
+def _interval(by_round: dict) -> list[str]:
+    """A ratio's geometric mean over its rounds and 95% interval as a README row writes them,
+    computed from the per-round ratios (runs saved before the modules recorded the interval)."""
+    from bench.common import ratio_interval
+
+    r = ratio_interval(by_round["per_round"])
+    low, high = r["interval"]
+    return [f"{r['geometric_mean']:.3f} [{low:.3f}, {high:.3f}]"]
+
+
 def _quoted(name: str) -> list[str]:
     """The numbers of benchmark `name`'s result that its README row states, as it writes them."""
     r = _load(name)
@@ -62,13 +72,19 @@ def _quoted(name: str) -> list[str]:
             f"{_local(r, 'library', 100, 1)['over_floor_signal']:.3f}",
             f"{_local(r, 'library', 100, 10)['over_floor_signal']:.3f}",
             f"{_local(r, 'floor_monitor', 100, 1)['over_floor']:.3f}",
+            *_interval(_local(r, "library", 100, 1)["over_floor_by_round"]),
+            *_interval(_local(r, "library", 100, 10)["over_floor_by_round"]),
         ]
     if name == "newton_step":
-        return [f"{r['library_over_floor']:.3f}"]
+        return [f"{r['library_over_floor']:.3f}", *_interval(r["library_over_floor_by_round"])]
     if name == "sa_step":
         return [f"{max(m['time_over_xla_flop_ratio'] for m in r['results']):.2f}"]
     if name == "evaluators":
-        return [f"{_table_row(r, 'estimator', e)['library / floor']:.3f}" for e in ("IWAE", "AIS")]
+        return [
+            *(f"{_table_row(r, 'estimator', e)['library / floor']:.3f}" for e in ("IWAE", "AIS")),
+            *_interval(r["results"]["IWAE"]["over_floor_by_round"]),
+            *_interval(r["results"]["AIS"]["over_floor_by_round"]),
+        ]
     if name == "memory":
         s = r["summary"]
         return [
@@ -154,3 +170,35 @@ def test_round_ratios_pair_each_rounds_times():
     assert r["ratio_of_medians"] == pytest.approx(1.05 / 1.1)
     # per unit of work: twice the floor's work in twice its time is the same speed
     assert round_ratios([2.0], [1.0], 2.0, 1.0)["per_round"] == pytest.approx([1.0])
+
+
+def test_ratio_interval_is_the_t_interval_of_the_log_ratios():
+    """Hand values: ratios e^-0.1, e^0, e^0.1 have log mean 0 and standard deviation 0.1, so the
+    95% interval is exp(-+ t_{0.975, 2} 0.1 / sqrt(3)), t_{0.975, 2} = 4.302653 (tables)."""
+    import math
+
+    from bench.common import ratio_interval, round_ratios, verdict
+
+    r = ratio_interval([math.exp(-0.1), 1.0, math.exp(0.1)])
+    half = 4.302653 * 0.1 / math.sqrt(3)
+    assert r["geometric_mean"] == pytest.approx(1.0)
+    assert r["interval"] == pytest.approx([math.exp(-half), math.exp(half)], rel=1e-6)
+    assert ratio_interval([0.9])["interval"] is None
+    # round_ratios carries it, computed from its own per-round ratios
+    rr = round_ratios([2.0, 1.0, 1.1], [1.9, 1.05, 0.9])
+    assert rr["geometric_mean"] == pytest.approx((0.95 * 1.05 * 0.9 / 1.1) ** (1 / 3))
+    assert rr["interval"] == pytest.approx(ratio_interval(rr["per_round"])["interval"])
+    # the verdict reads the whole interval against the target
+    assert verdict([0.951, 0.99], 0.95) == "met"
+    assert verdict([0.90, 0.949], 0.95) == "not met"
+    assert verdict([0.94, 0.96], 0.95) == "not resolved"
+    assert verdict(None, 0.95) == "not resolved"
+
+
+def test_rounds_alternate_the_order_of_their_turns():
+    from bench.common import time_in_turns, turns
+
+    assert turns([1, 2, 3], 0) == [1, 2, 3] and turns([1, 2, 3], 1) == [3, 2, 1]
+    order = []
+    time_in_turns({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 3)
+    assert order == ["a", "b", "b", "a", "a", "b", "b", "a"]  # the warm-up round, then 3

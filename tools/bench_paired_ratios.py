@@ -8,9 +8,10 @@ so a machine that speeds up or slows down between rounds (this 2-core CPU's matm
 This reads the committed results (`bench/results/*.json`, their `seconds_all`: one time per
 round, in the order the rounds ran) and gives, for each ratio with a target, the ratio within
 each round (library and floor timed seconds apart), their median and their range, beside the
-reported ratio of medians (`bench.common.round_ratios`, which the modules also record since
-this tool was written, as `over_floor_by_round`; older runs have only the times). It times
-nothing.
+reported ratio of medians, and the rounds' geometric mean with its 95% interval and what it
+says of the target, library / floor >= 0.95 (`bench.common.round_ratios` and `verdict`, which
+the modules also record since this tool was written, as `over_floor_by_round`; older runs have
+only the times). It times nothing.
 
     .venv/bin/python tools/bench_paired_ratios.py [RESULTS_DIR]
 """
@@ -21,7 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import round_ratios
+from bench.common import round_ratios, verdict
+
+TARGET = 0.95
 
 
 def _evaluators(r: dict) -> dict[str, tuple[list[float], list[float], float, float]]:
@@ -73,11 +76,19 @@ def main(results_dir: Path) -> dict:
         commit = r["machine"]["code"]["commit"]
         for name, args in read(r).items():
             out[name] = {**round_ratios(*args), "commit": commit}
-    print("| ratio | reported (ratio of medians) | per round | median per round |")
-    print("| --- | --- | --- | --- |")
+    print(
+        "| ratio | reported (ratio of medians) | per round | median per round | geometric mean"
+        f" [95% interval] | >= {TARGET} |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, p in out.items():
         rounds = ", ".join(f"{v:.3f}" for v in p["per_round"])
-        print(f"| {name} | {p['ratio_of_medians']:.3f} | {rounds} | {p['median_per_round']:.3f} |")
+        low, high = p["interval"] or (float("nan"), float("nan"))
+        print(
+            f"| {name} | {p['ratio_of_medians']:.3f} | {rounds} | {p['median_per_round']:.3f} |"
+            f" {p['geometric_mean']:.3f} [{low:.3f}, {high:.3f}] |"
+            f" {verdict(p['interval'], TARGET)} |"
+        )
     return out
 
 
