@@ -28,6 +28,8 @@ import scipy.stats
 from amortjax.engine import memory_maps
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RATIO_TARGET = 0.95
+"""The speed target of the ratio modules (issue 13): library / hand-written floor >= 0.95."""
 
 
 def machine_info() -> dict[str, Any]:

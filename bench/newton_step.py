@@ -44,6 +44,7 @@ from amortjax.inference.local import _MIN_CURVATURE, DEFAULTS, QStarSettings, _o
 from amortjax.models import vae_model
 from amortjax.nets import MLP
 from bench.common import (
+    RATIO_TARGET,
     describe_rounds,
     hand_bernoulli_log_px,
     median,
@@ -53,7 +54,6 @@ from bench.common import (
 from bench.local_optimizer import decoder_params, load_test
 
 STEP_SIZE, BLOCK, _ = DEFAULTS["newton"]  # (its patience is not timed)
-TARGET = 0.95  # library / floor per step of work, issue 13
 NUM_SAMPLES = QStarSettings().num_samples
 FRAME = QStarSettings().newton_frame
 VARIANTS = {
@@ -251,7 +251,7 @@ def run(
         "reverse order every other round)",
         f"library / floor {ratio:.3f} per step of work (the library's start-scoring block "
         f"counted), {moving_ratio:.3f} per moving step; round by round, per step of work, "
-        + describe_rounds(by_round, TARGET),
+        + describe_rounds(by_round, RATIO_TARGET),
         f"newton_frame '{FRAME}' (the default: a test of each Hessian's condition number, a "
         f"second Hessian only where it passes 1e5) / 'z': {auto_over_z:.3f}",
         f"same optimizer: mean ELBO ({score_samples} common draws) library "

@@ -22,9 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import round_ratios, verdict
-
-TARGET = 0.95
+from bench.common import RATIO_TARGET, round_ratios, verdict
 
 
 def _evaluators(r: dict) -> dict[str, tuple[list[float], list[float], float, float]]:
@@ -78,7 +76,7 @@ def main(results_dir: Path) -> dict:
             out[name] = {**round_ratios(*args), "commit": commit}
     print(
         "| ratio | reported (ratio of medians) | per round | median per round | geometric mean"
-        f" [95% interval] | >= {TARGET} |"
+        f" [95% interval] | >= {RATIO_TARGET} |"
     )
     print("| --- | --- | --- | --- | --- | --- |")
     for name, p in out.items():
@@ -87,7 +85,7 @@ def main(results_dir: Path) -> dict:
         print(
             f"| {name} | {p['ratio_of_medians']:.3f} | {rounds} | {p['median_per_round']:.3f} |"
             f" {p['geometric_mean']:.3f} [{low:.3f}, {high:.3f}] |"
-            f" {verdict(p['interval'], TARGET)} |"
+            f" {verdict(p['interval'], RATIO_TARGET)} |"
         )
     return out
 
